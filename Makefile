@@ -1,0 +1,47 @@
+# convnext-deploy. `make setup` then `make test` on a fresh machine; see README.md.
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+PIP      := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+EXTRAS   ?= onnxruntime,dev
+VARIANT  ?= atto
+TARGET   ?= onnxruntime
+CLI      := $(BIN)/convnext-deploy
+FMNIST   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup apt venv reference test test-all deploy bench clean
+
+setup: apt venv
+
+apt:
+	@if [ ! -f $(FMNIST) ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+venv:
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[$(EXTRAS)]"
+
+# Train (or resume, or reuse) the reference checkpoint of VARIANT on Fashion-MNIST.
+reference:
+	$(CLI) reference --variant $(VARIANT)
+
+# The atto reference is the fixture every later stage uses, so the test run makes it first (cached).
+test:
+	$(CLI) reference --variant atto
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all:
+	$(CLI) reference --variant atto
+	$(BIN)/python -m pytest -q
+
+deploy:
+	$(CLI) deploy --target $(TARGET) --variant $(VARIANT)
+
+bench:
+	$(BIN)/python -m pipeline.bench
+
+clean:
+	rm -rf runs .cache .pytest_cache

@@ -1,0 +1,117 @@
+"""Disjoint calibration / evaluation samples and the manifest that proves it.
+
+Calibration is drawn only from the training side and evaluation only from the test side. When one
+source must serve both (a user with only ImageNet val), it is carved into two disjoint parts.
+Either way, any sample id found on both sides is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import UserError
+
+
+class Source(Protocol):
+    name: str
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]: ...
+    def sample_id(self, i: int) -> str: ...
+
+
+def labels_of(source: Source) -> np.ndarray | None:
+    """Labels without decoding images, where the source has them at hand."""
+    if hasattr(source, "labels"):
+        return np.asarray(source.labels)
+    if hasattr(source, "samples"):
+        return np.asarray([lbl for _, lbl in source.samples])
+    return None
+
+
+def select_balanced(labels: np.ndarray, n: int, rng: np.random.Generator, exclude: set[int] = frozenset()) -> list[int]:
+    """n indices spread evenly across classes (round-robin over shuffled per-class lists)."""
+    pools = []
+    for c in np.unique(labels):
+        idx = [int(i) for i in np.flatnonzero(labels == c) if int(i) not in exclude]
+        rng.shuffle(idx)
+        pools.append(idx)
+    out: list[int] = []
+    depth = 0
+    while len(out) < n and any(depth < len(p) for p in pools):
+        out.extend(p[depth] for p in pools if depth < len(p))
+        depth += 1
+    return sorted(out[:n])
+
+
+@dataclass
+class SampleList:
+    source: str
+    indices: list[int]
+    ids_sha256: str
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class Split:
+    calibration: SampleList
+    evaluation: SampleList
+    seed: int
+    shared_source: bool
+
+    def manifest(self) -> dict:
+        return asdict(self)
+
+    def manifest_json(self) -> str:
+        return json.dumps(self.manifest(), indent=1)
+
+
+def _ids_digest(source: Source, indices: list[int]) -> str:
+    h = hashlib.sha256()
+    for i in indices:
+        h.update(source.sample_id(i).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: int | None, seed: int = 0) -> Split:
+    """Pick n_calib class-balanced calibration samples and n_eval (None: all the rest) evaluation samples."""
+    if n_calib <= 0:
+        raise UserError("the calibration set is empty: pass --calib N with N ≥ 1 (≥ 500 is advised for CNNs)")
+    if len(calib_source) == 0:
+        raise UserError(f"calibration source {calib_source.name} holds no samples")
+    if len(eval_source) == 0:
+        raise UserError(f"evaluation source {eval_source.name} holds no samples")
+    rng = np.random.default_rng(seed)
+    shared = calib_source.name == eval_source.name
+    labels = labels_of(calib_source)
+    if n_calib > len(calib_source) - (1 if shared else 0):
+        raise UserError(f"--calib {n_calib} is more than {calib_source.name} holds ({len(calib_source)})")
+    calib = (select_balanced(labels, n_calib, rng) if labels is not None
+             else sorted(rng.choice(len(calib_source), n_calib, replace=False).tolist()))
+    taken = set(calib) if shared else set()
+    rest = [i for i in range(len(eval_source)) if i not in taken]
+    if n_eval is not None and n_eval < len(rest):
+        rest = sorted(rng.choice(rest, n_eval, replace=False).tolist())
+    if not rest:
+        raise UserError(f"no evaluation samples left in {eval_source.name}")
+    overlap = {calib_source.sample_id(i) for i in calib} & {eval_source.sample_id(i) for i in rest}
+    if overlap:
+        raise UserError(
+            f"{len(overlap)} samples are in both the calibration and the evaluation set "
+            f"(e.g. {sorted(overlap)[0]}); use separate training and test sources"
+        )
+    return Split(
+        SampleList(calib_source.name, calib, _ids_digest(calib_source, calib)),
+        SampleList(eval_source.name, rest, _ids_digest(eval_source, rest)),
+        seed,
+        shared,
+    )

@@ -1,0 +1,329 @@
+"""Checkpoints: detect the layout a state dict is in, map it onto our model, load strictly, save ours.
+
+Layouts users actually have:
+- official  facebookresearch/ConvNeXt `.pth`: {"model": sd}, `downsample_layers.*`, `stages.i.j.dwconv`, `head`
+- timm      `stem.*`, `stages.i.downsample.*`, `stages.i.blocks.j.conv_dw`, `mlp.fc1`, `gamma`, `head.fc`
+            (atto…nano use 1×1-conv MLPs there: 4-D fc weights, reshaped here)
+- hf        Hugging Face `ConvNextForImageClassification`: `convnext.embeddings.*`,
+            `convnext.encoder.stages.*.layers.*`, `layer_scale_parameter`, `classifier`
+- ours      safetensors + JSON sidecar (variant, classes, preprocessing, recipe, accuracy, sha256)
+Only torch and safetensors are imported here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.model import ConvNeXt, create_model
+from pipeline.variants import Preprocessing, Variant, get_variant, variant_from_dims
+
+FORMAT_TAG = "convnext-deploy/checkpoint-v1"
+SIDECAR_SUFFIX = ".json"
+
+# (pattern, replacement) pairs, applied in order, that rename a foreign key to ours.
+_OFFICIAL_RULES = [
+    (r"^downsample_layers\.0\.0\.", "stem.0."),
+    (r"^downsample_layers\.0\.1\.", "stem.1."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"^stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (r"^stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),  # .norm.*, .gamma
+    (r"^norm\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+]
+_HF_RULES = [
+    (r"^convnext\.embeddings\.patch_embeddings\.", "stem.0."),
+    (r"^convnext\.embeddings\.layernorm\.", "stem.1."),
+    (r"^convnext\.encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
+    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.blocks.\2.norm."),
+    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.blocks.\2.gamma"),
+    (r"^convnext\.layernorm\.", "head.norm."),
+    (r"^classifier\.", "head.fc."),
+]
+
+
+def detect_format(sd: dict) -> str:
+    """Name the layout by its marker keys: 'official', 'timm', 'hf' or 'unknown'."""
+    keys = sd.keys()
+    if any(k.startswith("downsample_layers.") for k in keys) and any(".dwconv." in k for k in keys):
+        return "official"
+    if any(k.startswith("convnext.embeddings.") or k.startswith("convnext.encoder.") for k in keys):
+        return "hf"
+    if any(k.startswith("stem.") for k in keys) and any(".conv_dw." in k for k in keys):
+        return "timm"
+    return "unknown"
+
+
+def _rename(sd: dict, rules) -> dict:
+    out = {}
+    for k, v in sd.items():
+        new = k
+        for pat, rep in rules:
+            new, n = re.subn(pat, rep, new)
+            if n:
+                break
+        out[new] = v
+    return out
+
+
+def to_our_keys(sd: dict) -> tuple[dict, str]:
+    """The checkpoint filter: map any known layout onto our parameter names."""
+    fmt = detect_format(sd)
+    if fmt == "official":
+        sd = _rename(sd, _OFFICIAL_RULES)
+    elif fmt == "hf":
+        sd = _rename(sd, _HF_RULES)
+    elif fmt == "unknown":
+        sample = ", ".join(list(sd)[:4])
+        raise UserError(
+            f"not a ConvNeXt checkpoint in any known layout (official, timm, Hugging Face); first keys: {sample}"
+        )
+    # 1×1-conv MLP weights (timm's conv_mlp variants) are the same numbers as Linear weights.
+    sd = {k: (v.flatten(1) if re.search(r"\.mlp\.fc[12]\.weight$", k) and v.ndim == 4 else v) for k, v in sd.items()}
+    return sd, fmt
+
+
+@dataclass
+class Architecture:
+    depths: tuple[int, ...]
+    dims: tuple[int, ...]
+    num_classes: int
+    in_chans: int
+
+    @property
+    def variant(self) -> Variant | None:
+        return variant_from_dims(self.depths, self.dims)
+
+
+def infer_architecture(sd: dict) -> Architecture:
+    """Read depths, widths, class count and input channels off a state dict in our names."""
+    try:
+        stem = sd["stem.0.weight"]
+        head = sd["head.fc.weight"]
+    except KeyError as e:
+        raise UserError(f"checkpoint has no {e.args[0]!r}: it is not a complete ConvNeXt classifier") from None
+    depths, dims = [], []
+    for i in range(4):
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"^stages\.{i}\.blocks\.(\d+)\.", k))}
+        if not blocks:
+            raise UserError(f"checkpoint has no blocks in stage {i}: it is not a complete ConvNeXt")
+        depths.append(max(blocks) + 1)
+        dims.append(int(sd[f"stages.{i}.blocks.0.conv_dw.weight"].shape[0]))
+    return Architecture(tuple(depths), tuple(dims), int(head.shape[0]), int(stem.shape[1]))
+
+
+def load_state_dict_strict(model: ConvNeXt, sd: dict, source: str) -> None:
+    """Load, listing every missing, unexpected and wrong-shape key in one error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in own
+             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape {len(wrong)}: {', '.join(wrong)}")
+    if problems:
+        raise UserError(f"{source} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------- reading files
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_torch(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise UserError(
+            f"refused to load {path}: it holds Python objects beyond tensors, which could run code "
+            f"({first.strip()}); load only checkpoints you trust, re-saved as a plain state dict or safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as a torch checkpoint ({str(e).splitlines()[0]}); is the file complete?") from None
+    for wrapper in ("model", "state_dict", "model_ema"):  # training checkpoints wrap the weights
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as safetensors ({e}); is the file complete?") from None
+
+
+def _hf_files(directory: Path) -> tuple[Path, dict]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            config_path = directory / "config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            return directory / name, config
+    raise UserError(f"{directory} holds no model.safetensors or pytorch_model.bin; point at a checkpoint file")
+
+
+def read_state_dict(path: Path) -> tuple[dict, dict]:
+    """Read weights and whatever metadata travels with them (our sidecar, an HF config)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    meta: dict = {}
+    if path.is_dir():
+        path, config = _hf_files(path)
+        meta["hf_config"] = config
+    sidecar = path.with_suffix(SIDECAR_SUFFIX)
+    if path.suffix == ".safetensors":
+        sd = _read_safetensors(path)
+        if sidecar.is_file():
+            meta["sidecar"] = json.loads(sidecar.read_text())
+    elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        sd = _read_torch(path)
+    else:
+        raise UserError(f"unsupported checkpoint file {path.name}: use .pth, .pt, .bin or .safetensors")
+    if not sd:
+        raise UserError(f"{path} holds no tensors")
+    meta["path"] = str(path)
+    return sd, meta
+
+
+# ---------------------------------------------------------------- the one entry point
+
+@dataclass
+class LoadedCheckpoint:
+    model: ConvNeXt
+    variant: Variant
+    source_format: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    path: Path
+    sha256: str
+    metadata: dict = field(default_factory=dict)  # our sidecar, if any
+
+
+def load_checkpoint(path: Path | str, variant: str | None = None) -> LoadedCheckpoint:
+    """Build the model a checkpoint describes and load it strictly.
+
+    `variant`, when given, must match the checkpoint; the class count always comes from the checkpoint.
+    """
+    path = Path(path)
+    raw, meta = read_state_dict(path)
+    sd, fmt = to_our_keys(raw)
+    arch = infer_architecture(sd)
+    found = arch.variant
+    if variant is not None:
+        wanted = get_variant(variant)
+        if found is None or found.name != wanted.name:
+            what = found.long_name if found else f"non-standard ConvNeXt (depths {arch.depths}, dims {arch.dims})"
+            raise UserError(f"this is a {what} checkpoint, you asked for {wanted.long_name}: {path}")
+    if found is None:
+        raise UserError(f"{path}: depths {arch.depths} / dims {arch.dims} match no ConvNeXt variant in the table")
+    model = create_model(found, num_classes=arch.num_classes, in_chans=arch.in_chans)
+    if fmt == "hf" and "layer_norm_eps" in meta.get("hf_config", {}):
+        # transformers uses config.layer_norm_eps (1e-12 in the published configs) for the final norm only.
+        model.head.norm.eps = float(meta["hf_config"]["layer_norm_eps"])
+    load_state_dict_strict(model, sd, str(path))
+    model.eval()
+
+    file_path = Path(meta["path"])
+    digest = sha256_file(file_path)
+    sidecar = meta.get("sidecar")
+    class_names: tuple[str, ...] = tuple(str(i) for i in range(arch.num_classes))
+    pp = found.preprocessing
+    if sidecar is not None:
+        if sidecar.get("format") != FORMAT_TAG:
+            raise UserError(f"{file_path.with_suffix(SIDECAR_SUFFIX)} is not a convnext-deploy sidecar")
+        if sidecar.get("sha256") != digest:
+            raise UserError(
+                f"{file_path} does not match the sha256 in its sidecar: the weights changed or the copy is "
+                "incomplete; re-copy both files"
+            )
+        class_names = tuple(sidecar["class_names"])
+        pp = Preprocessing.from_dict(sidecar["preprocessing"])
+        fmt = "ours"
+    elif "hf_config" in meta and meta["hf_config"].get("id2label"):
+        id2label = meta["hf_config"]["id2label"]
+        class_names = tuple(id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(arch.num_classes))
+    if len(class_names) != arch.num_classes:
+        raise UserError(f"{file_path}: {len(class_names)} class names for a {arch.num_classes}-class head")
+    return LoadedCheckpoint(model, found, fmt, arch.num_classes, class_names, pp, file_path, digest, sidecar or {})
+
+
+# ---------------------------------------------------------------- our format
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename, so no half file is ever seen."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(
+    model: ConvNeXt,
+    path: Path | str,
+    *,
+    variant: Variant,
+    class_names: list[str] | tuple[str, ...],
+    preprocessing: Preprocessing,
+    recipe: dict | None = None,
+    dataset: dict | None = None,
+    accuracy: dict | None = None,
+) -> Path:
+    """Save as `<name>.safetensors` plus `<name>.json`; the sidecar is written last and names the weights' sha256."""
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda p: save_file(sd, str(p), metadata={"format": FORMAT_TAG}))
+    sidecar = {
+        "format": FORMAT_TAG,
+        "variant": variant.name,
+        "num_classes": model.num_classes,
+        "in_chans": model.in_chans,
+        "class_names": list(class_names),
+        "preprocessing": preprocessing.to_dict(),
+        "recipe": recipe or {},
+        "dataset": dataset or {},
+        "accuracy": accuracy or {},
+        "sha256": sha256_file(path),
+    }
+    atomic_write(path.with_suffix(SIDECAR_SUFFIX), lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    return path

@@ -1,0 +1,101 @@
+"""`convnext-deploy`: the command line. User errors print one line and exit non-zero, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def _cmd_variants(args) -> int:
+    from pipeline.variants import VARIANTS
+
+    print(f"{'name':6} {'model':15} {'depths':14} {'dims':22} {'params@1k':>12}  ImageNet-1k top-1")
+    for v in VARIANTS.values():
+        top1 = f"{v.imagenet_top1:.1f}" if v.imagenet_top1 is not None else "—"
+        print(f"{v.name:6} {v.long_name:15} {str(v.depths):14} {str(v.dims):22} {v.params_1k:>12,}  {top1} ({v.imagenet_note})")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.model import count_parameters
+
+    ck = load_checkpoint(args.checkpoint, args.variant)
+    info = {
+        "path": str(ck.path),
+        "format": ck.source_format,
+        "variant": ck.variant.name,
+        "model": ck.variant.long_name,
+        "num_classes": ck.num_classes,
+        "class_names": list(ck.class_names[:10]) + (["…"] if ck.num_classes > 10 else []),
+        "parameters": count_parameters(ck.model),
+        "preprocessing": ck.preprocessing.to_dict(),
+        "sha256": ck.sha256,
+    }
+    for key in ("dataset", "accuracy"):
+        if ck.metadata.get(key):
+            info[key] = ck.metadata[key]
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_reference(args) -> int:
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.reference import reference_path
+    from pipeline.train import Recipe, train_reference
+
+    out = Path(args.out) if args.out else reference_path(args.variant)
+    if out.with_suffix(".safetensors").exists() and out.with_suffix(".json").exists() and not args.force:
+        ck = load_checkpoint(out, args.variant)
+        acc = ck.metadata.get("accuracy", {}).get("top1")
+        print(f"{out} exists (test top-1 {acc * 100:.2f}%); --force retrains")
+        return 0
+    recipe = Recipe(variant=args.variant, **{k: v for k, v in (("epochs", args.epochs), ("image_size", args.image_size),
+                                                                  ("lr", args.lr)) if v is not None})
+    path = train_reference(recipe, out, log=lambda m: print(m, flush=True))
+    ck = load_checkpoint(path)
+    print(f"saved {path}: {ck.variant.long_name}, Fashion-MNIST test top-1 "
+          f"{ck.metadata['accuracy']['top1'] * 100:.2f}% at {recipe.image_size}px")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convnext-deploy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("variants", help="list the ConvNeXt variants")
+    s.set_defaults(func=_cmd_variants)
+
+    s = sub.add_parser("inspect", help="describe a checkpoint (official, timm, Hugging Face or ours)")
+    s.add_argument("checkpoint")
+    s.add_argument("--variant", help="fail unless the checkpoint is this variant")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("reference", help="train a reference checkpoint on Fashion-MNIST (resumable)")
+    s.add_argument("--variant", required=True)
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--out", help="checkpoint path (default: reference/convnext_<variant>_fashion-mnist.safetensors)")
+    s.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    s.set_defaults(func=_cmd_reference)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"convnext-deploy: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("convnext-deploy: interrupted; finished stages are cached, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

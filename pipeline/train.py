@@ -1,0 +1,164 @@
+"""Train a reference ConvNeXt on Fashion-MNIST on the CPU: the checkpoints the accuracy gates are measured on.
+
+Recipe (recorded in the checkpoint sidecar): AdamW with decoupled weight decay (none on norms, biases and
+layer-scale), linear warm-up then cosine decay, label smoothing, stochastic depth, horizontal flips and
+±2 px shifts. Images are upsampled from 28 to `image_size` (32 by default: the smallest size at which the
+four /2 stages of a 4×4-patch stem keep a 1×1 map). Resumable: a training state is saved after every
+epoch and picked up by the next run with the same recipe.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calibration.batches import load_array, progress
+from calibration.fashion_mnist import FashionMNIST
+from pipeline.checkpoints import atomic_write, save_checkpoint
+from pipeline.errors import UserError
+from pipeline.model import ConvNeXt, create_model
+from pipeline.variants import Preprocessing, get_variant
+
+
+@dataclass(frozen=True)
+class Recipe:
+    variant: str
+    image_size: int = 32
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 4e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.25
+    label_smoothing: float = 0.1
+    drop_path_rate: float = 0.05
+    ls_init_value: float = 0.1
+    shift_px: int = 2
+    seed: int = 0
+    threads: int = 2
+
+
+def dataset_preprocessing(train: FashionMNIST, image_size: int) -> Preprocessing:
+    """Normalisation measured on the training images, stored in the checkpoint (never typed elsewhere)."""
+    pixels = train.images.astype(np.float64) / 255.0
+    mean, std = float(pixels.mean()), float(pixels.std())
+    return Preprocessing(input_size=image_size, crop_pct=1.0, interpolation="bicubic",
+                         mean=(mean,) * 3, std=(std,) * 3)
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _augment(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if shift:
+        dy, dx = (torch.randint(0, 2 * shift + 1, (2,), generator=gen)).tolist()
+        h, w = x.shape[2:]
+        x = F.pad(x, (shift, shift, shift, shift))[:, :, dy:dy + h, dx:dx + w]
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def evaluate(model: ConvNeXt, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        logits = model(torch.from_numpy(x[i:i + batch_size]).contiguous(memory_format=torch.channels_last))
+        correct += int((logits.argmax(1).numpy() == y[i:i + batch_size]).sum())
+    return correct / len(x)
+
+
+def train_reference(recipe: Recipe, out: Path, log=print) -> Path:
+    """Train, evaluate on the full test split, save in our format. Returns the checkpoint path."""
+    variant = get_variant(recipe.variant)
+    out = Path(out).with_suffix(".safetensors")
+    state_path = out.with_name(out.stem + ".train-state.pt")
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    pp = dataset_preprocessing(train, recipe.image_size)
+    x_train, y_train = load_array(train, range(len(train)), pp, desc="preparing train")
+    x_test, y_test = load_array(test, range(len(test)), pp, desc="preparing test")
+    x_train_t, y_train_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
+
+    model = create_model(variant, num_classes=len(train.class_names), drop_path_rate=recipe.drop_path_rate,
+                         ls_init_value=recipe.ls_init_value).to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
+    steps_per_epoch = len(x_train) // recipe.batch_size
+    total = recipe.epochs * steps_per_epoch
+    warmup = max(1, int(recipe.warmup_epochs * steps_per_epoch))
+
+    start_epoch, history = 0, []
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("recipe") == asdict(recipe):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+            log(f"resuming {variant.long_name} from epoch {start_epoch}/{recipe.epochs} ({state_path})")
+        else:
+            log(f"ignoring {state_path}: it was made with another recipe")
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, recipe.epochs):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        loss_sum = 0.0
+        bar = progress(range(steps_per_epoch), steps_per_epoch, f"epoch {epoch + 1}/{recipe.epochs}")
+        for b in bar:
+            step = epoch * steps_per_epoch + b
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, warmup, recipe.lr)
+            idx = perm[b * recipe.batch_size:(b + 1) * recipe.batch_size]
+            x = _augment(x_train_t[idx], recipe.shift_px, gen)
+            loss = F.cross_entropy(model(x), y_train_t[idx], label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); lower --lr")
+        acc = evaluate(model, x_test, y_test)
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "test_top1": acc,
+                        "seconds": time.perf_counter() - t0})
+        log(f"epoch {epoch + 1}/{recipe.epochs}: loss {loss_sum / steps_per_epoch:.4f}, "
+            f"test top-1 {acc * 100:.2f}%, {time.perf_counter() - t0:.0f}s")
+        state = {"recipe": asdict(recipe), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
+                 "history": history}
+        atomic_write(state_path, lambda p: torch.save(state, p))
+
+    model.eval()
+    top1 = evaluate(model, x_test, y_test)
+    path = save_checkpoint(
+        model.to(memory_format=torch.contiguous_format), out,
+        variant=variant, class_names=train.class_names, preprocessing=pp,
+        recipe={**asdict(recipe), "optimizer": "AdamW", "schedule": "linear warm-up + cosine",
+                "augmentation": f"hflip, ±{recipe.shift_px}px shift", "torch": torch.__version__,
+                "history": history},
+        dataset={"name": "fashion-mnist", "train": train.name, "train_size": len(train),
+                 "test": test.name, "test_size": len(test), "resolution": recipe.image_size},
+        accuracy={"top1": top1, "split": test.name, "n": len(test), "runtime": "torch eager fp32 (cpu)"},
+    )
+    state_path.unlink(missing_ok=True)
+    return path
+
+
+def require_trained(path: Path) -> None:
+    if not Path(path).with_suffix(".safetensors").exists():
+        raise UserError(f"no reference checkpoint at {path}; make one with `make reference VARIANT=...`")

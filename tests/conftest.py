@@ -1,0 +1,48 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from calibration.fashion_mnist import default_root
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    root = default_root()
+    if not (root / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST is not installed at {root}: run `make setup` (apt-get install dataset-fashion-mnist)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def atto_reference(fmnist_root) -> Path:
+    """The atto reference checkpoint: made by `make test` before pytest; trained here if missing."""
+    from pipeline.reference import reference_path
+    from pipeline.train import Recipe, train_reference
+
+    os.chdir(REPO)
+    path = reference_path("atto")
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        train_reference(Recipe(variant="atto"), path)
+    return path
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter distinct random values, so a mis-mapped key changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()

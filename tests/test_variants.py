@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.model import count_parameters, create_model
+from pipeline.variants import VARIANTS, get_variant
+
+PUBLISHED_PARAMS = {
+    "t": 28_589_128, "s": 50_223_688, "b": 88_591_464, "l": 197_767_336, "xl": 350_196_968,
+    "atto": 3_695_520, "femto": 5_217_784, "pico": 9_045_672, "nano": 15_593_560,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_parameter_count_matches_published(name):
+    with torch.device("meta"):  # no memory for L/XL weights
+        model = create_model(name, num_classes=1000)
+    assert count_parameters(model) == PUBLISHED_PARAMS[name]
+    assert VARIANTS[name].params_1k == PUBLISHED_PARAMS[name]
+
+
+def test_table_holds_all_nine_with_published_accuracy():
+    assert set(VARIANTS) == set(PUBLISHED_PARAMS)
+    assert {k: VARIANTS[k].imagenet_top1 for k in ("t", "s", "b", "l")} == {"t": 82.1, "s": 83.1, "b": 83.8, "l": 84.3}
+    assert VARIANTS["xl"].imagenet_top1 is None and "22k" in VARIANTS["xl"].imagenet_note
+
+
+def test_aliases_and_unknown_variant():
+    assert get_variant("tiny").name == "t" and get_variant("ConvNeXt-B").name == "b"
+    with pytest.raises(UserError, match="unknown variant 'huge'.*atto"):
+        get_variant("huge")
+
+
+def test_configurable_classes_channels_and_stochastic_depth():
+    model = create_model("atto", num_classes=7, in_chans=1, drop_path_rate=0.3)
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 7)
+    rates = [b.drop_path.p for s in model.stages for b in s.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3) and rates == sorted(rates)
+    # stochastic depth only acts in training
+    model.eval()
+    x = torch.randn(2, 1, 64, 64)
+    assert torch.equal(model(x), model(x))
