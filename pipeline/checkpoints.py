@@ -158,10 +158,13 @@ def _read_torch(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        msg = str(e)
+        if "GLOBAL" not in msg:  # not a pickle of objects at all: garbage or a truncated file
+            raise UserError(f"cannot read {path} as a torch checkpoint (not a valid pickle); is the file complete?") from None
+        culprit = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln), "")
         raise UserError(
             f"refused to load {path}: it holds Python objects beyond tensors, which could run code "
-            f"({first.strip()}); load only checkpoints you trust, re-saved as a plain state dict or safetensors"
+            f"({culprit}); load only checkpoints you trust, re-saved as a plain state dict or safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"cannot read {path} as a torch checkpoint ({str(e).splitlines()[0]}); is the file complete?") from None

@@ -62,6 +62,28 @@ def _cmd_reference(args) -> int:
     return 0
 
 
+def _cmd_deploy(args) -> int:
+    from pipeline.deploy import DeployConfig, run_deploy
+
+    options = {}
+    if args.calib_method:
+        options["calibrate_method"] = args.calib_method
+    cfg = DeployConfig(
+        target=args.target, variant=args.variant, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        n_calib=args.calib, n_eval=args.eval, image_size=args.image_size, gates=Path(args.gates),
+        out=Path(args.out) if args.out else None, threads=args.threads, latency_runs=args.runs,
+        calib_data=Path(args.calib_data) if args.calib_data else None,
+        eval_data=Path(args.eval_data) if args.eval_data else None, options=options,
+    )
+    result = run_deploy(cfg, log=lambda m: print(m, flush=True))
+    print(f"report: {result.out_dir / 'report.html'}")
+    if result.exit_code:
+        failed = [v for v in result.report["gates"]["verdicts"] if v["status"] != "pass"]
+        print(f"convnext-deploy: {len(failed)} gate(s) not met: "
+              + "; ".join(f"{v['gate']} {v['status']}" for v in failed), file=sys.stderr)
+    return result.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convnext-deploy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="checkpoint path (default: reference/convnext_<variant>_fashion-mnist.safetensors)")
     s.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
     s.set_defaults(func=_cmd_reference)
+
+    s = sub.add_parser("deploy", help="export, quantize, build, validate and gate one target")
+    s.add_argument("--target", required=True)
+    s.add_argument("--variant", required=True)
+    s.add_argument("--checkpoint", help="default: the variant's reference checkpoint")
+    s.add_argument("--calib", type=int, default=500, help="calibration images (default 500)")
+    s.add_argument("--eval", type=int, default=None, help="evaluation images (default: the whole split)")
+    s.add_argument("--image-size", type=int, default=224, help="deployment resolution for latency (default 224)")
+    s.add_argument("--gates", default="gates.toml")
+    s.add_argument("--out", help="report directory (default runs/<target>-<variant>)")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--runs", type=int, default=100, help="timed runs at batch 1 (default 100)")
+    s.add_argument("--calib-data", help="ImageFolder tree to calibrate on (e.g. ImageNet train)")
+    s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
+    s.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"])
+    s.set_defaults(func=_cmd_deploy)
     return p
 
 

@@ -1,0 +1,237 @@
+"""One deploy: checkpoint → data split → ONNX export → target builds → accuracy → latency → gates → report.
+
+Stages pass plain data. Export and builds are cached under keys of their inputs, so a re-run resumes,
+and the report directory is published atomically.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration.batches import iter_batches, load_array
+from calibration.fashion_mnist import FashionMNIST
+from calibration.imagefolder import ImageFolder
+from calibration.split import Split, make_split
+from pipeline import gates as gates_mod
+from pipeline import machine
+from pipeline.cache import cached_dir, key_of
+from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
+from pipeline.errors import UserError
+from pipeline.export import export_cached, parity_dict
+from pipeline.latency import measure
+from pipeline.reference import require_reference
+from pipeline.validate import accuracy, predict_many
+from targets import get_spec, load_target
+from targets.base import Artifact, BuildRequest, CalibrationData, Runner
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USER_ERROR = 0, 1, 2
+
+
+@dataclass
+class DeployConfig:
+    target: str
+    variant: str
+    checkpoint: Path | None = None
+    n_calib: int = 500
+    n_eval: int | None = None  # None: the whole evaluation split
+    image_size: int = 224  # deployment resolution for latency
+    gates: Path = Path("gates.toml")
+    out: Path | None = None
+    threads: int = 2
+    batch_sizes: tuple[int, ...] = (1, 8)
+    latency_runs: int = 100
+    calib_data: Path | None = None  # ImageFolder roots; default: the checkpoint's own dataset
+    eval_data: Path | None = None
+    options: dict = field(default_factory=dict)  # target build options (e.g. calibrate_method)
+    seed: int = 0
+
+
+@dataclass
+class DeployResult:
+    report: dict
+    out_dir: Path
+    exit_code: int
+
+
+def _sources(ck: LoadedCheckpoint, cfg: DeployConfig):
+    if cfg.calib_data or cfg.eval_data:
+        if not (cfg.calib_data and cfg.eval_data):
+            raise UserError("pass both --calib-data and --eval-data (ImageFolder trees), or neither")
+        calib = ImageFolder(cfg.calib_data, list(ck.class_names))
+        evals = ImageFolder(cfg.eval_data, list(ck.class_names))
+        return calib, evals, f"ImageFolder ({cfg.eval_data})"
+    dataset = ck.metadata.get("dataset", {}).get("name")
+    if dataset == "fashion-mnist":
+        return FashionMNIST("train"), FashionMNIST("test"), "Fashion-MNIST (reference task)"
+    raise UserError(
+        f"{ck.path} was not trained on the reference task; pass --calib-data TRAIN_DIR --eval-data VAL_DIR "
+        "(ImageFolder trees, e.g. ImageNet train and val)"
+    )
+
+
+def _runner_entry(r: Runner, precision: str) -> dict:
+    return {"runtime": r.runtime, "device": r.device, "precision_requested": precision,
+            "precision_executed": r.precision, "threads": r.threads,
+            "kind": "proxy" if r.proxy else "real", "proxy": r.proxy}
+
+
+def _torch_runner(model: torch.nn.Module, threads: int) -> Runner:
+    torch.set_num_threads(threads)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    return Runner(run, f"torch {torch.__version__} eager", machine.device_label(threads), "fp32", threads)
+
+
+def build_artifacts(target_name: str, export_path: Path, model, calibration: CalibrationData,
+                    precisions: tuple[str, ...], options: dict, log) -> dict[str, Artifact]:
+    module = load_target(target_name)
+    env = module.describe_environment()
+    onnx_sha = _sha256(export_path)
+    out = {}
+    for precision in precisions:
+        key = key_of("build", target_name, precision, onnx_sha, options if precision == "int8" else {},
+                     calibration.manifest_sha256 if precision == "int8" else None, env)
+
+        def build(tmp: Path, precision=precision) -> None:
+            art = module.build(BuildRequest(precision, export_path, model, tmp,
+                                            calibration if precision == "int8" else None, dict(options)))
+            art.save_metadata(tmp)
+
+        directory, cached = cached_dir(f"artifacts/{target_name}", key, build)
+        log(f"{target_name} {precision}: {'cached' if cached else 'built'} ({directory})")
+        out[precision] = Artifact.load_metadata(directory)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    from pipeline.checkpoints import sha256_file
+
+    return sha256_file(path)
+
+
+def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
+    spec = get_spec(cfg.target)
+    module = load_target(cfg.target)
+    avail = module.available()
+    if not avail.ok:
+        raise UserError(f"target {cfg.target} cannot run here: {avail.reason}")
+    if cfg.image_size % 32:
+        raise UserError(f"--image-size {cfg.image_size} is not a multiple of 32 (ConvNeXt downsamples by 32)")
+
+    ck_path = Path(cfg.checkpoint) if cfg.checkpoint else require_reference(cfg.variant)
+    ck = load_checkpoint(ck_path, cfg.variant)
+    if not all(torch.isfinite(p).all() for p in ck.model.parameters()):
+        raise UserError(f"{ck.path} holds NaN/inf weights; it cannot be deployed")
+    torch.set_num_threads(cfg.threads)
+    pp = ck.preprocessing
+    calib_src, eval_src, task = _sources(ck, cfg)
+    split: Split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed)
+    manifest_sha = split.calibration.ids_sha256  # the INT8 build depends on the calibration samples only
+    log(f"data: {len(split.calibration)} calibration ({split.calibration.source}), "
+        f"{len(split.evaluation)} evaluation ({split.evaluation.source})")
+    calib_x, _ = load_array(calib_src, split.calibration.indices, pp, desc="calibration")
+    calibration = CalibrationData(calib_x, manifest_sha, split.calibration.source)
+
+    export = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
+    log(f"export: opset {export.opset}, parity max |Δlogit| {export.parity.max_abs_diff:.2e}, "
+        f"agreement {export.parity.top1_agreement:.3f} ({'cached' if export.cached else 'exported'})")
+
+    artifacts = build_artifacts(cfg.target, export.path, ck.model, calibration, spec.precisions, cfg.options, log)
+    runners = {p: module.load_runner(a, cfg.threads) for p, a in artifacts.items()}
+    torch_ref = _torch_runner(ck.model, cfg.threads)
+
+    # Accuracy: at the checkpoint's own resolution, every runner on the same streamed batches.
+    batches = iter_batches(eval_src, split.evaluation.indices, pp, batch_size=100, desc="evaluation")
+    preds = predict_many({"torch_fp32": torch_ref.run, **{p: r.run for p, r in runners.items()}}, batches)
+    acc = {"torch_fp32": {**accuracy(preds["torch_fp32"]), **_runner_entry(torch_ref, "fp32")}}
+    base = "fp32" if "fp32" in preds else None
+    for p, r in runners.items():
+        entry = {**accuracy(preds[p], preds[base] if base and p != base else None), **_runner_entry(r, p)}
+        ref = accuracy(preds[p], preds["torch_fp32"])
+        entry["vs_torch"] = {"agreement": ref["agreement"], "top1_drop_pp": ref["top1_drop_pp"]}
+        entry["input_size"] = pp.input_size
+        acc[p] = entry
+    acc["torch_fp32"]["input_size"] = pp.input_size
+    for p, a in acc.items():
+        log(f"accuracy {p}: top-1 {a['top1'] * 100:.2f}%, top-5 {a['top5'] * 100:.2f}%"
+            + (f", agreement {a['agreement'] * 100:.2f}%, drop {a['top1_drop_pp']:+.2f} pp" if "agreement" in a else ""))
+
+    # Latency: deployment and checkpoint resolutions, each batch size, all precisions interleaved.
+    latency = []
+    sizes = sorted({cfg.image_size, pp.input_size})
+    for size in sizes:
+        for batch in cfg.batch_sizes:
+            runs = cfg.latency_runs if batch == 1 else max(10, cfg.latency_runs // 4)
+            res = measure({p: r.run for p, r in runners.items()}, batch=batch, input_size=size, runs=runs,
+                          warmup=5 if batch == 1 else 2)
+            for p, lat in res.items():
+                latency.append({"precision": p, **lat.to_dict(), **_runner_entry(runners[p], p),
+                                "role": "deployment" if size == cfg.image_size else "checkpoint"})
+                log(f"latency {p} {size}px b{batch}: p50 {lat.p50_ms:.2f} ms, {lat.images_per_s:.1f} img/s")
+
+    figures = _gate_figures(acc, latency, cfg.image_size)
+    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name)
+    proxy = any(r.proxy for r in runners.values())
+    verdicts = gates_mod.check(gate_cfg, figures, proxy)
+
+    report = {
+        "tool": "convnext-deploy 0.1.0",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "target": {"name": spec.name, "hardware": spec.hardware, "precisions": list(spec.precisions),
+                   "environment": module.describe_environment()},
+        "machine": machine.describe(),
+        "model": {"variant": ck.variant.name, "name": ck.variant.long_name, "checkpoint": str(ck.path),
+                  "checkpoint_sha256": ck.sha256, "checkpoint_format": ck.source_format,
+                  "num_classes": ck.num_classes, "preprocessing": pp.to_dict(),
+                  "trained_on": ck.metadata.get("dataset", {}), "recipe": {k: v for k, v in ck.metadata.get("recipe", {}).items() if k != "history"}},
+        "data": {"task": task, "accuracy_resolution": pp.input_size, "latency_resolution": cfg.image_size,
+                 "calibration": {"source": split.calibration.source, "n": len(split.calibration),
+                                 "ids_sha256": split.calibration.ids_sha256},
+                 "evaluation": {"source": split.evaluation.source, "n": len(split.evaluation),
+                                "ids_sha256": split.evaluation.ids_sha256},
+                 "seed": split.seed, "shared_source": split.shared_source},
+        "export": {"opset": export.opset, "parity": parity_dict(export.parity), "cache_key": export.key},
+        "artifacts": [{"precision": p, "files": [f.name for f in a.files], "sha256": a.sha256(),
+                       "size_bytes": a.size_bytes(), "metadata": a.metadata, "proxy": a.proxy}
+                      for p, a in artifacts.items()],
+        "accuracy": acc,
+        "latency": latency,
+        "gates": {"file": str(cfg.gates), "applied": gate_cfg, "figures": figures,
+                  "verdicts": [v.to_dict() for v in verdicts], "passed": all(v.passed for v in verdicts)},
+    }
+    out_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.target}-{ck.variant.name}"
+    from reports import write_report
+
+    write_report(out_dir, report, files=[f for a in artifacts.values() for f in a.files],
+                 manifest=split.manifest_json())
+    for v in verdicts:
+        log(("PASS " if v.passed else "FAIL ") + v.line())
+    code = EXIT_OK if report["gates"]["passed"] else EXIT_GATE_FAILED
+    return DeployResult(report, out_dir, code)
+
+
+def _gate_figures(acc: dict, latency: list[dict], deploy_size: int) -> dict:
+    int8 = acc.get("int8", {})
+
+    def p50(precision):
+        for e in latency:
+            if e["precision"] == precision and e["batch"] == 1 and e["input_size"] == deploy_size:
+                return e["p50_ms"]
+        return None
+
+    f32, i8 = p50("fp32"), p50("int8")
+    return {
+        "top1_drop_pp": int8.get("top1_drop_pp"),
+        "agreement": int8.get("agreement"),
+        "p50_ms": i8,
+        "int8_speedup": (f32 / i8) if (f32 and i8) else None,
+    }

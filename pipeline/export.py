@@ -1,0 +1,131 @@
+"""torch → ONNX, checked: `onnx.checker`, shape inference, and parity against eager torch.
+
+The graph has a dynamic batch and dynamic spatial size (any multiple of 32), so one file serves the
+checkpoint's own resolution (accuracy) and the deployment resolution (latency).
+
+Choices that decide how fast the graph runs once quantized (measured; see README):
+- opset 20: LayerNorm is one `LayerNormalization` node (≥ 17) and GELU one `Gelu` node (≥ 20). At opset 18
+  GELU is exported as Div/Erf/Add/Mul/Mul, which ONNX Runtime did not fuse: five float ops on the widest
+  tensor of every block.
+- layer-scale folded into the second pointwise layer (γ·(Wx + b) = (γW)x + γb): one float Mul less per block,
+  and per-channel weight quantization absorbs γ exactly.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache import cached_dir, key_of
+from pipeline.errors import UserError
+
+OPSET = 20  # LayerNormalization since 17, Gelu since 20
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+SPATIAL_MULTIPLE = 32  # stem /4 then three /2 downsamplings
+
+
+@dataclass
+class Parity:
+    max_abs_diff: float
+    top1_agreement: float
+    n: int
+    tolerance: float
+    input_size: int
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    opset: int
+    parity: Parity
+    cached: bool
+    key: str
+
+
+def _versions() -> dict:
+    import onnx
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__}
+
+
+def fold_layer_scale(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every block's γ multiplied into mlp.fc2 (same function, one op less)."""
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for stage in folded.stages:
+            for block in stage.blocks:
+                if block.gamma is not None:
+                    block.mlp.fc2.weight.mul_(block.gamma[:, None])
+                    block.mlp.fc2.bias.mul_(block.gamma)
+                    block.gamma = None
+    return folded
+
+
+def export_onnx(model: torch.nn.Module, out: Path, example_size: int = 64) -> None:
+    """Write the ONNX graph of `model` (layer-scale folded) to `out` with dynamic batch, height and width."""
+    import onnx
+
+    model = fold_layer_scale(model)
+    x = torch.randn(2, model.in_chans, example_size, example_size)  # batch 2: export would specialise a batch of 1
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    h = torch.export.Dim("h", min=1, max=64)
+    w = torch.export.Dim("w", min=1, max=64)
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: batch, 2: SPATIAL_MULTIPLE * h, 3: SPATIAL_MULTIPLE * w}}, verbose=False,
+        )
+    program.save(str(out))
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(onnx.shape_inference.infer_shapes(proto, strict_mode=True), str(out))
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, tolerance: float) -> Parity:
+    """Max |logit difference| and top-1 agreement of ONNX Runtime (FP32, CPU) vs eager torch on real images."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(images)).numpy()
+    got = sess.run(None, {INPUT_NAME: images})[0]
+    parity = Parity(float(np.abs(ref - got).max()), float((ref.argmax(1) == got.argmax(1)).mean()),
+                    len(images), tolerance, int(images.shape[-1]))
+    if not np.isfinite(got).all():
+        raise UserError(f"the exported ONNX gives NaN/inf logits ({onnx_path}); the checkpoint may hold NaN weights")
+    if parity.max_abs_diff > tolerance or parity.top1_agreement < 1.0:
+        raise RuntimeError(
+            f"ONNX export parity failed: max |Δlogit| {parity.max_abs_diff:.2e} (tolerance {tolerance:.0e}), "
+            f"top-1 agreement {parity.top1_agreement:.4f} on {len(images)} images"
+        )
+    return parity
+
+
+def export_cached(model: torch.nn.Module, checkpoint_sha256: str, variant: str, images: np.ndarray,
+                  tolerance: float = 1e-3) -> ExportResult:
+    """Export once per (checkpoint, variant, opset, versions); parity is re-checked on every call's images."""
+    key = key_of("export", checkpoint_sha256, variant, OPSET, _versions(), model.num_classes)
+
+    def build(tmp: Path) -> None:
+        export_onnx(model, tmp / "model.onnx")
+        (tmp / "export.json").write_text(json.dumps({"opset": OPSET, "versions": _versions(),
+                                                     "checkpoint_sha256": checkpoint_sha256, "variant": variant}))
+
+    directory, cached = cached_dir("export", key, build)
+    path = directory / "model.onnx"
+    parity = check_parity(model, path, images, tolerance)
+    return ExportResult(path, OPSET, parity, cached, key)
+
+
+def parity_dict(p: Parity) -> dict:
+    return asdict(p)

@@ -1,0 +1,46 @@
+"""Accuracy of one or more runners on the evaluation split, streamed: each batch is read once and fed
+to every runner, and only top-5 indices are kept, so memory stays bounded at ImageNet-val scale."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+
+@dataclass
+class Predictions:
+    top5: np.ndarray  # (N, 5) class indices, best first
+    labels: np.ndarray  # (N,)
+
+
+def predict_many(runners: dict[str, Callable[[np.ndarray], np.ndarray]],
+                 batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Predictions]:
+    tops: dict[str, list[np.ndarray]] = {k: [] for k in runners}
+    labels: list[np.ndarray] = []
+    for x, y in batches:
+        labels.append(y)
+        for name, run in runners.items():
+            logits = np.asarray(run(x))
+            if not np.isfinite(logits).all():
+                raise UserError(f"{name} produced NaN/inf logits on the evaluation data; the artifact is broken "
+                                "(check the checkpoint for NaN weights and the calibration data)")
+            k = min(5, logits.shape[1])
+            tops[name].append(np.argsort(-logits, axis=1, kind="stable")[:, :k])
+    if not labels:
+        raise UserError("the evaluation set is empty: pass --eval N with N ≥ 1")
+    y = np.concatenate(labels)
+    return {k: Predictions(np.concatenate(v), y) for k, v in tops.items()}
+
+
+def accuracy(pred: Predictions, reference: Predictions | None = None) -> dict:
+    top1 = float((pred.top5[:, 0] == pred.labels).mean())
+    top5 = float((pred.top5 == pred.labels[:, None]).any(axis=1).mean())
+    out = {"top1": top1, "top5": top5, "n": int(len(pred.labels))}
+    if reference is not None:
+        ref1 = float((reference.top5[:, 0] == reference.labels).mean())
+        out["agreement"] = float((pred.top5[:, 0] == reference.top5[:, 0]).mean())
+        out["top1_drop_pp"] = (ref1 - top1) * 100.0
+    return out

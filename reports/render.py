@@ -1,0 +1,156 @@
+"""Markdown and HTML renderings of a report dict. Every figure is printed with what measured it."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+
+def _pct(x):
+    return "—" if x is None else f"{x * 100:.2f}%"
+
+
+def _pp(x):
+    return "—" if x is None else f"{x:+.2f} pp"
+
+
+def _ms(x):
+    return "—" if x is None else f"{x:.2f}"
+
+
+def accuracy_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for name, a in report["accuracy"].items():
+        rows.append([name, a["runtime"], a["precision_executed"], str(a.get("input_size", "")), str(a["n"]),
+                     _pct(a["top1"]), _pct(a["top5"]), _pct(a.get("agreement")), _pp(a.get("top1_drop_pp")),
+                     _pp(a.get("vs_torch", {}).get("top1_drop_pp")), a["kind"] + (f": {a['proxy']}" if a.get("proxy") else "")])
+    return rows
+
+
+ACC_HEAD = ["artifact", "runtime", "precision executed", "input px", "images", "top-1", "top-5",
+            "agreement vs FP32", "top-1 drop vs FP32", "drop vs torch", "real/proxy"]
+LAT_HEAD = ["precision", "role", "input px", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "img/s", "runtime",
+            "real/proxy"]
+GATE_HEAD = ["gate", "what", "measured", "allowed", "status"]
+
+
+def latency_rows(report: dict) -> list[list[str]]:
+    return [[e["precision"], e["role"], str(e["input_size"]), str(e["batch"]), str(e["threads"]), _ms(e["p50_ms"]),
+             _ms(e["p90_ms"]), _ms(e["p99_ms"]), f"{e['images_per_s']:.1f}", e["runtime"], e["kind"]]
+            for e in report["latency"]]
+
+
+def gate_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for v in report["gates"]["verdicts"]:
+        m = "—" if v["measured"] is None else f"{v['measured']:.4g}{v['unit']}"
+        rows.append([v["gate"], v["description"], m, f"{v['comparison']} {v['allowed']:g}{v['unit']}", v["status"]])
+    return rows
+
+
+def _md_table(head, rows) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _summary_lines(report: dict) -> list[str]:
+    m, d, mach = report["model"], report["data"], report["machine"]
+    status = "PASSED" if report["gates"]["passed"] else "FAILED"
+    lines = [
+        f"- **Gates: {status}** ({report['gates']['file']})",
+        f"- Model: {m['name']} ({m['num_classes']} classes), checkpoint `{m['checkpoint']}` "
+        f"({m['checkpoint_format']}, sha256 `{m['checkpoint_sha256'][:16]}…`)",
+        f"- Target: {report['target']['name']} — {report['target']['hardware']}",
+        f"- Machine: {mach['cpu']} ({mach['cpu_count']} cores; {', '.join(mach['cpu_flags'])}), {mach['os']}",
+        f"- Accuracy task: {d['task']}, measured at the checkpoint's own resolution **{d['accuracy_resolution']} px** "
+        f"on {d['evaluation']['n']} images of `{d['evaluation']['source']}`; calibrated on {d['calibration']['n']} "
+        f"images of `{d['calibration']['source']}` (disjoint; manifest.json)",
+        f"- Latency: measured at the deployment resolution **{d['latency_resolution']} px** (and at "
+        f"{d['accuracy_resolution']} px); weights' values do not change the cost",
+        f"- Export: ONNX opset {report['export']['opset']}, parity vs torch max |Δlogit| "
+        f"{report['export']['parity']['max_abs_diff']:.2e}, top-1 agreement {_pct(report['export']['parity']['top1_agreement'])}",
+    ]
+    for note in report.get("notes", []):
+        lines.append(f"- Note: {note}")
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    m = report["model"]
+    parts = [f"# convnext-deploy report: {m['name']} on {report['target']['name']}", "",
+             f"Created {report['created']} by {report['tool']}.", "", *_summary_lines(report), "",
+             "## Accuracy", "", _md_table(ACC_HEAD, accuracy_rows(report)), "",
+             "## Latency", "", _md_table(LAT_HEAD, latency_rows(report)), "",
+             "## Gates", "", _md_table(GATE_HEAD, gate_rows(report)), "",
+             "## Artifacts", "",
+             _md_table(["precision", "file", "size", "sha256"],
+                       [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
+                        for a in report["artifacts"] for f in a["files"]]), ""]
+    for a in report["artifacts"]:
+        ops = a["metadata"].get("ops")
+        if ops:
+            parts += [f"**{a['precision']}** executed graph: {ops.get('integer_kernel_count', 0)} integer kernels "
+                      f"{ops.get('integer_kernels', {})}, {ops.get('float_conv_matmul_left', 0)} float Conv/MatMul/Gemm left.", ""]
+    return "\n".join(parts)
+
+
+def plot_png(report: dict) -> bytes | None:
+    """Accuracy (top-1 at checkpoint size) against latency (p50, deployment size, batch 1), one point per artifact."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    size = report["data"]["latency_resolution"]
+    points = []
+    for e in report["latency"]:
+        if e["batch"] == 1 and e["input_size"] == size and e["precision"] in report["accuracy"]:
+            points.append((e["p50_ms"], report["accuracy"][e["precision"]]["top1"] * 100, e["precision"], e["kind"]))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    for x, y, label, kind in points:
+        ax.scatter([x], [y], s=60, marker="o" if kind == "real" else "^")
+        ax.annotate(f"{label} ({kind})", (x, y), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel(f"p50 latency, ms ({size} px, batch 1, {report['latency'][0]['threads']} threads)")
+    ax.set_ylabel(f"top-1 % ({report['data']['accuracy_resolution']} px, {report['data']['evaluation']['n']} images)")
+    ax.set_title(f"{report['model']['name']} on {report['target']['name']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _html_table(head, rows) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict, png: bytes | None) -> str:
+    m = report["model"]
+    title = f"convnext-deploy report: {m['name']} on {report['target']['name']}"
+    summary = "".join(f"<li>{html.escape(line[2:]).replace('**', '')}</li>" for line in _summary_lines(report))
+    img = (f'<img alt="accuracy vs latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+           if png else "<p>(no plot: matplotlib is not installed or no latency was measured)</p>")
+    gate_rows_html = _html_table(GATE_HEAD, gate_rows(report))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:1em 0;font-size:14px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><body>
+<h1>{html.escape(title)}</h1><p>Created {html.escape(report['created'])} by {html.escape(report['tool'])}.</p>
+<ul>{summary}</ul>
+<h2>Accuracy vs latency</h2>{img}
+<h2>Gates</h2>{gate_rows_html}
+<h2>Accuracy</h2>{_html_table(ACC_HEAD, accuracy_rows(report))}
+<h2>Latency</h2>{_html_table(LAT_HEAD, latency_rows(report))}
+<h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],
+                              [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
+                               for a in report["artifacts"] for f in a["files"]])}
+</body></html>
+"""

@@ -1,0 +1,43 @@
+"""Publish a report directory atomically: build it under a temporary name, then swap it into place."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from reports.render import plot_png, render_html, render_markdown
+
+
+def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: str | None = None) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        art = tmp / "artifacts"
+        art.mkdir()
+        for f in files:
+            try:
+                os.link(f, art / f.name)  # same filesystem: no copy of large engines
+            except OSError:
+                shutil.copy2(f, art / f.name)
+        if manifest is not None:
+            (tmp / "manifest.json").write_text(manifest)
+        png = plot_png(report)
+        if png:
+            (tmp / "accuracy_vs_latency.png").write_bytes(png)
+        (tmp / "report.md").write_text(render_markdown(report))
+        (tmp / "report.html").write_text(render_html(report, png))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))  # last: its presence means complete
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,103 @@
+"""The one small protocol every target module implements, and the plain data that crosses it.
+
+A target module (targets/<name>.py) provides four functions:
+
+    available() -> Availability
+    build(request: BuildRequest) -> Artifact        # one precision of one model
+    load_runner(artifact: Artifact, threads: int) -> Runner
+    describe_environment() -> dict                  # toolchain versions, device
+
+Toolchains are imported inside those functions, never at module import, so the CLI works with none
+of them installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""  # why not, and what to do about it
+
+
+@dataclass
+class CalibrationData:
+    """Preprocessed calibration images (N, 3, H, W) float32 and the manifest they came from."""
+
+    images: np.ndarray
+    manifest_sha256: str
+    source: str
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self.images), batch_size):
+            yield self.images[i:i + batch_size]
+
+
+@dataclass
+class BuildRequest:
+    precision: str  # fp32 | fp16 | bf16 | int8
+    onnx_path: Path
+    torch_model: object  # the FP32 torch.nn.Module (for targets whose converter starts from torch)
+    out_dir: Path  # an empty directory the target writes its files into
+    calibration: CalibrationData | None = None
+    options: dict = field(default_factory=dict)  # target-specific, recorded in the artifact
+
+
+@dataclass
+class Artifact:
+    target: str
+    precision: str
+    files: list[Path]
+    metadata: dict = field(default_factory=dict)  # quantization config, op counts, executed precision, …
+    proxy: str | None = None  # set when numerics come from a stand-in for the real runtime
+
+    def sha256(self) -> dict[str, str]:
+        out = {}
+        for f in self.files:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[f.name] = h.hexdigest()
+        return out
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def save_metadata(self, directory: Path) -> None:
+        (directory / "artifact.json").write_text(json.dumps(
+            {"target": self.target, "precision": self.precision, "files": [f.name for f in self.files],
+             "metadata": self.metadata, "proxy": self.proxy}, indent=1, default=str))
+
+    @classmethod
+    def load_metadata(cls, directory: Path) -> "Artifact":
+        d = json.loads((directory / "artifact.json").read_text())
+        return cls(d["target"], d["precision"], [directory / f for f in d["files"]], d["metadata"], d["proxy"])
+
+
+@dataclass
+class Runner:
+    """float batch (N, 3, H, W) → logits (N, classes), plus what actually ran it."""
+
+    run: Callable[[np.ndarray], np.ndarray]
+    runtime: str  # e.g. "onnxruntime 1.32.0 CPUExecutionProvider"
+    device: str
+    precision: str  # the precision that executed, as the runtime reports it
+    threads: int
+    proxy: str | None = None
+
+
+class TargetModule(Protocol):
+    NAME: str
+
+    def available(self) -> Availability: ...
+    def build(self, request: BuildRequest) -> Artifact: ...
+    def load_runner(self, artifact: Artifact, threads: int) -> Runner: ...
+    def describe_environment(self) -> dict: ...

@@ -1,0 +1,177 @@
+"""`convnext-deploy deploy` end to end on ONNX Runtime with the atto reference, and every bad-input case."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from pipeline.errors import UserError
+from pipeline.validate import predict_many
+
+GATES_ACCURACY_ONLY = """
+[defaults]
+max_top1_drop_pp = 1.0
+min_agreement = 0.97
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "CONVNEXT_DEPLOY_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+
+
+def cli(args, env, code=None):
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=900)
+    if code is not None:
+        assert p.returncode == code, p.stdout + p.stderr
+    return p
+
+
+def _one_clear_line(p):
+    err = [line for line in p.stderr.splitlines() if line.startswith("convnext-deploy: error:")]
+    assert len(err) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def deployed(atto_reference, env, tmp_path_factory):
+    d = tmp_path_factory.mktemp("deploy")
+    gates = d / "gates.toml"
+    gates.write_text(GATES_ACCURACY_ONLY)
+    out = d / "report"
+    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "1000", "--calib", "300",
+             "--runs", "10", "--gates", str(gates), "--out", str(out)], env, code=0)
+    return out, p, gates
+
+
+def test_deploy_writes_a_complete_report(deployed):
+    out, p, _ = deployed
+    names = {f.name for f in out.iterdir()}
+    assert {"report.json", "report.md", "report.html", "manifest.json", "artifacts", "accuracy_vs_latency.png"} <= names
+    assert {f.name for f in (out / "artifacts").iterdir()} == {"model_fp32.onnx", "model_int8.onnx"}
+    r = json.loads((out / "report.json").read_text())
+    assert r["gates"]["passed"] and all(v["status"] == "pass" for v in r["gates"]["verdicts"])
+    assert r["data"]["accuracy_resolution"] == 32 and r["data"]["latency_resolution"] == 224
+    assert r["data"]["evaluation"]["n"] == 1000 and r["data"]["calibration"]["n"] == 300
+    for name, a in r["accuracy"].items():  # every figure says what measured it
+        assert {"runtime", "device", "precision_executed", "threads", "kind", "n", "input_size"} <= a.keys()
+        assert a["kind"] == "real"
+    assert r["accuracy"]["int8"]["agreement"] >= 0.97
+    assert "integer kernels" in r["accuracy"]["int8"]["precision_executed"]
+    sizes = {(e["input_size"], e["batch"], e["precision"]) for e in r["latency"]}
+    assert {(224, 1, "fp32"), (224, 1, "int8"), (32, 8, "int8")} <= sizes
+    assert all(e["p50_ms"] > 0 and e["p99_ms"] >= e["p50_ms"] for e in r["latency"])
+    for art in r["artifacts"]:
+        for f, digest in art["sha256"].items():
+            import hashlib
+
+            assert hashlib.sha256((out / "artifacts" / f).read_bytes()).hexdigest() == digest
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<script" not in html
+    md = (out / "report.md").read_text()
+    assert "32 px" in md and "224 px" in md and "Gates: PASSED" in md
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not set(manifest["calibration"]["indices"]) & set() and manifest["evaluation"]["source"] == "fashion-mnist/test"
+
+
+def test_rerun_resumes_from_cache(deployed, env):
+    out, _, gates = deployed
+    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "500", "--calib", "300",
+             "--runs", "5", "--gates", str(gates), "--out", str(out)], env, code=0)
+    assert "onnxruntime int8: cached" in p.stdout and "(cached)" in p.stdout
+
+
+def test_missed_gate_exits_1_naming_it(atto_reference, env, tmp_path):
+    gates = tmp_path / "g.toml"
+    gates.write_text("[defaults]\nmax_p50_ms = 0.0001\nmax_top1_drop_pp = 5\n")
+    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "300", "--calib", "100",
+             "--runs", "5", "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=1)
+    assert "FAIL max_p50_ms: fail" in p.stdout and "max_p50_ms fail" in p.stderr
+    r = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert not r["gates"]["passed"]
+
+
+@pytest.mark.parametrize("case", ["target", "variant", "wrong_variant", "bad_checkpoint", "empty_calib",
+                                  "nan_weights", "no_reference", "image_size"])
+def test_bad_input_one_line_nonzero_nothing_written(case, atto_reference, env, tmp_path):
+    args = ["deploy", "--target", "onnxruntime", "--variant", "atto", "--out", str(tmp_path / "out")]
+    e = dict(env)
+    if case == "target":
+        args[2], match = "tensorflow-lite", "unknown target 'tensorflow-lite'"
+    elif case == "variant":
+        args[4], match = "huge", "unknown variant 'huge'"
+    elif case == "wrong_variant":
+        args[4], match = "femto", "this is a ConvNeXt-Atto checkpoint, you asked for ConvNeXt-Femto"
+        args += ["--checkpoint", str(atto_reference)]
+    elif case == "bad_checkpoint":
+        (tmp_path / "x.pth").write_text("not a checkpoint")
+        args += ["--checkpoint", str(tmp_path / "x.pth")]
+        match = "cannot read"
+    elif case == "empty_calib":
+        args += ["--calib", "0"]
+        match = "calibration set is empty"
+    elif case == "nan_weights":
+        from pipeline.checkpoints import load_checkpoint, save_checkpoint
+
+        ck = load_checkpoint(atto_reference)
+        with torch.no_grad():
+            ck.model.stages[2].blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+        path = save_checkpoint(ck.model, tmp_path / "nan", variant=ck.variant, class_names=ck.class_names,
+                               preprocessing=ck.preprocessing, dataset=ck.metadata["dataset"])
+        args += ["--checkpoint", str(path)]
+        match = "NaN/inf"
+    elif case == "no_reference":
+        e["CONVNEXT_DEPLOY_REFERENCE_DIR"] = str(tmp_path / "empty")
+        match = "make reference VARIANT=atto"
+    else:
+        args += ["--image-size", "200"]
+        match = "not a multiple of 32"
+    p = cli(args, e, code=2)
+    assert match in _one_clear_line(p)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_toolchain_says_which_extra_and_the_rest_still_works(env):
+    block = "import sys; sys.modules['onnxruntime'] = None; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", block, "deploy", "--target", "onnxruntime", "--variant", "atto"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "convnext-deploy[onnxruntime]" in _one_clear_line(p)
+    p = subprocess.run([sys.executable, "-c", block, "variants"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "ConvNeXt-XL" in p.stdout
+
+
+def test_nan_logits_are_refused():
+    def broken(x):
+        out = np.zeros((len(x), 10), np.float32)
+        out[0, 3] = np.nan
+        return out
+
+    with pytest.raises(UserError, match="NaN/inf logits"):
+        predict_many({"int8": broken}, [(np.zeros((2, 3, 32, 32), np.float32), np.zeros(2, np.int64))])
+
+
+def test_report_is_atomic(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous report whole and no temporary directory behind."""
+    import reports.write as w
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text('{"old": true}')
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(w, "plot_png", lambda report: b"png")
+    monkeypatch.setattr(w, "render_markdown", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        w.write_report(out, {"x": 1}, manifest="{}")
+    assert json.loads((out / "report.json").read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]

@@ -1,0 +1,76 @@
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import randomized
+from pipeline.export import OPSET, check_parity, export_cached, export_onnx, fold_layer_scale
+from pipeline.model import create_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = randomized(create_model("atto", num_classes=10))
+    path = tmp_path_factory.mktemp("export") / "m.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+def test_graph_is_checked_dynamic_and_keeps_norms_and_gelu_whole(exported):
+    _, path = exported
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == OPSET
+    ops = Counter(n.op_type for n in proto.graph.node)
+    # 1 stem + 3 downsample + 12 block norms + 1 head norm, each one node; one Gelu per block
+    assert ops["LayerNormalization"] == 17 and ops["Gelu"] == 12
+    assert not {"ReduceMean", "Erf"} & {k for k, v in ops.items() if v > 1}
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims][1] == 3
+    assert all(d.dim_param for i, d in enumerate(dims) if i != 1)  # batch, height, width are symbolic
+
+
+def test_parity_against_eager_torch_at_two_sizes_and_batches(exported):
+    import onnxruntime as ort
+
+    model, path = exported
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, size in ((1, 32), (3, 224)):
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {"input": x.numpy()})[0]
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() < 1e-4
+
+
+def test_layer_scale_folding_keeps_the_function():
+    model = randomized(create_model("atto", num_classes=10))
+    folded = fold_layer_scale(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), folded(x), atol=1e-5)
+    assert all(b.gamma is None for s in folded.stages for b in s.blocks)
+    assert all(b.gamma is not None for s in model.stages for b in s.blocks)  # the original is untouched
+
+
+def test_parity_failure_is_loud(exported, tmp_path):
+    model, path = exported
+    broken = randomized(create_model("atto", num_classes=10), seed=5)  # other weights than the export
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    with pytest.raises(RuntimeError, match="ONNX export parity failed"):
+        check_parity(broken, path, images, tolerance=1e-3)
+
+
+def test_export_is_cached_by_checkpoint_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    model = randomized(create_model("atto", num_classes=10))
+    images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    first = export_cached(model, "a" * 64, "atto", images)
+    again = export_cached(model, "a" * 64, "atto", images)
+    other = export_cached(model, "b" * 64, "atto", images)
+    assert not first.cached and again.cached and not other.cached
+    assert first.path == again.path != other.path
+    assert first.parity.max_abs_diff < 1e-4 and first.parity.top1_agreement == 1.0

@@ -1,0 +1,82 @@
+"""The atto reference checkpoint: trained here on Fashion-MNIST, re-measured on the real test split."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from calibration.batches import load_array
+from calibration.fashion_mnist import FashionMNIST
+from conftest import REPO
+from pipeline.checkpoints import load_checkpoint
+from pipeline.train import Recipe, evaluate, train_reference
+
+
+def test_atto_reference_reaches_90_percent_on_the_test_split(atto_reference):
+    ck = load_checkpoint(atto_reference, "atto")
+    test = FashionMNIST("test")
+    x, y = load_array(test, range(len(test)), ck.preprocessing)
+    top1 = evaluate(ck.model, x, y)
+    print(f"\natto reference: Fashion-MNIST test top-1 {top1 * 100:.2f}% (10,000 images, {ck.preprocessing.input_size} px)")
+    assert top1 >= 0.90
+    recorded = ck.metadata["accuracy"]["top1"]
+    assert abs(recorded - top1) < 1e-9  # the sidecar figure is the measured one
+    assert ck.metadata["dataset"]["resolution"] == 32 and ck.preprocessing.input_size == 32
+    recipe = ck.metadata["recipe"]
+    assert recipe["optimizer"] == "AdamW" and recipe["label_smoothing"] > 0 and "cosine" in recipe["schedule"]
+    assert ck.class_names[9] == "Ankle boot"
+    # normalisation constants were measured on the training images, not typed in
+    assert abs(ck.preprocessing.mean[0] - FashionMNIST("train").images.mean() / 255) < 1e-6
+
+
+def test_training_resumes_from_its_saved_state(fmnist_root, tmp_path, monkeypatch):
+    """An interrupted run picks up where it stopped: epoch 1 is not trained twice."""
+    import pipeline.train as train_mod
+
+    recipe = Recipe(variant="atto", epochs=2, batch_size=256, image_size=32)
+    out = tmp_path / "ref.safetensors"
+    logs = []
+    real_eval = train_mod.evaluate
+    calls = {"n": 0}
+
+    def interrupt_after_first_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second evaluation is epoch 2's: stop there
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+
+    # make the run short: a tiny subset of the training data
+    real_load = train_mod.load_array
+
+    def small_load(source, indices, pp, **kw):
+        return real_load(source, list(indices)[:1024], pp, **kw)
+
+    monkeypatch.setattr(train_mod, "load_array", small_load)
+    monkeypatch.setattr(train_mod, "evaluate", interrupt_after_first_epoch)
+    try:
+        train_reference(recipe, out, log=logs.append)
+    except KeyboardInterrupt:
+        pass
+    state = out.with_name(out.stem + ".train-state.pt")
+    assert state.exists() and not out.exists()
+    monkeypatch.setattr(train_mod, "evaluate", real_eval)
+    train_reference(recipe, out, log=logs.append)
+    assert any("resuming ConvNeXt-Atto from epoch 1/2" in m for m in logs)
+    assert out.exists() and not state.exists()
+    history = json.loads(out.with_suffix(".json").read_text())["recipe"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_cli_variants_and_inspect(atto_reference):
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "variants"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0
+    for name in ("ConvNeXt-Atto", "ConvNeXt-T", "ConvNeXt-XL", "28,589,128", "82.1"):
+        assert name in p.stdout
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", str(atto_reference)], cwd=REPO,
+                       capture_output=True, text=True)
+    info = json.loads(p.stdout)
+    assert info["variant"] == "atto" and info["format"] == "ours" and info["num_classes"] == 10
+    assert info["accuracy"]["top1"] >= 0.90
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "/nonexistent.pth"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip() == "convnext-deploy: error: checkpoint not found: /nonexistent.pth"
