@@ -24,6 +24,14 @@ def key_of(*parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def source_digest(*modules) -> str:
+    """Hash of the source files of the given modules: code that shapes a cached output is part of its key."""
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(Path(m.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def publish_dir(final: Path, build: Callable[[Path], None]) -> Path:
     """Run `build(tmp_dir)`, then rename tmp_dir to `final`. Returns `final`."""
     final = Path(final)

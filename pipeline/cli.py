@@ -45,7 +45,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_reference(args) -> int:
     from pipeline.checkpoints import load_checkpoint
     from pipeline.reference import reference_path
-    from pipeline.train import Recipe, train_reference
+    from pipeline.train import recipe_for, train_reference
 
     out = Path(args.out) if args.out else reference_path(args.variant)
     if out.with_suffix(".safetensors").exists() and out.with_suffix(".json").exists() and not args.force:
@@ -53,8 +53,8 @@ def _cmd_reference(args) -> int:
         acc = ck.metadata.get("accuracy", {}).get("top1")
         print(f"{out} exists (test top-1 {acc * 100:.2f}%); --force retrains")
         return 0
-    recipe = Recipe(variant=args.variant, **{k: v for k, v in (("epochs", args.epochs), ("image_size", args.image_size),
-                                                                  ("lr", args.lr)) if v is not None})
+    recipe = recipe_for(args.variant, **{k: v for k, v in (("epochs", args.epochs), ("image_size", args.image_size),
+                                                           ("lr", args.lr)) if v is not None})
     path = train_reference(recipe, out, log=lambda m: print(m, flush=True))
     ck = load_checkpoint(path)
     print(f"saved {path}: {ck.variant.long_name}, Fashion-MNIST test top-1 "
@@ -74,6 +74,7 @@ def _cmd_deploy(args) -> int:
         out=Path(args.out) if args.out else None, threads=args.threads, latency_runs=args.runs,
         calib_data=Path(args.calib_data) if args.calib_data else None,
         eval_data=Path(args.eval_data) if args.eval_data else None, options=options,
+        alternatives=not args.no_alternatives,
     )
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
     print(f"report: {result.out_dir / 'report.html'}")
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-data", help="ImageFolder tree to calibrate on (e.g. ImageNet train)")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
     s.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"])
+    s.add_argument("--no-alternatives", action="store_true",
+                   help="skip building and measuring the target's other INT8 recipes for comparison")
     s.set_defaults(func=_cmd_deploy)
     return p
 

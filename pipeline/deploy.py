@@ -20,7 +20,7 @@ from calibration.imagefolder import ImageFolder
 from calibration.split import Split, make_split
 from pipeline import gates as gates_mod
 from pipeline import machine
-from pipeline.cache import cached_dir, key_of
+from pipeline.cache import cached_dir, key_of, source_digest
 from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
 from pipeline.errors import UserError
 from pipeline.export import export_cached, parity_dict
@@ -50,6 +50,7 @@ class DeployConfig:
     eval_data: Path | None = None
     options: dict = field(default_factory=dict)  # target build options (e.g. calibrate_method)
     seed: int = 0
+    alternatives: bool = True  # also build and measure the target's other INT8 recipes
 
 
 @dataclass
@@ -98,8 +99,8 @@ def build_artifacts(target_name: str, export_path: Path, model, calibration: Cal
     onnx_sha = _sha256(export_path)
     out = {}
     for precision in precisions:
-        key = key_of("build", target_name, precision, onnx_sha, options if precision == "int8" else {},
-                     calibration.manifest_sha256 if precision == "int8" else None, env)
+        key = key_of("build", target_name, precision, onnx_sha, module.build_config(precision, options),
+                     calibration.manifest_sha256 if precision == "int8" else None, env, source_digest(module))
 
         def build(tmp: Path, precision=precision) -> None:
             art = module.build(BuildRequest(precision, export_path, model, tmp,
@@ -148,10 +149,16 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     artifacts = build_artifacts(cfg.target, export.path, ck.model, calibration, spec.precisions, cfg.options, log)
     runners = {p: module.load_runner(a, cfg.threads) for p, a in artifacts.items()}
     torch_ref = _torch_runner(ck.model, cfg.threads)
+    alternatives = getattr(module, "INT8_ALTERNATIVES", {}) if cfg.alternatives and "int8" in artifacts else {}
+    alt_artifacts = {name: build_artifacts(cfg.target, export.path, ck.model, calibration, ("int8",),
+                                           {**cfg.options, **opts}, log)["int8"]
+                     for name, opts in alternatives.items()}
+    alt_runners = {name: module.load_runner(a, cfg.threads) for name, a in alt_artifacts.items()}
 
     # Accuracy: at the checkpoint's own resolution, every runner on the same streamed batches.
     batches = iter_batches(eval_src, split.evaluation.indices, pp, batch_size=100, desc="evaluation")
-    preds = predict_many({"torch_fp32": torch_ref.run, **{p: r.run for p, r in runners.items()}}, batches)
+    preds = predict_many({"torch_fp32": torch_ref.run, **{p: r.run for p, r in runners.items()},
+                          **{f"alt:{n}": r.run for n, r in alt_runners.items()}}, batches)
     acc = {"torch_fp32": {**accuracy(preds["torch_fp32"]), **_runner_entry(torch_ref, "fp32")}}
     base = "fp32" if "fp32" in preds else None
     for p, r in runners.items():
@@ -177,6 +184,8 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
                 latency.append({"precision": p, **lat.to_dict(), **_runner_entry(runners[p], p),
                                 "role": "deployment" if size == cfg.image_size else "checkpoint"})
                 log(f"latency {p} {size}px b{batch}: p50 {lat.p50_ms:.2f} ms, {lat.images_per_s:.1f} img/s")
+
+    compared = _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds, cfg, log)
 
     figures = _gate_figures(acc, latency, cfg.image_size)
     gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name)
@@ -205,6 +214,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
                       for p, a in artifacts.items()],
         "accuracy": acc,
         "latency": latency,
+        "int8_recipes": compared,
         "gates": {"file": str(cfg.gates), "applied": gate_cfg, "figures": figures,
                   "verdicts": [v.to_dict() for v in verdicts], "passed": all(v.passed for v in verdicts)},
     }
@@ -217,6 +227,31 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         log(("PASS " if v.passed else "FAIL ") + v.line())
     code = EXIT_OK if report["gates"]["passed"] else EXIT_GATE_FAILED
     return DeployResult(report, out_dir, code)
+
+
+def _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds, cfg, log) -> list[dict]:
+    """Our INT8 next to the target's other INT8 recipes: accuracy on the evaluation split, p50 at the
+    deployment size, batch 1, interleaved with FP32 in one measurement."""
+    if not alt_runners:
+        return []
+    timed = {"fp32": runners["fp32"].run, "int8": runners["int8"].run, **{n: r.run for n, r in alt_runners.items()}}
+    lat = measure(timed, batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5)
+    rows = []
+    for name, art, pred_key in [("ours (default)", artifacts["int8"], "int8"),
+                                *[(n, alt_artifacts[n], f"alt:{n}") for n in alt_runners]]:
+        a = accuracy(preds[pred_key], preds["fp32"])
+        key = "int8" if pred_key == "int8" else name
+        ops = art.metadata.get("ops", {})
+        rows.append({"recipe": name, "options": art.metadata.get("quantization", {}), "top1": a["top1"],
+                     "top1_drop_pp": a["top1_drop_pp"], "agreement": a["agreement"], "n": a["n"],
+                     "p50_ms": lat[key].p50_ms, "fp32_p50_ms": lat["fp32"].p50_ms,
+                     "int8_speedup": lat["fp32"].p50_ms / lat[key].p50_ms, "input_size": cfg.image_size, "batch": 1,
+                     "threads": cfg.threads, "integer_kernels": ops.get("integer_kernels"),
+                     "float_conv_matmul_left": ops.get("float_conv_matmul_left"),
+                     "runtime": runners["fp32"].runtime, "kind": "real"})
+        log(f"recipe {name}: top-1 drop {a['top1_drop_pp']:+.2f} pp, p50 {lat[key].p50_ms:.2f} ms "
+            f"({rows[-1]['int8_speedup']:.2f}× FP32)")
+    return rows
 
 
 def _gate_figures(acc: dict, latency: list[dict], deploy_size: int) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import cached_dir, key_of
+from pipeline.cache import cached_dir, key_of, source_digest
 from pipeline.errors import UserError
 
 OPSET = 20  # LayerNormalization since 17, Gelu since 20
@@ -114,7 +114,12 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, to
 def export_cached(model: torch.nn.Module, checkpoint_sha256: str, variant: str, images: np.ndarray,
                   tolerance: float = 1e-3) -> ExportResult:
     """Export once per (checkpoint, variant, opset, versions); parity is re-checked on every call's images."""
-    key = key_of("export", checkpoint_sha256, variant, OPSET, _versions(), model.num_classes)
+    import sys
+
+    import pipeline.model
+
+    code = source_digest(sys.modules[__name__], pipeline.model)
+    key = key_of("export", checkpoint_sha256, variant, OPSET, _versions(), model.num_classes, code)
 
     def build(tmp: Path) -> None:
         export_onnx(model, tmp / "model.onnx")

@@ -48,6 +48,26 @@ def gate_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+RECIPE_HEAD = ["INT8 recipe", "top-1", "drop vs FP32", "agreement", "p50 ms", "speed-up vs FP32", "integer kernels",
+               "float Conv/MatMul left"]
+
+
+def recipe_rows(report: dict) -> list[list[str]]:
+    return [[r["recipe"], _pct(r["top1"]), _pp(r["top1_drop_pp"]), _pct(r["agreement"]), _ms(r["p50_ms"]),
+             f"{r['int8_speedup']:.2f}×", str(sum((r["integer_kernels"] or {}).values())),
+             str(r["float_conv_matmul_left"])] for r in report.get("int8_recipes", [])]
+
+
+def _recipe_caption(report: dict) -> str:
+    rs = report.get("int8_recipes", [])
+    if not rs:
+        return ""
+    r = rs[0]
+    return (f"Accuracy on {r['n']} evaluation images at {report['data']['accuracy_resolution']} px; p50 at "
+            f"{r['input_size']} px, batch {r['batch']}, {r['threads']} threads, {r['runtime']}, interleaved with FP32 "
+            f"(FP32 p50 {r['fp32_p50_ms']:.2f} ms) in one measurement. All real.")
+
+
 def _md_table(head, rows) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
@@ -83,6 +103,8 @@ def render_markdown(report: dict) -> str:
              "## Accuracy", "", _md_table(ACC_HEAD, accuracy_rows(report)), "",
              "## Latency", "", _md_table(LAT_HEAD, latency_rows(report)), "",
              "## Gates", "", _md_table(GATE_HEAD, gate_rows(report)), "",
+             *(["## INT8 recipes compared", "", _recipe_caption(report), "",
+                _md_table(RECIPE_HEAD, recipe_rows(report)), ""] if report.get("int8_recipes") else []),
              "## Artifacts", "",
              _md_table(["precision", "file", "size", "sha256"],
                        [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
@@ -149,6 +171,7 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 <h2>Gates</h2>{gate_rows_html}
 <h2>Accuracy</h2>{_html_table(ACC_HEAD, accuracy_rows(report))}
 <h2>Latency</h2>{_html_table(LAT_HEAD, latency_rows(report))}
+{f"<h2>INT8 recipes compared</h2><p>{html.escape(_recipe_caption(report))}</p>" + _html_table(RECIPE_HEAD, recipe_rows(report)) if report.get("int8_recipes") else ""}
 <h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],
                               [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
                                for a in report["artifacts"] for f in a["files"]])}

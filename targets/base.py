@@ -3,9 +3,13 @@
 A target module (targets/<name>.py) provides four functions:
 
     available() -> Availability
+    build_config(precision, options) -> dict        # the effective build settings (recorded, and keyed on)
     build(request: BuildRequest) -> Artifact        # one precision of one model
     load_runner(artifact: Artifact, threads: int) -> Runner
     describe_environment() -> dict                  # toolchain versions, device
+
+and may define INT8_ALTERNATIVES: {name: build options}, other INT8 recipes that a deploy builds,
+validates and times beside the default so the report shows what the choice is worth.
 
 Toolchains are imported inside those functions, never at module import, so the CLI works with none
 of them installed.
@@ -98,6 +102,7 @@ class TargetModule(Protocol):
     NAME: str
 
     def available(self) -> Availability: ...
+    def build_config(self, precision: str, options: dict) -> dict: ...
     def build(self, request: BuildRequest) -> Artifact: ...
     def load_runner(self, artifact: Artifact, threads: int) -> Runner: ...
     def describe_environment(self) -> dict: ...

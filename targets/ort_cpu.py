@@ -6,6 +6,10 @@ INT8 recipe (default), and why — measured on this project's CPU, figures in th
   and run slower than FP32, for no accuracy gain.
 - Activations uint8 (asymmetric), weights int8 per output channel (symmetric): on x86 this is the pair
   ORT turns into QLinearConv / QLinearMatMul-class integer kernels; int8 activations left Conv in float.
+- MatMul outputs are left in float (`OpTypesToExcludeOutputQuantization`): ORT then runs
+  MatMulIntegerToFloat, which writes float directly for the bias+GELU / residual that follow, instead of
+  QLinearMatMul followed by a DequantizeLinear. ConvNeXt-T, 224 px, batch 1, 2 threads: 21.6 ms vs 24.6 ms
+  (FP32 41.6 ms), and one quantization point fewer per layer.
 - Calibration on our calibration split (never random tensors), method selectable: minmax, percentile, entropy.
 - ORT's pre-processing (symbolic shape inference + graph optimisation) runs first, as its docs require.
 """
@@ -36,9 +40,17 @@ DEFAULT_INT8 = {
     "per_channel": True,
     "calibrate_method": "minmax",
     "quant_format": "QDQ",
+    "matmul_float_output": True,
 }
 # quantize_static with its defaults (QDQ, int8 activations and weights, per-tensor, every op type): the peer.
 PEER_DEFAULT_INT8 = {"recipe": "quantize_static defaults"}
+
+# Other INT8 recipes a deploy builds, validates and times next to ours, so the report shows why ours is chosen.
+INT8_ALTERNATIVES = {
+    "quantize_static defaults": PEER_DEFAULT_INT8,
+    "ours with int8 MatMul outputs (QLinearMatMul)": {"matmul_float_output": False},
+    "ours with int8 activations (S8S8)": {"activation_type": "QInt8"},
+}
 
 
 def available() -> Availability:
@@ -104,6 +116,8 @@ def quantize_int8(src: Path, dst: Path, calibration: CalibrationData, config: di
         quantize_static(str(pre), str(dst), reader)
     else:
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+        if config.get("matmul_float_output"):
+            extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
         if config["calibrate_method"] == "percentile":
             extra["CalibPercentile"] = float(config.get("percentile", 99.999))
         quantize_static(
@@ -152,6 +166,14 @@ def op_counts(path: Path) -> dict:
                                                                        "FusedMatMul", "FusedGemm"))}
 
 
+def build_config(precision: str, options: dict) -> dict:
+    if precision == "int8":
+        if options.get("recipe") == PEER_DEFAULT_INT8["recipe"]:
+            return dict(PEER_DEFAULT_INT8)
+        return {**DEFAULT_INT8, **options}
+    return {}
+
+
 def build(request: BuildRequest) -> Artifact:
     out = request.out_dir
     if request.precision == "fp32":
@@ -161,7 +183,7 @@ def build(request: BuildRequest) -> Artifact:
     if request.precision == "int8":
         if request.calibration is None or len(request.calibration.images) == 0:
             raise ValueError("INT8 needs calibration data")
-        config = {**DEFAULT_INT8, **request.options}
+        config = build_config("int8", request.options)
         dst = out / "model_int8.onnx"
         quantize_int8(request.onnx_path, dst, request.calibration, config)
         ops = op_counts(dst)

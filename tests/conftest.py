@@ -25,12 +25,12 @@ def fmnist_root() -> Path:
 def atto_reference(fmnist_root) -> Path:
     """The atto reference checkpoint: made by `make test` before pytest; trained here if missing."""
     from pipeline.reference import reference_path
-    from pipeline.train import Recipe, train_reference
+    from pipeline.train import recipe_for, train_reference
 
     os.chdir(REPO)
     path = reference_path("atto")
     if not (path.exists() and path.with_suffix(".json").exists()):
-        train_reference(Recipe(variant="atto"), path)
+        train_reference(recipe_for("atto"), path)
     return path
 
 
