@@ -21,7 +21,7 @@ from calibration.split import Split, make_split
 from pipeline import gates as gates_mod
 from pipeline import machine
 from pipeline.cache import cached_dir, key_of, source_digest
-from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
+from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint, sha256_file
 from pipeline.errors import UserError
 from pipeline.export import export_cached, parity_dict
 from pipeline.latency import measure
@@ -96,7 +96,7 @@ def build_artifacts(target_name: str, export_path: Path, model, calibration: Cal
                     precisions: tuple[str, ...], options: dict, log) -> dict[str, Artifact]:
     module = load_target(target_name)
     env = module.describe_environment()
-    onnx_sha = _sha256(export_path)
+    onnx_sha = sha256_file(export_path)
     out = {}
     for precision in precisions:
         key = key_of("build", target_name, precision, onnx_sha, module.build_config(precision, options),
@@ -111,12 +111,6 @@ def build_artifacts(target_name: str, export_path: Path, model, calibration: Cal
         log(f"{target_name} {precision}: {'cached' if cached else 'built'} ({directory})")
         out[precision] = Artifact.load_metadata(directory)
     return out
-
-
-def _sha256(path: Path) -> str:
-    from pipeline.checkpoints import sha256_file
-
-    return sha256_file(path)
 
 
 def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from calibration.batches import load_array, progress
 from calibration.fashion_mnist import FashionMNIST
 from pipeline.checkpoints import atomic_write, save_checkpoint
-from pipeline.errors import UserError
 from pipeline.model import ConvNeXt, create_model
 from pipeline.variants import Preprocessing, get_variant
 
@@ -170,7 +169,3 @@ def train_reference(recipe: Recipe, out: Path, log=print) -> Path:
     state_path.unlink(missing_ok=True)
     return path
 
-
-def require_trained(path: Path) -> None:
-    if not Path(path).with_suffix(".safetensors").exists():
-        raise UserError(f"no reference checkpoint at {path}; make one with `make reference VARIANT=...`")

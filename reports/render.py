@@ -133,10 +133,14 @@ def plot_png(report: dict) -> bytes | None:
             points.append((e["p50_ms"], report["accuracy"][e["precision"]]["top1"] * 100, e["precision"], e["kind"]))
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
     for x, y, label, kind in points:
         ax.scatter([x], [y], s=60, marker="o" if kind == "real" else "^")
         ax.annotate(f"{label} ({kind})", (x, y), textcoords="offset points", xytext=(6, 4))
+    for r in report.get("int8_recipes", [])[1:]:  # the alternatives, from their own interleaved measurement
+        ax.scatter([r["p50_ms"]], [r["top1"] * 100], s=40, marker="x", color="grey")
+        ax.annotate(r["recipe"], (r["p50_ms"], r["top1"] * 100), textcoords="offset points", xytext=(5, -10),
+                    fontsize=7, color="grey")
     ax.set_xlabel(f"p50 latency, ms ({size} px, batch 1, {report['latency'][0]['threads']} threads)")
     ax.set_ylabel(f"top-1 % ({report['data']['accuracy_resolution']} px, {report['data']['evaluation']['n']} images)")
     ax.set_title(f"{report['model']['name']} on {report['target']['name']}")

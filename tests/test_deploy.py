@@ -73,6 +73,13 @@ def test_deploy_writes_a_complete_report(deployed):
             import hashlib
 
             assert hashlib.sha256((out / "artifacts" / f).read_bytes()).hexdigest() == digest
+    recipes = {row["recipe"]: row for row in r["int8_recipes"]}
+    assert set(recipes) == {"ours (default)", "quantize_static defaults",
+                            "ours with int8 MatMul outputs (QLinearMatMul)", "ours with int8 activations (S8S8)"}
+    assert recipes["ours (default)"]["float_conv_matmul_left"] == 0
+    assert recipes["ours (default)"]["integer_kernels"].get("MatMulIntegerToFloat") == 24
+    assert recipes["quantize_static defaults"]["float_conv_matmul_left"] > 0
+    assert all(row["p50_ms"] > 0 and row["n"] == 1000 for row in recipes.values())
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html
     md = (out / "report.md").read_text()
