@@ -66,6 +66,8 @@ class Split:
     evaluation: SampleList
     seed: int
     shared_source: bool
+    # labelled samples from the calibration side, disjoint from both, for accuracy-control decisions
+    control: SampleList | None = None
 
     def manifest(self) -> dict:
         return asdict(self)
@@ -82,8 +84,10 @@ def _ids_digest(source: Source, indices: list[int]) -> str:
     return h.hexdigest()
 
 
-def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: int | None, seed: int = 0) -> Split:
-    """Pick n_calib class-balanced calibration samples and n_eval (None: all the rest) evaluation samples."""
+def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: int | None, seed: int = 0,
+               n_control: int = 0) -> Split:
+    """Pick n_calib class-balanced calibration samples, n_eval (None: all the rest) evaluation samples and,
+    if asked, n_control control samples from the calibration side that are in neither."""
     if n_calib <= 0:
         raise UserError("the calibration set is empty: pass --calib N with N ≥ 1 (≥ 500 is advised for CNNs)")
     if len(calib_source) == 0:
@@ -97,13 +101,22 @@ def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: 
         raise UserError(f"--calib {n_calib} is more than {calib_source.name} holds ({len(calib_source)})")
     calib = (select_balanced(labels, n_calib, rng) if labels is not None
              else sorted(rng.choice(len(calib_source), n_calib, replace=False).tolist()))
-    taken = set(calib) if shared else set()
+    control: list[int] = []
+    if n_control:
+        if labels is None:
+            pool = sorted(set(range(len(calib_source))) - set(calib))
+            control = sorted(rng.choice(pool, min(n_control, len(pool)), replace=False).tolist())
+        else:
+            control = select_balanced(labels, n_control, rng, exclude=set(calib))
+        if not control:
+            raise UserError(f"no samples left in {calib_source.name} for the accuracy-control set")
+    taken = set(calib) | set(control) if shared else set()
     rest = [i for i in range(len(eval_source)) if i not in taken]
     if n_eval is not None and n_eval < len(rest):
         rest = sorted(rng.choice(rest, n_eval, replace=False).tolist())
     if not rest:
         raise UserError(f"no evaluation samples left in {eval_source.name}")
-    overlap = {calib_source.sample_id(i) for i in calib} & {eval_source.sample_id(i) for i in rest}
+    overlap = {calib_source.sample_id(i) for i in calib + control} & {eval_source.sample_id(i) for i in rest}
     if overlap:
         raise UserError(
             f"{len(overlap)} samples are in both the calibration and the evaluation set "
@@ -114,4 +127,5 @@ def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: 
         SampleList(eval_source.name, rest, _ids_digest(eval_source, rest)),
         seed,
         shared,
+        SampleList(calib_source.name, control, _ids_digest(calib_source, control)) if control else None,
     )

@@ -1,9 +1,9 @@
 """`make bench`: speed ratios measured in one run, medians of interleaved rounds.
 
-ONNX Runtime, 224 px, batch 1, 2 threads, for atto and T:
-FP32 vs our INT8 vs `quantize_static` with its default arguments (the peer), plus each one's top-1 on the
-reference task where a reference checkpoint exists (a variant without one is timed with its weights as
-initialised: the values do not change the cost, and no accuracy is printed for it).
+Per target, at 224 px, batch 1, 2 threads, for atto and T: FP32, the target's other float precision,
+our INT8 and the peer's default INT8 are timed in one interleaved measurement, so their ratios are honest.
+Each one's top-1 on the reference task is printed where a reference checkpoint exists; a variant without one
+is timed with its weights as initialised (the values do not change the cost) and no accuracy is printed.
 """
 from __future__ import annotations
 
@@ -26,14 +26,23 @@ from pipeline.model import create_model
 from pipeline.reference import reference_path
 from pipeline.train import dataset_preprocessing
 from pipeline.validate import accuracy, predict_many
-from targets import load_target
+from targets import TARGETS, load_target
 from targets.base import CalibrationData
 
-PEER = {"recipe": "quantize_static defaults"}
+# target → [(row label, precision, build options)]; the first row is the FP32 baseline, the INT8 "ours" row
+# is named "int8", and ratios are printed against the rows named in RATIOS.
+ROWS = {
+    "onnxruntime": [("fp32", "fp32", {}), ("int8", "int8", {}),
+                    ("int8 quantize_static defaults", "int8", {"recipe": "quantize_static defaults"})],
+    "openvino": [("fp32", "fp32", {}), ("bf16", "bf16", {}), ("int8", "int8", {}),
+                 ("int8 nncf.quantize defaults", "int8", {"recipe": "nncf.quantize defaults"})],
+}
+RATIOS = {"onnxruntime": [("int8", "fp32"), ("int8", "int8 quantize_static defaults")],
+          "openvino": [("int8", "fp32"), ("int8", "bf16"), ("int8", "int8 nncf.quantize defaults")]}
 
 
-def bench_ort(variant: str, size: int, threads: int, runs: int, n_eval: int | None, log=print) -> dict:
-    ort_cpu = load_target("onnxruntime")
+def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, log=print) -> dict:
+    module = load_target(target)
     train, test = FashionMNIST("train"), FashionMNIST("test")
     ref = reference_path(variant)
     if ref.exists():
@@ -47,47 +56,39 @@ def bench_ort(variant: str, size: int, threads: int, runs: int, n_eval: int | No
     calib_x, _ = load_array(train, split.calibration.indices, pp, desc="calibration")
     calibration = CalibrationData(calib_x, split.calibration.ids_sha256, train.name)
     export = export_cached(model, sha, variant, calib_x[:16])
-    arts = build_artifacts("onnxruntime", export.path, model, calibration, ("fp32", "int8"), {}, log)
-    arts["int8_peer"] = build_artifacts("onnxruntime", export.path, model, calibration, ("int8",), PEER, log)["int8"]
-    runners = {k: ort_cpu.load_runner(a, threads) for k, a in arts.items()}
+    arts = {label: build_artifacts(target, export.path, model, calibration, (prec,), opts, log)[prec]
+            for label, prec, opts in ROWS[target]}
+    runners = {k: module.load_runner(a, threads) for k, a in arts.items()}
     lat = measure({k: r.run for k, r in runners.items()}, batch=1, input_size=size, runs=runs, warmup=10, rounds=10)
-    row = {"variant": variant, "weights": weights, "input_size": size, "threads": threads, "batch": 1,
-           "device": device_label(threads), "runtime": runners["fp32"].runtime,
+    row = {"target": target, "variant": variant, "weights": weights, "input_size": size, "threads": threads,
+           "batch": 1, "device": device_label(threads), "runtime": runners["fp32"].runtime,
            "p50_ms": {k: v.p50_ms for k, v in lat.items()},
-           "int8_ops": {k: arts[k].metadata["ops"]["integer_kernels"] for k in ("int8", "int8_peer")},
-           "float_conv_matmul_left": {k: arts[k].metadata["ops"]["float_conv_matmul_left"] for k in ("int8", "int8_peer")}}
+           "executed": {k: r.precision for k, r in runners.items()},
+           "ratios": {f"{a} vs {b}": lat[b].p50_ms / lat[a].p50_ms for a, b in RATIOS[target]}}
     if ref.exists():
         preds = predict_many({k: r.run for k, r in runners.items()},
                              iter_batches(test, split.evaluation.indices, pp, batch_size=200, desc="evaluation"))
         row["top1"] = {k: accuracy(p)["top1"] for k, p in preds.items()}
-        row["agreement_vs_fp32"] = {k: accuracy(preds[k], preds["fp32"])["agreement"] for k in ("int8", "int8_peer")}
         row["eval"] = {"split": test.name, "n": len(split.evaluation), "input_size": pp.input_size}
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    print()
-    print(f"ONNX Runtime, batch 1, p50 of interleaved rounds; {rows[0]['device']}; {rows[0]['runtime']}")
-    print(f"{'variant':8} {'px':>4} {'FP32 ms':>9} {'INT8 ms':>9} {'peer ms':>9} {'INT8/FP32':>10} "
-          f"{'ours/peer':>10}  {'top-1 FP32 / INT8 / peer (reference task, 32 px)':<50}")
+def print_rows(rows: list[dict]) -> None:
     for r in rows:
-        p = r["p50_ms"]
-        acc = ("not measured: " + r["weights"]) if "top1" not in r else \
-            " / ".join(f"{r['top1'][k] * 100:.2f}%" for k in ("fp32", "int8", "int8_peer")) + \
-            f"  (drop {(r['top1']['fp32'] - r['top1']['int8']) * 100:+.2f} pp ours, " \
-            f"{(r['top1']['fp32'] - r['top1']['int8_peer']) * 100:+.2f} pp peer; n={r['eval']['n']})"
-        print(f"{r['variant']:8} {r['input_size']:>4} {p['fp32']:>9.2f} {p['int8']:>9.2f} {p['int8_peer']:>9.2f} "
-              f"{p['fp32'] / p['int8']:>9.2f}× {p['int8_peer'] / p['int8']:>9.2f}×  {acc}")
-    print("INT8/FP32 = FP32 p50 / INT8 p50 (speed-up); ours/peer = peer p50 / our INT8 p50.")
-    print("Ours: Conv/MatMul/Gemm only, uint8 activations, int8 per-channel weights (QLinearConv/QLinearMatMul).")
-    print("Peer: quantize_static(model, output, reader) with its defaults: QDQ int8 on every op, per-tensor.")
-    for r in rows:
-        print(f"  {r['variant']}: integer kernels ours {r['int8_ops']['int8']}, peer {r['int8_ops']['int8_peer']}; "
-              f"float Conv/MatMul left ours {r['float_conv_matmul_left']['int8']}, peer {r['float_conv_matmul_left']['int8_peer']}")
+        print(f"\n{r['target']} · {r['variant']} · {r['input_size']} px · batch 1 · {r['device']} · {r['runtime']}")
+        acc_note = (f"top-1 on {r['eval']['split']} ({r['eval']['n']} images, {r['eval']['input_size']} px)"
+                    if "top1" in r else f"top-1 not measured: weights {r['weights']}")
+        print(f"  {'':34} {'p50 ms':>8}  {acc_note}")
+        for k, ms in r["p50_ms"].items():
+            acc = f"{r['top1'][k] * 100:.2f}%" if "top1" in r else "—"
+            print(f"  {k:34} {ms:>8.2f}  {acc}")
+        for name, ratio in r["ratios"].items():
+            print(f"  speed-up {name}: {ratio:.2f}×")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
+    ap.add_argument("--targets", default=",".join(t for t in ROWS if t in TARGETS))
     ap.add_argument("--variants", default="atto,t")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
@@ -96,11 +97,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/bench/bench.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [bench_ort(v, args.image_size, args.threads, args.runs, args.eval) for v in args.variants.split(",")]
-    print_table(rows)
+    rows = []
+    for target in args.targets.split(","):
+        if not load_target(target).available().ok:
+            print(f"{target}: skipped ({load_target(target).available().reason})")
+            continue
+        for v in args.variants.split(","):
+            rows.append(bench(target, v, args.image_size, args.threads, args.runs, args.eval))
+    print_rows(rows)
+    print("\nspeed-up A vs B = p50(B) / p50(A), from one interleaved measurement per target and variant.")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(f"\nwritten: {args.out}")
+    print(f"written: {args.out}")
     return 0
 
 

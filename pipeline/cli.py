@@ -74,7 +74,7 @@ def _cmd_deploy(args) -> int:
         out=Path(args.out) if args.out else None, threads=args.threads, latency_runs=args.runs,
         calib_data=Path(args.calib_data) if args.calib_data else None,
         eval_data=Path(args.eval_data) if args.eval_data else None, options=options,
-        alternatives=not args.no_alternatives,
+        alternatives=not args.no_alternatives, accuracy_control=args.accuracy_control,
     )
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
     print(f"report: {result.out_dir / 'report.html'}")
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"])
     s.add_argument("--no-alternatives", action="store_true",
                    help="skip building and measuring the target's other INT8 recipes for comparison")
+    s.add_argument("--accuracy-control", action="store_true",
+                   help="bound INT8 by the gate file's max_top1_drop_pp (OpenVINO: nncf.quantize_with_accuracy_control)")
     s.set_defaults(func=_cmd_deploy)
     return p
 

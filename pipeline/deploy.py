@@ -28,7 +28,7 @@ from pipeline.latency import measure
 from pipeline.reference import require_reference
 from pipeline.validate import accuracy, predict_many
 from targets import get_spec, load_target
-from targets.base import Artifact, BuildRequest, CalibrationData, Runner
+from targets.base import Artifact, BuildRequest, CalibrationData, LabelledData, Runner
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USER_ERROR = 0, 1, 2
 
@@ -51,6 +51,8 @@ class DeployConfig:
     options: dict = field(default_factory=dict)  # target build options (e.g. calibrate_method)
     seed: int = 0
     alternatives: bool = True  # also build and measure the target's other INT8 recipes
+    accuracy_control: bool = False  # INT8 bounded by the gate's max_top1_drop_pp (targets that offer it)
+    n_control: int = 1000  # labelled training-side images the accuracy control decides on
 
 
 @dataclass
@@ -93,7 +95,8 @@ def _torch_runner(model: torch.nn.Module, threads: int) -> Runner:
 
 
 def build_artifacts(target_name: str, export_path: Path, model, calibration: CalibrationData,
-                    precisions: tuple[str, ...], options: dict, log) -> dict[str, Artifact]:
+                    precisions: tuple[str, ...], options: dict, log,
+                    validation: LabelledData | None = None) -> dict[str, Artifact]:
     module = load_target(target_name)
     env = module.describe_environment()
     onnx_sha = sha256_file(export_path)
@@ -103,8 +106,9 @@ def build_artifacts(target_name: str, export_path: Path, model, calibration: Cal
                      calibration.manifest_sha256 if precision == "int8" else None, env, source_digest(module))
 
         def build(tmp: Path, precision=precision) -> None:
-            art = module.build(BuildRequest(precision, export_path, model, tmp,
-                                            calibration if precision == "int8" else None, dict(options)))
+            int8 = precision == "int8"
+            art = module.build(BuildRequest(precision, export_path, model, tmp, calibration if int8 else None,
+                                            validation if int8 else None, dict(options)))
             art.save_metadata(tmp)
 
         directory, cached = cached_dir(f"artifacts/{target_name}", key, build)
@@ -128,19 +132,34 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         raise UserError(f"{ck.path} holds NaN/inf weights; it cannot be deployed")
     torch.set_num_threads(cfg.threads)
     pp = ck.preprocessing
+    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name)
+    options = dict(cfg.options)
+    if cfg.accuracy_control:
+        if not getattr(module, "ACCURACY_CONTROL", False):
+            raise UserError(f"target {cfg.target} has no built-in accuracy control; drop --accuracy-control")
+        if "max_top1_drop_pp" not in gate_cfg:
+            raise UserError(f"--accuracy-control needs max_top1_drop_pp in {cfg.gates} for {cfg.target}/{ck.variant.name}")
+        options["accuracy_control"] = gate_cfg["max_top1_drop_pp"] / 100.0
     calib_src, eval_src, task = _sources(ck, cfg)
-    split: Split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed)
+    split: Split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed,
+                              n_control=cfg.n_control if cfg.accuracy_control else 0)
     manifest_sha = split.calibration.ids_sha256  # the INT8 build depends on the calibration samples only
     log(f"data: {len(split.calibration)} calibration ({split.calibration.source}), "
         f"{len(split.evaluation)} evaluation ({split.evaluation.source})")
     calib_x, _ = load_array(calib_src, split.calibration.indices, pp, desc="calibration")
     calibration = CalibrationData(calib_x, manifest_sha, split.calibration.source)
+    validation = None
+    if split.control is not None:
+        ctrl_x, ctrl_y = load_array(calib_src, split.control.indices, pp, desc="control")
+        validation = LabelledData(ctrl_x, ctrl_y)
+        options["control_ids_sha256"] = split.control.ids_sha256
 
     export = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
     log(f"export: opset {export.opset}, parity max |Δlogit| {export.parity.max_abs_diff:.2e}, "
         f"agreement {export.parity.top1_agreement:.3f} ({'cached' if export.cached else 'exported'})")
 
-    artifacts = build_artifacts(cfg.target, export.path, ck.model, calibration, spec.precisions, cfg.options, log)
+    artifacts = build_artifacts(cfg.target, export.path, ck.model, calibration, spec.precisions, options, log,
+                                validation)
     runners = {p: module.load_runner(a, cfg.threads) for p, a in artifacts.items()}
     torch_ref = _torch_runner(ck.model, cfg.threads)
     alternatives = getattr(module, "INT8_ALTERNATIVES", {}) if cfg.alternatives and "int8" in artifacts else {}
@@ -182,7 +201,6 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     compared = _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds, cfg, log)
 
     figures = _gate_figures(acc, latency, cfg.image_size)
-    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name)
     proxy = any(r.proxy for r in runners.values())
     verdicts = gates_mod.check(gate_cfg, figures, proxy)
 
@@ -201,7 +219,10 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
                                  "ids_sha256": split.calibration.ids_sha256},
                  "evaluation": {"source": split.evaluation.source, "n": len(split.evaluation),
                                 "ids_sha256": split.evaluation.ids_sha256},
-                 "seed": split.seed, "shared_source": split.shared_source},
+                 "seed": split.seed, "shared_source": split.shared_source,
+                 "control": None if split.control is None else {"source": split.control.source,
+                                                                "n": len(split.control),
+                                                                "ids_sha256": split.control.ids_sha256}},
         "export": {"opset": export.opset, "parity": parity_dict(export.parity), "cache_key": export.key},
         "artifacts": [{"precision": p, "files": [f.name for f in a.files], "sha256": a.sha256(),
                        "size_bytes": a.size_bytes(), "metadata": a.metadata, "proxy": a.proxy}

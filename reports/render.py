@@ -110,8 +110,12 @@ def render_markdown(report: dict) -> str:
                        [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
                         for a in report["artifacts"] for f in a["files"]]), ""]
     for a in report["artifacts"]:
+        if a["metadata"].get("build", {}).get("accuracy_control") is not None:
+            reverted = a["metadata"].get("reverted_to_float", [])
+            parts += [f"**{a['precision']}** accuracy control (max drop {a['metadata']['build']['accuracy_control'] * 100:.2f} pp "
+                      f"on the control set) returned {len(reverted)} layer(s) to float: {', '.join(reverted) or 'none'}.", ""]
         ops = a["metadata"].get("ops")
-        if ops:
+        if ops and "integer_kernel_count" in ops:
             parts += [f"**{a['precision']}** executed graph: {ops.get('integer_kernel_count', 0)} integer kernels "
                       f"{ops.get('integer_kernels', {})}, {ops.get('float_conv_matmul_left', 0)} float Conv/MatMul/Gemm left.", ""]
     return "\n".join(parts)

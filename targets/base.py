@@ -45,12 +45,21 @@ class CalibrationData:
 
 
 @dataclass
+class LabelledData:
+    """Preprocessed labelled images disjoint from calibration and evaluation (accuracy-control decisions)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
 class BuildRequest:
     precision: str  # fp32 | fp16 | bf16 | int8
     onnx_path: Path
     torch_model: object  # the FP32 torch.nn.Module (for targets whose converter starts from torch)
     out_dir: Path  # an empty directory the target writes its files into
     calibration: CalibrationData | None = None
+    validation: LabelledData | None = None
     options: dict = field(default_factory=dict)  # target-specific, recorded in the artifact
 
 

@@ -30,7 +30,7 @@ def _build(setup, precision, **options):
     ck, d, calib, *_ = setup
     out = d / f"{precision}-{'-'.join(f'{k}{v}' for k, v in sorted(options.items()))}"
     out.mkdir()
-    return ort_cpu.build(BuildRequest(precision, d / "model.onnx", ck.model, out, calib, options))
+    return ort_cpu.build(BuildRequest(precision, d / "model.onnx", ck.model, out, calib, options=options))
 
 
 def _predict(setup, artifacts):
@@ -77,4 +77,4 @@ def test_calibration_methods_are_selectable(setup, method):
 def test_int8_without_calibration_is_refused(setup):
     ck, d, *_ = setup
     with pytest.raises(ValueError, match="calibration"):
-        ort_cpu.build(BuildRequest("int8", d / "model.onnx", ck.model, d, None))
+        ort_cpu.build(BuildRequest("int8", d / "model.onnx", ck.model, d, calibration=None))

@@ -1,0 +1,114 @@
+"""The OpenVINO target on the real atto reference checkpoint and real Fashion-MNIST images."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from calibration.batches import load_array
+from calibration.fashion_mnist import FashionMNIST
+from calibration.split import make_split
+from conftest import REPO
+from pipeline.checkpoints import load_checkpoint
+from pipeline.export import export_onnx
+from pipeline.validate import accuracy, predict_many
+from targets import get_spec, load_target
+from targets.base import BuildRequest, CalibrationData, LabelledData
+
+ov_cpu = load_target("openvino")
+
+
+@pytest.fixture(scope="module")
+def setup(atto_reference, tmp_path_factory):
+    ck = load_checkpoint(atto_reference, "atto")
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    split = make_split(train, test, n_calib=200, n_eval=1000, seed=0, n_control=300)
+    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
+    ctrl_x, ctrl_y = load_array(train, split.control.indices, ck.preprocessing)
+    eval_x, eval_y = load_array(test, split.evaluation.indices, ck.preprocessing)
+    d = tmp_path_factory.mktemp("ov")
+    export_onnx(ck.model, d / "model.onnx")
+    return ck, d, CalibrationData(calib_x, "test", train.name), LabelledData(ctrl_x, ctrl_y), eval_x, eval_y
+
+
+def _build(setup, precision, calibration=None, **options):
+    ck, d, calib, control, *_ = setup
+    out = d / f"{precision}-{len(list(d.iterdir()))}"
+    out.mkdir()
+    return ov_cpu.build(BuildRequest(precision, d / "model.onnx", ck.model, out, calibration or calib,
+                                     validation=control, options=options))
+
+
+def _accuracy(setup, artifacts):
+    *_, x, y = setup
+    runners = {k: ov_cpu.load_runner(a, 2) for k, a in artifacts.items()}
+    preds = predict_many({k: r.run for k, r in runners.items()},
+                         ((x[i:i + 250], y[i:i + 250]) for i in range(0, len(x), 250)))
+    return runners, preds
+
+
+def test_table_row_and_availability():
+    spec = get_spec("openvino")
+    assert spec.module == "targets.openvino_cpu" and spec.precisions == ("fp32", "bf16", "int8")
+    assert ov_cpu.available().ok
+
+
+def test_ir_holds_quantized_weights_and_runs_int8_kernels(setup):
+    import openvino as ov
+
+    fp32, int8 = _build(setup, "fp32"), _build(setup, "int8")
+    assert [f.suffix for f in int8.files] == [".xml", ".bin"]
+    model = ov.Core().read_model(str(int8.files[0]))
+    ops = [op.get_type_name() for op in model.get_ops()]
+    assert ops.count("FakeQuantize") >= 16
+    int8_weights = [op for op in model.get_ops() if op.get_type_name() == "Constant"
+                    and op.get_element_type() == ov.Type.i8]
+    assert len(int8_weights) >= 40  # every Conv and pointwise MatMul weight is stored as int8
+    runners, preds = _accuracy(setup, {"fp32": fp32, "int8": int8})
+    assert "40/41 compute layers in int8" in runners["int8"].precision or "41/41" in runners["int8"].precision
+    acc = accuracy(preds["int8"], preds["fp32"])
+    print(f"\nOpenVINO atto INT8 vs FP32 (1000 test images): drop {acc['top1_drop_pp']:+.2f} pp, "
+          f"agreement {acc['agreement'] * 100:.2f}%; {runners['int8'].precision}")
+    assert acc["agreement"] >= 0.98
+
+
+def test_executed_precision_is_read_back_not_assumed(setup):
+    fp32, bf16 = _build(setup, "fp32"), _build(setup, "bf16")
+    runners, preds = _accuracy(setup, {"fp32": fp32, "bf16": bf16})
+    assert "Convolution f32" in runners["fp32"].precision and "bf16" not in runners["fp32"].precision
+    flags = open("/proc/cpuinfo").read()
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        assert "Convolution bf16" in runners["bf16"].precision and "FullyConnected bf16" in runners["bf16"].precision
+    print(f"\nexecuted: {runners['fp32'].precision} | {runners['bf16'].precision}")
+    assert accuracy(preds["bf16"], preds["fp32"])["agreement"] >= 0.99
+
+
+def test_accuracy_control_reverts_layers_when_max_drop_is_tight(setup):
+    """Calibrating on images scaled to 30% of their range clips activations (about 4.6 pp lost); a 0.5 pp
+    bound then makes NNCF return layers to float, and the reverted layers are listed."""
+    ck, d, calib, control, *_ = setup
+    crushed = CalibrationData(calib.images * 0.3, "crushed", "scaled")
+    plain = _build(setup, "int8", calibration=crushed)
+    controlled = _build(setup, "int8", calibration=crushed, accuracy_control=0.005,
+                        accuracy_control_ranking_subset=100)
+    assert plain.metadata["reverted_to_float"] == []
+    reverted = controlled.metadata["reverted_to_float"]
+    assert reverted, "accuracy control reverted nothing"
+    assert controlled.metadata["quantized_layers"] == plain.metadata["quantized_layers"] - len(reverted)
+    _, preds = _accuracy(setup, {"fp32": _build(setup, "fp32"), "plain": plain, "controlled": controlled})
+    drop_plain = accuracy(preds["plain"], preds["fp32"])["top1_drop_pp"]
+    drop_ctrl = accuracy(preds["controlled"], preds["fp32"])["top1_drop_pp"]
+    print(f"\naccuracy control: reverted {len(reverted)} layers {reverted[:4]}…; drop {drop_plain:+.2f} pp → {drop_ctrl:+.2f} pp")
+    assert drop_plain > 1.0 and drop_ctrl < drop_plain - 1.0
+
+
+def test_missing_openvino_says_which_extra_and_the_rest_still_works():
+    block = "import sys; sys.modules['openvino'] = None; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", block, "deploy", "--target", "openvino", "--variant", "atto"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "openvino is not installed: pip install 'convnext-deploy[openvino]'" in p.stderr
+    p = subprocess.run([sys.executable, "-c", block, "variants"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "ConvNeXt-T" in p.stdout
