@@ -3,8 +3,8 @@
 Measured on this project's CPU (Xeon, 2 threads, AVX-512 VNNI and AVX-512 BF16; AMX is *not* exposed to
 this VM), ConvNeXt-T reference checkpoint, 224 px, batch 1, p50 of interleaved rounds (README, `make bench`):
 
-    FP32 41.1 ms · BF16 61.7 ms · INT8 (ours) 20.9 ms · INT8 (nncf.quantize defaults) 20.5 ms
-    INT8/FP32 1.96×, INT8/BF16 2.95×; top-1 drop vs FP32 0.03 pp (T), 0.08 pp (atto)
+    FP32 42.6 ms · BF16 64.1 ms · INT8 (ours) 19.7 ms · INT8 (nncf.quantize defaults) 21.5 ms
+    INT8/FP32 2.16×, INT8/BF16 3.26×; top-1 drop vs FP32 0.06 pp (T), 0.04 pp (atto)
 
 - Conversion: `openvino.convert_model` from the exported ONNX. Converting the torch model directly gives the
   same graph (identical op counts, max |Δlogit| 0.0, 40.1 vs 40.5 ms FP32), so the one checked ONNX file
@@ -14,12 +14,15 @@ this VM), ConvNeXt-T reference checkpoint, 224 px, batch 1, p50 of interleaved r
   so FP32 compiles with INFERENCE_PRECISION_HINT=f32, BF16 with bf16, and the report states what executed,
   read back from the compiled model's runtime graph (compute layers by runtime precision).
 - INT8: `nncf.quantize(model, nncf.Dataset(calibration), ...)` on our calibration split. Options measured
-  side by side on T (each deploy repeats this in its "INT8 recipes compared" table): preset PERFORMANCE +
-  model_type TRANSFORMER (ours) 21.4 ms, NNCF defaults 20.9 ms, without TRANSFORMER 20.9 ms, float layers
-  in f32 22.6 ms, all with the same top-1 (drop 0.03–0.04 pp). On this checkpoint they are equal within
-  noise; TRANSFORMER stays the default because its SmoothQuant step is what protects per-tensor activation
-  scales from the channel outliers ImageNet-trained ConvNeXts carry, at no measured cost here.
-- Why INT8 is ~2× and not 2.5×: per-layer counters (PERF_COUNT) of T INT8: integer FullyConnected 9.5 ms
+  side by side on T (p50 ms / top-1 drop pp; FP32 42.9 ms):
+      preset MIXED + model_type TRANSFORMER (ours)   19.7 / 0.06     preset PERFORMANCE + TRANSFORMER  22.0 / 0.03
+      preset MIXED without TRANSFORMER               19.7 / —        NNCF defaults (PERFORMANCE)       21.5 / 0.03
+      fast_bias_correction=False                     22.1 / 0.01     subset_size=100 (vs 300)          22.0 / 0.01
+      GroupConvolution (depthwise) ignored           22.9 / 0.00     float layers in f32, not bf16     22.6 / 0.04
+  MIXED (asymmetric activations) is the one option that changes speed. TRANSFORMER is kept: its SmoothQuant
+  step protects per-tensor activation scales from the channel outliers ImageNet-trained ConvNeXts carry, at
+  no measured cost. Each deploy re-measures the main alternatives ("INT8 recipes compared" in the report).
+- Why INT8 is ~2.2× and not 2.5×: per-layer counters (PERF_COUNT) of T INT8: integer FullyConnected 9.5 ms
   (3.2× faster than FP32's 30.3 ms), but the bias/residual Adds 3.0 ms, Transposes 1.7 ms, depthwise
   GroupConvolution 1.6 ms (no faster in INT8 than FP32's 1.5 ms), reorders, norms and GELU stay float.
   `benchmark_app` on the same IRs agrees with our harness within 2% (20.5 vs 20.9 ms INT8, 40.6 vs 41.0 FP32).
@@ -43,7 +46,7 @@ INSTALL_HINT = "pip install 'convnext-deploy[openvino]' (or `make setup`)"
 
 DEFAULT_INT8 = {
     "recipe": "ours",
-    "preset": "performance",  # symmetric activations and weights: what the CPU plugin's int8 kernels take
+    "preset": "mixed",  # asymmetric activations, symmetric weights: measured 2.2 ms faster than performance on T
     "model_type": "transformer",  # NNCF's LayerNorm/GELU-aware scheme (SmoothQuant, MatMul-focused placement)
     "fast_bias_correction": True,
     "subset_size": 300,
@@ -54,6 +57,7 @@ PEER_DEFAULT_INT8 = {"recipe": "nncf.quantize defaults"}
 
 INT8_ALTERNATIVES = {
     "nncf.quantize defaults": PEER_DEFAULT_INT8,
+    "ours with preset=performance": {"preset": "performance"},
     "ours without model_type=transformer": {"model_type": None},
     "ours with float layers in f32": {"float_precision": "f32"},
 }
