@@ -17,6 +17,7 @@ of them installed.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,16 @@ import numpy as np
 class Availability:
     ok: bool
     reason: str = ""  # why not, and what to do about it
+
+
+def requires(*packages: str, hint: str) -> Availability:
+    """Available when every package imports; otherwise name the first missing one and how to install it."""
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            return Availability(False, f"{e.name or name} is not installed: {hint}")
+    return Availability(True)
 
 
 @dataclass

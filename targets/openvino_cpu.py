@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, Runner
+from targets.base import Artifact, Availability, BuildRequest, Runner, requires
 
 NAME = "openvino"
 ACCURACY_CONTROL = True
@@ -64,12 +64,7 @@ INT8_ALTERNATIVES = {
 
 
 def available() -> Availability:
-    try:
-        import nncf  # noqa: F401
-        import openvino  # noqa: F401
-    except ImportError as e:
-        return Availability(False, f"{e.name} is not installed: {INSTALL_HINT}")
-    return Availability(True)
+    return requires("openvino", "nncf", hint=INSTALL_HINT)
 
 
 def describe_environment() -> dict:

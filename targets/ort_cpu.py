@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, CalibrationData, Runner
+from targets.base import Artifact, Availability, BuildRequest, CalibrationData, Runner, requires
 
 NAME = "onnxruntime"
 INSTALL_HINT = "pip install 'convnext-deploy[onnxruntime]' (or `make setup`)"
@@ -54,12 +54,7 @@ INT8_ALTERNATIVES = {
 
 
 def available() -> Availability:
-    try:
-        import onnxruntime  # noqa: F401
-        import onnx  # noqa: F401
-    except ImportError as e:
-        return Availability(False, f"{e.name} is not installed: {INSTALL_HINT}")
-    return Availability(True)
+    return requires("onnxruntime", "onnx", hint=INSTALL_HINT)
 
 
 def describe_environment() -> dict:
