@@ -68,7 +68,7 @@ def _sources(ck: LoadedCheckpoint, cfg: DeployConfig):
             raise UserError("pass both --calib-data and --eval-data (ImageFolder trees), or neither")
         calib = ImageFolder(cfg.calib_data, list(ck.class_names))
         evals = ImageFolder(cfg.eval_data, list(ck.class_names))
-        return calib, evals, f"ImageFolder ({cfg.eval_data})"
+        return calib, evals, f"ImageFolder ({cfg.eval_data}; labels by {evals.label_rule})"
     dataset = ck.metadata.get("dataset", {}).get("name")
     if dataset == "fashion-mnist":
         return FashionMNIST("train"), FashionMNIST("test"), "Fashion-MNIST (reference task)"

@@ -98,6 +98,17 @@ def test_imagefolder_reads_classes_and_streams(tmp_path):
     assert batches[1][1].tolist() == [1, 1]
 
 
+def test_imagefolder_labels_by_class_names_or_sorted_folders(tmp_path):
+    root = _tree(tmp_path / "t", classes=("dog", "cat"))
+    by_name = ImageFolder(root, class_names=["dog", "cat"])
+    assert by_name.label_rule == "names" and by_name.class_names == ("dog", "cat")
+    assert sorted({lbl for p, lbl in by_name.samples if p.parent.name == "cat"}) == [1]
+    wnids = ImageFolder(root, class_names=["a dog", "a cat"])  # folder names are not class names: sorted order
+    assert wnids.label_rule == "sorted folders"
+    with pytest.raises(UserError, match="2 class folders, but the checkpoint has 3 classes"):
+        ImageFolder(root, class_names=["x", "y", "z"])
+
+
 def test_batches_are_read_lazily():
     """Bounded memory: the iterator opens only the images of the batch it is about to yield."""
     opened = []

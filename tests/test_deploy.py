@@ -95,6 +95,30 @@ def test_rerun_resumes_from_cache(deployed, env):
     assert "onnxruntime int8: cached" in p.stdout and "(cached)" in p.stdout
 
 
+def test_deploy_on_imagefolder_trees(atto_reference, env, tmp_path):
+    """The layout users have for ImageNet: root/<class>/<image>. Folder names that are not the checkpoint's
+    class names map by sorted order (as ImageNet's wnid folders do)."""
+    from calibration.fashion_mnist import FashionMNIST
+
+    for split, per_class, root in (("train", 15, tmp_path / "train"), ("test", 20, tmp_path / "val")):
+        data = FashionMNIST(split)
+        for c in range(10):
+            (root / str(c)).mkdir(parents=True)
+            for i in np.flatnonzero(data.labels == c)[:per_class]:
+                data[int(i)][0].save(root / str(c) / f"{i}.png")
+    gates = tmp_path / "g.toml"
+    gates.write_text("[defaults]\nmax_top1_drop_pp = 5\n")
+    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--calib-data", str(tmp_path / "train"),
+             "--eval-data", str(tmp_path / "val"), "--calib", "100", "--runs", "5", "--no-alternatives",
+             "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=0)
+    r = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert "ImageFolder" in r["data"]["task"] and "sorted folders" in r["data"]["task"]
+    assert r["data"]["evaluation"]["n"] == 200 and r["data"]["calibration"]["n"] == 100
+    assert r["accuracy"]["fp32"]["top1"] > 0.8  # labels line up with the checkpoint's classes
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["calibration"]["source"].endswith("/train") and manifest["evaluation"]["source"].endswith("/val")
+
+
 def test_missed_gate_exits_1_naming_it(atto_reference, env, tmp_path):
     gates = tmp_path / "g.toml"
     gates.write_text("[defaults]\nmax_p50_ms = 0.0001\nmax_top1_drop_pp = 5\n")
