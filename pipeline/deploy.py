@@ -30,7 +30,8 @@ from pipeline.validate import accuracy, predict_many
 from targets import get_spec, load_target
 from targets.base import Artifact, BuildRequest, CalibrationData, LabelledData, Runner
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_USER_ERROR = 0, 1, 2
+# 3: the target's runtime could not run here (no GPU, not macOS); a proxy was measured and reported instead.
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USER_ERROR, EXIT_NOT_BUILT = 0, 1, 2, 3
 
 
 @dataclass
@@ -96,19 +97,20 @@ def _torch_runner(model: torch.nn.Module, threads: int) -> Runner:
 
 def build_artifacts(target_name: str, export_path: Path, model, calibration: CalibrationData,
                     precisions: tuple[str, ...], options: dict, log,
-                    validation: LabelledData | None = None) -> dict[str, Artifact]:
+                    validation: LabelledData | None = None, input_sizes: tuple[int, ...] = ()) -> dict[str, Artifact]:
     module = load_target(target_name)
     env = module.describe_environment()
     onnx_sha = sha256_file(export_path)
     out = {}
     for precision in precisions:
         key = key_of("build", target_name, precision, onnx_sha, module.build_config(precision, options),
-                     calibration.manifest_sha256 if precision == "int8" else None, env, source_digest(module))
+                     calibration.manifest_sha256 if precision == "int8" else None, env, source_digest(module),
+                     input_sizes)
 
         def build(tmp: Path, precision=precision) -> None:
             int8 = precision == "int8"
             art = module.build(BuildRequest(precision, export_path, model, tmp, calibration if int8 else None,
-                                            validation if int8 else None, dict(options)))
+                                            validation if int8 else None, input_sizes, dict(options)))
             art.save_metadata(tmp)
 
         directory, cached = cached_dir(f"artifacts/{target_name}", key, build)
@@ -121,8 +123,12 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     spec = get_spec(cfg.target)
     module = load_target(cfg.target)
     avail = module.available()
-    if not avail.ok:
+    if not avail.ok and not avail.proxy:
         raise UserError(f"target {cfg.target} cannot run here: {avail.reason}")
+    notes = []
+    if not avail.ok:
+        notes.append(f"engine not built: {avail.reason}")
+        log(f"WARNING: {cfg.target} {notes[-1]}; building what runs here and measuring its proxy instead")
     if cfg.image_size % 32:
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of 32 (ConvNeXt downsamples by 32)")
 
@@ -158,8 +164,9 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     log(f"export: opset {export.opset}, parity max |Δlogit| {export.parity.max_abs_diff:.2e}, "
         f"agreement {export.parity.top1_agreement:.3f} ({'cached' if export.cached else 'exported'})")
 
+    sizes = (pp.input_size, cfg.image_size)
     artifacts = build_artifacts(cfg.target, export.path, ck.model, calibration, spec.precisions, options, log,
-                                validation)
+                                validation, sizes)
     runners = {p: module.load_runner(a, cfg.threads) for p, a in artifacts.items()}
     torch_ref = _torch_runner(ck.model, cfg.threads)
     alternatives = getattr(module, "INT8_ALTERNATIVES", {}) if cfg.alternatives and "int8" in artifacts else {}
@@ -187,12 +194,15 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
 
     # Latency: deployment and checkpoint resolutions, each batch size, all precisions interleaved.
     latency = []
-    sizes = sorted({cfg.image_size, pp.input_size})
-    for size in sizes:
+    timed = {p: r.run for p, r in runners.items() if r.timed}
+    untimed = [p for p, r in runners.items() if not r.timed]
+    if untimed:
+        notes.append(f"latency not measured for {', '.join(untimed)}: "
+                     f"{runners[untimed[0]].proxy} runs on this CPU, and its speed says nothing about the target")
+    for size in sorted({cfg.image_size, pp.input_size}) if timed else ():
         for batch in cfg.batch_sizes:
             runs = cfg.latency_runs if batch == 1 else max(10, cfg.latency_runs // 4)
-            res = measure({p: r.run for p, r in runners.items()}, batch=batch, input_size=size, runs=runs,
-                          warmup=5 if batch == 1 else 2)
+            res = measure(timed, batch=batch, input_size=size, runs=runs, warmup=5 if batch == 1 else 2)
             for p, lat in res.items():
                 latency.append({"precision": p, **lat.to_dict(), **_runner_entry(runners[p], p),
                                 "role": "deployment" if size == cfg.image_size else "checkpoint"})
@@ -230,6 +240,8 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         "accuracy": acc,
         "latency": latency,
         "int8_recipes": compared,
+        "notes": notes,
+        "engine_built": avail.ok,
         "gates": {"file": str(cfg.gates), "applied": gate_cfg, "figures": figures,
                   "verdicts": [v.to_dict() for v in verdicts], "passed": all(v.passed for v in verdicts)},
     }
@@ -241,13 +253,16 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     for v in verdicts:
         log(("PASS " if v.passed else "FAIL ") + v.line())
     code = EXIT_OK if report["gates"]["passed"] else EXIT_GATE_FAILED
+    if not avail.ok:
+        log(f"{cfg.target}: {notes[0]} (exit {EXIT_NOT_BUILT}: proxy figures only)")
+        code = EXIT_NOT_BUILT
     return DeployResult(report, out_dir, code)
 
 
 def _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds, cfg, log) -> list[dict]:
     """Our INT8 next to the target's other INT8 recipes: accuracy on the evaluation split, p50 at the
     deployment size, batch 1, interleaved with FP32 in one measurement."""
-    if not alt_runners:
+    if not alt_runners or not all(r.timed for r in (*runners.values(), *alt_runners.values())):
         return []
     timed = {"fp32": runners["fp32"].run, "int8": runners["int8"].run, **{n: r.run for n, r in alt_runners.items()}}
     lat = measure(timed, batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5)

@@ -19,6 +19,7 @@ class TargetSpec:
 TARGETS: dict[str, TargetSpec] = {t.name: t for t in (
     TargetSpec("onnxruntime", "targets.ort_cpu", "portable CPU (reference)", ("fp32", "int8"), "onnxruntime"),
     TargetSpec("openvino", "targets.openvino_cpu", "x86 CPU (Intel)", ("fp32", "bf16", "int8"), "openvino"),
+    TargetSpec("tensorrt", "targets.trt_gpu", "NVIDIA GPU", ("fp32", "int8"), "tensorrt"),
 )}
 
 

@@ -30,6 +30,7 @@ import numpy as np
 class Availability:
     ok: bool
     reason: str = ""  # why not, and what to do about it
+    proxy: bool = False  # a stand-in for the runtime can still build and run here (labelled as such)
 
 
 def requires(*packages: str, hint: str) -> Availability:
@@ -71,6 +72,7 @@ class BuildRequest:
     out_dir: Path  # an empty directory the target writes its files into
     calibration: CalibrationData | None = None
     validation: LabelledData | None = None
+    input_sizes: tuple[int, ...] = ()  # the square input sizes the artifact will be run at
     options: dict = field(default_factory=dict)  # target-specific, recorded in the artifact
 
 
@@ -116,6 +118,7 @@ class Runner:
     precision: str  # the precision that executed, as the runtime reports it
     threads: int
     proxy: str | None = None
+    timed: bool = True  # False when its latency would say nothing about the real runtime (a proxy)
 
 
 class TargetModule(Protocol):

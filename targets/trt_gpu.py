@@ -1,0 +1,330 @@
+"""TensorRT on an NVIDIA GPU: explicitly quantized (Q/DQ) INT8 engine, FP16/FP32 engines as the reference.
+
+The INT8 path follows TensorRT 10's explicit quantization (implicit INT8 calibration is deprecated):
+- A Q/DQ ONNX is made with ONNX Runtime's quantizer in TensorRT-compatible settings: symmetric INT8
+  (zero point 0) for activations and weights, per-output-channel weight scales (Conv axis 0, MatMul axis 1),
+  per-tensor activation scales from our calibration split, Q/DQ only on the *inputs* of Conv and MatMul/Gemm
+  (outputs left float) so TensorRT fuses each DQ→Conv/MatMul into an INT8 kernel; LayerNorm, GELU and the
+  residual Adds get no Q/DQ and run in FP16 (the builder's FP16 flag is the fallback for float ops).
+- The engine is built with the `tensorrt` Python API: ONNX parser, INT8 + FP16 flags, one optimisation
+  profile for batch 1..max at the requested size, a workspace limit, a timing cache on disk, and the
+  serialized engine written through a temporary file and a rename, with its build settings beside it.
+- The runner executes the engine with `execute_async_v3` and records the engine's own GPU time with CUDA
+  events (`run.last_gpu_ms`), which the shared latency harness uses for p50/p90/p99 (copies excluded).
+
+Where TensorRT or a CUDA device is missing (every machine of this project), the Q/DQ ONNX is still built and
+its numerics are run by ONNX Runtime on the CPU: a real, runnable proxy of the engine's INT8 arithmetic,
+labelled "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)". No latency is reported for it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.machine import device_label
+from targets.base import Artifact, Availability, BuildRequest, CalibrationData, Runner, requires
+
+NAME = "tensorrt"
+INSTALL_HINT = ("on a machine with an NVIDIA GPU and driver: pip install 'convnext-deploy[tensorrt]' "
+                "(tensorrt ≥ 10, cuda-python)")
+PROXY_LABEL = "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)"
+ENGINE_FILE = "model_{precision}.engine"
+
+DEFAULT_INT8 = {
+    "recipe": "tensorrt explicit Q/DQ",
+    "op_types": ["Conv", "MatMul", "Gemm"],
+    "calibrate_method": "minmax",
+    "max_batch": 32,
+    "opt_batch": 1,
+    "workspace_mib": 4096,
+}
+
+
+def available() -> Availability:
+    """Full availability needs the tensorrt package and a CUDA device; the proxy needs ONNX Runtime only."""
+    have = requires("tensorrt", hint=INSTALL_HINT)
+    if not have.ok:
+        return Availability(False, have.reason, proxy=_proxy_ok())
+    gpu = _cuda_device()
+    if gpu is None:
+        return Availability(False, "no CUDA device is visible (nvidia-smi / CUDA driver): the engine needs an NVIDIA GPU",
+                            proxy=_proxy_ok())
+    return Availability(True, proxy=True)
+
+
+def _proxy_ok() -> bool:
+    return requires("onnxruntime", "onnx", hint="").ok
+
+
+def _cuda_device() -> str | None:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python ≥ 12.6
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            return None
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count == 0:
+        return None
+    err, props = cudart.cudaGetDeviceProperties(0)
+    return props.name.decode(errors="replace") if int(err) == 0 else "CUDA device 0"
+
+
+def describe_environment() -> dict:
+    env: dict = {"tensorrt": None, "cuda_device": None}
+    if requires("tensorrt", hint="").ok:
+        import tensorrt as trt
+
+        env["tensorrt"] = trt.__version__
+        env["cuda_device"] = _cuda_device()
+    if _proxy_ok():
+        import onnxruntime as ort
+
+        env["onnxruntime (proxy)"] = ort.__version__
+    return env
+
+
+def build_config(precision: str, options: dict) -> dict:
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"tensorrt target offers fp32, fp16 and int8, not {precision}")
+    base = {k: DEFAULT_INT8[k] for k in ("max_batch", "opt_batch", "workspace_mib")}
+    if precision == "int8":
+        base = dict(DEFAULT_INT8)
+    return {**base, **{k: v for k, v in options.items() if k in DEFAULT_INT8}}
+
+
+# ---------------------------------------------------------------- Q/DQ ONNX (runs anywhere)
+
+def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, config: dict) -> None:
+    """ONNX Runtime's static quantizer, set to TensorRT's explicit-quantization rules."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import onnx
+
+    pre = dst.with_name("qdq-preprocessed.onnx")
+    # shape inference only: ORT's graph optimisations could emit ORT-only contrib ops TensorRT cannot parse
+    quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=False)
+    input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    n = len(calibration.images)
+    batch = max(d for d in range(1, min(32, n) + 1) if n % d == 0)  # equal batches for histogram methods
+    batches = iter([{input_name: b} for b in calibration.batches(batch)])
+
+    class Reader:
+        def get_next(self):
+            return next(batches, None)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    quantize_static(
+        str(pre), str(dst), Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(config["op_types"]),
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=methods[config["calibrate_method"]],
+        extra_options={
+            "ActivationSymmetric": True,  # zero point 0: TensorRT supports symmetric INT8 only
+            "WeightSymmetric": True,
+            "OpTypesToExcludeOutputQuantization": list(config["op_types"]),  # Q/DQ on inputs only
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # MatMul weight (K, N): N is the output channel
+        },
+    )
+    pre.unlink(missing_ok=True)
+    model = onnx.load(str(dst))
+    _float_for_other_consumers(model, set(config["op_types"]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def _float_for_other_consumers(model, quantized_ops: set[str]) -> None:
+    """ORT shares one Q/DQ pair among all consumers of a tensor, so the residual Add that reads a block's
+    input would read it fake-quantized. TensorRT's rule is Q/DQ on the inputs of quantizable ops only:
+    rewire every other consumer to the float tensor the QuantizeLinear read."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in quantized_ops or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k, name in enumerate(node.input):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producers.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+
+
+def qdq_report(path: Path) -> dict:
+    """What the Q/DQ graph holds, for the report and the conformity tests."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    quantized, float_ops, weight_channels = [], [], []
+    for n in g.node:
+        if n.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        srcs = [producers.get(i) for i in n.input[:2]]
+        if all(s is not None and s.op_type == "DequantizeLinear" for s in srcs):
+            quantized.append(n.name)
+            w_dq = srcs[1]
+            scale = inits.get(w_dq.input[1])
+            zp = inits.get(w_dq.input[2]) if len(w_dq.input) > 2 else None
+            weight_channels.append({"node": n.name, "op": n.op_type, "scales": int(np.size(scale)),
+                                    "zero_points_nonzero": int(np.count_nonzero(zp)) if zp is not None else 0})
+        else:
+            float_ops.append(n.name)
+    zero_points = [inits[n.input[2]] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and len(n.input) > 2 and n.input[2] in inits]
+    qdq_next_to = sorted({c.op_type for n in g.node if n.op_type == "DequantizeLinear"
+                          for c in consumers.get(n.output[0], [])})
+    return {"quantized": quantized, "float_conv_matmul": float_ops, "weights": weight_channels,
+            "nonzero_zero_points": int(sum(np.count_nonzero(z) for z in zero_points)),
+            "dq_consumers": qdq_next_to,
+            "qdq_nodes": sum(1 for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))}
+
+
+# ---------------------------------------------------------------- engine (needs TensorRT and a GPU)
+
+def build_engine(onnx_path: Path, engine_path: Path, precision: str, config: dict, sizes: tuple[int, ...],
+                 timing_cache: Path) -> dict:
+    """Parse, configure and build a serialized engine; written atomically with its settings beside it."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    cfg = builder.create_builder_config()
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config["workspace_mib"]) << 20)
+    if precision in ("fp16", "int8"):
+        cfg.set_flag(trt.BuilderFlag.FP16)  # float ops (LayerNorm, GELU, Adds) fall back to FP16
+    if precision == "int8":
+        cfg.set_flag(trt.BuilderFlag.INT8)  # honour the Q/DQ nodes (explicit quantization)
+    name = network.get_input(0).name
+    profile = builder.create_optimization_profile()
+    # one profile covers every size the artifact runs at; tuned for the last one (the deployment size)
+    lo, hi, opt = min(sizes), max(sizes), sizes[-1]
+    mins, opts, maxs = (1, 3, lo, lo), (int(config["opt_batch"]), 3, opt, opt), (int(config["max_batch"]), 3, hi, hi)
+    profile.set_shape(name, mins, opts, maxs)
+    cfg.add_optimization_profile(profile)
+    cache = cfg.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+    cfg.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, cfg)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build the {precision} engine (see the builder log above)")
+    tmp = engine_path.with_suffix(".engine.tmp")
+    tmp.write_bytes(bytes(serialized))
+    os.replace(tmp, engine_path)
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    cache_tmp = timing_cache.with_suffix(".tmp")
+    cache_tmp.write_bytes(bytes(cfg.get_timing_cache().serialize()))
+    os.replace(cache_tmp, timing_cache)
+    settings = {"precision": precision, "flags": ["FP16"] * (precision != "fp32") + ["INT8"] * (precision == "int8"),
+                "profile": {"min": mins, "opt": opts, "max": maxs},
+                "workspace_mib": int(config["workspace_mib"]), "tensorrt": trt.__version__,
+                "device": _cuda_device(), "timing_cache": str(timing_cache)}
+    engine_path.with_suffix(".json").write_text(json.dumps(settings, indent=1))
+    return settings
+
+
+def _engine_runner(engine_path: Path, precision: str) -> Runner:
+    import tensorrt as trt
+    import torch  # CUDA buffers and events; torch is the project's one framework dependency
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+    stream = torch.cuda.Stream()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        # Copies and the engine share one stream, so the engine never reads a half-copied input.
+        with torch.cuda.stream(stream):
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to("cuda", non_blocking=False)
+            context.set_input_shape(inp, tuple(x.shape))
+            y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
+            context.set_tensor_address(inp, x.data_ptr())
+            context.set_tensor_address(out, y.data_ptr())
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            end.record(stream)
+            result = y.cpu().numpy()
+        end.synchronize()
+        run.last_gpu_ms = start.elapsed_time(end)  # GPU time of the engine alone, without the copies
+        return result
+
+    run.last_gpu_ms = None
+    return Runner(run, f"tensorrt {trt.__version__}", _cuda_device() or "CUDA device", precision, 1)
+
+
+# ---------------------------------------------------------------- the target protocol
+
+def build(request: BuildRequest) -> Artifact:
+    config = build_config(request.precision, request.options)
+    out = request.out_dir
+    onnx_path = out / f"model_{request.precision}.onnx"
+    meta: dict = {"build": config}
+    if request.precision == "int8":
+        if request.calibration is None or len(request.calibration.images) == 0:
+            raise ValueError("INT8 needs calibration data")
+        make_qdq_onnx(request.onnx_path, onnx_path, request.calibration, config)
+        meta["qdq"] = qdq_report(onnx_path)
+        meta["calibration"] = {"images": len(request.calibration.images),
+                               "manifest_sha256": request.calibration.manifest_sha256}
+    else:
+        shutil.copyfile(request.onnx_path, onnx_path)
+    files = [onnx_path]
+    avail = available()
+    if avail.ok:
+        engine = out / ENGINE_FILE.format(precision=request.precision)
+        meta["engine"] = build_engine(onnx_path, engine, request.precision, config, request.input_sizes or (224,),
+                                      Path(".cache/tensorrt/timing.cache"))
+        files += [engine, engine.with_suffix(".json")]
+        return Artifact(NAME, request.precision, files, meta)
+    meta["engine_not_built"] = avail.reason
+    return Artifact(NAME, request.precision, files, meta, proxy=PROXY_LABEL)
+
+
+def load_runner(artifact: Artifact, threads: int) -> Runner:
+    engines = [f for f in artifact.files if f.suffix == ".engine"]
+    if engines and available().ok:
+        return _engine_runner(engines[0], artifact.precision)
+    # The proxy: the same ONNX (Q/DQ for INT8) executed by ONNX Runtime on the CPU, with no graph
+    # optimisation that could fuse the Q/DQ pairs into kernels of another arithmetic.
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(artifact.files[0]), sess_options=so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return sess.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    if artifact.precision == "fp16":
+        raise ValueError("no CPU proxy reproduces the FP16 engine's numerics; it needs TensorRT on a GPU")
+    executed = {"int8": "int8 Q/DQ (fake-quantized: float arithmetic on int8-rounded values)",
+                "fp32": "fp32"}[artifact.precision]
+    return Runner(run, f"onnxruntime {ort.__version__} CPUExecutionProvider", device_label(threads), executed,
+                  threads, proxy=PROXY_LABEL, timed=False)

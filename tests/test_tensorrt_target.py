@@ -1,0 +1,123 @@
+"""TensorRT: everything that runs without a GPU is tested here (the Q/DQ ONNX, its proxy numerics, the skip
+path and its report); the engine tests are marked `gpu` and skip with the reason when TensorRT or a CUDA
+device is missing."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from calibration.batches import load_array
+from calibration.fashion_mnist import FashionMNIST
+from calibration.split import make_split
+from conftest import REPO
+from pipeline.checkpoints import load_checkpoint
+from pipeline.export import export_onnx
+from pipeline.validate import accuracy, predict_many
+from targets import load_target
+from targets.base import BuildRequest, CalibrationData
+
+trt_gpu = load_target("tensorrt")
+AVAIL = trt_gpu.available()
+needs_gpu = pytest.mark.skipif(not AVAIL.ok, reason=f"TensorRT engine cannot be built here: {AVAIL.reason}")
+
+
+@pytest.fixture(scope="module")
+def setup(atto_reference, tmp_path_factory):
+    ck = load_checkpoint(atto_reference, "atto")
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    split = make_split(train, test, n_calib=500, n_eval=None, seed=0)
+    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
+    d = tmp_path_factory.mktemp("trt")
+    export_onnx(ck.model, d / "model.onnx")
+    arts = {}
+    for precision in ("fp32", "int8"):
+        (d / precision).mkdir()
+        arts[precision] = trt_gpu.build(BuildRequest(precision, d / "model.onnx", ck.model, d / precision,
+                                                     CalibrationData(calib_x, "m", train.name), input_sizes=(32, 224)))
+    return ck, arts, test, split
+
+
+def test_availability_says_exactly_what_is_missing():
+    if AVAIL.ok:
+        pytest.skip("TensorRT and a CUDA device are present")
+    assert AVAIL.proxy and ("tensorrt is not installed" in AVAIL.reason or "no CUDA device" in AVAIL.reason)
+    assert "convnext-deploy[tensorrt]" in AVAIL.reason or "NVIDIA GPU" in AVAIL.reason
+
+
+def test_qdq_graph_follows_tensorrt_rules(setup):
+    _, arts, *_ = setup
+    q = arts["int8"].metadata["qdq"]
+    # every Conv (16) and pointwise MatMul (24) + the head Gemm/MatMul is fed by DequantizeLinear on both inputs
+    assert len(q["quantized"]) == 41 and q["float_conv_matmul"] == []
+    assert q["nonzero_zero_points"] == 0  # symmetric INT8 only
+    model = onnx.load(str(arts["int8"].files[0]))
+    out_ch = {}
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8:
+            out_ch[n.output[0]] = (list(inits[n.input[0]].dims), int(np.prod(inits[n.input[1]].dims) or 1),
+                                   next((a.i for a in n.attribute if a.name == "axis"), 1))
+    conv_mm = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    per_channel = 0
+    for n in conv_mm:
+        dims, scales, axis = out_ch[n.input[1]]
+        expected = dims[0] if n.op_type == "Conv" else dims[1] if n.op_type == "MatMul" else dims[0]
+        assert scales in (expected, 1), f"{n.name}: {scales} scales for {expected} output channels"
+        per_channel += scales == expected
+    assert per_channel >= 40  # per output channel everywhere the quantizer offers it
+    # no Q/DQ around LayerNorm, GELU, Add: dequantized tensors feed only Conv/MatMul/Gemm
+    assert set(q["dq_consumers"]) <= {"Conv", "MatMul", "Gemm"}
+
+
+def test_proxy_accuracy_matches_fp32_on_the_reference_task(setup):
+    ck, arts, test, split = setup
+    runners = {p: trt_gpu.load_runner(a, 2) for p, a in arts.items()}
+    assert all(r.proxy == trt_gpu.PROXY_LABEL and not r.timed for r in runners.values())
+    x, y = load_array(test, split.evaluation.indices, ck.preprocessing)
+    preds = predict_many({p: r.run for p, r in runners.items()},
+                         ((x[i:i + 500], y[i:i + 500]) for i in range(0, len(x), 500)))
+    acc = accuracy(preds["int8"], preds["fp32"])
+    print(f"\n{trt_gpu.PROXY_LABEL}: atto INT8 top-1 {acc['top1'] * 100:.2f}% on 10,000 test images, "
+          f"drop {acc['top1_drop_pp']:+.2f} pp vs FP32, agreement {acc['agreement'] * 100:.2f}%")
+    assert acc["top1_drop_pp"] <= 0.3 and acc["agreement"] >= 0.98
+
+
+@pytest.mark.skipif(AVAIL.ok, reason="the skip path runs only where the engine cannot be built")
+def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVNEXT_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+    for allow, name in ((False, "strict"), (True, "allow")):
+        gates = tmp_path / f"{name}.toml"
+        gates.write_text(f"[defaults]\nmax_top1_drop_pp = 0.3\nmin_int8_speedup = 1.0\nallow_proxy = {str(allow).lower()}\n")
+        p = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "tensorrt", "--variant", "atto",
+                            "--eval", "1000", "--calib", "200", "--gates", str(gates), "--out", str(tmp_path / name)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 3, p.stdout + p.stderr
+        assert "engine not built" in p.stderr and "Traceback" not in p.stderr
+        r = json.loads((tmp_path / name / "report.json").read_text())
+        assert r["engine_built"] is False and r["notes"][0].startswith("engine not built: ")
+        assert r["latency"] == [] and any("latency not measured" in n for n in r["notes"])
+        assert all(a["kind"] == "proxy" for k, a in r["accuracy"].items() if k != "torch_fp32")
+        assert r["accuracy"]["int8"]["proxy"] == trt_gpu.PROXY_LABEL
+        status = {v["gate"]: v["status"] for v in r["gates"]["verdicts"]}
+        assert status["min_int8_speedup"] == "not measured"
+        assert status["max_top1_drop_pp"] == ("pass" if allow else "proxy not allowed")
+        md = (tmp_path / name / "report.md").read_text()
+        assert "engine not built" in md and "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)" in md
+        assert {f.name for f in (tmp_path / name / "artifacts").iterdir()} == {"model_fp32.onnx", "model_int8.onnx"}
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_engine_builds_and_matches_its_proxy(setup, tmp_path):
+    ck, arts, test, split = setup
+    assert any(f.suffix == ".engine" for f in arts["int8"].files)
+    engine = trt_gpu.load_runner(arts["int8"], 1)
+    x, y = load_array(test, split.evaluation.indices[:2000], ck.preprocessing)
+    preds = predict_many({"engine": engine.run}, ((x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)))
+    assert accuracy(preds["engine"])["top1"] >= 0.89
+    settings = json.loads(next(f for f in arts["int8"].files if f.suffix == ".json").read_text())
+    assert settings["flags"] == ["FP16", "INT8"] and settings["profile"]["max"][2] == 224
