@@ -63,7 +63,7 @@ def _cmd_reference(args) -> int:
 
 
 def _cmd_deploy(args) -> int:
-    from pipeline.deploy import DeployConfig, run_deploy
+    from pipeline.deploy import EXIT_NOT_BUILT, DeployConfig, run_deploy
 
     options = {}
     if args.calib_method:
@@ -78,7 +78,7 @@ def _cmd_deploy(args) -> int:
     )
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
     print(f"report: {result.out_dir / 'report.html'}")
-    if result.exit_code == 3:
+    if result.exit_code == EXIT_NOT_BUILT:
         print(f"convnext-deploy: {result.report['notes'][0]}; proxy figures reported, exit 3", file=sys.stderr)
     elif result.exit_code:
         failed = [v for v in result.report["gates"]["verdicts"] if v["status"] != "pass"]

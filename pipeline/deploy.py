@@ -126,8 +126,8 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     if not avail.ok and not avail.proxy:
         raise UserError(f"target {cfg.target} cannot run here: {avail.reason}")
     notes = []
-    if not avail.ok:
-        notes.append(f"engine not built: {avail.reason}")
+    if not avail.ok:  # the target names what could not be made here (TensorRT: "engine not built")
+        notes.append(f"{getattr(module, 'NOT_BUILT_NOTE', 'not run on the target runtime')}: {avail.reason}")
         log(f"WARNING: {cfg.target} {notes[-1]}; building what runs here and measuring its proxy instead")
     if cfg.image_size % 32:
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of 32 (ConvNeXt downsamples by 32)")
@@ -171,7 +171,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     torch_ref = _torch_runner(ck.model, cfg.threads)
     alternatives = getattr(module, "INT8_ALTERNATIVES", {}) if cfg.alternatives and "int8" in artifacts else {}
     alt_artifacts = {name: build_artifacts(cfg.target, export.path, ck.model, calibration, ("int8",),
-                                           {**cfg.options, **opts}, log)["int8"]
+                                           {**cfg.options, **opts}, log, input_sizes=sizes)["int8"]
                      for name, opts in alternatives.items()}
     alt_runners = {name: module.load_runner(a, cfg.threads) for name, a in alt_artifacts.items()}
 

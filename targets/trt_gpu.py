@@ -32,6 +32,7 @@ NAME = "tensorrt"
 INSTALL_HINT = ("on a machine with an NVIDIA GPU and driver: pip install 'convnext-deploy[tensorrt]' "
                 "(tensorrt ≥ 10, cuda-python)")
 PROXY_LABEL = "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)"
+NOT_BUILT_NOTE = "engine not built"
 ENGINE_FILE = "model_{precision}.engine"
 
 DEFAULT_INT8 = {
