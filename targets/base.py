@@ -55,6 +55,13 @@ class CalibrationData:
         for i in range(0, len(self.images), batch_size):
             yield self.images[i:i + batch_size]
 
+    def equal_batches(self, max_batch: int = 32):
+        """Batches all of one size (the largest divisor of N up to max_batch). ONNX Runtime's histogram
+        calibrators (percentile, entropy) stack per-batch outputs and fail on a smaller last batch; dropping
+        it would silently calibrate on fewer images than the manifest says."""
+        n = len(self.images)
+        return self.batches(max(d for d in range(1, min(max_batch, n) + 1) if n % d == 0))
+
 
 @dataclass
 class LabelledData:

@@ -65,17 +65,10 @@ def describe_environment() -> dict:
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader over our calibration images.
+    """onnxruntime's CalibrationDataReader over our calibration images, in equal-size batches."""
 
-    Batches are all the same size (the largest divisor of N up to 32): ORT's histogram calibrators
-    (percentile, entropy) stack per-batch outputs and fail on a smaller last batch; dropping it would
-    silently calibrate on fewer images than the manifest says.
-    """
-
-    def __init__(self, calibration: CalibrationData, input_name: str, max_batch: int = 32):
-        n = len(calibration.images)
-        batch_size = max(d for d in range(1, min(max_batch, n) + 1) if n % d == 0)
-        self._batches = list(calibration.batches(batch_size))
+    def __init__(self, calibration: CalibrationData, input_name: str):
+        self._batches = list(calibration.equal_batches())
         self._name = input_name
         self._it = iter(self._batches)
 

@@ -112,9 +112,7 @@ def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, config: di
     # shape inference only: ORT's graph optimisations could emit ORT-only contrib ops TensorRT cannot parse
     quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=False)
     input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
-    n = len(calibration.images)
-    batch = max(d for d in range(1, min(32, n) + 1) if n % d == 0)  # equal batches for histogram methods
-    batches = iter([{input_name: b} for b in calibration.batches(batch)])
+    batches = iter([{input_name: b} for b in calibration.equal_batches()])
 
     class Reader:
         def get_next(self):
