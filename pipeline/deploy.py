@@ -79,6 +79,20 @@ def _sources(ck: LoadedCheckpoint, cfg: DeployConfig):
     )
 
 
+_LICENSES = {"ours": "Apache-2.0 (convnext-deploy reference checkpoint, trained on Fashion-MNIST, MIT)",
+             "official": "MIT (facebookresearch/ConvNeXt weights)"}
+
+
+def model_info(ck: LoadedCheckpoint) -> dict:
+    """What an artifact may carry about its checkpoint (Core ML puts it in the package's metadata)."""
+    acc = ck.metadata.get("accuracy") or {}
+    dataset = (ck.metadata.get("dataset") or {}).get("name")
+    return {"variant": ck.variant.name, "name": ck.variant.long_name, "class_names": list(ck.class_names),
+            "preprocessing": ck.preprocessing.to_dict(), "checkpoint_sha256": ck.sha256,
+            "reference_accuracy": {"top1": acc.get("top1"), "dataset": dataset} if acc.get("top1") else None,
+            "license": ck.metadata.get("license") or _LICENSES.get(ck.source_format)}
+
+
 def _runner_entry(r: Runner, precision: str) -> dict:
     return {"runtime": r.runtime, "device": r.device, "precision_requested": precision,
             "precision_executed": r.precision, "threads": r.threads,
@@ -95,22 +109,35 @@ def _torch_runner(model: torch.nn.Module, threads: int) -> Runner:
     return Runner(run, f"torch {torch.__version__} eager", machine.device_label(threads), "fp32", threads)
 
 
+def _state_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def build_artifacts(target_name: str, export_path: Path, model, calibration: CalibrationData,
                     precisions: tuple[str, ...], options: dict, log,
-                    validation: LabelledData | None = None, input_sizes: tuple[int, ...] = ()) -> dict[str, Artifact]:
+                    validation: LabelledData | None = None, input_sizes: tuple[int, ...] = (),
+                    model_info: dict | None = None) -> dict[str, Artifact]:
     module = load_target(target_name)
     env = module.describe_environment()
-    onnx_sha = sha256_file(export_path)
+    # a target that converts from torch (Core ML) is keyed on the model's weights, not on an ONNX file
+    onnx_sha = sha256_file(export_path) if export_path is not None else _state_digest(model)
     out = {}
     for precision in precisions:
         key = key_of("build", target_name, precision, onnx_sha, module.build_config(precision, options),
                      calibration.manifest_sha256 if precision == "int8" else None, env, source_digest(module),
-                     input_sizes)
+                     input_sizes, model_info)
 
         def build(tmp: Path, precision=precision) -> None:
             int8 = precision == "int8"
             art = module.build(BuildRequest(precision, export_path, model, tmp, calibration if int8 else None,
-                                            validation if int8 else None, input_sizes, dict(options)))
+                                            validation if int8 else None, input_sizes, dict(options),
+                                            dict(model_info or {})))
             art.save_metadata(tmp)
 
         directory, cached = cached_dir(f"artifacts/{target_name}", key, build)
@@ -160,18 +187,23 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         validation = LabelledData(ctrl_x, ctrl_y)
         options["control_ids_sha256"] = split.control.ids_sha256
 
-    export = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
-    log(f"export: opset {export.opset}, parity max |Δlogit| {export.parity.max_abs_diff:.2e}, "
-        f"agreement {export.parity.top1_agreement:.3f} ({'cached' if export.cached else 'exported'})")
+    converter = getattr(module, "CONVERTS_FROM_TORCH", None)  # e.g. coremltools: no ONNX involved
+    export = None
+    if converter is None:
+        export = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
+        log(f"export: opset {export.opset}, parity max |Δlogit| {export.parity.max_abs_diff:.2e}, "
+            f"agreement {export.parity.top1_agreement:.3f} ({'cached' if export.cached else 'exported'})")
+    export_path = export.path if export else None
 
     sizes = (pp.input_size, cfg.image_size)
-    artifacts = build_artifacts(cfg.target, export.path, ck.model, calibration, spec.precisions, options, log,
-                                validation, sizes)
+    info = model_info(ck)
+    artifacts = build_artifacts(cfg.target, export_path, ck.model, calibration, spec.precisions, options, log,
+                                validation, sizes, info)
     runners = {p: module.load_runner(a, cfg.threads) for p, a in artifacts.items()}
     torch_ref = _torch_runner(ck.model, cfg.threads)
     alternatives = getattr(module, "INT8_ALTERNATIVES", {}) if cfg.alternatives and "int8" in artifacts else {}
-    alt_artifacts = {name: build_artifacts(cfg.target, export.path, ck.model, calibration, ("int8",),
-                                           {**cfg.options, **opts}, log, input_sizes=sizes)["int8"]
+    alt_artifacts = {name: build_artifacts(cfg.target, export_path, ck.model, calibration, ("int8",),
+                                           {**cfg.options, **opts}, log, input_sizes=sizes, model_info=info)["int8"]
                      for name, opts in alternatives.items()}
     alt_runners = {name: module.load_runner(a, cfg.threads) for name, a in alt_artifacts.items()}
 
@@ -180,7 +212,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     preds = predict_many({"torch_fp32": torch_ref.run, **{p: r.run for p, r in runners.items()},
                           **{f"alt:{n}": r.run for n, r in alt_runners.items()}}, batches)
     acc = {"torch_fp32": {**accuracy(preds["torch_fp32"]), **_runner_entry(torch_ref, "fp32")}}
-    base = "fp32" if "fp32" in preds else None
+    base = spec.reference  # the target's own reference precision (FP32; FP16 for Core ML)
     for p, r in runners.items():
         entry = {**accuracy(preds[p], preds[base] if base and p != base else None), **_runner_entry(r, p)}
         ref = accuracy(preds[p], preds["torch_fp32"])
@@ -195,6 +227,11 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     # Latency: deployment and checkpoint resolutions, each batch size, all precisions interleaved.
     latency = []
     timed = {p: r.run for p, r in runners.items() if r.timed}
+    extra = {f"{p} ({label})": (p, r) for p, a in artifacts.items()  # e.g. Core ML on CPU_ONLY beside ALL
+             for label, r in getattr(module, "latency_runners", lambda a, t: {})(a, cfg.threads).items()}
+    timed.update({k: r.run for k, (_, r) in extra.items()})
+    entries = {**{p: _runner_entry(r, p) for p, r in runners.items()},
+               **{k: _runner_entry(r, p) for k, (p, r) in extra.items()}}
     untimed = [p for p, r in runners.items() if not r.timed]
     if untimed:
         notes.append(f"latency not measured for {', '.join(untimed)}: "
@@ -204,13 +241,13 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
             runs = cfg.latency_runs if batch == 1 else max(10, cfg.latency_runs // 4)
             res = measure(timed, batch=batch, input_size=size, runs=runs, warmup=5 if batch == 1 else 2)
             for p, lat in res.items():
-                latency.append({"precision": p, **lat.to_dict(), **_runner_entry(runners[p], p),
+                latency.append({"precision": p, **lat.to_dict(), **entries[p],
                                 "role": "deployment" if size == cfg.image_size else "checkpoint"})
                 log(f"latency {p} {size}px b{batch}: p50 {lat.p50_ms:.2f} ms, {lat.images_per_s:.1f} img/s")
 
     compared = _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds, cfg, log)
 
-    figures = _gate_figures(acc, latency, cfg.image_size)
+    figures = _gate_figures(acc, latency, cfg.image_size, base)
     proxy = any(r.proxy for r in runners.values())
     verdicts = gates_mod.check(gate_cfg, figures, proxy)
 
@@ -218,6 +255,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         "tool": "convnext-deploy 0.1.0",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "target": {"name": spec.name, "hardware": spec.hardware, "precisions": list(spec.precisions),
+                   "reference": spec.reference,
                    "environment": module.describe_environment()},
         "machine": machine.describe(),
         "model": {"variant": ck.variant.name, "name": ck.variant.long_name, "checkpoint": str(ck.path),
@@ -233,7 +271,8 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
                  "control": None if split.control is None else {"source": split.control.source,
                                                                 "n": len(split.control),
                                                                 "ids_sha256": split.control.ids_sha256}},
-        "export": {"opset": export.opset, "parity": parity_dict(export.parity), "cache_key": export.key},
+        "export": ({"opset": export.opset, "parity": parity_dict(export.parity), "cache_key": export.key} if export
+                   else {"converter": converter}),
         "artifacts": [{"precision": p, "files": [f.name for f in a.files], "sha256": a.sha256(),
                        "size_bytes": a.size_bytes(), "metadata": a.metadata, "proxy": a.proxy}
                       for p, a in artifacts.items()],
@@ -284,7 +323,7 @@ def _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds,
     return rows
 
 
-def _gate_figures(acc: dict, latency: list[dict], deploy_size: int) -> dict:
+def _gate_figures(acc: dict, latency: list[dict], deploy_size: int, reference: str = "fp32") -> dict:
     int8 = acc.get("int8", {})
 
     def p50(precision):
@@ -293,7 +332,7 @@ def _gate_figures(acc: dict, latency: list[dict], deploy_size: int) -> dict:
                 return e["p50_ms"]
         return None
 
-    f32, i8 = p50("fp32"), p50("int8")
+    f32, i8 = p50(reference), p50("int8")
     return {
         "top1_drop_pp": int8.get("top1_drop_pp"),
         "agreement": int8.get("agreement"),

@@ -19,10 +19,10 @@ from pipeline.errors import UserError
 
 # gate name → (figure it reads, comparison, unit, description)
 GATES = {
-    "max_top1_drop_pp": ("top1_drop_pp", "<=", "pp", "INT8 top-1 drop vs FP32 of the same target"),
-    "min_agreement": ("agreement", ">=", "", "INT8 top-1 agreement with FP32 of the same target"),
+    "max_top1_drop_pp": ("top1_drop_pp", "<=", "pp", "INT8 top-1 drop vs the same target's reference (FP32; Core ML: FP16)"),
+    "min_agreement": ("agreement", ">=", "", "INT8 top-1 agreement with the same target's reference"),
     "max_p50_ms": ("p50_ms", "<=", "ms", "INT8 p50 latency, deployment size, batch 1"),
-    "min_int8_speedup": ("int8_speedup", ">=", "×", "FP32 p50 / INT8 p50, deployment size, batch 1"),
+    "min_int8_speedup": ("int8_speedup", ">=", "×", "reference p50 / INT8 p50, deployment size, batch 1"),
 }
 OPTIONS = {"allow_proxy"}
 

@@ -27,8 +27,30 @@ def accuracy_rows(report: dict) -> list[list[str]]:
     return rows
 
 
-ACC_HEAD = ["artifact", "runtime", "precision executed", "input px", "images", "top-1", "top-5",
-            "agreement vs FP32", "top-1 drop vs FP32", "drop vs torch", "real/proxy"]
+def acc_head(report: dict) -> list[str]:
+    ref = report["target"].get("reference", "fp32").upper()  # the target's reference artifact (Core ML: FP16)
+    return ["artifact", "runtime", "precision executed", "input px", "images", "top-1", "top-5",
+            f"agreement vs {ref}", f"top-1 drop vs {ref}", "drop vs torch", "real/proxy"]
+
+
+LAYER_HEAD = ["layer", "op", "weight shape", "weight", "input activation"]
+
+
+def layer_tables(report: dict) -> list[tuple[str, list[list[str]]]]:
+    """Per-layer precision of artifacts that record it (Core ML: read back from the package)."""
+    out = []
+    for a in report["artifacts"]:
+        layers = a["metadata"].get("layers")
+        if not layers:
+            continue
+        s = a["metadata"].get("layer_summary", {})
+        title = (f"{a['precision']}: {s.get('int8_weights', 0)}/{s.get('conv_linear', len(layers))} conv/linear layers "
+                 f"with INT8 weights, {s.get('int8_activations', 0)} with INT8 input activations; minimum deployment "
+                 f"target {a['metadata'].get('minimum_deployment_target', '—')}")
+        quantized = s.get("int8_weights", 0) or s.get("int8_activations", 0)
+        out.append((title, [[r.get("module", r["layer"]), r["op"], "×".join(map(str, r["shape"])), r["weight"],
+                             r["activation"]] for r in layers] if quantized else []))
+    return out
 LAT_HEAD = ["precision", "role", "input px", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "img/s", "runtime",
             "real/proxy"]
 GATE_HEAD = ["gate", "what", "measured", "allowed", "status"]
@@ -86,10 +108,12 @@ def _summary_lines(report: dict) -> list[str]:
         f"- Accuracy task: {d['task']}, measured at the checkpoint's own resolution **{d['accuracy_resolution']} px** "
         f"on {d['evaluation']['n']} images of `{d['evaluation']['source']}`; calibrated on {d['calibration']['n']} "
         f"images of `{d['calibration']['source']}` (disjoint; manifest.json)",
-        f"- Latency: measured at the deployment resolution **{d['latency_resolution']} px** (and at "
-        f"{d['accuracy_resolution']} px); weights' values do not change the cost",
-        f"- Export: ONNX opset {report['export']['opset']}, parity vs torch max |Δlogit| "
-        f"{report['export']['parity']['max_abs_diff']:.2e}, top-1 agreement {_pct(report['export']['parity']['top1_agreement'])}",
+        (f"- Latency: measured at the deployment resolution **{d['latency_resolution']} px** (and at "
+         f"{d['accuracy_resolution']} px); weights' values do not change the cost" if report["latency"] else
+         "- Latency: **not measured** (see the notes)"),
+        (f"- Export: ONNX opset {report['export']['opset']}, parity vs torch max |Δlogit| "
+         f"{report['export']['parity']['max_abs_diff']:.2e}, top-1 agreement {_pct(report['export']['parity']['top1_agreement'])}"
+         if "opset" in report["export"] else f"- Conversion: {report['export']['converter']} (no ONNX involved)"),
     ]
     for note in report.get("notes", []):
         lines.append(f"- Note: {note}")
@@ -100,8 +124,9 @@ def render_markdown(report: dict) -> str:
     m = report["model"]
     parts = [f"# convnext-deploy report: {m['name']} on {report['target']['name']}", "",
              f"Created {report['created']} by {report['tool']}.", "", *_summary_lines(report), "",
-             "## Accuracy", "", _md_table(ACC_HEAD, accuracy_rows(report)), "",
-             "## Latency", "", _md_table(LAT_HEAD, latency_rows(report)), "",
+             "## Accuracy", "", _md_table(acc_head(report), accuracy_rows(report)), "",
+             "## Latency", "", (_md_table(LAT_HEAD, latency_rows(report)) if report["latency"] else
+                                "Not measured (see the notes above)."), "",
              "## Gates", "", _md_table(GATE_HEAD, gate_rows(report)), "",
              *(["## INT8 recipes compared", "", _recipe_caption(report), "",
                 _md_table(RECIPE_HEAD, recipe_rows(report)), ""] if report.get("int8_recipes") else []),
@@ -118,6 +143,11 @@ def render_markdown(report: dict) -> str:
         if ops and "integer_kernel_count" in ops:
             parts += [f"**{a['precision']}** executed graph: {ops.get('integer_kernel_count', 0)} integer kernels "
                       f"{ops.get('integer_kernels', {})}, {ops.get('float_conv_matmul_left', 0)} float Conv/MatMul/Gemm left.", ""]
+    tables = layer_tables(report)
+    if tables:
+        parts += ["## Per-layer precision", ""]
+        for title, rows in tables:
+            parts += [f"**{title}**", "", *([_md_table(LAYER_HEAD, rows), ""] if rows else [])]
     return "\n".join(parts)
 
 
@@ -177,11 +207,12 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 <ul>{summary}</ul>
 <h2>Accuracy vs latency</h2>{img}
 <h2>Gates</h2>{gate_rows_html}
-<h2>Accuracy</h2>{_html_table(ACC_HEAD, accuracy_rows(report))}
+<h2>Accuracy</h2>{_html_table(acc_head(report), accuracy_rows(report))}
 <h2>Latency</h2>{_html_table(LAT_HEAD, latency_rows(report))}
 {f"<h2>INT8 recipes compared</h2><p>{html.escape(_recipe_caption(report))}</p>" + _html_table(RECIPE_HEAD, recipe_rows(report)) if report.get("int8_recipes") else ""}
 <h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],
                               [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
                                for a in report["artifacts"] for f in a["files"]])}
+{"".join(f"<h3>Per-layer precision: {html.escape(t)}</h3>" + (_html_table(LAYER_HEAD, rows) if rows else "") for t, rows in layer_tables(report))}
 </body></html>
 """

@@ -18,6 +18,9 @@ def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: 
         art = tmp / "artifacts"
         art.mkdir()
         for f in files:
+            if f.is_dir():  # a Core ML .mlpackage
+                shutil.copytree(f, art / f.name)
+                continue
             try:
                 os.link(f, art / f.name)  # same filesystem: no copy of large engines
             except OSError:

@@ -81,6 +81,9 @@ class BuildRequest:
     validation: LabelledData | None = None
     input_sizes: tuple[int, ...] = ()  # the square input sizes the artifact will be run at
     options: dict = field(default_factory=dict)  # target-specific, recorded in the artifact
+    # what the checkpoint says about itself (variant, name, class_names, preprocessing, checkpoint_sha256,
+    # reference_accuracy, license), for targets whose artifact carries it (a Core ML classifier)
+    model_info: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -92,17 +95,21 @@ class Artifact:
     proxy: str | None = None  # set when numerics come from a stand-in for the real runtime
 
     def sha256(self) -> dict[str, str]:
+        """Per file; a directory (a Core ML .mlpackage) hashes its files' relative paths and contents in order."""
         out = {}
         for f in self.files:
             h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            for part in _files_of(f):
+                if part != f:
+                    h.update(str(part.relative_to(f)).encode() + b"\0")
+                with open(part, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
             out[f.name] = h.hexdigest()
         return out
 
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
+        return sum(p.stat().st_size for f in self.files for p in _files_of(f))
 
     def save_metadata(self, directory: Path) -> None:
         (directory / "artifact.json").write_text(json.dumps(
@@ -113,6 +120,10 @@ class Artifact:
     def load_metadata(cls, directory: Path) -> "Artifact":
         d = json.loads((directory / "artifact.json").read_text())
         return cls(d["target"], d["precision"], [directory / f for f in d["files"]], d["metadata"], d["proxy"])
+
+
+def _files_of(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
 @dataclass
