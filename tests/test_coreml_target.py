@@ -1,0 +1,189 @@
+"""Core ML: conversion, W8 and W8A8 quantization and the torch proxy are tested here on Linux; prediction with
+`MLModel.predict` needs macOS and its tests are marked `macos` and skip with the reason elsewhere."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.batches import load_array
+from calibration.fashion_mnist import FashionMNIST
+from calibration.split import make_split
+from conftest import REPO
+from pipeline.checkpoints import load_checkpoint
+from pipeline.deploy import model_info
+from pipeline.validate import accuracy, predict_many
+from targets import load_target
+from targets.base import BuildRequest, CalibrationData
+
+pytest.importorskip("coremltools", reason="coremltools is not installed: pip install 'convnext-deploy[coreml]'")
+coreml = load_target("coreml")
+AVAIL = coreml.available()
+needs_macos = pytest.mark.skipif(not AVAIL.ok, reason=f"Core ML prediction cannot run here: {AVAIL.reason}")
+
+
+@pytest.fixture(scope="module")
+def built(atto_reference, tmp_path_factory):
+    ck = load_checkpoint(atto_reference, "atto")
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    split = make_split(train, test, n_calib=300, n_eval=None, seed=0)
+    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
+    d = tmp_path_factory.mktemp("coreml")
+    arts = {}
+    for precision in ("fp16", "w8", "int8"):
+        (d / precision).mkdir()
+        arts[precision] = coreml.build(BuildRequest(
+            precision, None, ck.model, d / precision, CalibrationData(calib_x, "m", train.name),
+            input_sizes=(32, 224), model_info=model_info(ck)))
+    x, y = load_array(test, split.evaluation.indices, ck.preprocessing)
+    return ck, arts, x, y
+
+
+def test_availability_names_macos():
+    if AVAIL.ok:
+        pytest.skip("this is macOS with Core ML")
+    assert AVAIL.proxy and "needs macOS" in AVAIL.reason
+
+
+def test_packages_load_back_with_their_spec(built):
+    import coremltools as ct
+
+    ck, arts, *_ = built
+    for precision, art in arts.items():
+        (package,) = art.files
+        assert package.suffix == ".mlpackage" and package.is_dir()
+        ml = ct.models.MLModel(str(package), skip_model_load=True)
+        spec = ml.get_spec()
+        # iOS 16 is specification version 7, iOS 17 is 8 (activation quantize/dequantize ops)
+        assert spec.specificationVersion == {"fp16": 7, "w8": 7, "int8": 8}[precision]
+        (inp,) = spec.description.input
+        assert inp.name == "image" and inp.type.WhichOneof("Type") == "imageType"
+        sizes = {(s.height, s.width) for s in inp.type.imageType.enumeratedSizes.sizes}
+        assert sizes == {(32, 32), (224, 224)}
+        assert spec.description.predictedProbabilitiesName and spec.description.predictedFeatureName
+        md = ml.user_defined_metadata
+        assert json.loads(md["convnext_deploy.class_names"]) == list(ck.class_names)
+        assert md["convnext_deploy.variant"] == "atto" and md["convnext_deploy.precision"] == precision
+        assert md["convnext_deploy.checkpoint_sha256"] == ck.sha256 and "0.905" in md["convnext_deploy.checkpoint_top1"]
+        assert ml.author.startswith("convnext-deploy") and "Apache-2.0" in ml.license
+        # scale/bias pre-processing reproduces (x/255 − mean)/std exactly (std is the same on every channel here)
+        pre = art.metadata["input"]
+        assert pre["scale"] == pytest.approx(1 / (255 * ck.preprocessing.std[0]))
+        assert pre["bias"] == pytest.approx([-m / s for m, s in zip(ck.preprocessing.mean, ck.preprocessing.std)])
+
+
+def test_quantized_packages_hold_int8_weights_and_activations(built):
+    _, arts, *_ = built
+    s = {p: a.metadata["layer_summary"] for p, a in arts.items()}
+    assert s["fp16"] == {"conv_linear": 41, "int8_weights": 0, "int8_activations": 0}
+    # W8: every weight of ≥ 2048 elements; atto's stem (1920) and first-stage depthwise (1960) stay FP16
+    assert s["w8"] == {"conv_linear": 41, "int8_weights": 38, "int8_activations": 0}
+    assert s["int8"] == {"conv_linear": 41, "int8_weights": 41, "int8_activations": 41}
+    layers = arts["int8"].metadata["layers"]
+    assert all(r["weight"] == "int8 (per-channel)" for r in layers)
+    assert layers[0]["module"] == "stem.0" and layers[-1]["module"] == "head.fc"
+    # layer-scale is folded into fc2 before quantization: no quantized 1-D constant multiplies the residual branch
+    prog, _ = coreml.read_program(arts["int8"].files[0])
+    ops = [op for op in prog.functions["main"].operations]
+    consts = [op for op in ops if op.op_type.startswith("constexpr_")]
+    assert all(c.outputs[0].child_ops[0].op_type in ("conv", "linear") for c in consts)
+    assert sum(op.op_type == "quantize" for op in ops) >= 41
+    muls = [op for op in ops if op.op_type == "mul"]  # only the image input's scale; no γ multiply left
+    assert len(muls) == 1 and muls[0].x.name == "image"
+
+
+def test_proxies_read_back_what_the_package_holds(built):
+    """The proxy's numbers are the package's: weights equal the package's dequantized INT8 weights, activation
+    scales equal the package's quantize scales (stored in FP16 there)."""
+    _, arts, *_ = built
+    for precision in ("w8", "int8"):
+        art = arts[precision]
+        package_w = coreml.package_weights(art.files[0])
+        proxy = torch.jit.load(str(art.files[0].parent / art.metadata["proxy_file"]))
+        state = proxy.state_dict()
+        proxy_w = []
+        for k, v in state.items():
+            if k.endswith(".weight") and v.dim() in (2, 4):
+                w = v.float()
+                scale = state.get(k + "_scale")
+                if scale is not None:  # W8A8: the reference module fake-quantizes its float weight with these
+                    shape = [-1] + [1] * (w.dim() - 1)
+                    w = torch.clamp(torch.round(w / scale.view(shape)), -128, 127) * scale.view(shape)
+                proxy_w.append(w.numpy())
+        assert [w.shape for w in proxy_w] == [w.shape for w in package_w]
+        for a, b in zip(proxy_w, package_w):
+            # W8 runs in FP16: its proxy holds the package's weights rounded to FP16, as Core ML computes them
+            np.testing.assert_allclose(a, b.astype(np.float16) if precision == "w8" else b, rtol=1e-6, atol=0)
+    act = coreml.package_activation_scales(arts["int8"].files[0])
+    state = torch.jit.load(str(arts["int8"].files[0].parent / arts["int8"].metadata["proxy_file"])).state_dict()
+    proxy_scales = np.array(sorted({v.item() for k, v in state.items() if k.rsplit("_", 1)[0].endswith("_scale")}))
+    package_scales = np.array(sorted({s for s, _ in act}))
+    nearest = lambda a, b: np.abs(a[:, None] / b[None, :] - 1).min(axis=1)  # noqa: E731
+    assert len(act) >= 80 and nearest(package_scales, proxy_scales).max() < 2e-3  # FP16 relative scales
+    assert nearest(proxy_scales, package_scales).max() < 2e-3  # and no proxy scale is missing from the package
+
+
+def test_fp16_proxy_matches_torch_fp32_before_quantization(built):
+    ck, arts, x, y = built
+    runner = coreml.load_runner(arts["fp16"], 2)
+    with torch.no_grad():
+        ref = ck.model(torch.from_numpy(x[:2000])).numpy()
+    out = runner.run(x[:2000])
+    assert np.abs(out - ref).max() < 0.05 and (out.argmax(1) == ref.argmax(1)).mean() >= 0.999
+
+
+def test_w8a8_proxy_accuracy_on_the_reference_task(built):
+    ck, arts, x, y = built
+    runners = {p: coreml.load_runner(a, 2) for p, a in arts.items()}
+    assert all(r.proxy == coreml.PROXY_LABEL and not r.timed for r in runners.values())
+    preds = predict_many({p: r.run for p, r in runners.items()},
+                         ((x[i:i + 500], y[i:i + 500]) for i in range(0, len(x), 500)))
+    for p in ("w8", "int8"):
+        acc = accuracy(preds[p], preds["fp16"])
+        print(f"\n{coreml.PROXY_LABEL}: atto {p} top-1 {acc['top1'] * 100:.2f}% on {acc['n']} test images, "
+              f"drop {acc['top1_drop_pp']:+.2f} pp vs FP16, agreement {acc['agreement'] * 100:.2f}%")
+        assert acc["top1_drop_pp"] <= 0.3 and acc["agreement"] >= 0.98
+
+
+def test_pixels_round_trip_exactly(built):
+    ck, _, x, _ = built
+    px = coreml.to_pixels(x[:50], ck.preprocessing.to_dict())
+    back = (px.transpose(0, 3, 1, 2) / 255.0 - np.float32(ck.preprocessing.mean[0])) / np.float32(ck.preprocessing.std[0])
+    np.testing.assert_allclose(back, x[:50], atol=1e-5)
+
+
+@pytest.mark.skipif(AVAIL.ok, reason="the proxy path runs only where Core ML cannot predict")
+def test_deploy_without_macos_exits_3_with_an_honest_report(atto_reference, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVNEXT_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "coreml", "--variant", "atto",
+                        "--eval", "1000", "--calib", "200", "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "not executed by Core ML" in p.stderr and "Traceback" not in p.stderr
+    r = json.loads((out / "report.json").read_text())
+    assert r["notes"][0].startswith("not executed by Core ML: Core ML prediction needs macOS")
+    assert r["latency"] == [] and "converter" in r["export"] and r["target"]["reference"] == "fp16"
+    assert all(r["accuracy"][k]["proxy"] == coreml.PROXY_LABEL for k in ("fp16", "w8", "int8"))
+    assert {f.name for f in (out / "artifacts").iterdir()} == {f"model_{p}.mlpackage" for p in ("fp16", "w8", "int8")}
+    sizes = {a["precision"]: a["size_bytes"] for a in r["artifacts"]}
+    assert sizes["int8"] < 0.6 * sizes["fp16"] and sizes["w8"] < 0.6 * sizes["fp16"]
+    md = (out / "report.md").read_text()
+    assert "Core ML proxy (not executed by Core ML)" in md and "Latency: **not measured**" in md
+    assert "Per-layer precision" in md and "int8 (per-channel)" in md
+
+
+@pytest.mark.macos
+@needs_macos
+def test_predict_on_macos_agrees_with_the_proxy(built):
+    ck, arts, x, y = built
+    for precision, art in arts.items():
+        real, proxy = coreml.load_runner(art, 2), coreml.proxy_runner(art, 2)
+        assert real.proxy is None and real.timed
+        preds = predict_many({"coreml": real.run, "proxy": proxy.run},
+                             ((x[i:i + 100], y[i:i + 100]) for i in range(0, 1000, 100)))
+        assert accuracy(preds["coreml"], preds["proxy"])["agreement"] >= 0.98, precision
+        assert set(coreml.latency_runners(art, 2)) == {"CPU_ONLY"}
