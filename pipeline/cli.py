@@ -87,6 +87,22 @@ def _cmd_deploy(args) -> int:
     return result.exit_code
 
 
+def _cmd_sensitivity(args) -> int:
+    from pipeline.deploy import DeployConfig, run_sensitivity
+
+    cfg = DeployConfig(target=args.target, variant=args.variant,
+                       checkpoint=Path(args.checkpoint) if args.checkpoint else None, n_calib=args.calib,
+                       out=Path(args.out) if args.out else None, threads=args.threads,
+                       calib_data=Path(args.calib_data) if args.calib_data else None,
+                       eval_data=Path(args.eval_data) if args.eval_data else None)
+    if args.images < 1 or args.images > args.calib:
+        raise UserError(f"--images {args.images} must be between 1 and --calib ({args.calib}): it is a slice of the calibration split")
+    result, out = run_sensitivity(cfg, args.images, log=lambda m: print(m, flush=True))
+    print("most sensitive: " + ", ".join(result["ranking"][:5]))
+    print(f"sensitivity: {out / 'sensitivity.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convnext-deploy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--accuracy-control", action="store_true",
                    help="bound INT8 by the gate file's max_top1_drop_pp (OpenVINO: nncf.quantize_with_accuracy_control)")
     s.set_defaults(func=_cmd_deploy)
+
+    s = sub.add_parser("sensitivity", help="per-layer INT8 sensitivity (SQNR, float-alone gain) of a target's artifact")
+    s.add_argument("--target", required=True)
+    s.add_argument("--variant", required=True)
+    s.add_argument("--checkpoint", help="default: the variant's reference checkpoint")
+    s.add_argument("--calib", type=int, default=500, help="calibration images the INT8 artifact is built with")
+    s.add_argument("--images", type=int, default=256, help="calibration images measured on (default 256)")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--out", help="output directory (default runs/sensitivity-<target>-<variant>)")
+    s.add_argument("--calib-data", help="ImageFolder tree to calibrate on (e.g. ImageNet train)")
+    s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
+    s.set_defaults(func=_cmd_sensitivity)
     return p
 
 

@@ -339,3 +339,33 @@ def _gate_figures(acc: dict, latency: list[dict], deploy_size: int, reference: s
         "p50_ms": i8,
         "int8_speedup": (f32 / i8) if (f32 and i8) else None,
     }
+
+
+def run_sensitivity(cfg: DeployConfig, n_images: int = 256, log=print) -> tuple[dict, Path]:
+    """`convnext-deploy sensitivity`: the deploy's own calibration split, export and INT8 build, then the
+    target's per-layer measurement on the first `n_images` calibration images."""
+    from pipeline import sensitivity as sens
+
+    spec = get_spec(cfg.target)
+    module = load_target(cfg.target)
+    if not sens.supported(module):
+        raise UserError(f"per-layer sensitivity is not available for target {cfg.target} yet; "
+                        "use onnxruntime or tensorrt (Q/DQ ONNX)")
+    avail = module.available()
+    if not avail.ok and not avail.proxy:
+        raise UserError(f"target {cfg.target} cannot run here: {avail.reason}")
+    ck = load_checkpoint(Path(cfg.checkpoint) if cfg.checkpoint else require_reference(cfg.variant), cfg.variant)
+    torch.set_num_threads(cfg.threads)
+    calib_src, eval_src, _ = _sources(ck, cfg)
+    split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed)
+    calib_x, _ = load_array(calib_src, split.calibration.indices, ck.preprocessing, desc="calibration")
+    calibration = CalibrationData(calib_x, split.calibration.ids_sha256, split.calibration.source)
+    export = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
+    arts = build_artifacts(cfg.target, export.path, ck.model, calibration, (spec.reference, "int8"), dict(cfg.options),
+                           log, input_sizes=(ck.preprocessing.input_size, cfg.image_size), model_info=model_info(ck))
+    result = sens.measure(module, cfg.target, ck, {"fp32" if k == spec.reference else k: v for k, v in arts.items()},
+                          calib_src, split.calibration.indices, sens.SensitivityConfig(n_images, cfg.threads), log)
+    result["variant"] = ck.variant.name
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"sensitivity-{cfg.target}-{ck.variant.name}"
+    sens.write(result, out)
+    return result, out

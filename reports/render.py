@@ -216,3 +216,58 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 {"".join(f"<h3>Per-layer precision: {html.escape(t)}</h3>" + (_html_table(LAYER_HEAD, rows) if rows else "") for t, rows in layer_tables(report))}
 </body></html>
 """
+
+
+SENS_HEAD = ["rank", "layer", "op", "layer SQNR dB", "float alone: agreement regained (pp)",
+             "float alone: logit SQNR gain (dB)"]
+
+
+def sensitivity_rows(result: dict) -> list[list[str]]:
+    ranked = sorted(result["layers"], key=lambda r: (-r["agreement_regained_pp"], -r.get("logit_sqnr_gain_db", 0.0),
+                                                     r["sqnr_db"]))
+    return [[str(i + 1), r.get("module", r["layer"]), r["op"], f"{r['sqnr_db']:.1f}", f"{r['agreement_regained_pp']:+.2f}",
+             f"{r.get('logit_sqnr_gain_db', 0.0):+.2f}"] for i, r in enumerate(ranked)]
+
+
+def sensitivity_markdown(result: dict) -> str:
+    return "\n".join([
+        f"# Per-layer sensitivity: INT8 on {result['target']}", "",
+        f"Measured on {result['images']} images of the calibration split ({result['source']}), {result['runtime']} "
+        f"({result['kind']}). INT8 top-1 agreement with the all-float graph: "
+        f"{result['int8_agreement_with_float'] * 100:.2f}%, logit SQNR {result.get('logit_sqnr_db') or 0:.1f} dB. "
+        "Layer SQNR: each layer's output in the INT8 graph against the "
+        "same graph with every layer in float (errors accumulate along the network). Sorted by the agreement "
+        "regained when only that layer is left in float, then by the logit SQNR gained, then by layer SQNR.", "",
+        _md_table(SENS_HEAD, sensitivity_rows(result)), ""])
+
+
+def sensitivity_png(result: dict) -> bytes | None:
+    """SQNR along the network, stages marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result["layers"]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    ax.plot([r["index"] for r in rows], [r["sqnr_db"] for r in rows], marker="o", ms=3)
+    last = None
+    for r in rows:
+        if r["stage"] != last:
+            ax.axvline(r["index"] - 0.5, color="grey", alpha=0.3)
+            ax.annotate(r["stage"], (r["index"], ax.get_ylim()[1]), fontsize=7, va="top")
+            last = r["stage"]
+    worst = min(rows, key=lambda r: r["sqnr_db"])
+    ax.annotate(worst.get("module", worst["layer"]), (worst["index"], worst["sqnr_db"]), fontsize=7,
+                textcoords="offset points", xytext=(4, -10))
+    ax.set_xlabel("quantized layer (network order)")
+    ax.set_ylabel("SQNR of layer output, dB")
+    ax.set_title(f"INT8 per-layer SQNR on {result['target']} ({result['images']} calibration images)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

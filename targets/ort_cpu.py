@@ -197,3 +197,13 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
                    f"{ops.get('float_conv_matmul_left', 0)} float Conv/MatMul left)"
     return Runner(run, f"onnxruntime {ort.__version__} CPUExecutionProvider", device_label(threads), executed, threads)
 
+
+
+def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log) -> dict:
+    """Per-layer SQNR and float-alone gain of the INT8 graph, run as this target runs it (ORT's fusions on)."""
+    import onnxruntime as ort
+
+    from targets.qdq import layer_sensitivity
+
+    r = layer_sensitivity(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=True, log=log)
+    return {**r, "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "kind": "real"}

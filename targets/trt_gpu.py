@@ -327,3 +327,11 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
                 "fp32": "fp32"}[artifact.precision]
     return Runner(run, f"onnxruntime {ort.__version__} CPUExecutionProvider", device_label(threads), executed,
                   threads, proxy=PROXY_LABEL, timed=False)
+
+
+def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log) -> dict:
+    """Per-layer SQNR and float-alone gain of the Q/DQ graph as written (the proxy's arithmetic)."""
+    from targets.qdq import layer_sensitivity
+
+    r = layer_sensitivity(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=False, log=log)
+    return {**r, "runtime": PROXY_LABEL, "kind": "proxy"}

@@ -1,0 +1,78 @@
+"""Per-layer sensitivity of a target's INT8 artifact: which layers lose the accuracy, measured on a slice of
+the calibration split (never the evaluation split). The target does the measuring (`sensitivity()` in its
+module, where its runtime is); this stage picks the data, names the layers as the checkpoint does, ranks
+them and writes the result."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from calibration.batches import load_array
+from pipeline.checkpoints import LoadedCheckpoint
+from pipeline.errors import UserError
+
+
+@dataclass
+class SensitivityConfig:
+    n_images: int = 256  # the first images of the calibration split
+    threads: int = 2
+
+
+def supported(module) -> bool:
+    return callable(getattr(module, "sensitivity", None))
+
+
+def module_names(model) -> list[str]:
+    import torch
+
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def measure(module, target: str, ck: LoadedCheckpoint, artifacts: dict, calib_src, calib_indices,
+            cfg: SensitivityConfig, log=print) -> dict:
+    if not supported(module):
+        raise UserError(f"per-layer sensitivity is not available for target {target} yet; "
+                        "use onnxruntime or tensorrt (Q/DQ ONNX)")
+    images, _ = load_array(calib_src, list(calib_indices)[:cfg.n_images], ck.preprocessing, desc="sensitivity slice")
+    result = module.sensitivity(artifacts, images, cfg.threads, log)
+    names = module_names(ck.model)
+    rows = result["layers"]
+    if len(rows) == len(names):  # both in network order: name layers as the checkpoint does
+        for r, n in zip(rows, names):
+            r["module"] = n
+    for i, r in enumerate(rows):
+        r["index"] = i
+        r["stage"] = _stage(r.get("module", ""))
+    ranked = sorted(rows, key=rank_key)
+    return {"target": target, "images": result["images"], "logit_sqnr_db": result.get("logit_sqnr_db"),
+            "float_graph_max_abs_diff": result.get("float_graph_max_abs_diff"), "source": calib_src.name if hasattr(calib_src, "name") else "",
+            "int8_agreement_with_float": result["int8_agreement"], "layers": rows,
+            "ranking": [r.get("module", r["layer"]) for r in ranked], "runtime": result.get("runtime", ""),
+            "kind": result.get("kind", "real")}
+
+
+def rank_key(r: dict):
+    """Most sensitive first: top-1 agreement regained when left in float alone, then how much cleaner the logits
+    get (continuous, so ties at 100 % agreement still rank), then the layer's own SQNR."""
+    return (-r["agreement_regained_pp"], -r.get("logit_sqnr_gain_db", 0.0), r["sqnr_db"])
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "stages" and len(parts) > 1:
+        return f"stage {parts[1]}"
+    return parts[0] or "?"
+
+
+def write(result: dict, out: Path) -> None:
+    from reports.render import sensitivity_markdown, sensitivity_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "sensitivity.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    png = sensitivity_png(result)
+    if png:
+        (out / "sensitivity.png").write_bytes(png)
+    (out / "sensitivity.md").write_text(sensitivity_markdown(result))
+    tmp.replace(out / "sensitivity.json")

@@ -1,0 +1,82 @@
+"""Per-layer sensitivity of a Q/DQ INT8 graph: the surgery that leaves layers in float is exact, and a layer
+damaged on purpose ranks first."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from calibration.batches import load_array
+from calibration.fashion_mnist import FashionMNIST
+from calibration.split import make_split
+from conftest import REPO
+from pipeline.checkpoints import load_checkpoint
+from pipeline.export import export_onnx
+from pipeline.sensitivity import module_names, rank_key
+from targets import load_target
+from targets.base import BuildRequest, CalibrationData
+from targets.qdq import layer_sensitivity, quantized_layers
+
+ort_cpu = load_target("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def qdq(atto_reference, tmp_path_factory):
+    ck = load_checkpoint(atto_reference, "atto")
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    split = make_split(train, test, n_calib=300, n_eval=100, seed=0)
+    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
+    d = tmp_path_factory.mktemp("sens")
+    export_onnx(ck.model, d / "model.onnx")
+    arts = {}
+    for p in ("fp32", "int8"):
+        (d / p).mkdir()
+        arts[p] = ort_cpu.build(BuildRequest(p, d / "model.onnx", ck.model, d / p, CalibrationData(calib_x, "m", "t")))
+    return ck, arts, calib_x[:128], d
+
+
+def test_sensitivity_ranks_a_damaged_layer_first(qdq):
+    ck, arts, images, d = qdq
+    model = onnx.load(str(arts["int8"].files[0]))
+    layers = quantized_layers(model)
+    names = module_names(ck.model)
+    assert len(layers) == len(names) == 41
+    victim = names.index("stages.2.blocks.1.mlp.fc1")
+    node = layers[victim]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    q = producers[producers[node.input[0]].input[0]]
+    assert q.op_type == "QuantizeLinear"
+    inits = {i.name: i for i in model.graph.initializer}
+    scale = numpy_helper.to_array(inits[q.input[1]])
+    inits[q.input[1]].CopyFrom(numpy_helper.from_array((scale * 0.02).astype(scale.dtype), q.input[1]))
+    damaged = d / "damaged.onnx"
+    onnx.save(model, str(damaged))
+
+    clean = layer_sensitivity(arts["int8"].files[0], arts["fp32"].files[0], images)
+    hurt = layer_sensitivity(damaged, arts["fp32"].files[0], images)
+    for r in (clean, hurt):
+        assert r["float_graph_max_abs_diff"] < 1e-3  # every layer floated == the FP32 export
+    ranked = sorted(range(41), key=lambda i: rank_key(hurt["layers"][i]))
+    print(f"\ndamaged {names[victim]}: agreement {hurt['int8_agreement'] * 100:.1f}% (clean "
+          f"{clean['int8_agreement'] * 100:.1f}%), its SQNR {hurt['layers'][victim]['sqnr_db']:.1f} dB "
+          f"(clean {clean['layers'][victim]['sqnr_db']:.1f} dB), ranked {ranked.index(victim) + 1} of 41")
+    assert ranked[0] == victim
+    assert hurt["layers"][victim]["sqnr_db"] < clean["layers"][victim]["sqnr_db"] - 10
+    assert hurt["int8_agreement"] < clean["int8_agreement"]
+
+
+def test_sensitivity_command(atto_reference, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVNEXT_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "sensitivity", "--target", "tensorrt", "--variant", "atto",
+                        "--calib", "200", "--images", "64", "--out", str(tmp_path / "s")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    md = (tmp_path / "s" / "sensitivity.md").read_text()
+    assert "proxy for the TensorRT engine" in md and md.count("| stages.") >= 30 and "| stem.0 |" in md
+    assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "sensitivity", "--target", "onnxruntime", "--variant",
+                          "atto", "--images", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--images 0" in bad.stderr and "Traceback" not in bad.stderr
