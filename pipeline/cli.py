@@ -75,6 +75,7 @@ def _cmd_deploy(args) -> int:
         calib_data=Path(args.calib_data) if args.calib_data else None,
         eval_data=Path(args.eval_data) if args.eval_data else None, options=options,
         alternatives=not args.no_alternatives, accuracy_control=args.accuracy_control,
+        sensitivity=args.sensitivity,
     )
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
     print(f"report: {result.out_dir / 'report.html'}")
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip building and measuring the target's other INT8 recipes for comparison")
     s.add_argument("--accuracy-control", action="store_true",
                    help="bound INT8 by the gate file's max_top1_drop_pp (OpenVINO: nncf.quantize_with_accuracy_control)")
+    s.add_argument("--sensitivity", type=int, default=0, metavar="N",
+                   help="add per-layer INT8 sensitivity, measured on N calibration images, to the report")
     s.set_defaults(func=_cmd_deploy)
 
     s = sub.add_parser("sensitivity", help="per-layer INT8 sensitivity (SQNR, float-alone gain) of a target's artifact")

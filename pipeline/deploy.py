@@ -54,6 +54,7 @@ class DeployConfig:
     alternatives: bool = True  # also build and measure the target's other INT8 recipes
     accuracy_control: bool = False  # INT8 bounded by the gate's max_top1_drop_pp (targets that offer it)
     n_control: int = 1000  # labelled training-side images the accuracy control decides on
+    sensitivity: int = 0  # >0: per-layer INT8 sensitivity on that many calibration images, into the report
 
 
 @dataclass
@@ -247,6 +248,18 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
 
     compared = _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds, cfg, log)
 
+    sensitivity = None
+    if cfg.sensitivity and "int8" in artifacts:
+        from pipeline import sensitivity as sens
+
+        if not sens.supported(module):
+            notes.append(f"per-layer sensitivity not available for {cfg.target} yet (Q/DQ targets: onnxruntime, tensorrt)")
+        else:
+            sensitivity = sens.measure(module, cfg.target, ck, {"fp32" if k == spec.reference else k: v
+                                                                for k, v in artifacts.items()},
+                                       calib_src, split.calibration.indices,
+                                       sens.SensitivityConfig(min(cfg.sensitivity, len(split.calibration)), cfg.threads), log)
+
     figures = _gate_figures(acc, latency, cfg.image_size, base)
     proxy = any(r.proxy for r in runners.values())
     verdicts = gates_mod.check(gate_cfg, figures, proxy)
@@ -279,6 +292,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         "accuracy": acc,
         "latency": latency,
         "int8_recipes": compared,
+        "sensitivity": sensitivity,
         "notes": notes,
         "engine_built": avail.ok,
         "gates": {"file": str(cfg.gates), "applied": gate_cfg, "figures": figures,

@@ -143,6 +143,9 @@ def render_markdown(report: dict) -> str:
         if ops and "integer_kernel_count" in ops:
             parts += [f"**{a['precision']}** executed graph: {ops.get('integer_kernel_count', 0)} integer kernels "
                       f"{ops.get('integer_kernels', {})}, {ops.get('float_conv_matmul_left', 0)} float Conv/MatMul/Gemm left.", ""]
+    if report.get("sensitivity"):
+        body = sensitivity_markdown(report["sensitivity"]).split("\n", 1)[1]
+        parts += ["## Per-layer sensitivity (INT8)", "", "![per-layer SQNR](sensitivity.png)", body]
     tables = layer_tables(report)
     if tables:
         parts += ["## Per-layer precision", ""]
@@ -213,6 +216,7 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 <h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],
                               [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
                                for a in report["artifacts"] for f in a["files"]])}
+{_sensitivity_html(report)}
 {"".join(f"<h3>Per-layer precision: {html.escape(t)}</h3>" + (_html_table(LAYER_HEAD, rows) if rows else "") for t, rows in layer_tables(report))}
 </body></html>
 """
@@ -271,3 +275,13 @@ def sensitivity_png(result: dict) -> bytes | None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _sensitivity_html(report: dict) -> str:
+    result = report.get("sensitivity")
+    if not result:
+        return ""
+    png = sensitivity_png(result)
+    img = f'<img alt="per-layer SQNR" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
+    caption = sensitivity_markdown(result).split("\n")[2]
+    return f"<h2>Per-layer sensitivity (INT8)</h2><p>{html.escape(caption)}</p>{img}" + _html_table(SENS_HEAD, sensitivity_rows(result))

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from reports.render import plot_png, render_html, render_markdown
+from reports.render import plot_png, render_html, render_markdown, sensitivity_png
 
 
 def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: str | None = None) -> Path:
@@ -27,6 +27,10 @@ def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: 
                 shutil.copy2(f, art / f.name)
         if manifest is not None:
             (tmp / "manifest.json").write_text(manifest)
+        if report.get("sensitivity"):
+            sens = sensitivity_png(report["sensitivity"])
+            if sens:
+                (tmp / "sensitivity.png").write_bytes(sens)
         png = plot_png(report)
         if png:
             (tmp / "accuracy_vs_latency.png").write_bytes(png)
