@@ -154,14 +154,31 @@ def render_markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
-def plot_png(report: dict) -> bytes | None:
-    """Accuracy (top-1 at checkpoint size) against latency (p50, deployment size, batch 1), one point per artifact."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _png(plt, fig, ax) -> bytes:
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_png(report: dict) -> bytes | None:
+    """Accuracy (top-1 at checkpoint size) against latency (p50, deployment size, batch 1), one point per artifact."""
+    plt = _pyplot()
+    if plt is None:
         return None
     size = report["data"]["latency_resolution"]
     points = []
@@ -181,12 +198,7 @@ def plot_png(report: dict) -> bytes | None:
     ax.set_xlabel(f"p50 latency, ms ({size} px, batch 1, {report['latency'][0]['threads']} threads)")
     ax.set_ylabel(f"top-1 % ({report['data']['accuracy_resolution']} px, {report['data']['evaluation']['n']} images)")
     ax.set_title(f"{report['model']['name']} on {report['target']['name']}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig, ax)
 
 
 def _html_table(head, rows) -> str:
@@ -247,12 +259,8 @@ def sensitivity_markdown(result: dict) -> str:
 
 def sensitivity_png(result: dict) -> bytes | None:
     """SQNR along the network, stages marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     rows = result["layers"]
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
@@ -269,12 +277,7 @@ def sensitivity_png(result: dict) -> bytes | None:
     ax.set_xlabel("quantized layer (network order)")
     ax.set_ylabel("SQNR of layer output, dB")
     ax.set_title(f"INT8 per-layer SQNR on {result['target']} ({result['images']} calibration images)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig, ax)
 
 
 def _sensitivity_html(report: dict) -> str:
