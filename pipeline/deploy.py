@@ -255,8 +255,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         if not sens.supported(module):
             notes.append(f"per-layer sensitivity not available for {cfg.target} yet (Q/DQ targets: onnxruntime, tensorrt)")
         else:
-            sensitivity = sens.measure(module, cfg.target, ck, {"fp32" if k == spec.reference else k: v
-                                                                for k, v in artifacts.items()},
+            sensitivity = sens.measure(module, cfg.target, ck, artifacts[spec.reference], artifacts["int8"],
                                        calib_src, split.calibration.indices,
                                        sens.SensitivityConfig(min(cfg.sensitivity, len(split.calibration)), cfg.threads), log)
 
@@ -377,8 +376,7 @@ def run_sensitivity(cfg: DeployConfig, n_images: int = 256, log=print) -> tuple[
     export = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
     arts = build_artifacts(cfg.target, export.path, ck.model, calibration, (spec.reference, "int8"), dict(cfg.options),
                            log, input_sizes=(ck.preprocessing.input_size, cfg.image_size), model_info=model_info(ck))
-    result = sens.measure(module, cfg.target, ck, {"fp32" if k == spec.reference else k: v for k, v in arts.items()},
-                          calib_src, split.calibration.indices, sens.SensitivityConfig(n_images, cfg.threads), log)
+    result = sens.measure(module, cfg.target, ck, arts[spec.reference], arts["int8"], calib_src, split.calibration.indices, sens.SensitivityConfig(n_images, cfg.threads), log)
     result["variant"] = ck.variant.name
     out = Path(cfg.out) if cfg.out else Path("runs") / f"sensitivity-{cfg.target}-{ck.variant.name}"
     sens.write(result, out)

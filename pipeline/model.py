@@ -155,5 +155,10 @@ def create_model(variant: str | Variant, num_classes: int = 1000, in_chans: int 
     return ConvNeXt(v.depths, v.dims, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Conv and Linear, in network order: the layers quantization acts on."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from calibration.batches import load_array
 from pipeline.checkpoints import LoadedCheckpoint
-from pipeline.errors import UserError
+from pipeline.model import weight_layers
 
 
 @dataclass
@@ -23,20 +23,12 @@ def supported(module) -> bool:
     return callable(getattr(module, "sensitivity", None))
 
 
-def module_names(model) -> list[str]:
-    import torch
-
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-
-
-def measure(module, target: str, ck: LoadedCheckpoint, artifacts: dict, calib_src, calib_indices,
+def measure(module, target: str, ck: LoadedCheckpoint, reference, int8, calib_src, calib_indices,
             cfg: SensitivityConfig, log=print) -> dict:
-    if not supported(module):
-        raise UserError(f"per-layer sensitivity is not available for target {target} yet; "
-                        "use onnxruntime or tensorrt (Q/DQ ONNX)")
+    """`reference` and `int8`: the target's artifacts; the target must be `supported`."""
     images, _ = load_array(calib_src, list(calib_indices)[:cfg.n_images], ck.preprocessing, desc="sensitivity slice")
-    result = module.sensitivity(artifacts, images, cfg.threads, log)
-    names = module_names(ck.model)
+    result = module.sensitivity({"fp32": reference, "int8": int8}, images, cfg.threads, log)
+    names = [n for n, _ in weight_layers(ck.model)]
     rows = result["layers"]
     if len(rows) == len(names):  # both in network order: name layers as the checkpoint does
         for r, n in zip(rows, names):

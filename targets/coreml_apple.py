@@ -277,17 +277,16 @@ def _dequantized(op) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     raise ValueError(f"{op.op_type} is not a weight dequantization op")
 
 
-def layer_precisions(package: Path) -> list[dict]:
-    """Per conv/linear layer of the package, in network order: weight storage and whether its input activation
-    is INT8 (fed by a `dequantize` op)."""
-    prog, _ = read_program(package)
+def layer_precisions(prog) -> list[dict]:
+    """Per conv/linear layer of a package's program, in network order: weight storage and whether its input
+    activation is INT8 (fed by a `dequantize` op)."""
     rows = []
     for op in prog.functions["main"].operations:
         if op.op_type not in ("conv", "linear"):
             continue
         w_op, x_op = op.weight.op, op.x.op
         if w_op is not None and w_op.op_type.startswith("constexpr_"):
-            _, q, scale, dtype = _dequantized(w_op)
+            _, _, scale, dtype = _dequantized(w_op)
             weight = f"{dtype} ({'per-channel' if np.size(scale) > 1 else 'per-tensor'})"
         else:
             from coremltools.converters.mil.mil import types
@@ -299,16 +298,23 @@ def layer_precisions(package: Path) -> list[dict]:
     return rows
 
 
-def package_weights(package: Path) -> list[np.ndarray]:
-    """Dequantized weights of every conv/linear in network order (FP16 constants as stored)."""
-    prog, _ = read_program(package)
+def _stored_weights(prog) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(float weight, INT8 scales or None) of every conv/linear in network order, as the package stores them."""
     out = []
     for op in prog.functions["main"].operations:
         if op.op_type in ("conv", "linear"):
             w_op = op.weight.op
-            out.append(_dequantized(w_op)[0] if w_op.op_type.startswith("constexpr_") else
-                       np.asarray(op.weight.val, np.float32))
+            if w_op is not None and w_op.op_type.startswith("constexpr_"):
+                w, _, scale, _ = _dequantized(w_op)
+                out.append((w, scale))
+            else:
+                out.append((np.asarray(op.weight.val, np.float32), None))
     return out
+
+
+def package_weights(package: Path) -> list[np.ndarray]:
+    """Dequantized weights of every conv/linear in network order (FP16 constants as stored)."""
+    return [w for w, _ in _stored_weights(read_program(package)[0])]
 
 
 def package_activation_scales(package: Path) -> list[tuple[float, int]]:
@@ -334,17 +340,7 @@ def package_activation_scales(package: Path) -> list[tuple[float, int]]:
     return out
 
 
-def proxy_activation_scales(proxy) -> list[tuple[float, int]]:
-    """The same list for a finalized torch model (its scale/zero-point attributes, in graph order)."""
-    out = []
-    for node in proxy.graph.nodes:
-        if node.op == "call_function" and "quantize_per_tensor" in str(node.target):
-            scale, zp = (getattr(proxy, a.target) for a in node.args[1:3])  # get_attr nodes
-            out.append((float(scale), int(zp)))
-    return out
-
-
-def _align_proxy_to_package(core, package: Path, precision: str) -> None:
+def _align_proxy_to_package(core, prog, precision: str) -> None:
     """Give the proxy the package's own numbers. The converter casts weights to FP16 before quantizing and
     stores scales in FP16, so ~3% of INT8 weights land one step away from torch's own rounding (measured on
     atto); the proxy therefore takes the weights (and W8A8 scales) read back from the package."""
@@ -352,29 +348,20 @@ def _align_proxy_to_package(core, package: Path, precision: str) -> None:
 
     import torch
 
-    prog, _ = read_program(package)
-    stored = [op.weight.op for op in prog.functions["main"].operations if op.op_type in ("conv", "linear")]
-    modules = _conv_linear_modules(core)
-    if [tuple(op.outputs[0].shape) for op in stored] != [tuple(m.weight.shape) for m in modules]:
+    from pipeline.model import weight_layers
+
+    stored = _stored_weights(prog)
+    modules = [m for _, m in weight_layers(core)]
+    if [w.shape for w, _ in stored] != [tuple(m.weight.shape) for m in modules]:
         raise RuntimeError(f"the {precision} package's layers do not line up with the torch model's; cannot build its proxy")
     with torch.no_grad():
-        for m, op in zip(modules, stored):
-            if op.op_type.startswith("constexpr_"):
-                w, _, scale, _ = _dequantized(op)
-                m.weight.copy_(torch.from_numpy(w))
-                if hasattr(m, "weight_scale"):  # W8A8 reference module: fake-quantizes its weight with this
-                    m.weight_scale.copy_(torch.from_numpy(np.asarray(scale, np.float32)).reshape(m.weight_scale.shape))
-            else:
-                m.weight.copy_(torch.from_numpy(np.asarray(op.outputs[0].val, np.float32)))
+        for m, (w, scale) in zip(modules, stored):
+            m.weight.copy_(torch.from_numpy(w))
+            if scale is not None and hasattr(m, "weight_scale"):  # W8A8 reference module fake-quantizes with it
+                m.weight_scale.copy_(torch.from_numpy(np.asarray(scale, np.float32)).reshape(m.weight_scale.shape))
         for name, buf in core.named_buffers():
             if re.search(r"_scale_\d+$", name):  # activation scales, FP16 in the package
                 buf.copy_(buf.to(torch.float16).to(buf.dtype))
-
-
-def _conv_linear_modules(model):
-    import torch
-
-    return [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
 # ---------------------------------------------------------------- the target protocol
@@ -383,6 +370,7 @@ def build(request: BuildRequest) -> Artifact:
     import torch
 
     from pipeline.export import fold_layer_scale
+    from pipeline.model import weight_layers
 
     config = build_config(request.precision, request.options)
     info = dict(request.model_info)
@@ -391,7 +379,7 @@ def build(request: BuildRequest) -> Artifact:
     sizes = tuple(request.input_sizes) or (info["preprocessing"]["input_size"],)
     info["sizes"] = sorted(set(sizes))
     core = fold_layer_scale(request.torch_model)  # same function; γ would otherwise become a quantized constant
-    names = [n for n, m in core.named_modules() if m in _conv_linear_modules(core)]
+    names = [n for n, _ in weight_layers(core)]
     example = torch.zeros(1, 3, sizes[-1], sizes[-1])
     out = request.out_dir
     package = out / PACKAGE.format(precision=request.precision)
@@ -415,8 +403,9 @@ def build(request: BuildRequest) -> Artifact:
     _save_package(mlmodel, package)
 
     # The proxy: TorchScript of exactly what the accuracy figures are computed with.
+    prog, _ = read_program(package)  # read back once: proxy numbers and per-layer precision come from it
     if request.precision in ("w8", "int8"):
-        _align_proxy_to_package(core, package, request.precision)
+        _align_proxy_to_package(core, prog, request.precision)
     with torch.no_grad(), _quiet():
         if request.precision in ("fp16", "w8"):
             traced = torch.jit.trace(core.half(), example.half())
@@ -426,7 +415,7 @@ def build(request: BuildRequest) -> Artifact:
     traced.save(str(proxy.with_suffix(".tmp")))
     os.replace(proxy.with_suffix(".tmp"), proxy)
 
-    layers = layer_precisions(package)
+    layers = layer_precisions(prog)
     if len(layers) == len(names):  # network order on both sides: name the layers as the checkpoint does
         for row, name in zip(layers, names):
             row["module"] = name
@@ -438,9 +427,10 @@ def build(request: BuildRequest) -> Artifact:
     }
     meta["proxy_file"] = proxy.name
     meta["minimum_deployment_target"] = config["minimum_deployment_target"]
-    if not available().ok:
-        meta["not_executed"] = available().reason
-    return Artifact(NAME, request.precision, [package], meta, proxy=None if available().ok else PROXY_LABEL)
+    avail = available()
+    if not avail.ok:
+        meta["not_executed"] = avail.reason
+    return Artifact(NAME, request.precision, [package], meta, proxy=None if avail.ok else PROXY_LABEL)
 
 
 _EXECUTED = {

@@ -15,7 +15,8 @@ from calibration.split import make_split
 from conftest import REPO
 from pipeline.checkpoints import load_checkpoint
 from pipeline.export import export_onnx
-from pipeline.sensitivity import module_names, rank_key
+from pipeline.model import weight_layers
+from pipeline.sensitivity import rank_key
 from targets import load_target
 from targets.base import BuildRequest, CalibrationData
 from targets.qdq import layer_sensitivity, quantized_layers
@@ -42,7 +43,7 @@ def test_sensitivity_ranks_a_damaged_layer_first(qdq):
     ck, arts, images, d = qdq
     model = onnx.load(str(arts["int8"].files[0]))
     layers = quantized_layers(model)
-    names = module_names(ck.model)
+    names = [n for n, _ in weight_layers(ck.model)]
     assert len(layers) == len(names) == 41
     victim = names.index("stages.2.blocks.1.mlp.fc1")
     node = layers[victim]
