@@ -384,7 +384,6 @@ def build(request: BuildRequest) -> Artifact:
     out = request.out_dir
     package = out / PACKAGE.format(precision=request.precision)
     meta: dict = {"build": config, "input": _input_layers(info)[0], "sizes": info["sizes"]}
-    ct = _ct()
     with _quiet():
         if request.precision == "int8":
             if request.calibration is None or len(request.calibration.images) == 0:

@@ -1,10 +1,15 @@
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from calibration.fashion_mnist import default_root
+from calibration.batches import load_array
+from calibration.fashion_mnist import FashionMNIST, default_root
+from calibration.split import make_split
+from pipeline.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,3 +51,27 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()
+
+
+@dataclass
+class ReferenceSplit:
+    """The atto reference checkpoint with a Fashion-MNIST split and its calibration images loaded."""
+
+    ck: object
+    train: object
+    test: object
+    split: object
+    calib_x: np.ndarray
+
+    def load(self, which: str):
+        """(images, labels) of the split's "evaluation" or "control" part."""
+        source = self.test if which == "evaluation" else self.train
+        return load_array(source, getattr(self.split, which).indices, self.ck.preprocessing)
+
+
+def reference_split(checkpoint: Path, n_calib: int, n_eval: int | None, n_control: int = 0) -> ReferenceSplit:
+    ck = load_checkpoint(checkpoint, "atto")
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    split = make_split(train, test, n_calib=n_calib, n_eval=n_eval, seed=0, n_control=n_control)
+    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
+    return ReferenceSplit(ck, train, test, split, calib_x)

@@ -9,11 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.batches import load_array
-from calibration.fashion_mnist import FashionMNIST
-from calibration.split import make_split
-from conftest import REPO
-from pipeline.checkpoints import load_checkpoint
+from conftest import REPO, reference_split
 from pipeline.deploy import model_info
 from pipeline.validate import accuracy, predict_many
 from targets import load_target
@@ -27,10 +23,8 @@ needs_macos = pytest.mark.skipif(not AVAIL.ok, reason=f"Core ML prediction canno
 
 @pytest.fixture(scope="module")
 def built(atto_reference, tmp_path_factory):
-    ck = load_checkpoint(atto_reference, "atto")
-    train, test = FashionMNIST("train"), FashionMNIST("test")
-    split = make_split(train, test, n_calib=300, n_eval=None, seed=0)
-    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
+    data = reference_split(atto_reference, n_calib=300, n_eval=None)
+    ck, train, calib_x = data.ck, data.train, data.calib_x
     d = tmp_path_factory.mktemp("coreml")
     arts = {}
     for precision in ("fp16", "w8", "int8"):
@@ -38,7 +32,7 @@ def built(atto_reference, tmp_path_factory):
         arts[precision] = coreml.build(BuildRequest(
             precision, None, ck.model, d / precision, CalibrationData(calib_x, "m", train.name),
             input_sizes=(32, 224), model_info=model_info(ck)))
-    x, y = load_array(test, split.evaluation.indices, ck.preprocessing)
+    x, y = data.load("evaluation")
     return ck, arts, x, y
 
 

@@ -3,14 +3,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from calibration.batches import load_array
-from calibration.fashion_mnist import FashionMNIST
-from calibration.split import make_split
-from conftest import REPO
-from pipeline.checkpoints import load_checkpoint
+from conftest import REPO, reference_split
 from pipeline.export import export_onnx
 from pipeline.validate import accuracy, predict_many
 from targets import get_spec, load_target
@@ -21,15 +16,12 @@ ov_cpu = load_target("openvino")
 
 @pytest.fixture(scope="module")
 def setup(atto_reference, tmp_path_factory):
-    ck = load_checkpoint(atto_reference, "atto")
-    train, test = FashionMNIST("train"), FashionMNIST("test")
-    split = make_split(train, test, n_calib=200, n_eval=1000, seed=0, n_control=300)
-    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
-    ctrl_x, ctrl_y = load_array(train, split.control.indices, ck.preprocessing)
-    eval_x, eval_y = load_array(test, split.evaluation.indices, ck.preprocessing)
+    data = reference_split(atto_reference, n_calib=200, n_eval=1000, n_control=300)
+    ctrl_x, ctrl_y = data.load("control")
+    eval_x, eval_y = data.load("evaluation")
     d = tmp_path_factory.mktemp("ov")
-    export_onnx(ck.model, d / "model.onnx")
-    return ck, d, CalibrationData(calib_x, "test", train.name), LabelledData(ctrl_x, ctrl_y), eval_x, eval_y
+    export_onnx(data.ck.model, d / "model.onnx")
+    return data.ck, d, CalibrationData(data.calib_x, "test", data.train.name), LabelledData(ctrl_x, ctrl_y), eval_x, eval_y
 
 
 def _build(setup, precision, calibration=None, **options):

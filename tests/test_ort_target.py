@@ -1,11 +1,7 @@
 """The ONNX Runtime target on the real atto reference checkpoint and real Fashion-MNIST images."""
-import numpy as np
 import pytest
 
-from calibration.batches import load_array
-from calibration.fashion_mnist import FashionMNIST
-from calibration.split import make_split
-from pipeline.checkpoints import load_checkpoint
+from conftest import reference_split
 from pipeline.export import export_onnx
 from pipeline.validate import accuracy, predict_many
 from targets import get_spec, load_target
@@ -16,14 +12,11 @@ ort_cpu = load_target("onnxruntime")
 
 @pytest.fixture(scope="module")
 def setup(atto_reference, tmp_path_factory):
-    ck = load_checkpoint(atto_reference, "atto")
-    train, test = FashionMNIST("train"), FashionMNIST("test")
-    split = make_split(train, test, n_calib=200, n_eval=2000, seed=0)
-    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
-    eval_x, eval_y = load_array(test, split.evaluation.indices, ck.preprocessing)
+    data = reference_split(atto_reference, n_calib=200, n_eval=2000)
+    eval_x, eval_y = data.load("evaluation")
     d = tmp_path_factory.mktemp("ort")
-    export_onnx(ck.model, d / "model.onnx")
-    return ck, d, CalibrationData(calib_x, "test", train.name), eval_x, eval_y
+    export_onnx(data.ck.model, d / "model.onnx")
+    return data.ck, d, CalibrationData(data.calib_x, "test", data.train.name), eval_x, eval_y
 
 
 def _build(setup, precision, **options):

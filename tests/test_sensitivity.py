@@ -4,16 +4,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from calibration.batches import load_array
-from calibration.fashion_mnist import FashionMNIST
-from calibration.split import make_split
-from conftest import REPO
-from pipeline.checkpoints import load_checkpoint
+from conftest import REPO, reference_split
 from pipeline.export import export_onnx
 from pipeline.model import weight_layers
 from pipeline.sensitivity import rank_key
@@ -26,10 +21,8 @@ ort_cpu = load_target("onnxruntime")
 
 @pytest.fixture(scope="module")
 def qdq(atto_reference, tmp_path_factory):
-    ck = load_checkpoint(atto_reference, "atto")
-    train, test = FashionMNIST("train"), FashionMNIST("test")
-    split = make_split(train, test, n_calib=300, n_eval=100, seed=0)
-    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
+    data = reference_split(atto_reference, n_calib=300, n_eval=100)
+    ck, calib_x = data.ck, data.calib_x
     d = tmp_path_factory.mktemp("sens")
     export_onnx(ck.model, d / "model.onnx")
     arts = {}

@@ -11,10 +11,7 @@ import onnx
 import pytest
 
 from calibration.batches import load_array
-from calibration.fashion_mnist import FashionMNIST
-from calibration.split import make_split
-from conftest import REPO
-from pipeline.checkpoints import load_checkpoint
+from conftest import REPO, reference_split
 from pipeline.export import export_onnx
 from pipeline.validate import accuracy, predict_many
 from targets import load_target
@@ -27,10 +24,8 @@ needs_gpu = pytest.mark.skipif(not AVAIL.ok, reason=f"TensorRT engine cannot be 
 
 @pytest.fixture(scope="module")
 def setup(atto_reference, tmp_path_factory):
-    ck = load_checkpoint(atto_reference, "atto")
-    train, test = FashionMNIST("train"), FashionMNIST("test")
-    split = make_split(train, test, n_calib=500, n_eval=None, seed=0)
-    calib_x, _ = load_array(train, split.calibration.indices, ck.preprocessing)
+    data = reference_split(atto_reference, n_calib=500, n_eval=None)
+    ck, train, test, split, calib_x = data.ck, data.train, data.test, data.split, data.calib_x
     d = tmp_path_factory.mktemp("trt")
     export_onnx(ck.model, d / "model.onnx")
     arts = {}
