@@ -85,9 +85,14 @@ def _ids_digest(source: Source, indices: list[int]) -> str:
 
 
 def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: int | None, seed: int = 0,
-               n_control: int = 0) -> Split:
+               n_control: int = 0, control_from: str = "calibration") -> Split:
     """Pick n_calib class-balanced calibration samples, n_eval (None: all the rest) evaluation samples and,
-    if asked, n_control control samples from the calibration side that are in neither."""
+    if asked, n_control labelled control samples that are in neither: from the calibration side, or held out of
+    the evaluation side (`control_from="evaluation"`). The evaluation side is the one to decide on when the
+    model was trained on the calibration side: on its own training images it flips fewer predictions under
+    INT8 (atto with injected outliers: 98.3 % agreement on 1,000 training images, 97.3 % on the test split)."""
+    if control_from not in ("calibration", "evaluation"):
+        raise ValueError(f"control_from must be 'calibration' or 'evaluation', not {control_from!r}")
     if n_calib <= 0:
         raise UserError("the calibration set is empty: pass --calib N with N ≥ 1 (≥ 500 is advised for CNNs)")
     if len(calib_source) == 0:
@@ -102,21 +107,25 @@ def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: 
     calib = (select_balanced(labels, n_calib, rng) if labels is not None
              else sorted(rng.choice(len(calib_source), n_calib, replace=False).tolist()))
     control: list[int] = []
+    control_source = calib_source if control_from == "calibration" else eval_source
     if n_control:
-        if labels is None:
-            pool = sorted(set(range(len(calib_source))) - set(calib))
+        c_labels = labels if control_from == "calibration" else labels_of(eval_source)
+        busy = set(calib) if (control_from == "calibration" or shared) else set()
+        if c_labels is None:
+            pool = sorted(set(range(len(control_source))) - busy)
             control = sorted(rng.choice(pool, min(n_control, len(pool)), replace=False).tolist())
         else:
-            control = select_balanced(labels, n_control, rng, exclude=set(calib))
+            control = select_balanced(c_labels, n_control, rng, exclude=busy)
         if not control:
-            raise UserError(f"no samples left in {calib_source.name} for the accuracy-control set")
-    taken = set(calib) | set(control) if shared else set()
+            raise UserError(f"no samples left in {control_source.name} for the accuracy-control set")
+    taken = (set(calib) if shared else set()) | (set(control) if (shared or control_from == "evaluation") else set())
     rest = [i for i in range(len(eval_source)) if i not in taken]
     if n_eval is not None and n_eval < len(rest):
         rest = sorted(rng.choice(rest, n_eval, replace=False).tolist())
     if not rest:
         raise UserError(f"no evaluation samples left in {eval_source.name}")
-    overlap = {calib_source.sample_id(i) for i in calib + control} & {eval_source.sample_id(i) for i in rest}
+    overlap = {calib_source.sample_id(i) for i in calib} & {eval_source.sample_id(i) for i in rest}
+    overlap |= {control_source.sample_id(i) for i in control} & {eval_source.sample_id(i) for i in rest}
     if overlap:
         raise UserError(
             f"{len(overlap)} samples are in both the calibration and the evaluation set "
@@ -127,5 +136,5 @@ def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: 
         SampleList(eval_source.name, rest, _ids_digest(eval_source, rest)),
         seed,
         shared,
-        SampleList(calib_source.name, control, _ids_digest(calib_source, control)) if control else None,
+        SampleList(control_source.name, control, _ids_digest(control_source, control)) if control else None,
     )

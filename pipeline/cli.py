@@ -75,8 +75,11 @@ def _cmd_deploy(args) -> int:
         calib_data=Path(args.calib_data) if args.calib_data else None,
         eval_data=Path(args.eval_data) if args.eval_data else None, options=options,
         alternatives=not args.no_alternatives, accuracy_control=args.accuracy_control,
-        sensitivity=args.sensitivity,
+        sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
+        fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
     )
+    if args.fallback_max_layers < 0 or args.fallback_max_minutes <= 0:
+        raise UserError("--fallback-max-layers must be ≥ 0 and --fallback-max-minutes > 0")
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
     print(f"report: {result.out_dir / 'report.html'}")
     if result.exit_code == EXIT_NOT_BUILT:
@@ -88,6 +91,22 @@ def _cmd_deploy(args) -> int:
     return result.exit_code
 
 
+def _smoothing(args) -> float | None:
+    if args.no_smoothing:
+        return None
+    if not 0.0 < args.smoothing_alpha < 1.0:
+        raise UserError(f"--smoothing-alpha {args.smoothing_alpha} must be between 0 and 1 (exclusive); "
+                        "--no-smoothing switches it off")
+    return args.smoothing_alpha
+
+
+def _smoothing_args(s) -> None:
+    s.add_argument("--smoothing-alpha", type=float, default=0.5,
+                   help="SmoothQuant α: how much of each norm channel's outlier range moves into the next layer's "
+                        "weights before INT8 (default 0.5)")
+    s.add_argument("--no-smoothing", action="store_true", help="quantize the checkpoint's weights as they are")
+
+
 def _cmd_sensitivity(args) -> int:
     from pipeline.deploy import DeployConfig, run_sensitivity
 
@@ -95,7 +114,7 @@ def _cmd_sensitivity(args) -> int:
                        checkpoint=Path(args.checkpoint) if args.checkpoint else None, n_calib=args.calib,
                        out=Path(args.out) if args.out else None, threads=args.threads,
                        calib_data=Path(args.calib_data) if args.calib_data else None,
-                       eval_data=Path(args.eval_data) if args.eval_data else None)
+                       eval_data=Path(args.eval_data) if args.eval_data else None, smoothing=_smoothing(args))
     if args.images < 1 or args.images > args.calib:
         raise UserError(f"--images {args.images} must be between 1 and --calib ({args.calib}): it is a slice of the calibration split")
     result, out = run_sensitivity(cfg, args.images, log=lambda m: print(m, flush=True))
@@ -145,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound INT8 by the gate file's max_top1_drop_pp (OpenVINO: nncf.quantize_with_accuracy_control)")
     s.add_argument("--sensitivity", type=int, default=0, metavar="N",
                    help="add per-layer INT8 sensitivity, measured on N calibration images, to the report")
+    _smoothing_args(s)
+    s.add_argument("--no-fallback", action="store_true",
+                   help="do not return layers to float when INT8 misses max_top1_drop_pp on the control split")
+    s.add_argument("--fallback-max-layers", type=int, default=8, help="fallback budget: layers in float (default 8)")
+    s.add_argument("--fallback-max-minutes", type=float, default=30.0,
+                   help="fallback budget: minutes of rebuilding (default 30)")
     s.set_defaults(func=_cmd_deploy)
 
     s = sub.add_parser("sensitivity", help="per-layer INT8 sensitivity (SQNR, float-alone gain) of a target's artifact")
@@ -157,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default runs/sensitivity-<target>-<variant>)")
     s.add_argument("--calib-data", help="ImageFolder tree to calibrate on (e.g. ImageNet train)")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
+    _smoothing_args(s)
     s.set_defaults(func=_cmd_sensitivity)
     return p
 

@@ -6,9 +6,7 @@ and the report directory is published atomically.
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +51,12 @@ class DeployConfig:
     seed: int = 0
     alternatives: bool = True  # also build and measure the target's other INT8 recipes
     accuracy_control: bool = False  # INT8 bounded by the gate's max_top1_drop_pp (targets that offer it)
-    n_control: int = 1000  # labelled training-side images the accuracy control decides on
+    n_control: int = 1000  # labelled images held out of the evaluation side, for fallback and accuracy-control decisions
     sensitivity: int = 0  # >0: per-layer INT8 sensitivity on that many calibration images, into the report
+    smoothing: float | None = 0.5  # SmoothQuant α for the INT8 builds (pipeline.outliers); None: off
+    fallback: bool = True  # INT8 missing max_top1_drop_pp on the control split → layers back to float
+    fallback_max_layers: int = 8
+    fallback_max_minutes: float = 30.0
 
 
 @dataclass
@@ -120,6 +122,34 @@ def _state_digest(model) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class Int8Source:
+    """What the INT8 builds start from: the checkpoint's model, outlier-smoothed unless switched off, and its export."""
+
+    model: torch.nn.Module
+    export_path: Path | None
+    smoothing: dict | None
+
+
+def int8_source(ck: LoadedCheckpoint, calib_x: np.ndarray, manifest_sha: str, alpha: float | None,
+                export_path: Path | None, log=print) -> Int8Source:
+    if not alpha:
+        return Int8Source(ck.model, export_path, None)
+    from pipeline.outliers import migrate, outlier_stats
+
+    before = outlier_stats(ck.model, calib_x)
+    model, info = migrate(ck.model, calib_x, alpha)
+    after = outlier_stats(model, calib_x)
+    info.update(outlier_ratio_before=before.worst_ratio, outlier_ratio_after=after.worst_ratio,
+                worst_layer_before=before.worst_layer, calibration_ids_sha256=manifest_sha)
+    log(f"smoothing (α {alpha}): largest norm-output channel range / median {before.worst_ratio:.1f} → "
+        f"{after.worst_ratio:.1f} ({before.worst_layer})")
+    if export_path is None:  # a torch-source target converts the smoothed model itself
+        return Int8Source(model, None, info)
+    export = export_cached(model, key_of("smoothed", ck.sha256, alpha, manifest_sha), ck.variant.name, calib_x[:32])
+    return Int8Source(model, export.path, info)
+
+
 def build_artifacts(target_name: str, export_path: Path, model, calibration: CalibrationData,
                     precisions: tuple[str, ...], options: dict, log,
                     validation: LabelledData | None = None, input_sizes: tuple[int, ...] = (),
@@ -175,8 +205,11 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
             raise UserError(f"--accuracy-control needs max_top1_drop_pp in {cfg.gates} for {cfg.target}/{ck.variant.name}")
         options["accuracy_control"] = gate_cfg["max_top1_drop_pp"] / 100.0
     calib_src, eval_src, task = _sources(ck, cfg)
+    fallback_on = (cfg.fallback and "int8" in spec.precisions and "max_top1_drop_pp" in gate_cfg
+                   and not cfg.accuracy_control)
     split: Split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed,
-                              n_control=cfg.n_control if cfg.accuracy_control else 0)
+                              n_control=cfg.n_control if (cfg.accuracy_control or fallback_on) else 0,
+                              control_from="evaluation")
     manifest_sha = split.calibration.ids_sha256  # the INT8 build depends on the calibration samples only
     log(f"data: {len(split.calibration)} calibration ({split.calibration.source}), "
         f"{len(split.evaluation)} evaluation ({split.evaluation.source})")
@@ -184,9 +217,10 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     calibration = CalibrationData(calib_x, manifest_sha, split.calibration.source)
     validation = None
     if split.control is not None:
-        ctrl_x, ctrl_y = load_array(calib_src, split.control.indices, pp, desc="control")
+        ctrl_x, ctrl_y = load_array(eval_src, split.control.indices, pp, desc="control")
         validation = LabelledData(ctrl_x, ctrl_y)
-        options["control_ids_sha256"] = split.control.ids_sha256
+        if cfg.accuracy_control:
+            options["control_ids_sha256"] = split.control.ids_sha256
 
     converter = getattr(module, "CONVERTS_FROM_TORCH", None)  # e.g. coremltools: no ONNX involved
     export = None
@@ -198,20 +232,45 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
 
     sizes = (pp.input_size, cfg.image_size)
     info = model_info(ck)
-    artifacts = build_artifacts(cfg.target, export_path, ck.model, calibration, spec.precisions, options, log,
-                                validation, sizes, info)
+    src8 = int8_source(ck, calib_x, manifest_sha, cfg.smoothing, export_path, log) if "int8" in spec.precisions else None
+    built = build_artifacts(cfg.target, export_path, ck.model, calibration,
+                            tuple(p for p in spec.precisions if p != "int8"), options, log, None, sizes, info)
+    if src8 is not None:
+        built.update(build_artifacts(cfg.target, src8.export_path, src8.model, calibration, ("int8",), options, log,
+                                     validation, sizes, info))
+    artifacts = {p: built[p] for p in spec.precisions}
     runners = {p: module.load_runner(a, cfg.threads) for p, a in artifacts.items()}
     torch_ref = _torch_runner(ck.model, cfg.threads)
-    alternatives = getattr(module, "INT8_ALTERNATIVES", {}) if cfg.alternatives and "int8" in artifacts else {}
-    alt_artifacts = {name: build_artifacts(cfg.target, export_path, ck.model, calibration, ("int8",),
-                                           {**cfg.options, **opts}, log, input_sizes=sizes, model_info=info)["int8"]
-                     for name, opts in alternatives.items()}
+
+    fallback, plain_runner = None, None
+    if fallback_on and validation is not None:
+        fallback = _fallback(module, cfg, ck, gate_cfg, artifacts, runners, src8, calibration, validation,
+                             calib_src, split, sizes, info, options, log)
+        chosen = fallback.pop("artifact", None)
+        if fallback["float_layers"]:
+            plain_runner = runners["int8"]
+            artifacts["int8"], runners["int8"] = chosen, module.load_runner(chosen, cfg.threads)
+
+    alternatives = dict(getattr(module, "INT8_ALTERNATIVES", {})) if cfg.alternatives and "int8" in artifacts else {}
+    peer = getattr(module, "PEER_DEFAULT_INT8", {}).get("recipe")
+    if alternatives and src8 is not None and src8.smoothing:
+        alternatives["ours without outlier smoothing"] = {"_plain": True}
+
+    def alt_build(opts: dict) -> Artifact:
+        plain_src = opts.get("_plain") or opts.get("recipe") == peer  # the peer's default never smooths
+        model, path = (ck.model, export_path) if plain_src else (src8.model, src8.export_path)
+        return build_artifacts(cfg.target, path, model, calibration, ("int8",),
+                               {**cfg.options, **{k: v for k, v in opts.items() if k != "_plain"}}, log,
+                               input_sizes=sizes, model_info=info)["int8"]
+
+    alt_artifacts = {name: alt_build(opts) for name, opts in alternatives.items()}
     alt_runners = {name: module.load_runner(a, cfg.threads) for name, a in alt_artifacts.items()}
 
     # Accuracy: at the checkpoint's own resolution, every runner on the same streamed batches.
     batches = iter_batches(eval_src, split.evaluation.indices, pp, batch_size=100, desc="evaluation")
     preds = predict_many({"torch_fp32": torch_ref.run, **{p: r.run for p, r in runners.items()},
-                          **{f"alt:{n}": r.run for n, r in alt_runners.items()}}, batches)
+                          **{f"alt:{n}": r.run for n, r in alt_runners.items()},
+                          **({"plain:int8": plain_runner.run} if plain_runner else {})}, batches)
     acc = {"torch_fp32": {**accuracy(preds["torch_fp32"]), **_runner_entry(torch_ref, "fp32")}}
     base = spec.reference  # the target's own reference precision (FP32; FP16 for Core ML)
     for p, r in runners.items():
@@ -230,6 +289,8 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     timed = {p: r.run for p, r in runners.items() if r.timed}
     extra = {f"{p} ({label})": (p, r) for p, a in artifacts.items()  # e.g. Core ML on CPU_ONLY beside ALL
              for label, r in getattr(module, "latency_runners", lambda a, t: {})(a, cfg.threads).items()}
+    if plain_runner is not None and plain_runner.timed:  # what the fallback cost in speed, in the same rounds
+        extra[PLAIN_INT8] = ("int8", plain_runner)
     timed.update({k: r.run for k, (_, r) in extra.items()})
     entries = {**{p: _runner_entry(r, p) for p, r in runners.items()},
                **{k: _runner_entry(r, p) for k, (p, r) in extra.items()}}
@@ -247,17 +308,19 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
                 log(f"latency {p} {size}px b{batch}: p50 {lat.p50_ms:.2f} ms, {lat.images_per_s:.1f} img/s")
 
     compared = _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds, cfg, log)
+    if fallback is not None:
+        _fallback_figures(fallback, preds, latency, base, cfg.image_size, log)
 
-    sensitivity = None
-    if cfg.sensitivity and "int8" in artifacts:
+    sensitivity = (fallback or {}).get("sensitivity")
+    if cfg.sensitivity and "int8" in artifacts and sensitivity is None:
         from pipeline import sensitivity as sens
 
         if not sens.supported(module):
-            notes.append(f"per-layer sensitivity not available for {cfg.target} yet (Q/DQ targets: onnxruntime, tensorrt)")
+            notes.append(f"per-layer sensitivity not available for {cfg.target}")
         else:
-            sensitivity = sens.measure(module, cfg.target, ck, artifacts[spec.reference], artifacts["int8"],
-                                       calib_src, split.calibration.indices,
-                                       sens.SensitivityConfig(min(cfg.sensitivity, len(split.calibration)), cfg.threads), log)
+            n = min(cfg.sensitivity, len(split.calibration))
+            sensitivity = _measure_sensitivity(module, cfg.target, ck, artifacts, src8, calibration, calib_src,
+                                               split, n, cfg.threads, log)
 
     figures = _gate_figures(acc, latency, cfg.image_size, base)
     proxy = any(r.proxy for r in runners.values())
@@ -292,6 +355,8 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         "latency": latency,
         "int8_recipes": compared,
         "sensitivity": sensitivity,
+        "smoothing": src8.smoothing if src8 else None,
+        "fallback": fallback,
         "notes": notes,
         "engine_built": avail.ok,
         "gates": {"file": str(cfg.gates), "applied": gate_cfg, "figures": figures,
@@ -309,6 +374,133 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         log(f"{cfg.target}: {notes[0]} (exit {EXIT_NOT_BUILT}: proxy figures only)")
         code = EXIT_NOT_BUILT
     return DeployResult(report, out_dir, code)
+
+
+PLAIN_INT8 = "int8 (all layers INT8, before the fallback)"
+
+
+def _reference_for(module, target: str, base: str, artifacts: dict, src8: Int8Source) -> Artifact:
+    """The float graph the INT8 artifact was quantized from (smoothed weights included), for sensitivity."""
+    if src8.export_path is not None:
+        return Artifact(target, "fp32", [src8.export_path])
+    return artifacts[base]
+
+
+def _measure_sensitivity(module, target, ck, artifacts, src8, calibration, calib_src, split, n, threads, log) -> dict:
+    from pipeline import sensitivity as sens
+
+    base = get_spec(target).reference
+    return sens.measure(module, target, ck, _reference_for(module, target, base, artifacts, src8), artifacts["int8"],
+                        calib_src, split.calibration.indices, sens.SensitivityConfig(n, threads), log,
+                        model=src8.model, calibration=calibration)
+
+
+def _fallback(module, cfg: DeployConfig, ck, gate_cfg: dict, artifacts: dict, runners: dict, src8: Int8Source,
+              calibration: CalibrationData, validation: LabelledData, calib_src, split: Split, sizes, info,
+              options: dict, log) -> dict:
+    """The accuracy-bounded fallback (pipeline.fallback) on the control split, and on a target with its own
+    accuracy control (OpenVINO: nncf.quantize_with_accuracy_control) that too, keeping the faster of those
+    that meet the bound."""
+    from pipeline import fallback as fb
+    from pipeline import sensitivity as sens
+
+    base = get_spec(cfg.target).reference
+    fcfg = fb.FallbackConfig(float(gate_cfg["max_top1_drop_pp"]), gate_cfg.get("min_agreement"),
+                             cfg.fallback_max_layers, cfg.fallback_max_minutes)
+    ref_top1, ref_preds = fb.control_top1(runners[base], validation)
+    plain_top1, plain_preds = fb.control_top1(runners["int8"], validation)
+    drop, agree = (ref_top1 - plain_top1) * 100.0, float((plain_preds == ref_preds).mean())
+    out = {"bound_pp": fcfg.max_drop_pp, "min_agreement": fcfg.min_agreement,
+           "control": {"source": split.control.source, "n": len(split.control), "ids_sha256": split.control.ids_sha256},
+           "reference_control_top1": ref_top1, "plain_control_drop_pp": drop, "plain_control_agreement": agree,
+           "triggered": fb.misses(fcfg, drop, agree), "float_layers": [],
+           "budget": {"max_float_layers": cfg.fallback_max_layers, "max_minutes": cfg.fallback_max_minutes}}
+    log(f"fallback: plain INT8 on {len(split.control)} control images: top-1 drop {drop:+.2f} pp, agreement "
+        f"{agree * 100:.2f} % ({fb.bound_text(fcfg)}){'' if out['triggered'] else ': no layer needs float'}")
+    if not out["triggered"]:
+        return out
+    if not sens.supported(module):
+        raise UserError(f"the INT8 artifact misses the accuracy gates on the control split and {cfg.target} "
+                        "has no per-layer sensitivity to rank layers by; pass --no-fallback")
+    n = min(max(cfg.sensitivity, 256), len(split.calibration))
+    ranking_src = _measure_sensitivity(module, cfg.target, ck, artifacts, src8, calibration, calib_src, split, n,
+                                       cfg.threads, log)
+    out["sensitivity"] = ranking_src
+
+    def build(layers: list[str]) -> Artifact:
+        return build_artifacts(cfg.target, src8.export_path, src8.model, calibration, ("int8",),
+                               {**options, "float_layers": list(layers)}, log, input_sizes=sizes, model_info=info)["int8"]
+
+    res = fb.search(build, lambda a: module.load_runner(a, cfg.threads), ranking_src["ranking"], validation,
+                    (ref_top1, ref_preds), artifacts["int8"], runners["int8"], fcfg, log)
+    out.update(res.to_dict(), method="layers back to float by measured sensitivity")
+    out["artifact"] = res.artifact
+    if getattr(module, "ACCURACY_CONTROL", False):
+        out["artifact"], out["float_layers"] = _compare_accuracy_control(
+            module, cfg, res, out, fcfg, (ref_top1, ref_preds), calibration, validation, src8, sizes, info, options, log)
+    return out
+
+
+def _compare_accuracy_control(module, cfg, res, out, fcfg, reference, calibration, validation, src8,
+                              sizes, info, options, log) -> tuple[Artifact, list[str]]:
+    """Our fallback next to the target's own accuracy control: both judged on the same control split, the
+    faster one at the deployment size (batch 1, interleaved) kept among those that meet the bound."""
+    from pipeline import fallback as fb
+
+    import time as _time
+
+    t0 = _time.monotonic()
+    ac = build_artifacts(cfg.target, src8.export_path, src8.model, calibration, ("int8",),
+                         {**options, "accuracy_control": fcfg.max_drop_pp / 100.0}, log, validation, sizes, info)["int8"]
+    ac_seconds = _time.monotonic() - t0
+    ac_runner = module.load_runner(ac, cfg.threads)
+    ac_top1, ac_preds = fb.control_top1(ac_runner, validation)
+    ac_drop, ac_agree = (reference[0] - ac_top1) * 100.0, float((ac_preds == reference[1]).mean())
+    ours_runner = module.load_runner(res.artifact, cfg.threads)
+    lat = measure({"ours": ours_runner.run, "accuracy_control": ac_runner.run}, batch=1, input_size=cfg.image_size,
+                  runs=max(20, cfg.latency_runs // 2), warmup=3)
+    last = min(res.rounds, key=lambda r: fb.score(fcfg, r["control_drop_pp"], r["control_agreement"]))
+    rows = [{"method": "ours (sensitivity-ranked fallback)", "control_drop_pp": last["control_drop_pp"],
+             "control_agreement": last["control_agreement"], "met": res.met,
+             "float_layers": len(res.float_layers), "p50_ms": lat["ours"].p50_ms,
+             "build_seconds": sum(r["seconds"] for r in res.rounds)},
+            {"method": "nncf.quantize_with_accuracy_control", "control_drop_pp": ac_drop, "control_agreement": ac_agree,
+             "met": not fb.misses(fcfg, ac_drop, ac_agree), "float_layers": len(ac.metadata.get("reverted_to_float", [])),
+             "p50_ms": lat["accuracy_control"].p50_ms, "build_seconds": ac_seconds}]
+    met = [r for r in rows if r["met"]] or rows
+    keep = min(met, key=lambda r: r["p50_ms"] if r["met"] else fb.score(fcfg, r["control_drop_pp"], r["control_agreement"]))
+    for r in rows:
+        r["kept"] = r is keep
+        log(f"fallback compare: {r['method']}: control drop {r['control_drop_pp']:+.2f} pp, {r['float_layers']} float "
+            f"layers, p50 {r['p50_ms']:.2f} ms at {cfg.image_size}px{' (kept)' if r['kept'] else ''}")
+    out["compared"] = rows
+    if keep is rows[1]:
+        out["method"] = "nncf.quantize_with_accuracy_control"
+        out["met"] = keep["met"]
+        return ac, list(ac.metadata.get("reverted_to_float", []))
+    return res.artifact, res.float_layers
+
+
+def _fallback_figures(fallback: dict, preds: dict, latency: list[dict], base: str, size: int, log) -> None:
+    """Plain vs final INT8 re-measured on the evaluation split, and the p50 the fallback cost."""
+    if "plain:int8" in preds:
+        plain = accuracy(preds["plain:int8"], preds[base])
+        final = accuracy(preds["int8"], preds[base])
+        fallback["evaluation"] = {"plain_top1_drop_pp": plain["top1_drop_pp"], "final_top1_drop_pp": final["top1_drop_pp"],
+                                  "plain_agreement": plain["agreement"], "final_agreement": final["agreement"],
+                                  "n": final["n"]}
+        log(f"fallback on the evaluation split: top-1 drop {plain['top1_drop_pp']:+.2f} pp (all INT8) → "
+            f"{final['top1_drop_pp']:+.2f} pp ({len(fallback['float_layers'])} layers in float)")
+
+    def p50(name):
+        return next((e["p50_ms"] for e in latency if e["precision"] == name and e["batch"] == 1
+                     and e["input_size"] == size), None)
+
+    plain_ms, final_ms = p50(PLAIN_INT8), p50("int8")
+    if plain_ms and final_ms:
+        fallback["latency"] = {"plain_p50_ms": plain_ms, "final_p50_ms": final_ms, "cost": final_ms / plain_ms,
+                               "input_size": size, "batch": 1}
+        log(f"fallback latency cost: p50 {plain_ms:.2f} → {final_ms:.2f} ms ({final_ms / plain_ms:.2f}×)")
 
 
 def _compare_alternatives(runners, artifacts, alt_runners, alt_artifacts, preds, cfg, log) -> list[dict]:
@@ -362,8 +554,7 @@ def run_sensitivity(cfg: DeployConfig, n_images: int = 256, log=print) -> tuple[
     spec = get_spec(cfg.target)
     module = load_target(cfg.target)
     if not sens.supported(module):
-        raise UserError(f"per-layer sensitivity is not available for target {cfg.target} yet; "
-                        "use onnxruntime or tensorrt (Q/DQ ONNX)")
+        raise UserError(f"per-layer sensitivity is not available for target {cfg.target}")
     avail = module.available()
     if not avail.ok and not avail.proxy:
         raise UserError(f"target {cfg.target} cannot run here: {avail.reason}")
@@ -373,10 +564,16 @@ def run_sensitivity(cfg: DeployConfig, n_images: int = 256, log=print) -> tuple[
     split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed)
     calib_x, _ = load_array(calib_src, split.calibration.indices, ck.preprocessing, desc="calibration")
     calibration = CalibrationData(calib_x, split.calibration.ids_sha256, split.calibration.source)
-    export = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
-    arts = build_artifacts(cfg.target, export.path, ck.model, calibration, (spec.reference, "int8"), dict(cfg.options),
-                           log, input_sizes=(ck.preprocessing.input_size, cfg.image_size), model_info=model_info(ck))
-    result = sens.measure(module, cfg.target, ck, arts[spec.reference], arts["int8"], calib_src, split.calibration.indices, sens.SensitivityConfig(n_images, cfg.threads), log)
+    converts = getattr(module, "CONVERTS_FROM_TORCH", None)
+    export = None if converts else export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32]).path
+    sizes, info = (ck.preprocessing.input_size, cfg.image_size), model_info(ck)
+    src8 = int8_source(ck, calib_x, calibration.manifest_sha256, cfg.smoothing, export, log)
+    arts = build_artifacts(cfg.target, export, ck.model, calibration, (spec.reference,), dict(cfg.options), log,
+                           input_sizes=sizes, model_info=info)
+    arts.update(build_artifacts(cfg.target, src8.export_path, src8.model, calibration, ("int8",), dict(cfg.options),
+                                log, input_sizes=sizes, model_info=info))
+    result = _measure_sensitivity(module, cfg.target, ck, arts, src8, calibration, calib_src, split, n_images,
+                                  cfg.threads, log)
     result["variant"] = ck.variant.name
     out = Path(cfg.out) if cfg.out else Path("runs") / f"sensitivity-{cfg.target}-{ck.variant.name}"
     sens.write(result, out)

@@ -24,13 +24,17 @@ def supported(module) -> bool:
 
 
 def measure(module, target: str, ck: LoadedCheckpoint, reference, int8, calib_src, calib_indices,
-            cfg: SensitivityConfig, log=print) -> dict:
-    """`reference` and `int8`: the target's artifacts; the target must be `supported`."""
+            cfg: SensitivityConfig, log=print, model=None, calibration=None) -> dict:
+    """`reference`: the float artifact (or export) `int8` was quantized from; `model`: the torch model it was
+    built from (outlier-smoothed: not the checkpoint's own weights); `calibration`: what it was calibrated on.
+    The target must be `supported`."""
+    model = model if model is not None else ck.model
     images, _ = load_array(calib_src, list(calib_indices)[:cfg.n_images], ck.preprocessing, desc="sensitivity slice")
-    result = module.sensitivity({"fp32": reference, "int8": int8}, images, cfg.threads, log)
-    names = [n for n, _ in weight_layers(ck.model)]
+    result = module.sensitivity({"fp32": reference, "int8": int8}, images, cfg.threads, log,
+                                model=model, calibration=calibration)
+    names = [n for n, _ in weight_layers(model)]
     rows = result["layers"]
-    if len(rows) == len(names):  # both in network order: name layers as the checkpoint does
+    if len(rows) == len(names) and not all("module" in r for r in rows):  # network order: name as the checkpoint
         for r, n in zip(rows, names):
             r["module"] = n
     for i, r in enumerate(rows):

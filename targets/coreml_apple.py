@@ -59,7 +59,8 @@ DEFAULTS = {
     "fp16": {"compute_precision": "fp16"},
     "w8": {"compute_precision": "fp16", "mode": "linear_symmetric", "weight_threshold": 2048},
     "int8": {"compute_precision": "fp16", "recipe": "LinearQuantizer PTQ", "scheme": "symmetric",
-             "activation_dtype": "quint8", "weight_per_channel": True, "observer": "min_max", "calib_batch": 50},
+             "activation_dtype": "quint8", "weight_per_channel": True, "observer": "min_max", "calib_batch": 50,
+             "float_layers": []},  # checkpoint layer names left in float (the accuracy fallback)
 }
 
 
@@ -184,7 +185,8 @@ def calibrate_w8a8(model, calibration: CalibrationData, config: dict):
         quantization_scheme=config["scheme"], activation_dtype=dtype, weight_dtype=torch.qint8,
         weight_per_channel=config["weight_per_channel"], activation_observer=config["observer"],
         weight_observer=config["observer"],
-        milestones=[0, 0, 2 ** 31 - 1, 0]))  # observe and fake-quantize from the start; never freeze observers early
+        milestones=[0, 0, 2 ** 31 - 1, 0]),  # observe and fake-quantize from the start; never freeze observers early
+        module_name_configs={name: None for name in config.get("float_layers") or []})  # None: left in float
     quantizer = LinearQuantizer(model, qcfg)
     example = torch.from_numpy(calibration.images[:2])
     prepared = quantizer.prepare(example_inputs=(example,), inplace=False)

@@ -33,7 +33,6 @@ this VM), ConvNeXt-T reference checkpoint, 224 px, batch 1, p50 of interleaved r
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +51,7 @@ DEFAULT_INT8 = {
     "subset_size": 300,
     "float_precision": "bf16",  # precision of the layers left float (the CPU plugin's default here)
     "accuracy_control": None,  # max top-1 drop (fraction) for quantize_with_accuracy_control, or None
+    "float_layers": [],  # checkpoint layer names kept in float (the accuracy fallback), as nncf's ignored scope
 }
 PEER_DEFAULT_INT8 = {"recipe": "nncf.quantize defaults"}
 
@@ -86,7 +86,34 @@ def build_config(precision: str, options: dict) -> dict:
     raise ValueError(f"openvino target offers fp32, bf16 and int8, not {precision}")
 
 
-def _nncf_kwargs(config: dict) -> dict:
+WEIGHT_OPS = ("Convolution", "GroupConvolution", "MatMul")
+
+
+def layer_names_for(model, torch_model, modules: list[str]) -> list[str]:
+    """OpenVINO op names of the named checkpoint layers in a float model: its Convolution/GroupConvolution/
+    MatMul ops with a constant weight are the Conv/Linear layers in network order (count checked)."""
+    from pipeline.model import weight_layers
+
+    ops = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in WEIGHT_OPS
+           and not _is_activation(op.input_value(1).get_node())]
+    names = [n for n, _ in weight_layers(torch_model)]
+    if len(ops) != len(names):
+        raise ValueError(f"cannot name layers: {len(ops)} weight ops in the OpenVINO model, {len(names)} in the model")
+    by_module = dict(zip(names, ops))
+    unknown = [m for m in modules if m not in by_module]
+    if unknown:
+        raise ValueError(f"no layer named {unknown[0]!r} in the model (e.g. {names[1]!r})")
+    return [by_module[m] for m in modules]
+
+
+def _is_activation(node) -> bool:
+    """False for a weight: a Constant, or a chain of Convert/Multiply/Subtract/Reshape/FakeQuantize over one."""
+    while node.get_type_name() in ("Convert", "Multiply", "Subtract", "Reshape", "FakeQuantize", "Transpose"):
+        node = node.input_value(0).get_node()
+    return node.get_type_name() != "Constant"
+
+
+def _nncf_kwargs(config: dict, names: list[str] = ()) -> dict:
     import nncf
 
     kwargs = {"subset_size": int(config["subset_size"]), "fast_bias_correction": bool(config["fast_bias_correction"]),
@@ -96,8 +123,8 @@ def _nncf_kwargs(config: dict) -> dict:
                             "mixed": nncf.QuantizationPreset.MIXED}[config["preset"]]
     if config.get("model_type") == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    if config.get("ignored_types"):
-        kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(config["ignored_types"]))
+    if config.get("ignored_types") or names:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(config.get("ignored_types") or []), names=list(names))
     return kwargs
 
 
@@ -123,9 +150,10 @@ def build(request: BuildRequest) -> Artifact:
         if request.calibration is None or len(request.calibration.images) == 0:
             raise ValueError("INT8 needs calibration data")
         calib = nncf.Dataset(list(request.calibration.batches(1)))
+        floated = layer_names_for(model, request.torch_model, config["float_layers"]) if config.get("float_layers") else []
         plain = nncf.quantize(model, calib, subset_size=min(300, len(request.calibration.images))) \
             if config.get("recipe") == PEER_DEFAULT_INT8["recipe"] else \
-            nncf.quantize(model, calib, **{**_nncf_kwargs(config),
+            nncf.quantize(model, calib, **{**_nncf_kwargs(config, floated),
                                            "subset_size": min(int(config["subset_size"]), len(request.calibration.images))})
         model, reverted = plain, []
         if config.get("accuracy_control") is not None:
@@ -134,6 +162,7 @@ def build(request: BuildRequest) -> Artifact:
             model, reverted = _accuracy_controlled(ov.convert_model(str(request.onnx_path)), calib, request, config, plain)
         meta["quantized_layers"] = len(quantized_layers(model))
         meta["reverted_to_float"] = reverted
+        meta["float_layers"] = dict(zip(config.get("float_layers") or [], floated))
         meta["ops"] = dict(Counter(op.get_type_name() for op in model.get_ops() if op.get_type_name() != "Constant"))
         meta["calibration"] = {"images": len(request.calibration.images),
                                "manifest_sha256": request.calibration.manifest_sha256}

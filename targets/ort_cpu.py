@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.machine import device_label
 from targets.base import Artifact, Availability, BuildRequest, CalibrationData, Runner, requires
+from targets.qdq import node_names_for
 
 NAME = "onnxruntime"
 INSTALL_HINT = "pip install 'convnext-deploy[onnxruntime]' (or `make setup`)"
@@ -90,7 +91,9 @@ def _calibration_method(name: str):
     return methods[name]
 
 
-def quantize_int8(src: Path, dst: Path, calibration: CalibrationData, config: dict) -> None:
+def quantize_int8(src: Path, dst: Path, calibration: CalibrationData, config: dict, torch_model=None) -> None:
+    """`config["float_layers"]`: checkpoint layer names kept in float (the accuracy fallback); naming them
+    needs the torch model."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -98,8 +101,10 @@ def quantize_int8(src: Path, dst: Path, calibration: CalibrationData, config: di
 
     pre = dst.with_name("preprocessed.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-    input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    pre_model = onnx.load(str(pre), load_external_data=False)
+    input_name = pre_model.graph.input[0].name
     reader = _Reader(calibration, input_name)
+    excluded = node_names_for(pre_model, torch_model, config["float_layers"]) if config.get("float_layers") else []
     if config.get("recipe") == PEER_DEFAULT_INT8["recipe"]:
         quantize_static(str(pre), str(dst), reader)
     else:
@@ -116,7 +121,7 @@ def quantize_int8(src: Path, dst: Path, calibration: CalibrationData, config: di
             activation_type=QuantType[config["activation_type"]],
             weight_type=QuantType[config["weight_type"]],
             calibrate_method=_calibration_method(config["calibrate_method"]),
-            nodes_to_exclude=list(config.get("nodes_to_exclude", [])),
+            nodes_to_exclude=list(config.get("nodes_to_exclude", [])) + excluded,
             extra_options=extra,
         )
     pre.unlink(missing_ok=True)
@@ -173,7 +178,7 @@ def build(request: BuildRequest) -> Artifact:
             raise ValueError("INT8 needs calibration data")
         config = build_config("int8", request.options)
         dst = out / "model_int8.onnx"
-        quantize_int8(request.onnx_path, dst, request.calibration, config)
+        quantize_int8(request.onnx_path, dst, request.calibration, config, request.torch_model)
         ops = op_counts(dst)
         return Artifact(NAME, "int8", [dst], {"quantization": config, "ops": ops,
                                               "calibration": {"images": len(request.calibration.images),
@@ -199,7 +204,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
 
 
 
-def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log) -> dict:
+def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log, **_) -> dict:
     """Per-layer SQNR and float-alone gain of the INT8 graph, run as this target runs it (ORT's fusions on)."""
     import onnxruntime as ort
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.machine import device_label
 from targets.base import Artifact, Availability, BuildRequest, CalibrationData, Runner, requires
+from targets.qdq import node_names_for
 
 NAME = "tensorrt"
 INSTALL_HINT = ("on a machine with an NVIDIA GPU and driver: pip install 'convnext-deploy[tensorrt]' "
@@ -42,6 +43,7 @@ DEFAULT_INT8 = {
     "max_batch": 32,
     "opt_batch": 1,
     "workspace_mib": 4096,
+    "float_layers": [],  # checkpoint layer names left without Q/DQ (the accuracy fallback): FP16/FP32 in the engine
 }
 
 
@@ -101,7 +103,7 @@ def build_config(precision: str, options: dict) -> dict:
 
 # ---------------------------------------------------------------- Q/DQ ONNX (runs anywhere)
 
-def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, config: dict) -> None:
+def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, config: dict, torch_model=None) -> None:
     """ONNX Runtime's static quantizer, set to TensorRT's explicit-quantization rules."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -111,7 +113,9 @@ def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, config: di
     pre = dst.with_name("qdq-preprocessed.onnx")
     # shape inference only: ORT's graph optimisations could emit ORT-only contrib ops TensorRT cannot parse
     quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=False)
-    input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    pre_model = onnx.load(str(pre), load_external_data=False)
+    input_name = pre_model.graph.input[0].name
+    excluded = node_names_for(pre_model, torch_model, config["float_layers"]) if config.get("float_layers") else []
     batches = iter([{input_name: b} for b in calibration.equal_batches()])
 
     class Reader:
@@ -128,6 +132,7 @@ def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, config: di
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=methods[config["calibrate_method"]],
+        nodes_to_exclude=excluded,
         extra_options={
             "ActivationSymmetric": True,  # zero point 0: TensorRT supports symmetric INT8 only
             "WeightSymmetric": True,
@@ -286,7 +291,7 @@ def build(request: BuildRequest) -> Artifact:
     if request.precision == "int8":
         if request.calibration is None or len(request.calibration.images) == 0:
             raise ValueError("INT8 needs calibration data")
-        make_qdq_onnx(request.onnx_path, onnx_path, request.calibration, config)
+        make_qdq_onnx(request.onnx_path, onnx_path, request.calibration, config, request.torch_model)
         meta["qdq"] = qdq_report(onnx_path)
         meta["calibration"] = {"images": len(request.calibration.images),
                                "manifest_sha256": request.calibration.manifest_sha256}
@@ -329,7 +334,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
                   threads, proxy=PROXY_LABEL, timed=False)
 
 
-def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log) -> dict:
+def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log, **_) -> dict:
     """Per-layer SQNR and float-alone gain of the Q/DQ graph as written (the proxy's arithmetic)."""
     from targets.qdq import layer_sensitivity
 
