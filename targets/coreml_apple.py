@@ -499,3 +499,80 @@ def _coreml_runner(artifact: Artifact, compute_units: str) -> Runner:
 
     return Runner(run, f"Core ML (coremltools {ct.__version__}) compute units {compute_units}",
                   f"{platform.machine()} macOS {platform.mac_ver()[0]}", artifact.precision, 0)
+
+
+def _floated(q, float_core, paths: set[str]):
+    """A copy of the finalized W8A8 model with the named layers reading their activation before its
+    quantize/dequantize and holding the FP32 weights (the package's float layers would be FP16)."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(q)
+    for node in list(m.graph.nodes):
+        if node.op == "call_module" and node.target in paths:
+            dq = node.args[0]
+            if getattr(dq, "op", None) == "call_method" and dq.target == "dequantize" \
+                    and getattr(dq.args[0], "target", None) is torch.quantize_per_tensor:
+                node.replace_input_with(dq, dq.args[0].args[0])
+            sub = m.get_submodule(node.target)
+            inner = f"{node.target}.linear" if hasattr(sub, "linear") else node.target  # Linear+GELU fused
+            parent, _, leaf = inner.rpartition(".")
+            setattr(m.get_submodule(parent) if parent else m, leaf, copy.deepcopy(float_core.get_submodule(node.target)))
+    m.recompile()
+    return m
+
+
+def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log, model=None, calibration=None, **_) -> dict:
+    """Per layer of the W8A8 proxy (the finalized model with the package's weights and scales, rebuilt from the
+    same calibration and checked against the saved proxy): SQNR of its output against the proxy with every
+    layer's input activation and weights in float, and the agreement (and logit SQNR) regained with it alone in
+    float. Norm and residual quantizers stay, as they are separate ops in the package."""
+    import torch
+
+    from pipeline.export import fold_layer_scale
+    from targets.qdq import sqnr_db
+
+    if model is None or calibration is None:
+        raise ValueError("Core ML sensitivity rebuilds the W8A8 proxy: it needs the model and its calibration data")
+    art = artifacts["int8"]
+    torch.set_num_threads(threads)
+    float_core = fold_layer_scale(model)
+    with _quiet():
+        q = calibrate_w8a8(fold_layer_scale(model), calibration, art.metadata["build"])
+        _align_proxy_to_package(q, read_program(art.files[0])[0], "int8")
+    saved = proxy_runner(art, threads).run(images[:32])
+    with torch.no_grad(), _quiet():
+        rebuilt_diff = float(np.abs(q(torch.from_numpy(images[:32])).numpy() - saved).max())
+    # the quantized conv/linear modules (a fused Linear+GELU holds its reference Linear as `.linear`)
+    paths = [n.target for n in q.graph.nodes if n.op == "call_module"
+             and any(hasattr(q.get_submodule(n.target), a) for a in ("weight_scale", "linear"))]
+
+    def run(m, hooks: list[str] = ()) -> list[np.ndarray]:
+        got: dict[str, list] = {p: [] for p in hooks}
+        handles = [m.get_submodule(p).register_forward_hook(lambda _m, _i, o, p=p: got[p].append(o.detach().numpy()))
+                   for p in hooks]
+        with torch.no_grad(), _quiet():
+            logits = np.concatenate([m(torch.from_numpy(images[i:i + 64])).numpy() for i in range(0, len(images), 64)])
+        for h in handles:
+            h.remove()
+        return [logits] + [np.concatenate(got[p]) for p in hooks]
+
+    f_outs = run(_floated(q, float_core, set(paths)), paths)
+    q_outs = run(q, paths)
+    ref_top1 = f_outs[0].argmax(1)
+    base_agree = float((q_outs[0].argmax(1) == ref_top1).mean())
+    base_sqnr = sqnr_db(f_outs[0], q_outs[0])
+    rows = []
+    for i, p in enumerate(paths):
+        alone = run(_floated(q, float_core, {p}))[0]
+        rows.append({"layer": p, "module": p, "op": type(float_core.get_submodule(p)).__name__.lower(),
+                     "weight": "int8 (package)", "sqnr_db": sqnr_db(f_outs[i + 1], q_outs[i + 1]),
+                     "agreement_regained_pp": (float((alone.argmax(1) == ref_top1).mean()) - base_agree) * 100.0,
+                     "logit_sqnr_gain_db": sqnr_db(f_outs[0], alone) - base_sqnr})
+        log(f"sensitivity {i + 1}/{len(paths)} {p}: SQNR {rows[-1]['sqnr_db']:.1f} dB, float alone "
+            f"{rows[-1]['agreement_regained_pp']:+.2f} pp, logits {rows[-1]['logit_sqnr_gain_db']:+.2f} dB")
+    return {"layers": rows, "images": len(images), "int8_agreement": base_agree, "logit_sqnr_db": base_sqnr,
+            "float_graph_max_abs_diff": None, "rebuilt_proxy_max_abs_diff": rebuilt_diff,
+            "runtime": PROXY_LABEL, "kind": "proxy",
+            "float_reference": "the proxy with every conv/linear input and weight in float (norm/add quantizers kept)"}

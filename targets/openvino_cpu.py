@@ -253,3 +253,69 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
     hint = str(probe.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: ", "").rstrip(">").strip("'")
     executed = _summary(artifact.precision, hint, executed_precisions(probe))
     return Runner(run, f"openvino {ov.__version__} CPU plugin", device_label(threads), executed, threads)
+
+
+def _bypassed(model, names: set[str]):
+    """A copy of the INT8 IR whose named layers read their activation before its FakeQuantize."""
+    m = model.clone()
+    for op in m.get_ordered_ops():
+        if op.get_friendly_name() in names:
+            src = op.input_value(0).get_node()
+            if src.get_type_name() == "FakeQuantize":
+                op.input(0).replace_source_output(src.input_value(0))
+    m.validate_nodes_and_infer_types()
+    return m
+
+
+def _run_ir(core, model, images: np.ndarray, config: dict, layer_names: list[str] = ()) -> list[np.ndarray]:
+    m = model.clone()
+    ops = {op.get_friendly_name(): op for op in m.get_ordered_ops()}
+    extra = [ops[n].output(0) for n in layer_names]
+    if extra:
+        m.add_outputs(extra)
+    compiled = core.compile_model(m, "CPU", config)
+    outs = [compiled(images[i:i + 64]) for i in range(0, len(images), 64)]
+    ports = [compiled.output(0)] + [compiled.outputs[j] for j in range(len(compiled.outputs) - len(extra), len(compiled.outputs))]
+    return [np.concatenate([o[p] for o in outs]) for p in ports]
+
+
+def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log, model=None, **_) -> dict:
+    """Per INT8 layer (a Convolution/MatMul whose activation passes a FakeQuantize), as the CPU plugin runs it:
+    the SQNR of its output against the same IR with every activation FakeQuantize bypassed, and the agreement
+    (and logit SQNR) regained when only its own is bypassed. Weights stay as stored (INT8, dequantized):
+    NNCF's SmoothQuant has rescaled them with the activations, so the FP32 IR's weights would not fit."""
+    import openvino as ov
+
+    from pipeline.model import weight_layers
+    from targets.qdq import sqnr_db
+
+    art = artifacts["int8"]
+    core = ov.Core()
+    q = core.read_model(str(art.files[0]))
+    config = _compile_config(art.metadata["build"].get("float_precision", "f32"), threads)
+    weight_ops = [op for op in q.get_ordered_ops() if op.get_type_name() in WEIGHT_OPS
+                  and not _is_activation(op.input_value(1).get_node())]
+    modules = [n for n, _ in weight_layers(model)] if model is not None else []
+    module_of = dict(zip([op.get_friendly_name() for op in weight_ops], modules)) if len(modules) == len(weight_ops) else {}
+    layers = [op for op in weight_ops if op.input_value(0).get_node().get_type_name() == "FakeQuantize"]
+    names = [op.get_friendly_name() for op in layers]
+    f_outs = _run_ir(core, _bypassed(q, set(names)), images, config, names)
+    q_outs = _run_ir(core, q, images, config, names)
+    ref_top1 = f_outs[0].argmax(1)
+    base_agree = float((q_outs[0].argmax(1) == ref_top1).mean())
+    base_sqnr = sqnr_db(f_outs[0], q_outs[0])
+    rows = []
+    for i, op in enumerate(layers):
+        alone = _run_ir(core, _bypassed(q, {names[i]}), images, config)[0]
+        row = {"layer": names[i], "op": op.get_type_name(), "weight": "int8 (as stored)",
+               "sqnr_db": sqnr_db(f_outs[i + 1], q_outs[i + 1]),
+               "agreement_regained_pp": (float((alone.argmax(1) == ref_top1).mean()) - base_agree) * 100.0,
+               "logit_sqnr_gain_db": sqnr_db(f_outs[0], alone) - base_sqnr}
+        if names[i] in module_of:
+            row["module"] = module_of[names[i]]
+        rows.append(row)
+        log(f"sensitivity {i + 1}/{len(layers)} {names[i]}: SQNR {row['sqnr_db']:.1f} dB, float alone "
+            f"{row['agreement_regained_pp']:+.2f} pp, logits {row['logit_sqnr_gain_db']:+.2f} dB")
+    return {"layers": rows, "images": len(images), "int8_agreement": base_agree, "logit_sqnr_db": base_sqnr,
+            "float_graph_max_abs_diff": None, "runtime": f"openvino {ov.__version__} CPU plugin", "kind": "real",
+            "float_reference": "the same IR with every activation FakeQuantize bypassed (weights as stored)"}
