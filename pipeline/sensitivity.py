@@ -45,7 +45,8 @@ def measure(module, target: str, ck: LoadedCheckpoint, reference, int8, calib_sr
             "float_graph_max_abs_diff": result.get("float_graph_max_abs_diff"), "source": calib_src.name if hasattr(calib_src, "name") else "",
             "int8_agreement_with_float": result["int8_agreement"], "layers": rows,
             "ranking": [r.get("module", r["layer"]) for r in ranked], "runtime": result.get("runtime", ""),
-            "kind": result.get("kind", "real")}
+            "kind": result.get("kind", "real"), "float_reference": result.get("float_reference"),
+            "rebuilt_proxy_max_abs_diff": result.get("rebuilt_proxy_max_abs_diff")}
 
 
 def rank_key(r: dict):

@@ -120,6 +120,57 @@ def _summary_lines(report: dict) -> list[str]:
     return lines
 
 
+FALLBACK_HEAD = ["layers in float", "control top-1 drop", "control agreement", "rebuild + check (s)"]
+
+
+def fallback_rows(report: dict) -> list[list[str]]:
+    return [[str(r["float_layers"]), _pp(r["control_drop_pp"]), _pct(r.get("control_agreement")), f"{r['seconds']:.1f}"]
+            for r in (report.get("fallback") or {}).get("rounds", [])]
+
+
+def method_lines(report: dict) -> list[str]:
+    """What this issue's INT8 methods did: outlier smoothing and the accuracy-bounded fallback, as measured."""
+    lines = []
+    sm = report.get("smoothing")
+    if sm:
+        lines.append(f"- **Outlier smoothing** (SmoothQuant-style, α {sm['alpha']}, from {sm['images']} calibration "
+                     f"images): {sm['layers']} norm→layer pairs; largest norm-output channel range over the median "
+                     f"{sm['outlier_ratio_before']:.1f} → {sm['outlier_ratio_after']:.1f} (worst: {sm['worst_layer_before']}). "
+                     "The FP32 function is unchanged; the INT8 artifacts are built from the smoothed weights.")
+    else:
+        lines.append("- Outlier smoothing: off (INT8 built from the checkpoint's weights as they are).")
+    fb = report.get("fallback")
+    if fb:
+        c = fb["control"]
+        head = (f"- **Accuracy fallback**: decided on {c['n']} labelled images held out of `{c['source']}` "
+                f"(not in the evaluation figures); bound: top-1 drop ≤ {fb['bound_pp']:g} pp"
+                + (f", agreement ≥ {fb['min_agreement'] * 100:g} %" if fb.get("min_agreement") is not None else "")
+                + f". All-INT8 on the control split: drop {_pp(fb['plain_control_drop_pp'])}, agreement "
+                  f"{_pct(fb['plain_control_agreement'])}.")
+        lines.append(head)
+        if not fb["triggered"]:
+            lines.append("  No layer needed float.")
+        else:
+            lines.append(f"  {fb.get('message', '')}. Method kept: {fb.get('method', '')}. "
+                         f"Layers in float ({len(fb['float_layers'])}): {', '.join(fb['float_layers']) or 'none'}.")
+            ev = fb.get("evaluation")
+            if ev:
+                lines.append(f"  Re-measured on the evaluation split ({ev['n']} images): top-1 drop "
+                             f"{_pp(ev['plain_top1_drop_pp'])} (all INT8) → **{_pp(ev['final_top1_drop_pp'])}**, "
+                             f"agreement {_pct(ev['plain_agreement'])} → {_pct(ev['final_agreement'])}.")
+            lat = fb.get("latency")
+            if lat:
+                lines.append(f"  Latency cost ({lat['input_size']} px, batch 1, same interleaved rounds): p50 "
+                             f"{lat['plain_p50_ms']:.2f} ms → {lat['final_p50_ms']:.2f} ms (**{lat['cost']:.2f}×**).")
+            elif fb["float_layers"]:
+                lines.append("  Latency cost: not measured (proxy; see the notes).")
+            for r in fb.get("compared", []):
+                lines.append(f"  Compared: {r['method']}: control drop {_pp(r['control_drop_pp'])}, agreement "
+                             f"{_pct(r['control_agreement'])}, {r['float_layers']} float layers, p50 {r['p50_ms']:.2f} ms, "
+                             f"built in {r['build_seconds']:.0f} s{' — kept' if r['kept'] else ''}.")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     m = report["model"]
     parts = [f"# convnext-deploy report: {m['name']} on {report['target']['name']}", "",
@@ -128,6 +179,9 @@ def render_markdown(report: dict) -> str:
              "## Latency", "", (_md_table(LAT_HEAD, latency_rows(report)) if report["latency"] else
                                 "Not measured (see the notes above)."), "",
              "## Gates", "", _md_table(GATE_HEAD, gate_rows(report)), "",
+             "## INT8 methods", "", *method_lines(report), "",
+             *(["| " + " | ".join(FALLBACK_HEAD) + " |", "|" + "---|" * len(FALLBACK_HEAD),
+                *("| " + " | ".join(r) + " |" for r in fallback_rows(report)), ""] if fallback_rows(report) else []),
              *(["## INT8 recipes compared", "", _recipe_caption(report), "",
                 _md_table(RECIPE_HEAD, recipe_rows(report)), ""] if report.get("int8_recipes") else []),
              "## Artifacts", "",
@@ -224,6 +278,8 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 <h2>Gates</h2>{gate_rows_html}
 <h2>Accuracy</h2>{_html_table(acc_head(report), accuracy_rows(report))}
 <h2>Latency</h2>{_html_table(LAT_HEAD, latency_rows(report))}
+<h2>INT8 methods</h2><ul>{"".join(f"<li>{html.escape(line.strip()[2:] if line.startswith('- ') else line.strip()).replace('**', '')}</li>" for line in method_lines(report))}</ul>
+{_html_table(FALLBACK_HEAD, fallback_rows(report)) if fallback_rows(report) else ""}
 {f"<h2>INT8 recipes compared</h2><p>{html.escape(_recipe_caption(report))}</p>" + _html_table(RECIPE_HEAD, recipe_rows(report)) if report.get("int8_recipes") else ""}
 <h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],
                               [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
@@ -251,8 +307,8 @@ def sensitivity_markdown(result: dict) -> str:
         f"Measured on {result['images']} images of the calibration split ({result['source']}), {result['runtime']} "
         f"({result['kind']}). INT8 top-1 agreement with the all-float graph: "
         f"{result['int8_agreement_with_float'] * 100:.2f}%, logit SQNR {result.get('logit_sqnr_db') or 0:.1f} dB. "
-        "Layer SQNR: each layer's output in the INT8 graph against the "
-        "same graph with every layer in float (errors accumulate along the network). Sorted by the agreement "
+        f"Layer SQNR: each layer's output in the INT8 graph against {result.get('float_reference') or 'the same graph with every layer in float'} "
+        "(errors accumulate along the network). Sorted by the agreement "
         "regained when only that layer is left in float, then by the logit SQNR gained, then by layer SQNR.", "",
         _md_table(SENS_HEAD, sensitivity_rows(result)), ""])
 

@@ -1,0 +1,155 @@
+"""Issue 8's INT8 methods on real data: injected channel outliers keep the FP32 function and break per-tensor
+INT8; smoothing restores it; the fallback returns layers to float when a gate is tighter than INT8 can meet,
+and stops at its budget with a clear message; OpenVINO and Core ML sensitivity find the damaged layers."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, reference_split
+from pipeline.export import export_onnx
+from pipeline.outliers import inject_outliers, migrate, norm_pairs, outlier_stats, save_outlier_checkpoint
+from pipeline.validate import accuracy, predict_many
+from targets import load_target
+from targets.base import Artifact, BuildRequest, CalibrationData
+
+K = 30.0  # outlier factor: ImageNet ConvNeXts show norm channels tens of times above the median
+
+
+@pytest.fixture(scope="module")
+def data(atto_reference):
+    d = reference_split(atto_reference, n_calib=500, n_eval=2000)
+    x, y = d.load("evaluation")
+    return d, x, y
+
+
+@pytest.fixture(scope="module")
+def outlier_checkpoint(atto_reference, data, tmp_path_factory):
+    return save_outlier_checkpoint(data[0].ck, tmp_path_factory.mktemp("outliers") / "atto_outliers.safetensors", K)
+
+
+def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, tmp_path):
+    d, x, y = data
+    ck, calib = d.ck, CalibrationData(d.calib_x, "m", "fashion-mnist/train")
+    outl = inject_outliers(ck.model, K)
+    with torch.no_grad():
+        a, b = ck.model(torch.from_numpy(x[:500])), outl(torch.from_numpy(x[:500]))
+    assert float((a - b).abs().max()) < 1e-3 and bool((a.argmax(1) == b.argmax(1)).all())
+    smoothed, info = migrate(outl, d.calib_x, 0.5)
+    with torch.no_grad():
+        assert float((smoothed(torch.from_numpy(x[:500])) - a).abs().max()) < 1e-3
+    before, after = outlier_stats(outl, d.calib_x), outlier_stats(smoothed, d.calib_x)
+    assert before.worst_ratio > 50 and after.worst_ratio < 10 and info["layers"] == len(norm_pairs(outl))
+
+    ort = load_target("onnxruntime")
+    runners = {"fp32": lambda b: ck.model(torch.from_numpy(b)).detach().numpy()}
+    for name, model in [("plain", outl), ("smoothed", smoothed)]:
+        export_onnx(model, tmp_path / f"{name}.onnx")
+        (tmp_path / name).mkdir()
+        art = ort.build(BuildRequest("int8", tmp_path / f"{name}.onnx", model, tmp_path / name, calib))
+        runners[name] = ort.load_runner(art, 2).run
+    preds = predict_many(runners, ((x[i:i + 250], y[i:i + 250]) for i in range(0, len(x), 250)))
+    got = {n: accuracy(preds[n], preds["fp32"]) for n in ("plain", "smoothed")}
+    print(f"\nONNX Runtime INT8, atto with {K:g}× channel outliers, {len(x)} test images: top-1 drop "
+          f"{got['plain']['top1_drop_pp']:+.2f} pp (agreement {got['plain']['agreement'] * 100:.2f}%) without smoothing, "
+          f"{got['smoothed']['top1_drop_pp']:+.2f} pp ({got['smoothed']['agreement'] * 100:.2f}%) with it; "
+          f"outlier ratio {before.worst_ratio:.0f} → {after.worst_ratio:.1f}")
+    assert got["plain"]["agreement"] < 0.985
+    assert got["smoothed"]["agreement"] >= 0.99
+    assert got["smoothed"]["agreement"] - got["plain"]["agreement"] >= 0.01
+    assert got["smoothed"]["top1_drop_pp"] <= 0.5
+
+
+def _cli(*args, tmp_path, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVNEXT_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_tight_gate_triggers_the_fallback_and_the_report_shows_it(outlier_checkpoint, tmp_path):
+    import json
+
+    p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
+             "--no-smoothing", "--no-alternatives", "--eval", "2000", "--runs", "10", "--fallback-max-layers", "16",
+             "--out", str(tmp_path / "r"), tmp_path=tmp_path)
+    assert p.returncode in (0, 1), p.stdout + p.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    fb = report["fallback"]
+    print("\n" + "\n".join(line for line in p.stdout.splitlines() if line.startswith("fallback")))
+    assert fb["triggered"] and fb["float_layers"] and fb["met"]
+    assert fb["rounds"][0]["float_layers"] == 0 and fb["rounds"][-1]["float_layers"] == len(fb["float_layers"])
+    assert set(fb["float_layers"]) <= set(fb["sensitivity"]["ranking"][:len(fb["float_layers"])])
+    ev = fb["evaluation"]
+    assert ev["final_agreement"] > ev["plain_agreement"]
+    assert ev["final_top1_drop_pp"] == pytest.approx(report["accuracy"]["int8"]["top1_drop_pp"])
+    assert fb["latency"]["plain_p50_ms"] > 0 and fb["latency"]["final_p50_ms"] > 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Accuracy fallback" in md and fb["float_layers"][0] in md and "Latency cost" in md
+    # control images are held out of the evaluation figures
+    assert report["data"]["evaluation"]["n"] == 2000 and report["data"]["control"]["source"] == "fashion-mnist/test"
+
+
+def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, tmp_path):
+    gates = tmp_path / "gates.toml"
+    gates.write_text("[defaults]\nmax_top1_drop_pp = -5.0\n")  # no INT8 artifact can be 5 pp better than FP32
+    p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
+             "--no-smoothing", "--no-alternatives", "--eval", "500", "--runs", "5", "--fallback-max-layers", "2",
+             "--gates", str(gates), "--out", str(tmp_path / "r"), tmp_path=tmp_path)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "fallback stopped at the budget" in p.stdout and "2 layers in float (budget --fallback-max-layers 2)" in p.stdout
+    assert "Traceback" not in p.stderr and "max_top1_drop_pp fail" in p.stderr
+    bad = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--smoothing-alpha", "1.5", tmp_path=tmp_path,
+               timeout=120)
+    assert bad.returncode == 2 and "--smoothing-alpha 1.5" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
+    import openvino as ov
+
+    d, _, _ = data
+    ovt = load_target("openvino")
+    export_onnx(d.ck.model, tmp_path / "m.onnx")
+    (tmp_path / "q").mkdir()
+    art = ovt.build(BuildRequest("int8", tmp_path / "m.onnx", d.ck.model, tmp_path / "q",
+                                 CalibrationData(d.calib_x[:200], "m", "t")))
+    model = ov.Core().read_model(str(art.files[0]))
+    names = ovt.quantized_layers(model)
+    victim = next(op for op in model.get_ordered_ops() if op.get_friendly_name() == names[len(names) // 2])
+    fq = victim.input_value(0).get_node()
+    for port in (1, 2, 3, 4):  # crush the quantization range ×0.02: the layer's activation saturates
+        const = fq.input_value(port).get_node()
+        fq.input(port).replace_source_output(ov.opset13.constant(const.get_data() * 0.02).output(0))
+    (tmp_path / "damaged").mkdir()
+    ov.save_model(model, str(tmp_path / "damaged" / "model_int8.xml"), compress_to_fp16=False)
+    damaged = Artifact("openvino", "int8", [tmp_path / "damaged" / "model_int8.xml",
+                                            tmp_path / "damaged" / "model_int8.bin"], art.metadata)
+    res = ovt.sensitivity({"int8": damaged}, d.calib_x[:128], 2, lambda m: None, model=d.ck.model)
+    from pipeline.sensitivity import rank_key
+
+    ranked = sorted(res["layers"], key=rank_key)
+    print(f"\nOpenVINO: damaged {victim.get_friendly_name()} ({next(r.get('module') for r in res['layers'] if r['layer'] == victim.get_friendly_name())}) "
+          f"ranked {[r['layer'] for r in ranked].index(victim.get_friendly_name()) + 1} of {len(ranked)}")
+    assert ranked[0]["layer"] == victim.get_friendly_name()
+    assert all("module" in r for r in res["layers"])
+
+
+def test_coreml_sensitivity_finds_the_outlier_fed_layers(outlier_checkpoint, data, tmp_path):
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.deploy import model_info
+    from pipeline.sensitivity import rank_key
+
+    d, _, _ = data
+    ck = load_checkpoint(outlier_checkpoint, "atto")
+    cm = load_target("coreml")
+    calib = CalibrationData(d.calib_x[:200], "m", "t")
+    (tmp_path / "q").mkdir()
+    art = cm.build(BuildRequest("int8", None, ck.model, tmp_path / "q", calib, input_sizes=(32,),
+                                model_info=model_info(ck)))
+    res = cm.sensitivity({"int8": art}, d.calib_x[:128], 2, lambda m: None, model=ck.model, calibration=calib)
+    assert res["rebuilt_proxy_max_abs_diff"] < 1e-4  # the measured model is the saved proxy
+    fed = {layer for _, _, layer, _ in norm_pairs(ck.model)}
+    top = [r["module"] for r in sorted(res["layers"], key=rank_key)[:3]]
+    print(f"\nCore ML proxy, atto with {K:g}× outliers: most sensitive {top}")
+    assert top[0] in fed and sum(t in fed for t in top) >= 2  # 15 of atto's 41 layers read a norm
