@@ -1,7 +1,10 @@
 """`make bench`: speed ratios measured in one run, medians of interleaved rounds.
 
-Per target, at 224 px, batch 1, 2 threads, for atto and T: FP32, the target's other float precision,
-our INT8 and the peer's default INT8 are timed in one interleaved measurement, so their ratios are honest.
+Per target, at 224 px, batch 1, 2 threads, for atto, T and atto with injected channel outliers: the reference
+precision, the target's other float precision, INT8 plain (no outlier method), INT8 ours (outlier smoothing) and
+the peer's default INT8 are timed in one interleaved measurement, so their ratios are honest; each row's top-1
+drop is against the first row on the same images. Proxy targets (TensorRT, Core ML off their device) give
+accuracy only.
 Each one's top-1 on the reference task is printed where a reference checkpoint exists; a variant without one
 is timed with its weights as initialised (the values do not change the cost) and no accuracy is printed.
 """
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 
 from calibration.batches import iter_batches, load_array
-from calibration.fashion_mnist import FashionMNIST
+from calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
 from calibration.split import make_split
 from pipeline.cache import key_of
 from pipeline.checkpoints import load_checkpoint
@@ -23,54 +26,87 @@ from pipeline.export import export_cached
 from pipeline.latency import measure
 from pipeline.machine import device_label
 from pipeline.model import create_model
+from pipeline.outliers import inject_outliers, migrate
 from pipeline.reference import reference_path
 from pipeline.train import dataset_preprocessing
 from pipeline.validate import accuracy, predict_many
 from targets import TARGETS, load_target
 from targets.base import CalibrationData
 
-# target → [(row label, precision, build options)]; the first row is the FP32 baseline, the INT8 "ours" row
-# is named "int8", and ratios are printed against the rows named in RATIOS.
+# target → [(row label, precision, build options, weights)]: weights "plain" are the checkpoint's own, "smoothed"
+# have their norm-channel outliers migrated (pipeline.outliers, what a deploy does by default). The first row is
+# the reference precision; "int8 plain" is INT8 without this project's outlier method, "int8 ours" with it.
 ROWS = {
-    "onnxruntime": [("fp32", "fp32", {}), ("int8", "int8", {}),
-                    ("int8 quantize_static defaults", "int8", {"recipe": "quantize_static defaults"})],
-    "openvino": [("fp32", "fp32", {}), ("bf16", "bf16", {}), ("int8", "int8", {}),
-                 ("int8 nncf.quantize defaults", "int8", {"recipe": "nncf.quantize defaults"})],
+    "onnxruntime": [("fp32", "fp32", {}, "plain"), ("int8 plain", "int8", {}, "plain"), ("int8 ours", "int8", {}, "smoothed"),
+                    ("int8 quantize_static defaults", "int8", {"recipe": "quantize_static defaults"}, "plain")],
+    "openvino": [("fp32", "fp32", {}, "plain"), ("bf16", "bf16", {}, "plain"), ("int8 plain", "int8", {}, "plain"),
+                 ("int8 ours", "int8", {}, "smoothed"),
+                 ("int8 nncf.quantize defaults", "int8", {"recipe": "nncf.quantize defaults"}, "plain")],
+    # proxies: accuracy only (their CPU speed says nothing about the device)
+    "tensorrt": [("fp32", "fp32", {}, "plain"), ("int8 plain", "int8", {}, "plain"), ("int8 ours", "int8", {}, "smoothed")],
+    "coreml": [("fp16", "fp16", {}, "plain"), ("w8 (coremltools weight-only)", "w8", {}, "plain"),
+               ("int8 plain", "int8", {}, "plain"), ("int8 ours", "int8", {}, "smoothed")],
 }
-RATIOS = {"onnxruntime": [("int8", "fp32"), ("int8", "int8 quantize_static defaults")],
-          "openvino": [("int8", "fp32"), ("int8", "bf16"), ("int8", "int8 nncf.quantize defaults")]}
+RATIOS = {"onnxruntime": [("int8 ours", "fp32"), ("int8 plain", "fp32"), ("int8 ours", "int8 quantize_static defaults")],
+          "openvino": [("int8 ours", "fp32"), ("int8 plain", "fp32"), ("int8 ours", "bf16"),
+                       ("int8 ours", "int8 nncf.quantize defaults")],
+          "tensorrt": [], "coreml": []}
+OUTLIER_K = 30.0  # "<variant>+outliers": the checkpoint with injected 30× norm-channel outliers (same FP32 function)
 
 
 def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, log=print) -> dict:
     module = load_target(target)
     train, test = FashionMNIST("train"), FashionMNIST("test")
-    ref = reference_path(variant)
+    base, _, extra = variant.partition("+")
+    if extra not in ("", "outliers"):
+        raise SystemExit(f"unknown bench variant {variant!r}: use a variant name, optionally with +outliers")
+    ref = reference_path(base)
     if ref.exists():
-        ck = load_checkpoint(ref, variant)
+        ck = load_checkpoint(ref, base)
         model, sha, pp, weights = ck.model, ck.sha256, ck.preprocessing, f"reference {ref}"
     else:
         torch.manual_seed(0)
-        model = create_model(variant, num_classes=10).eval()
-        pp, sha, weights = dataset_preprocessing(train, 32), key_of("init", variant), "as initialised (no reference checkpoint)"
+        model = create_model(base, num_classes=10).eval()
+        pp, sha, weights = dataset_preprocessing(train, 32), key_of("init", base), "as initialised (no reference checkpoint)"
+    if extra:
+        model, sha = inject_outliers(model, OUTLIER_K), key_of("outliers", sha, OUTLIER_K)
+        weights += f", {OUTLIER_K:g}× channel outliers injected"
     split = make_split(train, test, 500, n_eval, seed=0)
     calib_x, _ = load_array(train, split.calibration.indices, pp, desc="calibration")
     calibration = CalibrationData(calib_x, split.calibration.ids_sha256, train.name)
-    export = export_cached(model, sha, variant, calib_x[:16])
-    arts = {label: build_artifacts(target, export.path, model, calibration, (prec,), opts, log)[prec]
-            for label, prec, opts in ROWS[target]}
+    torch_source = getattr(module, "CONVERTS_FROM_TORCH", None)
+    plain = None if torch_source else export_cached(model, sha, base, calib_x[:16]).path
+    smoothed, _ = migrate(model, calib_x, 0.5)
+    smoothed_path = None if torch_source else \
+        export_cached(smoothed, key_of("smoothed", sha, 0.5, calibration.manifest_sha256), base, calib_x[:16]).path
+    sources = {"plain": (model, plain), "smoothed": (smoothed, smoothed_path)}
+    arts = {label: build_artifacts(target, sources[src][1], sources[src][0], calibration, (prec,), opts, log,
+                                   input_sizes=(pp.input_size, size),
+                                   model_info=_model_info(model, base, pp, sha))[prec]
+            for label, prec, opts, src in ROWS[target]}
     runners = {k: module.load_runner(a, threads) for k, a in arts.items()}
-    lat = measure({k: r.run for k, r in runners.items()}, batch=1, input_size=size, runs=runs, warmup=10, rounds=10)
+    timed = {k: r.run for k, r in runners.items() if r.timed}
+    lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=10) if timed else {}
+    first = next(iter(runners))
     row = {"target": target, "variant": variant, "weights": weights, "input_size": size, "threads": threads,
-           "batch": 1, "device": device_label(threads), "runtime": runners["fp32"].runtime,
-           "p50_ms": {k: v.p50_ms for k, v in lat.items()},
+           "batch": 1, "device": device_label(threads), "runtime": runners[first].runtime,
+           "kind": "proxy" if runners[first].proxy else "real",
+           "p50_ms": {k: (lat[k].p50_ms if k in lat else None) for k in runners},
            "executed": {k: r.precision for k, r in runners.items()},
-           "ratios": {f"{a} vs {b}": lat[b].p50_ms / lat[a].p50_ms for a, b in RATIOS[target]}}
+           "ratios": {f"{a} vs {b}": lat[b].p50_ms / lat[a].p50_ms for a, b in RATIOS[target] if a in lat and b in lat}}
     if ref.exists():
         preds = predict_many({k: r.run for k, r in runners.items()},
                              iter_batches(test, split.evaluation.indices, pp, batch_size=200, desc="evaluation"))
         row["top1"] = {k: accuracy(p)["top1"] for k, p in preds.items()}
+        row["drop_pp"] = {k: accuracy(p, preds[first])["top1_drop_pp"] for k, p in preds.items()}
         row["eval"] = {"split": test.name, "n": len(split.evaluation), "input_size": pp.input_size}
     return row
+
+
+def _model_info(model, variant: str, pp, sha: str) -> dict:
+    return {"variant": variant, "name": variant, "class_names": list(CLASS_NAMES), "preprocessing": pp.to_dict(),
+            "checkpoint_sha256": sha,
+            "reference_accuracy": None, "license": None}
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -78,10 +114,10 @@ def print_rows(rows: list[dict]) -> None:
         print(f"\n{r['target']} · {r['variant']} · {r['input_size']} px · batch 1 · {r['device']} · {r['runtime']}")
         acc_note = (f"top-1 on {r['eval']['split']} ({r['eval']['n']} images, {r['eval']['input_size']} px)"
                     if "top1" in r else f"top-1 not measured: weights {r['weights']}")
-        print(f"  {'':34} {'p50 ms':>8}  {acc_note}")
+        print(f"  {'':34} {'p50 ms':>8}  {acc_note}, drop vs {next(iter(r['p50_ms']))}")
         for k, ms in r["p50_ms"].items():
-            acc = f"{r['top1'][k] * 100:.2f}%" if "top1" in r else "—"
-            print(f"  {k:34} {ms:>8.2f}  {acc}")
+            acc = f"{r['top1'][k] * 100:.2f}%  {r['drop_pp'][k]:+.2f} pp" if "top1" in r else "—"
+            print(f"  {k:34} {(f'{ms:8.2f}' if ms is not None else '  proxy'):>8}  {acc}")
         for name, ratio in r["ratios"].items():
             print(f"  speed-up {name}: {ratio:.2f}×")
 
@@ -89,7 +125,8 @@ def print_rows(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
     ap.add_argument("--targets", default=",".join(t for t in ROWS if t in TARGETS))
-    ap.add_argument("--variants", default="atto,t")
+    ap.add_argument("--variants", default="atto,t,atto+outliers",
+                    help="comma-separated; VARIANT+outliers injects 30x norm-channel outliers (same FP32 function)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=200)
@@ -99,8 +136,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     for target in args.targets.split(","):
-        if not load_target(target).available().ok:
-            print(f"{target}: skipped ({load_target(target).available().reason})")
+        avail = load_target(target).available()
+        if not avail.ok and not avail.proxy:
+            print(f"{target}: skipped ({avail.reason})")
             continue
         for v in args.variants.split(","):
             rows.append(bench(target, v, args.image_size, args.threads, args.runs, args.eval))
