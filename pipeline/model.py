@@ -160,5 +160,18 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def map_by_network_order(nodes: list[str], model: nn.Module, modules: list[str], where: str) -> list[str]:
+    """The names in `nodes` (a converted graph's weight layers, in network order) of the named checkpoint
+    layers of `model`; the counts must agree, since order is the only link between the two."""
+    names = [n for n, _ in weight_layers(model)]
+    if len(nodes) != len(names):
+        raise ValueError(f"cannot name layers: {len(nodes)} weight layers in the {where}, {len(names)} in the model")
+    by_module = dict(zip(names, nodes))
+    unknown = [m for m in modules if m not in by_module]
+    if unknown:
+        raise ValueError(f"no layer named {unknown[0]!r} in the model (e.g. {names[1]!r})")
+    return [by_module[m] for m in modules]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -92,18 +92,11 @@ WEIGHT_OPS = ("Convolution", "GroupConvolution", "MatMul")
 def layer_names_for(model, torch_model, modules: list[str]) -> list[str]:
     """OpenVINO op names of the named checkpoint layers in a float model: its Convolution/GroupConvolution/
     MatMul ops with a constant weight are the Conv/Linear layers in network order (count checked)."""
-    from pipeline.model import weight_layers
+    from pipeline.model import map_by_network_order
 
     ops = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in WEIGHT_OPS
            and not _is_activation(op.input_value(1).get_node())]
-    names = [n for n, _ in weight_layers(torch_model)]
-    if len(ops) != len(names):
-        raise ValueError(f"cannot name layers: {len(ops)} weight ops in the OpenVINO model, {len(names)} in the model")
-    by_module = dict(zip(names, ops))
-    unknown = [m for m in modules if m not in by_module]
-    if unknown:
-        raise ValueError(f"no layer named {unknown[0]!r} in the model (e.g. {names[1]!r})")
-    return [by_module[m] for m in modules]
+    return map_by_network_order(ops, torch_model, modules, "OpenVINO model")
 
 
 def _is_activation(node) -> bool:

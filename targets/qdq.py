@@ -29,18 +29,11 @@ def node_names_for(model, torch_model, modules: list[str]) -> list[str]:
     """ONNX node names of the named checkpoint layers (e.g. `stages.2.blocks.0.mlp.fc1`) in a float ONNX
     graph: its Conv/MatMul/Gemm nodes with a weight initializer are the model's Conv/Linear layers in
     network order (the export keeps that order; the count is checked)."""
-    from pipeline.model import weight_layers
+    from pipeline.model import map_by_network_order
 
     inits = {i.name for i in model.graph.initializer}
     nodes = [n.name for n in model.graph.node if n.op_type in QUANTIZABLE and len(n.input) > 1 and n.input[1] in inits]
-    names = [n for n, _ in weight_layers(torch_model)]
-    if len(nodes) != len(names):
-        raise ValueError(f"cannot name layers: {len(nodes)} weight nodes in the ONNX graph, {len(names)} in the model")
-    by_module = dict(zip(names, nodes))
-    unknown = [m for m in modules if m not in by_module]
-    if unknown:
-        raise ValueError(f"no layer named {unknown[0]!r} in the model (e.g. {names[1]!r})")
-    return [by_module[m] for m in modules]
+    return map_by_network_order(nodes, torch_model, modules, "ONNX graph")
 
 
 def float_layers(model, names: set[str], fp32_inits: dict):
