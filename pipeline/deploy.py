@@ -207,8 +207,14 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     calib_src, eval_src, task = _sources(ck, cfg)
     fallback_on = (cfg.fallback and "int8" in spec.precisions and "max_top1_drop_pp" in gate_cfg
                    and not cfg.accuracy_control)
-    split: Split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed,
-                              n_control=cfg.n_control if (cfg.accuracy_control or fallback_on) else 0,
+    # the control split is held out of the evaluation side: at most a tenth of it, so evaluation keeps the rest
+    n_control = min(cfg.n_control, len(eval_src) // 10) if (cfg.accuracy_control or fallback_on) else 0
+    if cfg.accuracy_control and n_control < 1:
+        raise UserError(f"{eval_src.name} is too small to hold out a control split for --accuracy-control")
+    if fallback_on and n_control < 1:
+        fallback_on = False
+        notes.append(f"accuracy fallback off: {eval_src.name} is too small to hold out a control split")
+    split: Split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed, n_control=n_control,
                               control_from="evaluation")
     manifest_sha = split.calibration.ids_sha256  # the INT8 build depends on the calibration samples only
     log(f"data: {len(split.calibration)} calibration ({split.calibration.source}), "

@@ -75,7 +75,8 @@ def test_deploy_writes_a_complete_report(deployed):
             assert hashlib.sha256((out / "artifacts" / f).read_bytes()).hexdigest() == digest
     recipes = {row["recipe"]: row for row in r["int8_recipes"]}
     assert set(recipes) == {"ours (default)", "quantize_static defaults",
-                            "ours with int8 MatMul outputs (QLinearMatMul)", "ours with int8 activations (S8S8)"}
+                            "ours with int8 MatMul outputs (QLinearMatMul)", "ours with int8 activations (S8S8)",
+                            "ours without outlier smoothing"}
     assert recipes["ours (default)"]["float_conv_matmul_left"] == 0
     assert recipes["ours (default)"]["integer_kernels"].get("MatMulIntegerToFloat") == 24
     assert recipes["quantize_static defaults"]["float_conv_matmul_left"] > 0
@@ -113,7 +114,8 @@ def test_deploy_on_imagefolder_trees(atto_reference, env, tmp_path):
              "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=0)
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     assert "ImageFolder" in r["data"]["task"] and "sorted folders" in r["data"]["task"]
-    assert r["data"]["evaluation"]["n"] == 200 and r["data"]["calibration"]["n"] == 100
+    # a tenth of the 200 val images is held out as the fallback's control split, never in the figures
+    assert r["data"]["evaluation"]["n"] == 180 and r["data"]["control"]["n"] == 20 and r["data"]["calibration"]["n"] == 100
     assert r["accuracy"]["fp32"]["top1"] > 0.8  # labels line up with the checkpoint's classes
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert manifest["calibration"]["source"].endswith("/train") and manifest["evaluation"]["source"].endswith("/val")
