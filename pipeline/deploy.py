@@ -385,7 +385,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
 PLAIN_INT8 = "int8 (all layers INT8, before the fallback)"
 
 
-def _reference_for(module, target: str, base: str, artifacts: dict, src8: Int8Source) -> Artifact:
+def _reference_for(target: str, base: str, artifacts: dict, src8: Int8Source) -> Artifact:
     """The float graph the INT8 artifact was quantized from (smoothed weights included), for sensitivity."""
     if src8.export_path is not None:
         return Artifact(target, "fp32", [src8.export_path])
@@ -396,7 +396,7 @@ def _measure_sensitivity(module, target, ck, artifacts, src8, calibration, calib
     from pipeline import sensitivity as sens
 
     base = get_spec(target).reference
-    return sens.measure(module, target, ck, _reference_for(module, target, base, artifacts, src8), artifacts["int8"],
+    return sens.measure(module, target, ck, _reference_for(target, base, artifacts, src8), artifacts["int8"],
                         calib_src, split.calibration.indices, sens.SensitivityConfig(n, threads), log,
                         model=src8.model, calibration=calibration)
 
