@@ -12,26 +12,28 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from calibration.batches import iter_batches, load_array
+from calibration.batches import iter_batches
 from calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
-from calibration.split import make_split
 from pipeline.cache import key_of
-from pipeline.checkpoints import load_checkpoint
-from pipeline.deploy import build_artifacts
-from pipeline.export import export_cached
+from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
 from pipeline.latency import measure
 from pipeline.machine import device_label
 from pipeline.model import create_model
-from pipeline.outliers import inject_outliers, migrate
+from pipeline.outliers import inject_outliers
 from pipeline.reference import reference_path
+from pipeline.stages.build import build_one
+from pipeline.stages.context import DeployConfig
+from pipeline.stages.export import export
+from pipeline.stages.prepare import prepare
 from pipeline.train import dataset_preprocessing
 from pipeline.validate import accuracy, predict_many
-from targets import TARGETS, load_target
-from targets.base import CalibrationData
+from pipeline.variants import get_variant
+from targets import TARGETS, get_target
 
 # target → [(row label, precision, build options, weights)]: weights "plain" are the checkpoint's own, "smoothed"
 # have their norm-channel outliers migrated (pipeline.outliers, what a deploy does by default). The first row is
@@ -54,38 +56,39 @@ RATIOS = {"onnxruntime": [("int8 ours", "fp32"), ("int8 plain", "fp32"), ("int8 
 OUTLIER_K = 30.0  # "<variant>+outliers": the checkpoint with injected 30× norm-channel outliers (same FP32 function)
 
 
-def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, log=print) -> dict:
-    module = load_target(target)
-    train, test = FashionMNIST("train"), FashionMNIST("test")
+def _checkpoint(variant: str) -> tuple[LoadedCheckpoint, str, bool]:
+    """(checkpoint, how its weights were made, whether it has a reference accuracy) for `variant[+outliers]`."""
     base, _, extra = variant.partition("+")
     if extra not in ("", "outliers"):
         raise SystemExit(f"unknown bench variant {variant!r}: use a variant name, optionally with +outliers")
     ref = reference_path(base)
     if ref.exists():
-        ck = load_checkpoint(ref, base)
-        model, sha, pp, weights = ck.model, ck.sha256, ck.preprocessing, f"reference {ref}"
+        ck, weights = load_checkpoint(ref, base), f"reference {ref}"
     else:
         torch.manual_seed(0)
         model = create_model(base, num_classes=10).eval()
-        pp, sha, weights = dataset_preprocessing(train, 32), key_of("init", base), "as initialised (no reference checkpoint)"
+        pp = dataset_preprocessing(FashionMNIST("train"), 32)
+        ck = LoadedCheckpoint(model, get_variant(base), "ours", 10, tuple(CLASS_NAMES), pp, Path(f"<{base} as initialised>"),
+                              key_of("init", base), {"dataset": {"name": "fashion-mnist"}})
+        weights = "as initialised (no reference checkpoint)"
     if extra:
-        model, sha = inject_outliers(model, OUTLIER_K), key_of("outliers", sha, OUTLIER_K)
+        ck = replace(ck, model=inject_outliers(ck.model, OUTLIER_K), sha256=key_of("outliers", ck.sha256, OUTLIER_K))
         weights += f", {OUTLIER_K:g}× channel outliers injected"
-    split = make_split(train, test, 500, n_eval, seed=0)
-    calib_x, _ = load_array(train, split.calibration.indices, pp, desc="calibration")
-    calibration = CalibrationData(calib_x, split.calibration.ids_sha256, train.name)
-    torch_source = getattr(module, "CONVERTS_FROM_TORCH", None)
-    plain = None if torch_source else export_cached(model, sha, base, calib_x[:16]).path
-    smoothed, _ = migrate(model, calib_x, 0.5)
-    smoothed_path = None if torch_source else \
-        export_cached(smoothed, key_of("smoothed", sha, 0.5, calibration.manifest_sha256), base, calib_x[:16]).path
-    sources = {"plain": (model, plain), "smoothed": (smoothed, smoothed_path)}
-    arts = {label: build_artifacts(target, sources[src][1], sources[src][0], calibration, (prec,), opts, log,
-                                   input_sizes=(pp.input_size, size),
-                                   model_info=_model_info(model, base, pp, sha))[prec]
-            for label, prec, opts, src in ROWS[target]}
-    runners = {k: module.load_runner(a, threads) for k, a in arts.items()}
-    timed = {k: r.run for k, r in runners.items() if r.timed}
+    return ck, weights, ref.exists()
+
+
+def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, log=print) -> dict:
+    ck, weights, has_reference = _checkpoint(variant)
+    cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=500, n_eval=n_eval, image_size=size,
+                       threads=threads, alternatives=False, fallback=False)
+    ctx = prepare(cfg, log, checkpoint=ck, decisions=False)  # the deploy's own split, calibration and sources
+    src = export(ctx)
+    sources = {"plain": src.plain, "smoothed": src.int8}
+    arts = {label: build_one(ctx, sources[weights_of] if prec == "int8" else src.plain, prec,
+                             ctx.target.make_options(**opts))
+            for label, prec, opts, weights_of in ROWS[target]}
+    runners = {k: ctx.target.load_runner(a, threads) for k, a in arts.items()}
+    timed = {k: r for k, r in runners.items() if r.timed}
     lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=10) if timed else {}
     first = next(iter(runners))
     row = {"target": target, "variant": variant, "weights": weights, "input_size": size, "threads": threads,
@@ -94,19 +97,14 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
            "p50_ms": {k: (lat[k].p50_ms if k in lat else None) for k in runners},
            "executed": {k: r.precision for k, r in runners.items()},
            "ratios": {f"{a} vs {b}": lat[b].p50_ms / lat[a].p50_ms for a, b in RATIOS[target] if a in lat and b in lat}}
-    if ref.exists():
+    if has_reference:
         preds = predict_many({k: r.run for k, r in runners.items()},
-                             iter_batches(test, split.evaluation.indices, pp, batch_size=200, desc="evaluation"))
+                             iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ck.preprocessing, batch_size=200,
+                                          desc="evaluation"))
         row["top1"] = {k: accuracy(p)["top1"] for k, p in preds.items()}
         row["drop_pp"] = {k: accuracy(p, preds[first])["top1_drop_pp"] for k, p in preds.items()}
-        row["eval"] = {"split": test.name, "n": len(split.evaluation), "input_size": pp.input_size}
+        row["eval"] = {"split": ctx.eval_src.name, "n": len(ctx.split.evaluation), "input_size": ck.preprocessing.input_size}
     return row
-
-
-def _model_info(model, variant: str, pp, sha: str) -> dict:
-    return {"variant": variant, "name": variant, "class_names": list(CLASS_NAMES), "preprocessing": pp.to_dict(),
-            "checkpoint_sha256": sha,
-            "reference_accuracy": None, "license": None}
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -136,7 +134,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     for target in args.targets.split(","):
-        avail = load_target(target).available()
+        avail = get_target(target).available()
         if not avail.ok and not avail.proxy:
             print(f"{target}: skipped ({avail.reason})")
             continue

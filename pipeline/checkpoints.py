@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from pipeline.cache import publish_file
 from pipeline.errors import UserError
 from pipeline.model import ConvNeXt, create_model
 from pipeline.variants import Preprocessing, Variant, get_variant, variant_from_dims
@@ -286,17 +285,8 @@ def load_checkpoint(path: Path | str, variant: str | None = None) -> LoadedCheck
 # ---------------------------------------------------------------- our format
 
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename, so no half file is ever seen."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Kept for callers not yet on pipeline.cache.publish_file, which it is."""
+    publish_file(Path(path), write)
 
 
 def save_checkpoint(
@@ -315,7 +305,7 @@ def save_checkpoint(
 
     path = Path(path).with_suffix(".safetensors")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda p: save_file(sd, str(p), metadata={"format": FORMAT_TAG}))
+    publish_file(path, lambda p: save_file(sd, str(p), metadata={"format": FORMAT_TAG}))
     sidecar = {
         "format": FORMAT_TAG,
         "variant": variant.name,
@@ -328,5 +318,5 @@ def save_checkpoint(
         "accuracy": accuracy or {},
         "sha256": sha256_file(path),
     }
-    atomic_write(path.with_suffix(SIDECAR_SUFFIX), lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    publish_file(path.with_suffix(SIDECAR_SUFFIX), lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
     return path

@@ -1,12 +1,18 @@
-"""`convnext-deploy`: the command line. User errors print one line and exit non-zero, never a traceback."""
+"""`convnext-deploy`: the command line. User errors print one line and exit non-zero, never a traceback.
+
+Exit codes: 0 done, every gate met; 1 a gate missed (and nothing else is exit 1); 2 the input or the machine
+(bad option or file; out of space, permission denied, read-only); 3 the target's runtime is not here, proxy
+figures reported; 4 internal error, a bug (traceback printed); 130 interrupted.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, machine_error
 
 
 def _cmd_variants(args) -> int:
@@ -191,12 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as e:
+    except UserError as e:  # MachineError too
         print(f"convnext-deploy: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("convnext-deploy: interrupted; finished stages are cached, re-run to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        err = machine_error(e) if isinstance(e, OSError) else None
+        if err is not None:
+            print(f"convnext-deploy: error: {err}", file=sys.stderr)
+            return err.exit_code
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"convnext-deploy: internal error (a bug, not your input): {type(e).__name__}: {first}; "
+              "please report it with the traceback above", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import cached_dir, key_of, source_digest
+from pipeline.cache import cached_dir, code_digest, key_of
 from pipeline.errors import UserError
 
 OPSET = 20  # LayerNormalization since 17, Gelu since 20
@@ -112,13 +112,10 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, to
 
 
 def export_cached(model: torch.nn.Module, checkpoint_sha256: str, variant: str, images: np.ndarray,
-                  tolerance: float = 1e-3) -> ExportResult:
-    """Export once per (checkpoint, variant, opset, versions); parity is re-checked on every call's images."""
-    import sys
-
-    import pipeline.model
-
-    code = source_digest(sys.modules[__name__], pipeline.model)
+                  tolerance: float = 1e-3, log=print) -> ExportResult:
+    """Export once per (checkpoint, variant, opset, versions, code); parity is re-checked on every call's images."""
+    # checkpoints too: its key mapping and model code decide what the same checkpoint file becomes
+    code = code_digest("pipeline.export", "pipeline.checkpoints")
     key = key_of("export", checkpoint_sha256, variant, OPSET, _versions(), model.num_classes, code)
 
     def build(tmp: Path) -> None:
@@ -126,7 +123,7 @@ def export_cached(model: torch.nn.Module, checkpoint_sha256: str, variant: str, 
         (tmp / "export.json").write_text(json.dumps({"opset": OPSET, "versions": _versions(),
                                                      "checkpoint_sha256": checkpoint_sha256, "variant": variant}))
 
-    directory, cached = cached_dir("export", key, build)
+    directory, cached = cached_dir("export", key, build, log=log)
     path = directory / "model.onnx"
     parity = check_parity(model, path, images, tolerance)
     return ExportResult(path, OPSET, parity, cached, key)

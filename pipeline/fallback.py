@@ -1,8 +1,8 @@
 """Accuracy-bounded mixed precision: return INT8 layers to float, most sensitive first, until the top-1 drop
 on the labelled control split is within the bound, or the budget is spent.
 
-Decisions are made on the control split only (training side, disjoint from calibration and evaluation);
-the deploy re-measures whatever this returns on the evaluation split. Layers go back in growing groups
+Decisions are made on the control split only (held out of the evaluation side, disjoint from calibration
+and evaluation); the deploy re-measures whatever this returns on the evaluation split. Layers go back in growing groups
 (1, 2, 4, … of the ranking), so a target that needs k layers is rebuilt about log2(k) times, not k.
 """
 from __future__ import annotations
@@ -36,10 +36,27 @@ class FallbackResult:
         return {"met": self.met, "float_layers": self.float_layers, "rounds": self.rounds, "message": self.message}
 
 
-def control_top1(runner: Runner, control: LabelledData, batch: int = 100) -> tuple[float, np.ndarray]:
+@dataclass
+class Judged:
+    """One runner on the control split: its top-1, and against the reference precision its drop and agreement."""
+
+    top1: float
+    drop_pp: float
+    agreement: float
+    preds: np.ndarray
+
+    def figures(self) -> dict:
+        return {"control_top1": self.top1, "control_drop_pp": self.drop_pp, "control_agreement": self.agreement}
+
+
+def judge(runner: Runner, control: LabelledData, reference: Judged | None = None, batch: int = 100) -> Judged:
+    """The one control-split comparison: every decision (fallback rounds, accuracy control, plain INT8) uses it."""
     preds = np.concatenate([runner.run(control.images[i:i + batch]).argmax(1)
                             for i in range(0, len(control.images), batch)])
-    return float((preds == control.labels).mean()), preds
+    top1 = float((preds == control.labels).mean())
+    if reference is None:
+        return Judged(top1, 0.0, 1.0, preds)
+    return Judged(top1, (reference.top1 - top1) * 100.0, float((preds == reference.preds).mean()), preds)
 
 
 def misses(cfg: FallbackConfig, drop_pp: float, agreement: float) -> bool:
@@ -56,22 +73,15 @@ def score(cfg: FallbackConfig, drop_pp: float, agreement: float) -> float:
     return gap
 
 
-def search(build: Callable[[list[str]], Artifact], runner_of: Callable[[Artifact], Runner], ranking: list[str],
-           control: LabelledData, reference: tuple[float, np.ndarray], plain: Artifact, plain_runner: Runner,
-           cfg: FallbackConfig, log=print) -> FallbackResult:
-    """`build(layers)`: the INT8 artifact with those checkpoint layers in float. `reference`: control-split top-1
-    and predictions of the target's reference precision."""
+def search(build: Callable[[list[str]], tuple[Artifact, Runner]], ranking: list[str], control: LabelledData,
+           reference: Judged, plain: tuple[Artifact, Runner], cfg: FallbackConfig, log=print) -> FallbackResult:
+    """`build(layers)`: the INT8 artifact with those checkpoint layers in float, and its runner. `reference`: the
+    target's reference precision judged on the control split; `plain`: the all-INT8 artifact and its runner."""
     start = time.monotonic()
-    reference_top1, ref_preds = reference
-
-    def judge(runner: Runner) -> tuple[float, float, float]:
-        top1, preds = control_top1(runner, control)
-        return top1, (reference_top1 - top1) * 100.0, float((preds == ref_preds).mean())
-
-    top1, drop, agree = judge(plain_runner)
-    rounds = [{"float_layers": 0, "control_top1": top1, "control_drop_pp": drop, "control_agreement": agree,
-               "seconds": 0.0}]
-    best = (score(cfg, drop, agree), plain, [], drop)
+    first = judge(plain[1], control, reference)
+    drop, agree = first.drop_pp, first.agreement
+    rounds = [{"float_layers": 0, **first.figures(), "seconds": 0.0}]
+    best = (score(cfg, drop, agree), plain[0], [], drop)
     limit = min(cfg.max_float_layers, len(ranking))
     n = 0
     while misses(cfg, drop, agree):
@@ -87,10 +97,10 @@ def search(build: Callable[[list[str]], Artifact], runner_of: Callable[[Artifact
         n = min(max(1, 2 * n), limit)
         layers = ranking[:n]
         t0 = time.monotonic()
-        art = build(layers)
-        top1, drop, agree = judge(runner_of(art))
-        rounds.append({"float_layers": n, "layers": layers, "control_top1": top1, "control_drop_pp": drop,
-                       "control_agreement": agree, "seconds": time.monotonic() - t0})
+        art, runner = build(layers)
+        j = judge(runner, control, reference)
+        drop, agree = j.drop_pp, j.agreement
+        rounds.append({"float_layers": n, "layers": layers, **j.figures(), "seconds": time.monotonic() - t0})
         log(f"fallback: {n} layer(s) in float → control top-1 drop {drop:+.2f} pp, agreement {agree * 100:.2f} % "
             f"({bound_text(cfg)})")
         if score(cfg, drop, agree) < best[0]:

@@ -1,15 +1,23 @@
 """Per-layer sensitivity of a target's INT8 artifact: which layers lose the accuracy, measured on a slice of
-the calibration split (never the evaluation split). The target does the measuring (`sensitivity()` in its
-module, where its runtime is); this stage picks the data, names the layers as the checkpoint does, ranks
-them and writes the result."""
+the calibration split (never the evaluation split).
+
+The one loop, for every target: the target gives a LayerProbe (its artifact with any set of layers back in
+float, and any layer's output tapped); this module measures, for each quantized layer,
+- SQNR of the layer's output in the INT8 artifact against the artifact with every layer in float
+  (10·log10(Σ f² / Σ (f − q)²), dB; errors accumulate along the network, as they do on the device);
+- the top-1 agreement with the all-float artifact regained when only that layer is in float (pp), and how
+  much cleaner the logits get (dB, continuous where agreement is already ~100 %);
+then names the layers as the checkpoint does, ranks them and writes the result.
+"""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration.batches import load_array
-from pipeline.checkpoints import LoadedCheckpoint
+import numpy as np
+
+from pipeline.cache import publish_file
 from pipeline.model import weight_layers
 
 
@@ -19,19 +27,47 @@ class SensitivityConfig:
     threads: int = 2
 
 
-def supported(module) -> bool:
-    return callable(getattr(module, "sensitivity", None))
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    noise = float(np.sum((ref.astype(np.float64) - test) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
-def measure(module, target: str, ck: LoadedCheckpoint, reference, int8, calib_src, calib_indices,
-            cfg: SensitivityConfig, log=print, model=None, calibration=None) -> dict:
-    """`reference`: the float artifact (or export) `int8` was quantized from; `model`: the torch model it was
-    built from (outlier-smoothed: not the checkpoint's own weights); `calibration`: what it was calibrated on.
-    The target must be `supported`."""
-    model = model if model is not None else ck.model
-    images, _ = load_array(calib_src, list(calib_indices)[:cfg.n_images], ck.preprocessing, desc="sensitivity slice")
-    result = module.sensitivity({"fp32": reference, "int8": int8}, images, cfg.threads, log,
-                                model=model, calibration=calibration)
+def run_probe(probe, log=print) -> dict:
+    """The measurement itself, on the images the probe was made with (targets.base.LayerProbe)."""
+    layers = probe.layers
+    f_outs = probe.run(set(layers), layers)
+    q_outs = probe.run(set(), layers)
+    ref_top1 = f_outs[0].argmax(1)
+    base_agree = float((q_outs[0].argmax(1) == ref_top1).mean())
+    base_sqnr = sqnr_db(f_outs[0], q_outs[0])
+    weights = probe.details.get("weights") or [""] * len(layers)
+    rows = []
+    for i, layer in enumerate(layers):
+        alone = probe.run({layer}, [])[0]
+        row = {"layer": layer, "op": probe.ops[i] if probe.ops else "", "weight": weights[i],
+               "sqnr_db": sqnr_db(f_outs[i + 1], q_outs[i + 1]),
+               "agreement_regained_pp": (float((alone.argmax(1) == ref_top1).mean()) - base_agree) * 100.0,
+               "logit_sqnr_gain_db": sqnr_db(f_outs[0], alone) - base_sqnr}
+        if probe.modules:
+            row["module"] = probe.modules[i]
+        rows.append(row)
+        log(f"sensitivity {i + 1}/{len(layers)} {layer}: SQNR {row['sqnr_db']:.1f} dB, float alone "
+            f"{row['agreement_regained_pp']:+.2f} pp, logits {row['logit_sqnr_gain_db']:+.2f} dB")
+    extra = {k: v for k, v in probe.details.items() if k != "weights"}
+    if probe.check is not None:
+        extra.update(probe.check(f_outs[0]))
+    return {"layers": rows, "images": len(f_outs[0]), "int8_agreement": base_agree, "logit_sqnr_db": base_sqnr,
+            "runtime": probe.runtime, "kind": probe.kind, **extra}
+
+
+def measure(target, reference, int8, images: np.ndarray, model, calibration=None, threads: int = 2,
+            log=print) -> dict:
+    """`reference`: the float artifact `int8` was quantized from; `model`: the torch model it was built from
+    (outlier-smoothed: not the checkpoint's own weights); `calibration`: what it was calibrated on. The target
+    must have a layer probe."""
+    probe = target.layer_probe({"fp32": reference, "int8": int8}, images, threads, model=model, calibration=calibration)
+    result = run_probe(probe, log)
     names = [n for n, _ in weight_layers(model)]
     rows = result["layers"]
     if len(rows) == len(names) and not all("module" in r for r in rows):  # network order: name as the checkpoint
@@ -41,11 +77,11 @@ def measure(module, target: str, ck: LoadedCheckpoint, reference, int8, calib_sr
         r["index"] = i
         r["stage"] = _stage(r.get("module", ""))
     ranked = sorted(rows, key=rank_key)
-    return {"target": target, "images": result["images"], "logit_sqnr_db": result.get("logit_sqnr_db"),
-            "float_graph_max_abs_diff": result.get("float_graph_max_abs_diff"), "source": calib_src.name if hasattr(calib_src, "name") else "",
+    return {"target": target.name, "images": result["images"], "logit_sqnr_db": result["logit_sqnr_db"],
+            "float_graph_max_abs_diff": result.get("float_graph_max_abs_diff"),
             "int8_agreement_with_float": result["int8_agreement"], "layers": rows,
-            "ranking": [r.get("module", r["layer"]) for r in ranked], "runtime": result.get("runtime", ""),
-            "kind": result.get("kind", "real"), "float_reference": result.get("float_reference"),
+            "ranking": [r.get("module", r["layer"]) for r in ranked], "runtime": result["runtime"],
+            "kind": result["kind"], "float_reference": result.get("float_reference"),
             "rebuilt_proxy_max_abs_diff": result.get("rebuilt_proxy_max_abs_diff")}
 
 
@@ -66,10 +102,8 @@ def write(result: dict, out: Path) -> None:
     from reports.render import sensitivity_markdown, sensitivity_png
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "sensitivity.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
     png = sensitivity_png(result)
     if png:
-        (out / "sensitivity.png").write_bytes(png)
-    (out / "sensitivity.md").write_text(sensitivity_markdown(result))
-    tmp.replace(out / "sensitivity.json")
+        publish_file(out / "sensitivity.png", lambda p: p.write_bytes(png))
+    publish_file(out / "sensitivity.md", lambda p: p.write_text(sensitivity_markdown(result)))
+    publish_file(out / "sensitivity.json", lambda p: p.write_text(json.dumps(result, indent=1)))

@@ -1,20 +1,17 @@
-"""Publish a report directory atomically: build it under a temporary name, then swap it into place."""
+"""Publish a report directory atomically: build it under a temporary name, then swap it into place whole."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from pipeline.cache import publish_dir
 from reports.render import plot_png, render_html, render_markdown, sensitivity_png
 
 
 def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: str | None = None) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    def build(tmp: Path) -> None:
         art = tmp / "artifacts"
         art.mkdir()
         for f in files:
@@ -37,14 +34,5 @@ def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: 
         (tmp / "report.md").write_text(render_markdown(report))
         (tmp / "report.html").write_text(render_html(report, png))
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))  # last: its presence means complete
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return publish_dir(Path(out_dir), build)

@@ -1,18 +1,12 @@
-"""The one small protocol every target module implements, and the plain data that crosses it.
+"""What a target is: one declared contract, and the plain data that crosses it.
 
-A target module (targets/<name>.py) provides four functions:
+Each target module (targets/<name>.py) ends with one `TARGET = Target(...)` entry: its name, hardware,
+precisions, typed build options, the functions every target has (available, describe_environment,
+build_config, build, load_runner) and the capabilities some have (INT8 recipes to compare, accuracy control,
+extra latency runners, a per-layer probe for sensitivity, the note shown when its runtime cannot run here).
+`targets/__init__.py` lists the entries in one table. Nothing reads a target module's attributes by name.
 
-    available() -> Availability
-    build_config(precision, options) -> dict        # the effective build settings (recorded, and keyed on)
-    build(request: BuildRequest) -> Artifact        # one precision of one model
-    load_runner(artifact: Artifact, threads: int) -> Runner
-    describe_environment() -> dict                  # toolchain versions, device
-
-and may define INT8_ALTERNATIVES: {name: build options}, other INT8 recipes that a deploy builds,
-validates and times beside the default so the report shows what the choice is worth.
-
-Toolchains are imported inside those functions, never at module import, so the CLI works with none
-of them installed.
+Toolchains are imported inside the functions, never at module import, so the CLI works with none of them.
 """
 from __future__ import annotations
 
@@ -21,7 +15,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
@@ -69,18 +63,19 @@ class LabelledData:
 
     images: np.ndarray
     labels: np.ndarray
+    ids_sha256: str = ""  # the control split's manifest digest (a build that decides on it is keyed on it)
 
 
 @dataclass
 class BuildRequest:
-    precision: str  # fp32 | fp16 | bf16 | int8
-    onnx_path: Path
-    torch_model: object  # the FP32 torch.nn.Module (for targets whose converter starts from torch)
+    precision: str  # fp32 | fp16 | bf16 | w8 | int8
+    onnx_path: Path | None  # the checked export; None for a target that converts from torch
+    torch_model: object  # the torch.nn.Module the build starts from (ONNX targets name float layers with it)
     out_dir: Path  # an empty directory the target writes its files into
     calibration: CalibrationData | None = None
     validation: LabelledData | None = None
     input_sizes: tuple[int, ...] = ()  # the square input sizes the artifact will be run at
-    options: dict = field(default_factory=dict)  # target-specific, recorded in the artifact
+    options: Any = None  # the target's own typed options (Target.options), recorded in the artifact
     # what the checkpoint says about itself (variant, name, class_names, preprocessing, checkpoint_sha256,
     # reference_accuracy, license), for targets whose artifact carries it (a Core ML classifier)
     model_info: dict = field(default_factory=dict)
@@ -137,13 +132,78 @@ class Runner:
     threads: int
     proxy: str | None = None
     timed: bool = True  # False when its latency would say nothing about the real runtime (a proxy)
+    # a device with its own clock (TensorRT: CUDA events around the engine): batch → milliseconds on that clock,
+    # without host↔device copies; the latency harness times the host clock otherwise
+    device_ms: Callable[[np.ndarray], float] | None = None
 
 
-class TargetModule(Protocol):
-    NAME: str
+@dataclass(frozen=True)
+class Int8Recipe:
+    """An INT8 recipe a deploy builds and measures beside the target's default: overrides of the target's
+    options, and whether it starts from the outlier-smoothed weights (the peer's default never does)."""
 
-    def available(self) -> Availability: ...
-    def build_config(self, precision: str, options: dict) -> dict: ...
-    def build(self, request: BuildRequest) -> Artifact: ...
-    def load_runner(self, artifact: Artifact, threads: int) -> Runner: ...
-    def describe_environment(self) -> dict: ...
+    name: str
+    options: dict = field(default_factory=dict)
+    smoothed: bool = True
+
+
+@dataclass
+class LayerProbe:
+    """A target's view of its INT8 artifact for the one per-layer sensitivity loop (pipeline.sensitivity).
+
+    `run(floated, tapped)` runs the probe images through the artifact with the `floated` layers back in float
+    and returns [logits, output of each `tapped` layer]. `layers` are in network order."""
+
+    layers: list[str]
+    run: Callable[[set, list], list]
+    runtime: str
+    kind: str  # real | proxy
+    modules: list[str] | None = None  # checkpoint names of `layers`, where the target knows them
+    ops: list[str] | None = None
+    details: dict = field(default_factory=dict)  # how the probe was made (rebuilt_proxy_max_abs_diff, …)
+    # the all-float logits → checks of the surgery (float_graph_max_abs_diff: equal to the float model's?)
+    check: Callable[[np.ndarray], dict] | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One row of the target table: what the deploy may ask of a target, declared, never discovered."""
+
+    name: str
+    hardware: str
+    precisions: tuple[str, ...]  # the first is the target's reference: INT8 drops and speed-ups are against it
+    extra: str  # pip extra that installs its toolchain
+    options: type  # its typed build options (a frozen dataclass; every one has `float_layers`)
+    available: Callable[[], Availability]
+    describe_environment: Callable[[], dict]
+    build_config: Callable[[str, Any], dict]  # (precision, options) → the effective settings, recorded and keyed
+    build: Callable[[BuildRequest], Artifact]
+    load_runner: Callable[[Artifact, int], Runner]
+    converter: str | None = None  # set when it converts from the torch model (no ONNX involved): how
+    int8_recipes: tuple[Int8Recipe, ...] = ()  # compared with the default in every deploy
+    peer_default: str | None = None  # the name of the recipe in int8_recipes that is the peer's default
+    accuracy_control: bool = False  # offers its own accuracy-bounded INT8 (options.accuracy_control)
+    extra_runners: Callable[[Artifact, int], dict] | None = None  # more timed runners of one artifact (label → Runner)
+    layer_probe: Callable[..., LayerProbe] | None = None  # (artifacts, images, threads, model, calibration)
+    not_built_note: str = "not run on the target runtime"  # shown when only a proxy runs here
+
+    @property
+    def reference(self) -> str:
+        return self.precisions[0]
+
+    @property
+    def module(self) -> str:
+        """The module that builds it: its code (and what that imports) keys the build cache."""
+        return self.build.__module__
+
+    def make_options(self, **overrides):
+        """The target's typed options with `overrides`; a field it does not have is a user error."""
+        from dataclasses import fields
+
+        known = {f.name for f in fields(self.options)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            from pipeline.errors import UserError
+
+            raise UserError(f"target {self.name} has no build option {unknown[0]!r} (it has: {', '.join(sorted(known))})")
+        return self.options(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})

@@ -33,34 +33,43 @@ this VM), ConvNeXt-T reference checkpoint, 224 px, batch 1, p50 of interleaved r
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, Runner, requires
+from targets.base import Artifact, Availability, BuildRequest, Int8Recipe, LayerProbe, Runner, Target, requires
 
 NAME = "openvino"
-ACCURACY_CONTROL = True
 INSTALL_HINT = "pip install 'convnext-deploy[openvino]' (or `make setup`)"
+PEER_DEFAULT = "nncf.quantize defaults"  # nncf.quantize(model, dataset) with nothing else set: the peer
+PRESETS = ("performance", "mixed")
+FLOAT_PRECISIONS = ("bf16", "f32")
 
-DEFAULT_INT8 = {
-    "recipe": "ours",
-    "preset": "mixed",  # asymmetric activations, symmetric weights: measured 2.2 ms faster than performance on T
-    "model_type": "transformer",  # NNCF's LayerNorm/GELU-aware scheme (SmoothQuant, MatMul-focused placement)
-    "fast_bias_correction": True,
-    "subset_size": 300,
-    "float_precision": "bf16",  # precision of the layers left float (the CPU plugin's default here)
-    "accuracy_control": None,  # max top-1 drop (fraction) for quantize_with_accuracy_control, or None
-    "float_layers": [],  # checkpoint layer names kept in float (the accuracy fallback), as nncf's ignored scope
-}
-PEER_DEFAULT_INT8 = {"recipe": "nncf.quantize defaults"}
 
-INT8_ALTERNATIVES = {
-    "nncf.quantize defaults": PEER_DEFAULT_INT8,
-    "ours with preset=performance": {"preset": "performance"},
-    "ours without model_type=transformer": {"model_type": None},
-    "ours with float layers in f32": {"float_precision": "f32"},
-}
+@dataclass(frozen=True)
+class OpenVINOOptions:
+    recipe: str = "ours"  # or PEER_DEFAULT
+    preset: str | None = "mixed"  # asymmetric activations, symmetric weights: measured 2.2 ms faster than performance on T
+    model_type: str | None = "transformer"  # NNCF's LayerNorm/GELU-aware scheme (SmoothQuant, MatMul-focused placement)
+    fast_bias_correction: bool = True
+    subset_size: int = 300
+    float_precision: str = "bf16"  # precision of the layers left float in INT8 (the CPU plugin's default here)
+    accuracy_control: float | None = None  # max top-1 drop (fraction) for quantize_with_accuracy_control, or None
+    accuracy_control_max_iterations: int | None = None  # NNCF's restorer: None = until the bound is met
+    accuracy_control_ranking_subset: int | None = None  # images ranking the layers to revert: None = 300
+    ignored_types: tuple[str, ...] = ()  # op types NNCF leaves unquantized (e.g. GroupConvolution)
+    float_layers: tuple[str, ...] = ()  # checkpoint layer names kept in float (the accuracy fallback), as nncf's ignored scope
+
+
+# Other INT8 recipes a deploy builds, validates and times next to ours, so the report shows why ours is chosen.
+INT8_RECIPES = (
+    Int8Recipe(PEER_DEFAULT, {"recipe": PEER_DEFAULT}, smoothed=False),
+    Int8Recipe("ours with preset=performance", {"preset": "performance"}),
+    Int8Recipe("ours without model_type=transformer", {"model_type": None}),
+    Int8Recipe("ours with float layers in f32", {"float_precision": "f32"}),
+)
+_ACCURACY_CONTROL_FIELDS = ("accuracy_control_max_iterations", "accuracy_control_ranking_subset")
 
 
 def available() -> Availability:
@@ -76,11 +85,25 @@ def describe_environment() -> dict:
             "cpu_capabilities": core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
 
 
-def build_config(precision: str, options: dict) -> dict:
+def build_config(precision: str, options: OpenVINOOptions) -> dict:
+    """The settings the build really uses (recorded in the artifact and keyed by the build cache)."""
     if precision == "int8":
-        if options.get("recipe") == PEER_DEFAULT_INT8["recipe"]:
-            return {**PEER_DEFAULT_INT8, "float_precision": options.get("float_precision", "bf16")}
-        return {**DEFAULT_INT8, **options}
+        if options.recipe not in ("ours", PEER_DEFAULT):
+            raise ValueError(f"unknown openvino INT8 recipe {options.recipe!r}; use 'ours' or {PEER_DEFAULT!r}")
+        if options.float_precision not in FLOAT_PRECISIONS:
+            raise ValueError(f"float_precision {options.float_precision!r}: use one of {', '.join(FLOAT_PRECISIONS)}")
+        if options.recipe == PEER_DEFAULT:  # the peer sets nothing; layers the fallback floats are still honoured
+            return {"recipe": PEER_DEFAULT, "float_precision": options.float_precision,
+                    **({"float_layers": list(options.float_layers)} if options.float_layers else {})}
+        if options.preset not in (None, *PRESETS):
+            raise ValueError(f"preset {options.preset!r}: use one of {', '.join(PRESETS)} (or None)")
+        if options.model_type not in (None, "transformer"):
+            raise ValueError(f"model_type {options.model_type!r}: use 'transformer' or None")
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()}
+        if options.accuracy_control is None:  # the restorer's settings shape nothing without it
+            for k in _ACCURACY_CONTROL_FIELDS:
+                config.pop(k)
+        return config
     if precision in ("fp32", "bf16"):
         return {"float_precision": "f32" if precision == "fp32" else "bf16"}
     raise ValueError(f"openvino target offers fp32, bf16 and int8, not {precision}")
@@ -106,18 +129,19 @@ def _is_activation(node) -> bool:
     return node.get_type_name() != "Constant"
 
 
-def _nncf_kwargs(config: dict, names: list[str] = ()) -> dict:
+def _nncf_kwargs(options: OpenVINOOptions, names: list[str], n_calibration: int) -> dict:
+    """nncf.quantize's arguments for our recipe; `names`: OpenVINO op names kept in float."""
     import nncf
 
-    kwargs = {"subset_size": int(config["subset_size"]), "fast_bias_correction": bool(config["fast_bias_correction"]),
-              "target_device": nncf.TargetDevice.CPU}
-    if config.get("preset"):
+    kwargs = {"subset_size": min(int(options.subset_size), n_calibration),
+              "fast_bias_correction": bool(options.fast_bias_correction), "target_device": nncf.TargetDevice.CPU}
+    if options.preset:
         kwargs["preset"] = {"performance": nncf.QuantizationPreset.PERFORMANCE,
-                            "mixed": nncf.QuantizationPreset.MIXED}[config["preset"]]
-    if config.get("model_type") == "transformer":
+                            "mixed": nncf.QuantizationPreset.MIXED}[options.preset]
+    if options.model_type == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    if config.get("ignored_types") or names:
-        kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(config.get("ignored_types") or []), names=list(names))
+    if options.ignored_types or names:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(options.ignored_types), names=list(names))
     return kwargs
 
 
@@ -134,7 +158,8 @@ def quantized_layers(model) -> list[str]:
 def build(request: BuildRequest) -> Artifact:
     import openvino as ov
 
-    config = build_config(request.precision, request.options)
+    options = request.options if request.options is not None else OpenVINOOptions()
+    config = build_config(request.precision, options)
     model = ov.convert_model(str(request.onnx_path))
     meta: dict = {"build": config, "converted_from": "onnx"}
     if request.precision == "int8":
@@ -142,29 +167,38 @@ def build(request: BuildRequest) -> Artifact:
 
         if request.calibration is None or len(request.calibration.images) == 0:
             raise ValueError("INT8 needs calibration data")
+        n_calib = len(request.calibration.images)
         calib = nncf.Dataset(list(request.calibration.batches(1)))
-        floated = layer_names_for(model, request.torch_model, config["float_layers"]) if config.get("float_layers") else []
-        plain = nncf.quantize(model, calib, subset_size=min(300, len(request.calibration.images))) \
-            if config.get("recipe") == PEER_DEFAULT_INT8["recipe"] else \
-            nncf.quantize(model, calib, **{**_nncf_kwargs(config, floated),
-                                           "subset_size": min(int(config["subset_size"]), len(request.calibration.images))})
+        floated = layer_names_for(model, request.torch_model, list(options.float_layers)) if options.float_layers else []
+        if options.recipe == PEER_DEFAULT:
+            scope = {"ignored_scope": nncf.IgnoredScope(names=floated)} if floated else {}
+            plain = nncf.quantize(model, calib, subset_size=min(300, n_calib), **scope)  # 300: nncf's own default
+        else:
+            plain = nncf.quantize(model, calib, **_nncf_kwargs(options, floated, n_calib))
         model, reverted = plain, []
-        if config.get("accuracy_control") is not None:
+        if options.recipe != PEER_DEFAULT and options.accuracy_control is not None:
             if request.validation is None:
                 raise ValueError("accuracy control needs a labelled validation set")
-            model, reverted = _accuracy_controlled(ov.convert_model(str(request.onnx_path)), calib, request, config, plain)
+            model, reverted = _accuracy_controlled(ov.convert_model(str(request.onnx_path)), calib, request, options,
+                                                   floated, plain)
+            meta["accuracy_control"] = {"max_drop": float(options.accuracy_control),
+                                        "control_images": len(request.validation.images),
+                                        "control_ids_sha256": request.validation.ids_sha256}
         meta["quantized_layers"] = len(quantized_layers(model))
         meta["reverted_to_float"] = reverted
-        meta["float_layers"] = dict(zip(config.get("float_layers") or [], floated))
+        meta["float_layers"] = dict(zip(options.float_layers, floated))
         meta["ops"] = dict(Counter(op.get_type_name() for op in model.get_ops() if op.get_type_name() != "Constant"))
-        meta["calibration"] = {"images": len(request.calibration.images),
-                               "manifest_sha256": request.calibration.manifest_sha256}
+        meta["calibration"] = {"images": n_calib, "manifest_sha256": request.calibration.manifest_sha256}
+    # .xml + .bin written into the build directory, which the build cache publishes atomically as a whole
     xml = request.out_dir / f"model_{request.precision}.xml"
     ov.save_model(model, str(xml), compress_to_fp16=False)
     return Artifact(NAME, request.precision, [xml, xml.with_suffix(".bin")], meta)
 
 
-def _accuracy_controlled(model, calib, request: BuildRequest, config: dict, plain) -> tuple[object, list[str]]:
+def _accuracy_controlled(model, calib, request: BuildRequest, options: OpenVINOOptions, floated: list[str],
+                         plain) -> tuple[object, list[str]]:
+    """nncf.quantize_with_accuracy_control on the labelled control split; returns the model and the op names
+    it returned to float (quantized in `plain`, not in the result)."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
@@ -177,14 +211,13 @@ def _accuracy_controlled(model, calib, request: BuildRequest, config: dict, plai
         scores = [float(compiled(x)[out].argmax(1)[0] == y) for x, y in data]
         return float(np.mean(scores)), scores
 
-    kwargs = _nncf_kwargs(config)
-    kwargs["subset_size"] = min(int(config["subset_size"]), len(request.calibration.images))
     restorer = AdvancedAccuracyRestorerParameters(
-        max_num_iterations=int(config.get("accuracy_control_max_iterations") or 2**31),
-        ranking_subset_size=min(int(config.get("accuracy_control_ranking_subset") or 300), len(items)))
+        max_num_iterations=int(options.accuracy_control_max_iterations or 2**31),
+        ranking_subset_size=min(int(options.accuracy_control_ranking_subset or 300), len(items)))
     controlled = nncf.quantize_with_accuracy_control(
-        model, calib, nncf.Dataset(items), validation_fn=validate, max_drop=float(config["accuracy_control"]),
-        drop_type=nncf.DropType.ABSOLUTE, advanced_accuracy_restorer_parameters=restorer, **kwargs)
+        model, calib, nncf.Dataset(items), validation_fn=validate, max_drop=float(options.accuracy_control),
+        drop_type=nncf.DropType.ABSOLUTE, advanced_accuracy_restorer_parameters=restorer,
+        **_nncf_kwargs(options, floated, len(request.calibration.images)))
     before, after = set(quantized_layers(plain)), set(quantized_layers(controlled))
     return controlled, sorted(before - after)
 
@@ -272,15 +305,13 @@ def _run_ir(core, model, images: np.ndarray, config: dict, layer_names: list[str
     return [np.concatenate([o[p] for o in outs]) for p in ports]
 
 
-def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log, model=None, **_) -> dict:
-    """Per INT8 layer (a Convolution/MatMul whose activation passes a FakeQuantize), as the CPU plugin runs it:
-    the SQNR of its output against the same IR with every activation FakeQuantize bypassed, and the agreement
-    (and logit SQNR) regained when only its own is bypassed. Weights stay as stored (INT8, dequantized):
-    NNCF's SmoothQuant has rescaled them with the activations, so the FP32 IR's weights would not fit."""
+def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:
+    """The INT8 IR as the CPU plugin runs it. Its layers: the Convolution/MatMul ops whose activation passes a
+    FakeQuantize, in network order; "in float" = that FakeQuantize bypassed. Weights stay as stored (INT8,
+    dequantized): NNCF's SmoothQuant has rescaled them with the activations, so the FP32 IR's would not fit."""
     import openvino as ov
 
     from pipeline.model import weight_layers
-    from targets.qdq import sqnr_db
 
     art = artifacts["int8"]
     core = ov.Core()
@@ -288,27 +319,28 @@ def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log, model=No
     config = _compile_config(art.metadata["build"].get("float_precision", "f32"), threads)
     weight_ops = [op for op in q.get_ordered_ops() if op.get_type_name() in WEIGHT_OPS
                   and not _is_activation(op.input_value(1).get_node())]
-    modules = [n for n, _ in weight_layers(model)] if model is not None else []
-    module_of = dict(zip([op.get_friendly_name() for op in weight_ops], modules)) if len(modules) == len(weight_ops) else {}
     layers = [op for op in weight_ops if op.input_value(0).get_node().get_type_name() == "FakeQuantize"]
     names = [op.get_friendly_name() for op in layers]
-    f_outs = _run_ir(core, _bypassed(q, set(names)), images, config, names)
-    q_outs = _run_ir(core, q, images, config, names)
-    ref_top1 = f_outs[0].argmax(1)
-    base_agree = float((q_outs[0].argmax(1) == ref_top1).mean())
-    base_sqnr = sqnr_db(f_outs[0], q_outs[0])
-    rows = []
-    for i, op in enumerate(layers):
-        alone = _run_ir(core, _bypassed(q, {names[i]}), images, config)[0]
-        row = {"layer": names[i], "op": op.get_type_name(), "weight": "int8 (as stored)",
-               "sqnr_db": sqnr_db(f_outs[i + 1], q_outs[i + 1]),
-               "agreement_regained_pp": (float((alone.argmax(1) == ref_top1).mean()) - base_agree) * 100.0,
-               "logit_sqnr_gain_db": sqnr_db(f_outs[0], alone) - base_sqnr}
-        if names[i] in module_of:
-            row["module"] = module_of[names[i]]
-        rows.append(row)
-        log(f"sensitivity {i + 1}/{len(layers)} {names[i]}: SQNR {row['sqnr_db']:.1f} dB, float alone "
-            f"{row['agreement_regained_pp']:+.2f} pp, logits {row['logit_sqnr_gain_db']:+.2f} dB")
-    return {"layers": rows, "images": len(images), "int8_agreement": base_agree, "logit_sqnr_db": base_sqnr,
-            "float_graph_max_abs_diff": None, "runtime": f"openvino {ov.__version__} CPU plugin", "kind": "real",
-            "float_reference": "the same IR with every activation FakeQuantize bypassed (weights as stored)"}
+    modules = None
+    if model is not None:  # the weight ops are the checkpoint's Conv/Linear layers in network order
+        checkpoint = [n for n, _ in weight_layers(model)]
+        if len(checkpoint) == len(weight_ops):
+            module_of = dict(zip((op.get_friendly_name() for op in weight_ops), checkpoint))
+            modules = [module_of[n] for n in names]
+
+    def run(floated: set, tapped: list) -> list[np.ndarray]:
+        return _run_ir(core, _bypassed(q, set(floated)) if floated else q, images, config, list(tapped))
+
+    return LayerProbe(names, run, f"openvino {ov.__version__} CPU plugin", "real", modules=modules,
+                      ops=[op.get_type_name() for op in layers],
+                      details={"float_reference": "the same IR with every activation FakeQuantize bypassed "
+                                                  "(weights as stored)",
+                               "weights": ["int8 (as stored)"] * len(layers)})
+
+
+TARGET = Target(
+    name=NAME, hardware="x86 CPU (Intel)", precisions=("fp32", "bf16", "int8"), extra="openvino",
+    options=OpenVINOOptions, available=available, describe_environment=describe_environment,
+    build_config=build_config, build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES,
+    peer_default=PEER_DEFAULT, accuracy_control=True, layer_probe=layer_probe,
+)

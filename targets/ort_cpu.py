@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, CalibrationData, Runner, requires
-from targets.qdq import node_names_for
+from targets.base import Artifact, Availability, BuildRequest, Int8Recipe, LayerProbe, Runner, Target, requires
 
 NAME = "onnxruntime"
 INSTALL_HINT = "pip install 'convnext-deploy[onnxruntime]' (or `make setup`)"
@@ -32,26 +32,29 @@ INSTALL_HINT = "pip install 'convnext-deploy[onnxruntime]' (or `make setup`)"
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
                "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearSigmoid",
                "DynamicQuantizeMatMul", "QAttention")
+PEER_DEFAULT = "quantize_static defaults"  # quantize_static with its defaults: QDQ, S8S8, per-tensor, every op
 
-DEFAULT_INT8 = {
-    "recipe": "ours",
-    "op_types": ["Conv", "MatMul", "Gemm"],
-    "activation_type": "QUInt8",
-    "weight_type": "QInt8",
-    "per_channel": True,
-    "calibrate_method": "minmax",
-    "quant_format": "QDQ",
-    "matmul_float_output": True,
-}
-# quantize_static with its defaults (QDQ, int8 activations and weights, per-tensor, every op type): the peer.
-PEER_DEFAULT_INT8 = {"recipe": "quantize_static defaults"}
+
+@dataclass(frozen=True)
+class OrtOptions:
+    recipe: str = "ours"  # or PEER_DEFAULT
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    activation_type: str = "QUInt8"
+    weight_type: str = "QInt8"
+    per_channel: bool = True
+    calibrate_method: str = "minmax"  # minmax | percentile | entropy
+    percentile: float = 99.999
+    quant_format: str = "QDQ"
+    matmul_float_output: bool = True
+    float_layers: tuple[str, ...] = ()  # checkpoint layer names kept in float (the accuracy fallback)
+
 
 # Other INT8 recipes a deploy builds, validates and times next to ours, so the report shows why ours is chosen.
-INT8_ALTERNATIVES = {
-    "quantize_static defaults": PEER_DEFAULT_INT8,
-    "ours with int8 MatMul outputs (QLinearMatMul)": {"matmul_float_output": False},
-    "ours with int8 activations (S8S8)": {"activation_type": "QInt8"},
-}
+INT8_RECIPES = (
+    Int8Recipe(PEER_DEFAULT, {"recipe": PEER_DEFAULT}, smoothed=False),
+    Int8Recipe("ours with int8 MatMul outputs (QLinearMatMul)", {"matmul_float_output": False}),
+    Int8Recipe("ours with int8 activations (S8S8)", {"activation_type": "QInt8"}),
+)
 
 
 def available() -> Availability:
@@ -65,90 +68,36 @@ def describe_environment() -> dict:
     return {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "providers": ort.get_available_providers()}
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader over our calibration images, in equal-size batches."""
+def quantize_int8(src: Path, dst: Path, calibration, options: OrtOptions, torch_model=None) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType
 
-    def __init__(self, calibration: CalibrationData, input_name: str):
-        self._batches = list(calibration.equal_batches())
-        self._name = input_name
-        self._it = iter(self._batches)
+    from targets.ort_tools import calibration_method, quantize
 
-    def get_next(self):
-        b = next(self._it, None)
-        return None if b is None else {self._name: b}
-
-    def rewind(self):
-        self._it = iter(self._batches)
-
-
-def _calibration_method(name: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    if name not in methods:
-        raise ValueError(f"unknown calibration method {name!r}; use one of {sorted(methods)}")
-    return methods[name]
-
-
-def quantize_int8(src: Path, dst: Path, calibration: CalibrationData, config: dict, torch_model=None) -> None:
-    """`config["float_layers"]`: checkpoint layer names kept in float (the accuracy fallback); naming them
-    needs the torch model."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import onnx
-
-    pre = dst.with_name("preprocessed.onnx")
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-    pre_model = onnx.load(str(pre), load_external_data=False)
-    input_name = pre_model.graph.input[0].name
-    reader = _Reader(calibration, input_name)
-    excluded = node_names_for(pre_model, torch_model, config["float_layers"]) if config.get("float_layers") else []
-    if config.get("recipe") == PEER_DEFAULT_INT8["recipe"]:
-        quantize_static(str(pre), str(dst), reader)
-    else:
-        extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
-        if config.get("matmul_float_output"):
-            extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
-        if config["calibrate_method"] == "percentile":
-            extra["CalibPercentile"] = float(config.get("percentile", 99.999))
-        quantize_static(
-            str(pre), str(dst), reader,
-            quant_format=QuantFormat[config["quant_format"]],
-            op_types_to_quantize=list(config["op_types"]),
-            per_channel=bool(config["per_channel"]),
-            activation_type=QuantType[config["activation_type"]],
-            weight_type=QuantType[config["weight_type"]],
-            calibrate_method=_calibration_method(config["calibrate_method"]),
-            nodes_to_exclude=list(config.get("nodes_to_exclude", [])) + excluded,
-            extra_options=extra,
-        )
-    pre.unlink(missing_ok=True)
-
-
-def _session(path: Path, threads: int, optimized_out: Path | None = None):
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)  # its warning on saving an NCHWc-optimized graph is expected here
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if optimized_out is not None:
-        so.optimized_model_filepath = str(optimized_out)
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    if options.recipe == PEER_DEFAULT:
+        quantize(src, dst, calibration, options.float_layers, torch_model)
+        return
+    extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if options.matmul_float_output:
+        extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
+    if options.calibrate_method == "percentile":
+        extra["CalibPercentile"] = float(options.percentile)
+    quantize(src, dst, calibration, options.float_layers, torch_model,
+             quant_format=QuantFormat[options.quant_format], op_types_to_quantize=list(options.op_types),
+             per_channel=bool(options.per_channel), activation_type=QuantType[options.activation_type],
+             weight_type=QuantType[options.weight_type], calibrate_method=calibration_method(options.calibrate_method),
+             extra_options=extra)
 
 
 def op_counts(path: Path) -> dict:
     """Op types in the file as written and in the graph ORT actually executes after its fusions."""
     import onnx
 
+    from targets.ort_tools import session
+
     written = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     tmp = path.with_name(path.stem + ".ort-optimized.onnx")
     try:
-        _session(path, 1, optimized_out=tmp)
+        session(path, 1, optimized_out=tmp)
         executed = Counter(n.op_type for n in onnx.load(str(tmp)).graph.node)
     finally:
         tmp.unlink(missing_ok=True)
@@ -159,12 +108,14 @@ def op_counts(path: Path) -> dict:
                                                                        "FusedMatMul", "FusedGemm"))}
 
 
-def build_config(precision: str, options: dict) -> dict:
+def build_config(precision: str, options: OrtOptions) -> dict:
     if precision == "int8":
-        if options.get("recipe") == PEER_DEFAULT_INT8["recipe"]:
-            return dict(PEER_DEFAULT_INT8)
-        return {**DEFAULT_INT8, **options}
-    return {}
+        if options.recipe == PEER_DEFAULT:
+            return {"recipe": PEER_DEFAULT, "float_layers": list(options.float_layers)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()}
+    if precision == "fp32":
+        return {}
+    raise ValueError(f"onnxruntime target offers fp32 and int8, not {precision}")
 
 
 def build(request: BuildRequest) -> Artifact:
@@ -176,20 +127,18 @@ def build(request: BuildRequest) -> Artifact:
     if request.precision == "int8":
         if request.calibration is None or len(request.calibration.images) == 0:
             raise ValueError("INT8 needs calibration data")
-        config = build_config("int8", request.options)
         dst = out / "model_int8.onnx"
-        quantize_int8(request.onnx_path, dst, request.calibration, config, request.torch_model)
-        ops = op_counts(dst)
-        return Artifact(NAME, "int8", [dst], {"quantization": config, "ops": ops,
+        quantize_int8(request.onnx_path, dst, request.calibration, request.options, request.torch_model)
+        return Artifact(NAME, "int8", [dst], {"quantization": build_config("int8", request.options), "ops": op_counts(dst),
                                               "calibration": {"images": len(request.calibration.images),
                                                               "manifest_sha256": request.calibration.manifest_sha256}})
     raise ValueError(f"onnxruntime target offers fp32 and int8, not {request.precision}")
 
 
 def load_runner(artifact: Artifact, threads: int) -> Runner:
-    import onnxruntime as ort
+    from targets.ort_tools import runtime_label, session
 
-    sess = _session(artifact.files[0], threads)
+    sess = session(artifact.files[0], threads)
     name = sess.get_inputs()[0].name
 
     def run(batch: np.ndarray) -> np.ndarray:
@@ -200,15 +149,21 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
     if artifact.precision == "int8":
         executed = f"int8 ({ops.get('integer_kernel_count', 0)} integer kernels, " \
                    f"{ops.get('float_conv_matmul_left', 0)} float Conv/MatMul left)"
-    return Runner(run, f"onnxruntime {ort.__version__} CPUExecutionProvider", device_label(threads), executed, threads)
+    return Runner(run, runtime_label(), device_label(threads), executed, threads)
 
 
+def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:
+    """The INT8 graph run as this target runs it (ORT's fusions on)."""
+    from targets.ort_tools import runtime_label
+    from targets.qdq import layer_probe as qdq_probe
 
-def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log, **_) -> dict:
-    """Per-layer SQNR and float-alone gain of the INT8 graph, run as this target runs it (ORT's fusions on)."""
-    import onnxruntime as ort
+    return qdq_probe(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=True,
+                     runtime=runtime_label(), kind="real")
 
-    from targets.qdq import layer_sensitivity
 
-    r = layer_sensitivity(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=True, log=log)
-    return {**r, "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "kind": "real"}
+TARGET = Target(
+    name=NAME, hardware="portable CPU (reference)", precisions=("fp32", "int8"), extra="onnxruntime",
+    options=OrtOptions, available=available, describe_environment=describe_environment, build_config=build_config,
+    build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES, peer_default=PEER_DEFAULT,
+    layer_probe=layer_probe,
+)

@@ -9,8 +9,8 @@ The INT8 path follows TensorRT 10's explicit quantization (implicit INT8 calibra
 - The engine is built with the `tensorrt` Python API: ONNX parser, INT8 + FP16 flags, one optimisation
   profile for batch 1..max at the requested size, a workspace limit, a timing cache on disk, and the
   serialized engine written through a temporary file and a rename, with its build settings beside it.
-- The runner executes the engine with `execute_async_v3` and records the engine's own GPU time with CUDA
-  events (`run.last_gpu_ms`), which the shared latency harness uses for p50/p90/p99 (copies excluded).
+- The runner executes the engine with `execute_async_v3`; its `device_ms` returns the engine's own GPU time
+  from CUDA events, which the shared latency harness uses for p50/p90/p99 (copies excluded).
 
 Where TensorRT or a CUDA device is missing (every machine of this project), the Q/DQ ONNX is still built and
 its numerics are run by ONNX Runtime on the CPU: a real, runnable proxy of the engine's INT8 arithmetic,
@@ -19,15 +19,14 @@ labelled "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)". No lat
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, CalibrationData, Runner, requires
-from targets.qdq import node_names_for
+from targets.base import Artifact, Availability, BuildRequest, CalibrationData, LayerProbe, Runner, Target, requires
 
 NAME = "tensorrt"
 INSTALL_HINT = ("on a machine with an NVIDIA GPU and driver: pip install 'convnext-deploy[tensorrt]' "
@@ -35,16 +34,20 @@ INSTALL_HINT = ("on a machine with an NVIDIA GPU and driver: pip install 'convne
 PROXY_LABEL = "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)"
 NOT_BUILT_NOTE = "engine not built"
 ENGINE_FILE = "model_{precision}.engine"
+RECIPE = "tensorrt explicit Q/DQ"
 
-DEFAULT_INT8 = {
-    "recipe": "tensorrt explicit Q/DQ",
-    "op_types": ["Conv", "MatMul", "Gemm"],
-    "calibrate_method": "minmax",
-    "max_batch": 32,
-    "opt_batch": 1,
-    "workspace_mib": 4096,
-    "float_layers": [],  # checkpoint layer names left without Q/DQ (the accuracy fallback): FP16/FP32 in the engine
-}
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")  # Q/DQ on these ops' inputs only
+    calibrate_method: str = "minmax"  # minmax | percentile | entropy (activation scales, per tensor)
+    max_batch: int = 32  # the optimisation profile: batch 1..max_batch, tuned for opt_batch
+    opt_batch: int = 1
+    workspace_mib: int = 4096
+    float_layers: tuple[str, ...] = ()  # checkpoint layer names left without Q/DQ (the accuracy fallback): FP16/FP32 in the engine
+
+
+_ENGINE_FIELDS = ("max_batch", "opt_batch", "workspace_mib")
 
 
 def available() -> Availability:
@@ -92,57 +95,46 @@ def describe_environment() -> dict:
     return env
 
 
-def build_config(precision: str, options: dict) -> dict:
+def build_config(precision: str, options: TensorRTOptions) -> dict:
+    """The settings the build really uses: the engine's for every precision, the Q/DQ recipe's for INT8."""
+    from targets.ort_tools import CALIBRATION_METHODS
+
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"tensorrt target offers fp32, fp16 and int8, not {precision}")
-    base = {k: DEFAULT_INT8[k] for k in ("max_batch", "opt_batch", "workspace_mib")}
+    config = {k: v for k, v in asdict(options).items() if k in _ENGINE_FIELDS}
     if precision == "int8":
-        base = dict(DEFAULT_INT8)
-    return {**base, **{k: v for k, v in options.items() if k in DEFAULT_INT8}}
+        if options.calibrate_method not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration method {options.calibrate_method!r}; use one of "
+                             f"{', '.join(CALIBRATION_METHODS)}")
+        config = {"recipe": RECIPE, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()}}
+    return config
 
 
 # ---------------------------------------------------------------- Q/DQ ONNX (runs anywhere)
 
-def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, config: dict, torch_model=None) -> None:
-    """ONNX Runtime's static quantizer, set to TensorRT's explicit-quantization rules."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, options: TensorRTOptions, torch_model=None) -> None:
+    """ONNX Runtime's static quantizer, set to TensorRT's explicit-quantization rules. Shape inference only
+    before it (`optimize=False`): ORT's graph optimisations could emit ORT-only contrib ops TensorRT cannot parse."""
     import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType
 
-    pre = dst.with_name("qdq-preprocessed.onnx")
-    # shape inference only: ORT's graph optimisations could emit ORT-only contrib ops TensorRT cannot parse
-    quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=False)
-    pre_model = onnx.load(str(pre), load_external_data=False)
-    input_name = pre_model.graph.input[0].name
-    excluded = node_names_for(pre_model, torch_model, config["float_layers"]) if config.get("float_layers") else []
-    batches = iter([{input_name: b} for b in calibration.equal_batches()])
+    from targets.ort_tools import calibration_method, quantize
 
-    class Reader:
-        def get_next(self):
-            return next(batches, None)
-
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    quantize_static(
-        str(pre), str(dst), Reader(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(config["op_types"]),
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=methods[config["calibrate_method"]],
-        nodes_to_exclude=excluded,
-        extra_options={
-            "ActivationSymmetric": True,  # zero point 0: TensorRT supports symmetric INT8 only
-            "WeightSymmetric": True,
-            "OpTypesToExcludeOutputQuantization": list(config["op_types"]),  # Q/DQ on inputs only
-            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # MatMul weight (K, N): N is the output channel
-        },
-    )
-    pre.unlink(missing_ok=True)
+    quantize(src, dst, calibration, options.float_layers, torch_model, optimize=False,
+             quant_format=QuantFormat.QDQ,
+             op_types_to_quantize=list(options.op_types),
+             per_channel=True,
+             activation_type=QuantType.QInt8,
+             weight_type=QuantType.QInt8,
+             calibrate_method=calibration_method(options.calibrate_method),
+             extra_options={
+                 "ActivationSymmetric": True,  # zero point 0: TensorRT supports symmetric INT8 only
+                 "WeightSymmetric": True,
+                 "OpTypesToExcludeOutputQuantization": list(options.op_types),  # Q/DQ on inputs only
+                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # MatMul weight (K, N): N is the output channel
+             })
     model = onnx.load(str(dst))
-    _float_for_other_consumers(model, set(config["op_types"]))
+    _float_for_other_consumers(model, set(options.op_types))
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
 
@@ -150,18 +142,11 @@ def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, config: di
 def _float_for_other_consumers(model, quantized_ops: set[str]) -> None:
     """ORT shares one Q/DQ pair among all consumers of a tensor, so the residual Add that reads a block's
     input would read it fake-quantized. TensorRT's rule is Q/DQ on the inputs of quantizable ops only:
-    rewire every other consumer to the float tensor the QuantizeLinear read."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type in quantized_ops or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        for k, name in enumerate(node.input):
-            dq = producers.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producers.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[k] = q.input[0]
+    every other consumer reads the float tensor the QuantizeLinear read."""
+    from targets.qdq import rewire_to_float
+
+    rewire_to_float(model, lambda node, k, q: node.op_type not in quantized_ops
+                    and node.op_type not in ("QuantizeLinear", "DequantizeLinear"))
 
 
 def qdq_report(path: Path) -> dict:
@@ -202,10 +187,12 @@ def qdq_report(path: Path) -> dict:
 
 # ---------------------------------------------------------------- engine (needs TensorRT and a GPU)
 
-def build_engine(onnx_path: Path, engine_path: Path, precision: str, config: dict, sizes: tuple[int, ...],
-                 timing_cache: Path) -> dict:
+def build_engine(onnx_path: Path, engine_path: Path, precision: str, options: TensorRTOptions,
+                 sizes: tuple[int, ...], timing_cache: Path) -> dict:
     """Parse, configure and build a serialized engine; written atomically with its settings beside it."""
     import tensorrt as trt
+
+    from pipeline.cache import publish_file
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -215,7 +202,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, config: dic
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     cfg = builder.create_builder_config()
-    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config["workspace_mib"]) << 20)
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mib) << 20)
     if precision in ("fp16", "int8"):
         cfg.set_flag(trt.BuilderFlag.FP16)  # float ops (LayerNorm, GELU, Adds) fall back to FP16
     if precision == "int8":
@@ -224,7 +211,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, config: dic
     profile = builder.create_optimization_profile()
     # one profile covers every size the artifact runs at; tuned for the last one (the deployment size)
     lo, hi, opt = min(sizes), max(sizes), sizes[-1]
-    mins, opts, maxs = (1, 3, lo, lo), (int(config["opt_batch"]), 3, opt, opt), (int(config["max_batch"]), 3, hi, hi)
+    mins, opts, maxs = (1, 3, lo, lo), (int(options.opt_batch), 3, opt, opt), (int(options.max_batch), 3, hi, hi)
     profile.set_shape(name, mins, opts, maxs)
     cfg.add_optimization_profile(profile)
     cache = cfg.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
@@ -232,16 +219,12 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, config: dic
     serialized = builder.build_serialized_network(network, cfg)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build the {precision} engine (see the builder log above)")
-    tmp = engine_path.with_suffix(".engine.tmp")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, engine_path)
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    cache_tmp = timing_cache.with_suffix(".tmp")
-    cache_tmp.write_bytes(bytes(cfg.get_timing_cache().serialize()))
-    os.replace(cache_tmp, timing_cache)
+    engine_bytes, cache_bytes = bytes(serialized), bytes(cfg.get_timing_cache().serialize())
+    publish_file(engine_path, lambda p: p.write_bytes(engine_bytes))
+    publish_file(timing_cache, lambda p: p.write_bytes(cache_bytes))  # shared by builds: never half-written
     settings = {"precision": precision, "flags": ["FP16"] * (precision != "fp32") + ["INT8"] * (precision == "int8"),
                 "profile": {"min": mins, "opt": opts, "max": maxs},
-                "workspace_mib": int(config["workspace_mib"]), "tensorrt": trt.__version__,
+                "workspace_mib": int(options.workspace_mib), "tensorrt": trt.__version__,
                 "device": _cuda_device(), "timing_cache": str(timing_cache)}
     engine_path.with_suffix(".json").write_text(json.dumps(settings, indent=1))
     return settings
@@ -259,7 +242,8 @@ def _engine_runner(engine_path: Path, precision: str) -> Runner:
     out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
     stream = torch.cuda.Stream()
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def execute(batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """Logits, and the GPU time of the engine alone (CUDA events around it, without the copies)."""
         # Copies and the engine share one stream, so the engine never reads a half-copied input.
         with torch.cuda.stream(stream):
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to("cuda", non_blocking=False)
@@ -274,24 +258,27 @@ def _engine_runner(engine_path: Path, precision: str) -> Runner:
             end.record(stream)
             result = y.cpu().numpy()
         end.synchronize()
-        run.last_gpu_ms = start.elapsed_time(end)  # GPU time of the engine alone, without the copies
-        return result
+        return result, start.elapsed_time(end)
 
-    run.last_gpu_ms = None
-    return Runner(run, f"tensorrt {trt.__version__}", _cuda_device() or "CUDA device", precision, 1)
+    return Runner(run=lambda batch: execute(batch)[0], runtime=f"tensorrt {trt.__version__}",
+                  device=_cuda_device() or "CUDA device", precision=precision, threads=1,
+                  device_ms=lambda batch: execute(batch)[1])
 
 
 # ---------------------------------------------------------------- the target protocol
 
 def build(request: BuildRequest) -> Artifact:
-    config = build_config(request.precision, request.options)
+    from pipeline.cache import cache_root
+
+    options = request.options if request.options is not None else TensorRTOptions()
+    config = build_config(request.precision, options)
     out = request.out_dir
     onnx_path = out / f"model_{request.precision}.onnx"
     meta: dict = {"build": config}
     if request.precision == "int8":
         if request.calibration is None or len(request.calibration.images) == 0:
             raise ValueError("INT8 needs calibration data")
-        make_qdq_onnx(request.onnx_path, onnx_path, request.calibration, config, request.torch_model)
+        make_qdq_onnx(request.onnx_path, onnx_path, request.calibration, options, request.torch_model)
         meta["qdq"] = qdq_report(onnx_path)
         meta["calibration"] = {"images": len(request.calibration.images),
                                "manifest_sha256": request.calibration.manifest_sha256}
@@ -301,8 +288,8 @@ def build(request: BuildRequest) -> Artifact:
     avail = available()
     if avail.ok:
         engine = out / ENGINE_FILE.format(precision=request.precision)
-        meta["engine"] = build_engine(onnx_path, engine, request.precision, config, request.input_sizes or (224,),
-                                      Path(".cache/tensorrt/timing.cache"))
+        meta["engine"] = build_engine(onnx_path, engine, request.precision, options, request.input_sizes or (224,),
+                                      cache_root() / "tensorrt" / "timing.cache")
         files += [engine, engine.with_suffix(".json")]
         return Artifact(NAME, request.precision, files, meta)
     meta["engine_not_built"] = avail.reason
@@ -313,30 +300,33 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
     engines = [f for f in artifact.files if f.suffix == ".engine"]
     if engines and available().ok:
         return _engine_runner(engines[0], artifact.precision)
+    if artifact.precision == "fp16":
+        raise ValueError("no CPU proxy reproduces the FP16 engine's numerics; it needs TensorRT on a GPU")
     # The proxy: the same ONNX (Q/DQ for INT8) executed by ONNX Runtime on the CPU, with no graph
     # optimisation that could fuse the Q/DQ pairs into kernels of another arithmetic.
-    import onnxruntime as ort
+    from targets.ort_tools import runtime_label, session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(artifact.files[0]), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = session(artifact.files[0], threads, optimize=False)
     name = sess.get_inputs()[0].name
 
     def run(batch: np.ndarray) -> np.ndarray:
         return sess.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
-    if artifact.precision == "fp16":
-        raise ValueError("no CPU proxy reproduces the FP16 engine's numerics; it needs TensorRT on a GPU")
     executed = {"int8": "int8 Q/DQ (fake-quantized: float arithmetic on int8-rounded values)",
                 "fp32": "fp32"}[artifact.precision]
-    return Runner(run, f"onnxruntime {ort.__version__} CPUExecutionProvider", device_label(threads), executed,
-                  threads, proxy=PROXY_LABEL, timed=False)
+    return Runner(run, runtime_label(), device_label(threads), executed, threads, proxy=PROXY_LABEL, timed=False)
 
 
-def sensitivity(artifacts: dict, images: np.ndarray, threads: int, log, **_) -> dict:
-    """Per-layer SQNR and float-alone gain of the Q/DQ graph as written (the proxy's arithmetic)."""
-    from targets.qdq import layer_sensitivity
+def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:
+    """The Q/DQ graph as written (the proxy's arithmetic: no fusion turns Q/DQ into other kernels)."""
+    from targets.qdq import layer_probe as qdq_probe
 
-    r = layer_sensitivity(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=False, log=log)
-    return {**r, "runtime": PROXY_LABEL, "kind": "proxy"}
+    return qdq_probe(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=False,
+                     runtime=PROXY_LABEL, kind="proxy")
+
+
+TARGET = Target(
+    name=NAME, hardware="NVIDIA GPU", precisions=("fp32", "int8"), extra="tensorrt", options=TensorRTOptions,
+    available=available, describe_environment=describe_environment, build_config=build_config, build=build,
+    load_runner=load_runner, layer_probe=layer_probe, not_built_note=NOT_BUILT_NOTE,
+)

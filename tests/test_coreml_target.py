@@ -12,11 +12,11 @@ import torch
 from conftest import REPO, reference_split
 from pipeline.deploy import model_info
 from pipeline.validate import accuracy, predict_many
-from targets import load_target
+from targets import coreml_apple, coreml_proxy, get_target
 from targets.base import BuildRequest, CalibrationData
 
 pytest.importorskip("coremltools", reason="coremltools is not installed: pip install 'convnext-deploy[coreml]'")
-coreml = load_target("coreml")
+coreml = get_target("coreml")
 AVAIL = coreml.available()
 needs_macos = pytest.mark.skipif(not AVAIL.ok, reason=f"Core ML prediction cannot run here: {AVAIL.reason}")
 
@@ -31,9 +31,24 @@ def built(atto_reference, tmp_path_factory):
         (d / precision).mkdir()
         arts[precision] = coreml.build(BuildRequest(
             precision, None, ck.model, d / precision, CalibrationData(calib_x, "m", train.name),
-            input_sizes=(32, 224), model_info=model_info(ck)))
+            input_sizes=(32, 224), options=coreml.make_options(), model_info=model_info(ck)))
     x, y = data.load("evaluation")
     return ck, arts, x, y
+
+
+def test_declared_entry_and_build_config_per_precision():
+    assert coreml.precisions == ("fp16", "w8", "int8") and coreml.reference == "fp16"
+    assert coreml.converter and coreml.layer_probe and coreml.extra_runners and coreml.int8_recipes == ()
+    assert coreml.module == "targets.coreml_apple"
+    opts = coreml.make_options(float_layers=["stem.0"], weight_threshold=4096)
+    assert coreml.build_config("fp16", opts) == {"compute_precision": "fp16", "minimum_deployment_target": "iOS16"}
+    assert coreml.build_config("w8", opts) == {"compute_precision": "fp16", "mode": "linear_symmetric",
+                                               "weight_threshold": 4096, "minimum_deployment_target": "iOS16"}
+    int8 = coreml.build_config("int8", opts)
+    assert int8["float_layers"] == ["stem.0"] and int8["minimum_deployment_target"] == "iOS17"
+    assert "weight_threshold" not in int8 and int8["activation_dtype"] == "quint8"
+    with pytest.raises(ValueError, match="fp16, w8, int8"):
+        coreml.build_config("fp32", opts)
 
 
 def test_availability_names_macos():
@@ -61,7 +76,8 @@ def test_packages_load_back_with_their_spec(built):
         md = ml.user_defined_metadata
         assert json.loads(md["convnext_deploy.class_names"]) == list(ck.class_names)
         assert md["convnext_deploy.variant"] == "atto" and md["convnext_deploy.precision"] == precision
-        assert md["convnext_deploy.checkpoint_sha256"] == ck.sha256 and "0.905" in md["convnext_deploy.checkpoint_top1"]
+        assert md["convnext_deploy.checkpoint_sha256"] == ck.sha256
+        assert md["convnext_deploy.checkpoint_top1"].startswith(f"{ck.metadata['accuracy']['top1']:.4f} on ")
         assert ml.author.startswith("convnext-deploy") and "Apache-2.0" in ml.license
         # scale/bias pre-processing reproduces (x/255 − mean)/std exactly (std is the same on every channel here)
         pre = art.metadata["input"]
@@ -80,7 +96,7 @@ def test_quantized_packages_hold_int8_weights_and_activations(built):
     assert all(r["weight"] == "int8 (per-channel)" for r in layers)
     assert layers[0]["module"] == "stem.0" and layers[-1]["module"] == "head.fc"
     # layer-scale is folded into fc2 before quantization: no quantized 1-D constant multiplies the residual branch
-    prog, _ = coreml.read_program(arts["int8"].files[0])
+    prog, _ = coreml_proxy.read_program(arts["int8"].files[0])
     ops = [op for op in prog.functions["main"].operations]
     consts = [op for op in ops if op.op_type.startswith("constexpr_")]
     assert all(c.outputs[0].child_ops[0].op_type in ("conv", "linear") for c in consts)
@@ -95,7 +111,7 @@ def test_proxies_read_back_what_the_package_holds(built):
     _, arts, *_ = built
     for precision in ("w8", "int8"):
         art = arts[precision]
-        package_w = coreml.package_weights(art.files[0])
+        package_w = coreml_proxy.package_weights(art.files[0])
         proxy = torch.jit.load(str(art.files[0].parent / art.metadata["proxy_file"]))
         state = proxy.state_dict()
         proxy_w = []
@@ -111,7 +127,7 @@ def test_proxies_read_back_what_the_package_holds(built):
         for a, b in zip(proxy_w, package_w):
             # W8 runs in FP16: its proxy holds the package's weights rounded to FP16, as Core ML computes them
             np.testing.assert_allclose(a, b.astype(np.float16) if precision == "w8" else b, rtol=1e-6, atol=0)
-    act = coreml.package_activation_scales(arts["int8"].files[0])
+    act = coreml_proxy.package_activation_scales(arts["int8"].files[0])
     state = torch.jit.load(str(arts["int8"].files[0].parent / arts["int8"].metadata["proxy_file"])).state_dict()
     proxy_scales = np.array(sorted({v.item() for k, v in state.items() if k.rsplit("_", 1)[0].endswith("_scale")}))
     package_scales = np.array(sorted({s for s, _ in act}))
@@ -132,19 +148,19 @@ def test_fp16_proxy_matches_torch_fp32_before_quantization(built):
 def test_w8a8_proxy_accuracy_on_the_reference_task(built):
     ck, arts, x, y = built
     runners = {p: coreml.load_runner(a, 2) for p, a in arts.items()}
-    assert all(r.proxy == coreml.PROXY_LABEL and not r.timed for r in runners.values())
+    assert all(r.proxy == coreml_proxy.PROXY_LABEL and not r.timed for r in runners.values())
     preds = predict_many({p: r.run for p, r in runners.items()},
                          ((x[i:i + 500], y[i:i + 500]) for i in range(0, len(x), 500)))
     for p in ("w8", "int8"):
         acc = accuracy(preds[p], preds["fp16"])
-        print(f"\n{coreml.PROXY_LABEL}: atto {p} top-1 {acc['top1'] * 100:.2f}% on {acc['n']} test images, "
+        print(f"\n{coreml_proxy.PROXY_LABEL}: atto {p} top-1 {acc['top1'] * 100:.2f}% on {acc['n']} test images, "
               f"drop {acc['top1_drop_pp']:+.2f} pp vs FP16, agreement {acc['agreement'] * 100:.2f}%")
         assert acc["top1_drop_pp"] <= 0.3 and acc["agreement"] >= 0.98
 
 
 def test_pixels_round_trip_exactly(built):
     ck, _, x, _ = built
-    px = coreml.to_pixels(x[:50], ck.preprocessing.to_dict())
+    px = coreml_apple.to_pixels(x[:50], ck.preprocessing.to_dict())
     back = (px.transpose(0, 3, 1, 2) / 255.0 - np.float32(ck.preprocessing.mean[0])) / np.float32(ck.preprocessing.std[0])
     np.testing.assert_allclose(back, x[:50], atol=1e-5)
 
@@ -161,7 +177,7 @@ def test_deploy_without_macos_exits_3_with_an_honest_report(atto_reference, tmp_
     r = json.loads((out / "report.json").read_text())
     assert r["notes"][0].startswith("not executed by Core ML: Core ML prediction needs macOS")
     assert r["latency"] == [] and "converter" in r["export"] and r["target"]["reference"] == "fp16"
-    assert all(r["accuracy"][k]["proxy"] == coreml.PROXY_LABEL for k in ("fp16", "w8", "int8"))
+    assert all(r["accuracy"][k]["proxy"] == coreml_proxy.PROXY_LABEL for k in ("fp16", "w8", "int8"))
     assert {f.name for f in (out / "artifacts").iterdir()} == {f"model_{p}.mlpackage" for p in ("fp16", "w8", "int8")}
     sizes = {a["precision"]: a["size_bytes"] for a in r["artifacts"]}
     assert sizes["int8"] < 0.6 * sizes["fp16"] and sizes["w8"] < 0.6 * sizes["fp16"]
@@ -175,9 +191,9 @@ def test_deploy_without_macos_exits_3_with_an_honest_report(atto_reference, tmp_
 def test_predict_on_macos_agrees_with_the_proxy(built):
     ck, arts, x, y = built
     for precision, art in arts.items():
-        real, proxy = coreml.load_runner(art, 2), coreml.proxy_runner(art, 2)
+        real, proxy = coreml.load_runner(art, 2), coreml_proxy.proxy_runner(art, 2)
         assert real.proxy is None and real.timed
         preds = predict_many({"coreml": real.run, "proxy": proxy.run},
                              ((x[i:i + 100], y[i:i + 100]) for i in range(0, 1000, 100)))
         assert accuracy(preds["coreml"], preds["proxy"])["agreement"] >= 0.98, precision
-        assert set(coreml.latency_runners(art, 2)) == {"CPU_ONLY"}
+        assert set(coreml.extra_runners(art, 2)) == {"CPU_ONLY"}

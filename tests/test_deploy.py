@@ -8,29 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from pipeline.errors import UserError
 from pipeline.validate import predict_many
 
-GATES_ACCURACY_ONLY = """
-[defaults]
-max_top1_drop_pp = 1.0
-min_agreement = 0.97
-"""
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "CONVNEXT_DEPLOY_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+def env(cli_env):
+    return cli_env
 
 
 def cli(args, env, code=None):
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=900)
-    if code is not None:
-        assert p.returncode == code, p.stdout + p.stderr
-    return p
+    return run_cli(args, env, code)
 
 
 def _one_clear_line(p):
@@ -38,17 +26,6 @@ def _one_clear_line(p):
     assert len(err) == 1, p.stderr
     assert "Traceback" not in p.stderr
     return err[0]
-
-
-@pytest.fixture(scope="module")
-def deployed(atto_reference, env, tmp_path_factory):
-    d = tmp_path_factory.mktemp("deploy")
-    gates = d / "gates.toml"
-    gates.write_text(GATES_ACCURACY_ONLY)
-    out = d / "report"
-    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "1000", "--calib", "300",
-             "--runs", "10", "--gates", str(gates), "--out", str(out)], env, code=0)
-    return out, p, gates
 
 
 def test_deploy_writes_a_complete_report(deployed):
@@ -208,3 +185,27 @@ def test_report_is_atomic(tmp_path, monkeypatch):
         w.write_report(out, {"x": 1}, manifest="{}")
     assert json.loads((out / "report.json").read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_report_keeps_its_keys(deployed):
+    """report.json is read by users' CI: a deploy's key set equals the one saved before the stages refactor
+    (option values and environment details inside may grow, so those subtrees are not compared)."""
+    import re
+
+    saved = json.loads((REPO / "tests" / "data" / "report_keys_onnxruntime.json").read_text())
+    skip = re.compile(saved["skipped"])
+
+    def paths(x, pre=""):
+        out = set()
+        if isinstance(x, dict):
+            for k, v in x.items():
+                p = f"{pre}.{k}" if pre else k
+                out |= {p} | paths(v, p)
+        elif isinstance(x, list):
+            for v in x:
+                out |= paths(v, pre + "[]")
+        return out
+
+    report = json.loads((deployed[0] / "report.json").read_text())
+    keys = {p for p in paths(report) if not skip.search(p)}
+    assert keys == set(saved["keys"]), (sorted(keys - set(saved["keys"])), sorted(set(saved["keys"]) - keys))

@@ -12,7 +12,7 @@ from conftest import REPO, reference_split
 from pipeline.export import export_onnx
 from pipeline.outliers import inject_outliers, migrate, norm_pairs, outlier_stats, save_outlier_checkpoint
 from pipeline.validate import accuracy, predict_many
-from targets import load_target
+from targets import get_target
 from targets.base import Artifact, BuildRequest, CalibrationData
 
 K = 30.0  # outlier factor: ImageNet ConvNeXts show norm channels tens of times above the median
@@ -43,23 +43,28 @@ def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, tmp_path)
     before, after = outlier_stats(outl, d.calib_x), outlier_stats(smoothed, d.calib_x)
     assert before.worst_ratio > 50 and after.worst_ratio < 10 and info["layers"] == len(norm_pairs(outl))
 
-    ort = load_target("onnxruntime")
+    ort = get_target("onnxruntime")
     runners = {"fp32": lambda b: ck.model(torch.from_numpy(b)).detach().numpy()}
-    for name, model in [("plain", outl), ("smoothed", smoothed)]:
+    # "clean": the checkpoint without outliers, quantized the same way: what INT8 reaches on this CPU's kernels
+    for name, model in [("clean", ck.model), ("plain", outl), ("smoothed", smoothed)]:
         export_onnx(model, tmp_path / f"{name}.onnx")
         (tmp_path / name).mkdir()
-        art = ort.build(BuildRequest("int8", tmp_path / f"{name}.onnx", model, tmp_path / name, calib))
+        art = ort.build(BuildRequest("int8", tmp_path / f"{name}.onnx", model, tmp_path / name, calib,
+                                     options=ort.make_options()))
         runners[name] = ort.load_runner(art, 2).run
     preds = predict_many(runners, ((x[i:i + 250], y[i:i + 250]) for i in range(0, len(x), 250)))
-    got = {n: accuracy(preds[n], preds["fp32"]) for n in ("plain", "smoothed")}
+    got = {n: accuracy(preds[n], preds["fp32"]) for n in ("clean", "plain", "smoothed")}
     print(f"\nONNX Runtime INT8, atto with {K:g}× channel outliers, {len(x)} test images: top-1 drop "
           f"{got['plain']['top1_drop_pp']:+.2f} pp (agreement {got['plain']['agreement'] * 100:.2f}%) without smoothing, "
-          f"{got['smoothed']['top1_drop_pp']:+.2f} pp ({got['smoothed']['agreement'] * 100:.2f}%) with it; "
+          f"{got['smoothed']['top1_drop_pp']:+.2f} pp ({got['smoothed']['agreement'] * 100:.2f}%) with it, "
+          f"{got['clean']['top1_drop_pp']:+.2f} pp ({got['clean']['agreement'] * 100:.2f}%) without outliers; "
           f"outlier ratio {before.worst_ratio:.0f} → {after.worst_ratio:.1f}")
-    assert got["plain"]["agreement"] < 0.985
-    assert got["smoothed"]["agreement"] >= 0.99
+    # the expectations come from the clean model's INT8 measured here, not from one CPU's figures
+    clean = got["clean"]["agreement"]
+    assert got["plain"]["agreement"] <= clean - 0.01  # outliers break per-tensor INT8 ...
+    assert got["smoothed"]["agreement"] >= clean - 0.005  # ... smoothing gives back what INT8 reaches without them
     assert got["smoothed"]["agreement"] - got["plain"]["agreement"] >= 0.01
-    assert got["smoothed"]["top1_drop_pp"] <= 0.5
+    assert got["smoothed"]["top1_drop_pp"] <= got["clean"]["top1_drop_pp"] + 0.5
 
 
 def _cli(*args, tmp_path, timeout=900):
@@ -108,14 +113,17 @@ def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, t
 def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
     import openvino as ov
 
+    from pipeline.sensitivity import rank_key, run_probe
+    from targets import openvino_cpu
+
     d, _, _ = data
-    ovt = load_target("openvino")
+    ovt = get_target("openvino")
     export_onnx(d.ck.model, tmp_path / "m.onnx")
     (tmp_path / "q").mkdir()
     art = ovt.build(BuildRequest("int8", tmp_path / "m.onnx", d.ck.model, tmp_path / "q",
-                                 CalibrationData(d.calib_x[:200], "m", "t")))
+                                 CalibrationData(d.calib_x[:200], "m", "t"), options=ovt.make_options()))
     model = ov.Core().read_model(str(art.files[0]))
-    names = ovt.quantized_layers(model)
+    names = openvino_cpu.quantized_layers(model)
     victim = next(op for op in model.get_ordered_ops() if op.get_friendly_name() == names[len(names) // 2])
     fq = victim.input_value(0).get_node()
     for port in (1, 2, 3, 4):  # crush the quantization range ×0.02: the layer's activation saturates
@@ -125,9 +133,10 @@ def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
     ov.save_model(model, str(tmp_path / "damaged" / "model_int8.xml"), compress_to_fp16=False)
     damaged = Artifact("openvino", "int8", [tmp_path / "damaged" / "model_int8.xml",
                                             tmp_path / "damaged" / "model_int8.bin"], art.metadata)
-    res = ovt.sensitivity({"int8": damaged}, d.calib_x[:128], 2, lambda m: None, model=d.ck.model)
-    from pipeline.sensitivity import rank_key
-
+    probe = ovt.layer_probe({"int8": damaged}, d.calib_x[:128], 2, model=d.ck.model)
+    assert probe.kind == "real" and probe.modules is not None and len(probe.modules) == len(probe.layers)
+    assert "FakeQuantize bypassed" in probe.details["float_reference"]
+    res = run_probe(probe, log=lambda m: None)
     ranked = sorted(res["layers"], key=rank_key)
     print(f"\nOpenVINO: damaged {victim.get_friendly_name()} ({next(r.get('module') for r in res['layers'] if r['layer'] == victim.get_friendly_name())}) "
           f"ranked {[r['layer'] for r in ranked].index(victim.get_friendly_name()) + 1} of {len(ranked)}")
@@ -138,17 +147,20 @@ def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
 def test_coreml_sensitivity_finds_the_outlier_fed_layers(outlier_checkpoint, data, tmp_path):
     from pipeline.checkpoints import load_checkpoint
     from pipeline.deploy import model_info
-    from pipeline.sensitivity import rank_key
+    from pipeline.sensitivity import rank_key, run_probe
 
     d, _, _ = data
     ck = load_checkpoint(outlier_checkpoint, "atto")
-    cm = load_target("coreml")
+    cm = get_target("coreml")
     calib = CalibrationData(d.calib_x[:200], "m", "t")
     (tmp_path / "q").mkdir()
     art = cm.build(BuildRequest("int8", None, ck.model, tmp_path / "q", calib, input_sizes=(32,),
-                                model_info=model_info(ck)))
-    res = cm.sensitivity({"int8": art}, d.calib_x[:128], 2, lambda m: None, model=ck.model, calibration=calib)
+                                options=cm.make_options(), model_info=model_info(ck)))
+    probe = cm.layer_probe({"int8": art}, d.calib_x[:128], 2, model=ck.model, calibration=calib)
+    assert probe.kind == "proxy" and probe.modules == probe.layers and len(probe.layers) == 41
+    res = run_probe(probe, log=lambda m: None)
     assert res["rebuilt_proxy_max_abs_diff"] < 1e-4  # the measured model is the saved proxy
+    assert res["runtime"] == "Core ML proxy (not executed by Core ML)" and len(res["layers"]) == 41
     fed = {layer for _, _, layer, _ in norm_pairs(ck.model)}
     top = [r["module"] for r in sorted(res["layers"], key=rank_key)[:3]]
     print(f"\nCore ML proxy, atto with {K:g}× outliers: most sensitive {top}")

@@ -1,5 +1,6 @@
 """The OpenVINO target on the real atto reference checkpoint and real Fashion-MNIST images."""
 import os
+import re
 import subprocess
 import sys
 
@@ -8,10 +9,11 @@ import pytest
 from conftest import REPO, reference_split
 from pipeline.export import export_onnx
 from pipeline.validate import accuracy, predict_many
-from targets import get_spec, load_target
+from pipeline.errors import UserError
+from targets import get_target, openvino_cpu
 from targets.base import BuildRequest, CalibrationData, LabelledData
 
-ov_cpu = load_target("openvino")
+ov_cpu = get_target("openvino")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def _build(setup, precision, calibration=None, **options):
     out = d / f"{precision}-{len(list(d.iterdir()))}"
     out.mkdir()
     return ov_cpu.build(BuildRequest(precision, d / "model.onnx", ck.model, out, calibration or calib,
-                                     validation=control, options=options))
+                                     validation=control, options=ov_cpu.make_options(**options)))
 
 
 def _accuracy(setup, artifacts):
@@ -41,9 +43,31 @@ def _accuracy(setup, artifacts):
 
 
 def test_table_row_and_availability():
-    spec = get_spec("openvino")
+    spec = get_target("openvino")
     assert spec.module == "targets.openvino_cpu" and spec.precisions == ("fp32", "bf16", "int8")
+    assert spec.options is openvino_cpu.OpenVINOOptions and spec.accuracy_control and spec.layer_probe is not None
+    recipes = {r.name: r for r in spec.int8_recipes}
+    assert spec.peer_default == openvino_cpu.PEER_DEFAULT and not recipes[spec.peer_default].smoothed
+    for r in spec.int8_recipes:  # every recipe is a valid set of options with its own build settings
+        assert spec.build_config("int8", spec.make_options(**r.options)) != spec.build_config("int8", spec.make_options())
     assert ov_cpu.available().ok
+
+
+def test_build_config_is_the_effective_settings():
+    ov = get_target("openvino")
+    assert ov.build_config("fp32", ov.make_options()) == {"float_precision": "f32"}
+    assert ov.build_config("bf16", ov.make_options(preset="performance")) == {"float_precision": "bf16"}
+    peer = ov.build_config("int8", ov.make_options(recipe=openvino_cpu.PEER_DEFAULT, preset="performance"))
+    assert peer == {"recipe": openvino_cpu.PEER_DEFAULT, "float_precision": "bf16"}  # the peer sets nothing else
+    ours = ov.build_config("int8", ov.make_options(float_layers=["stem.0"]))
+    assert ours["preset"] == "mixed" and ours["model_type"] == "transformer" and ours["float_layers"] == ["stem.0"]
+    assert "accuracy_control_ranking_subset" not in ours  # shapes nothing without accuracy control
+    controlled = ov.build_config("int8", ov.make_options(accuracy_control=0.005, accuracy_control_ranking_subset=100))
+    assert controlled["accuracy_control"] == 0.005 and controlled["accuracy_control_ranking_subset"] == 100
+    with pytest.raises(UserError, match="no build option 'calibrate_method'"):
+        ov.make_options(calibrate_method="entropy")
+    with pytest.raises(ValueError, match="preset"):
+        ov.build_config("int8", ov.make_options(preset="fastest"))
 
 
 def test_ir_holds_quantized_weights_and_runs_int8_kernels(setup):
@@ -58,7 +82,9 @@ def test_ir_holds_quantized_weights_and_runs_int8_kernels(setup):
                     and op.get_element_type() == ov.Type.i8]
     assert len(int8_weights) >= 40  # every Conv and pointwise MatMul weight is stored as int8
     runners, preds = _accuracy(setup, {"fp32": fp32, "int8": int8})
-    assert "40/41 compute layers in int8" in runners["int8"].precision or "41/41" in runners["int8"].precision
+    # read back from the plugin: every layer the IR quantizes (a FakeQuantize on its input) runs in int8
+    ints, total = map(int, re.search(r"(\d+)/(\d+) compute layers in int8", runners["int8"].precision).groups())
+    assert total >= ints >= int8.metadata["quantized_layers"] > 0
     acc = accuracy(preds["int8"], preds["fp32"])
     print(f"\nOpenVINO atto INT8 vs FP32 (1000 test images): drop {acc['top1_drop_pp']:+.2f} pp, "
           f"agreement {acc['agreement'] * 100:.2f}%; {runners['int8'].precision}")

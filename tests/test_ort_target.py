@@ -4,10 +4,10 @@ import pytest
 from conftest import reference_split
 from pipeline.export import export_onnx
 from pipeline.validate import accuracy, predict_many
-from targets import get_spec, load_target
+from targets import get_target
 from targets.base import BuildRequest, CalibrationData
 
-ort_cpu = load_target("onnxruntime")
+ort_cpu = get_target("onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _predict(setup, artifacts):
 
 
 def test_table_row_and_availability():
-    spec = get_spec("onnxruntime")
+    spec = get_target("onnxruntime")
     assert spec.module == "targets.ort_cpu" and spec.precisions == ("fp32", "int8")
     assert ort_cpu.available().ok
 

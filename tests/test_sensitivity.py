@@ -11,12 +11,12 @@ from onnx import numpy_helper
 from conftest import REPO, reference_split
 from pipeline.export import export_onnx
 from pipeline.model import weight_layers
-from pipeline.sensitivity import rank_key
-from targets import load_target
+from pipeline.sensitivity import rank_key, run_probe
+from targets import get_target
 from targets.base import BuildRequest, CalibrationData
-from targets.qdq import layer_sensitivity, quantized_layers
+from targets.qdq import layer_probe, quantized_layers
 
-ort_cpu = load_target("onnxruntime")
+ort_cpu = get_target("onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def qdq(atto_reference, tmp_path_factory):
     arts = {}
     for p in ("fp32", "int8"):
         (d / p).mkdir()
-        arts[p] = ort_cpu.build(BuildRequest(p, d / "model.onnx", ck.model, d / p, CalibrationData(calib_x, "m", "t")))
+        arts[p] = ort_cpu.build(BuildRequest(p, d / "model.onnx", ck.model, d / p, CalibrationData(calib_x, "m", "t"),
+                                             options=ort_cpu.make_options()))
     return ck, arts, calib_x[:128], d
 
 
@@ -49,8 +50,12 @@ def test_sensitivity_ranks_a_damaged_layer_first(qdq):
     damaged = d / "damaged.onnx"
     onnx.save(model, str(damaged))
 
-    clean = layer_sensitivity(arts["int8"].files[0], arts["fp32"].files[0], images)
-    hurt = layer_sensitivity(damaged, arts["fp32"].files[0], images)
+    def sensitivity(qdq_path):
+        probe = layer_probe(qdq_path, arts["fp32"].files[0], images, 2, optimize=True, runtime="test", kind="real")
+        assert probe.layers == [n.name for n in layers]
+        return run_probe(probe, log=lambda m: None)
+
+    clean, hurt = sensitivity(arts["int8"].files[0]), sensitivity(damaged)
     for r in (clean, hurt):
         assert r["float_graph_max_abs_diff"] < 1e-3  # every layer floated == the FP32 export
     ranked = sorted(range(41), key=lambda i: rank_key(hurt["layers"][i]))

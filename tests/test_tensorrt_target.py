@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -14,11 +15,12 @@ from calibration.batches import load_array
 from conftest import REPO, reference_split
 from pipeline.export import export_onnx
 from pipeline.validate import accuracy, predict_many
-from targets import load_target
-from targets.base import BuildRequest, CalibrationData
+from pipeline.latency import measure
+from targets import get_target, trt_gpu
+from targets.base import Artifact, BuildRequest, CalibrationData, Runner
 
-trt_gpu = load_target("tensorrt")
-AVAIL = trt_gpu.available()
+trt = get_target("tensorrt")
+AVAIL = trt.available()
 needs_gpu = pytest.mark.skipif(not AVAIL.ok, reason=f"TensorRT engine cannot be built here: {AVAIL.reason}")
 
 
@@ -31,9 +33,45 @@ def setup(atto_reference, tmp_path_factory):
     arts = {}
     for precision in ("fp32", "int8"):
         (d / precision).mkdir()
-        arts[precision] = trt_gpu.build(BuildRequest(precision, d / "model.onnx", ck.model, d / precision,
-                                                     CalibrationData(calib_x, "m", train.name), input_sizes=(32, 224)))
+        arts[precision] = trt.build(BuildRequest(precision, d / "model.onnx", ck.model, d / precision,
+                                                 CalibrationData(calib_x, "m", train.name), input_sizes=(32, 224),
+                                                 options=trt.make_options()))
     return ck, arts, test, split
+
+
+def test_table_row():
+    assert trt.module == "targets.trt_gpu" and trt.precisions == ("fp32", "int8") and trt.options is trt_gpu.TensorRTOptions
+    assert trt.not_built_note == "engine not built" and trt.int8_recipes == () and not trt.accuracy_control
+    assert trt.layer_probe is trt_gpu.layer_probe
+    assert trt.build_config("fp32", trt.make_options(calibrate_method="entropy")) == \
+        {"max_batch": 32, "opt_batch": 1, "workspace_mib": 4096}  # the calibration shapes no float engine
+    assert trt.build_config("int8", trt.make_options(float_layers=["stem.0"]))["float_layers"] == ["stem.0"]
+    with pytest.raises(ValueError, match="calibration method"):
+        trt.build_config("int8", trt.make_options(calibrate_method="kl"))
+
+
+def test_latency_harness_uses_the_device_clock_of_a_runner_that_has_one():
+    """An engine runner's `device_ms` (CUDA events around the engine) is what the harness times; a runner
+    without one is timed by the host's clock around `run`."""
+    calls = {"run": 0, "device_ms": 0}
+
+    def slow(batch):
+        calls["run"] += 1
+        time.sleep(0.002)
+        return np.zeros((len(batch), 10), np.float32)
+
+    def device_ms(batch):
+        calls["device_ms"] += 1
+        slow(batch)
+        return 0.25
+
+    engine = Runner(slow, "fake engine", "fake GPU", "int8", 1, device_ms=device_ms)
+    host = Runner(slow, "fake", "cpu", "fp32", 1)
+    lat = measure({"engine": engine, "host": host}, batch=2, input_size=32, runs=10, warmup=2, rounds=2)
+    assert lat["engine"].p50_ms == lat["engine"].p99_ms == pytest.approx(0.25)
+    assert lat["engine"].images_per_s == pytest.approx(2 * 1e3 / 0.25)
+    assert lat["host"].p50_ms >= 2.0
+    assert calls["device_ms"] == 2 + 10  # warm-up and timed calls all went through the device clock
 
 
 def test_availability_says_exactly_what_is_missing():
@@ -70,8 +108,8 @@ def test_qdq_graph_follows_tensorrt_rules(setup):
 
 def test_proxy_accuracy_matches_fp32_on_the_reference_task(setup):
     ck, arts, test, split = setup
-    runners = {p: trt_gpu.load_runner(a, 2) for p, a in arts.items()}
-    assert all(r.proxy == trt_gpu.PROXY_LABEL and not r.timed for r in runners.values())
+    runners = {p: trt.load_runner(a, 2) for p, a in arts.items()}
+    assert all(r.proxy == trt_gpu.PROXY_LABEL and not r.timed and r.device_ms is None for r in runners.values())
     x, y = load_array(test, split.evaluation.indices, ck.preprocessing)
     preds = predict_many({p: r.run for p, r in runners.items()},
                          ((x[i:i + 500], y[i:i + 500]) for i in range(0, len(x), 500)))
@@ -79,6 +117,19 @@ def test_proxy_accuracy_matches_fp32_on_the_reference_task(setup):
     print(f"\n{trt_gpu.PROXY_LABEL}: atto INT8 top-1 {acc['top1'] * 100:.2f}% on 10,000 test images, "
           f"drop {acc['top1_drop_pp']:+.2f} pp vs FP32, agreement {acc['agreement'] * 100:.2f}%")
     assert acc["top1_drop_pp"] <= 0.3 and acc["agreement"] >= 0.98
+
+
+def test_layer_probe_is_the_qdq_graph_as_written(setup):
+    """The sensitivity probe runs the proxy's arithmetic; with every layer in float it is the FP32 export."""
+    from pipeline.sensitivity import run_probe
+
+    ck, arts, test, split = setup
+    x, _ = load_array(test, split.evaluation.indices[:32], ck.preprocessing)
+    probe = trt.layer_probe(arts, x, 2, model=ck.model)
+    assert probe.kind == "proxy" and probe.runtime == trt_gpu.PROXY_LABEL
+    assert probe.layers == arts["int8"].metadata["qdq"]["quantized"]
+    result = run_probe(probe, log=lambda m: None)
+    assert result["float_graph_max_abs_diff"] < 1e-3 and len(result["layers"]) == 41
 
 
 @pytest.mark.skipif(AVAIL.ok, reason="the skip path runs only where the engine cannot be built")
@@ -110,9 +161,18 @@ def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, tmp_path
 def test_engine_builds_and_matches_its_proxy(setup, tmp_path):
     ck, arts, test, split = setup
     assert any(f.suffix == ".engine" for f in arts["int8"].files)
-    engine = trt_gpu.load_runner(arts["int8"], 1)
+    engine = trt.load_runner(arts["int8"], 1)
+    assert engine.proxy is None and engine.device_ms is not None
+    proxy = trt_gpu.load_runner(Artifact(trt_gpu.NAME, "int8", arts["int8"].files[:1], arts["int8"].metadata), 2)
+    assert proxy.proxy == trt_gpu.PROXY_LABEL
     x, y = load_array(test, split.evaluation.indices[:2000], ck.preprocessing)
-    preds = predict_many({"engine": engine.run}, ((x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)))
-    assert accuracy(preds["engine"])["top1"] >= 0.89
+    preds = predict_many({"engine": engine.run, "proxy": proxy.run},
+                         ((x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)))
+    # the engine computes what its Q/DQ graph says: same accuracy as the proxy within FP16/INT8 kernel rounding
+    acc, ref = accuracy(preds["engine"], preds["proxy"]), accuracy(preds["proxy"])
+    print(f"\nTensorRT INT8 engine: top-1 {acc['top1'] * 100:.2f}% (proxy {ref['top1'] * 100:.2f}%), "
+          f"agreement with the proxy {acc['agreement'] * 100:.2f}% on {len(x)} test images")
+    assert acc["agreement"] >= 0.98 and abs(acc["top1_drop_pp"]) <= 0.5
+    assert engine.device_ms(x[:1]) > 0  # the engine's own GPU time
     settings = json.loads(next(f for f in arts["int8"].files if f.suffix == ".json").read_text())
     assert settings["flags"] == ["FP16", "INT8"] and settings["profile"]["max"][2] == 224

@@ -1,0 +1,78 @@
+"""What every stage of a deploy reads: the user's configuration and the prepared context."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from calibration.split import Split
+from pipeline.checkpoints import LoadedCheckpoint
+from targets.base import Availability, CalibrationData, LabelledData, Runner, Target
+
+# 3: the target's runtime could not run here (no GPU, not macOS); a proxy was measured and reported instead.
+# 4: an internal error (a bug): the CLI prints its traceback. 2 also covers faults of the machine (disk full).
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USER_ERROR, EXIT_NOT_BUILT = 0, 1, 2, 3
+
+
+@dataclass
+class DeployConfig:
+    target: str
+    variant: str
+    checkpoint: Path | None = None
+    n_calib: int = 500
+    n_eval: int | None = None  # None: the whole evaluation split
+    image_size: int = 224  # deployment resolution for latency
+    gates: Path = Path("gates.toml")
+    out: Path | None = None
+    threads: int = 2
+    batch_sizes: tuple[int, ...] = (1, 8)
+    latency_runs: int = 100
+    calib_data: Path | None = None  # ImageFolder roots; default: the checkpoint's own dataset
+    eval_data: Path | None = None
+    options: dict = field(default_factory=dict)  # overrides of the target's typed build options
+    seed: int = 0
+    alternatives: bool = True  # also build and measure the target's other INT8 recipes
+    accuracy_control: bool = False  # INT8 bounded by the gate's max_top1_drop_pp (targets that offer it)
+    n_control: int = 1000  # labelled images held out of the evaluation side, for fallback and accuracy-control decisions
+    sensitivity: int = 0  # >0: per-layer INT8 sensitivity on that many calibration images, into the report
+    smoothing: float | None = 0.5  # SmoothQuant α for the INT8 builds (pipeline.outliers); None: off
+    fallback: bool = True  # INT8 missing max_top1_drop_pp on the control split → layers back to float
+    fallback_max_layers: int = 8
+    fallback_max_minutes: float = 30.0
+
+
+@dataclass
+class Context:
+    """Made by `prepare`; read, never changed, by every later stage (notes only grow)."""
+
+    cfg: DeployConfig
+    target: Target
+    availability: Availability
+    ck: LoadedCheckpoint
+    gates: dict  # the gate values applied to this target and variant
+    calib_src: object  # calibration.Source
+    eval_src: object
+    task: str  # what the accuracy figures are measured on, in words
+    split: Split
+    calibration: CalibrationData
+    control: LabelledData | None  # the labelled control split (decisions), held out of the evaluation side
+    options: object  # the target's typed build options
+    fallback_on: bool
+    notes: list[str]
+    log: Callable[[str], None]
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(accuracy resolution: the checkpoint's own, latency resolution: the deployment's)."""
+        return self.ck.preprocessing.input_size, self.cfg.image_size
+
+    @property
+    def has_int8(self) -> bool:
+        return "int8" in self.target.precisions
+
+
+def runner_entry(r: Runner, precision: str) -> dict:
+    """What measured a figure: runtime, device, precision asked for and executed, real or proxy."""
+    return {"runtime": r.runtime, "device": r.device, "precision_requested": precision,
+            "precision_executed": r.precision, "threads": r.threads,
+            "kind": "proxy" if r.proxy else "real", "proxy": r.proxy}

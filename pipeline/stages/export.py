@@ -1,0 +1,61 @@
+"""Stage 2: what the builds start from. The checkpoint's checked ONNX export (none for a target that converts
+from torch) and, for INT8, the model with its norm-channel outliers migrated (pipeline.outliers) and its export."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.cache import code_digest, key_of
+from pipeline.export import ExportResult, export_cached
+from pipeline.stages.context import Context
+
+
+@dataclass
+class Source:
+    """A model a build starts from: the torch module and, for an ONNX target, its checked export."""
+
+    model: torch.nn.Module
+    onnx_path: Path | None
+
+
+@dataclass
+class Sources:
+    export: ExportResult | None  # the checkpoint's own export, as the report describes it
+    plain: Source  # the checkpoint's weights: float precisions, and INT8 recipes that never smooth
+    int8: Source | None  # what the default INT8 is built from (smoothed unless switched off)
+    smoothing: dict | None  # what the smoothing did (None: off, or no INT8)
+
+
+def export(ctx: Context) -> Sources:
+    ck, log = ctx.ck, ctx.log
+    calib_x = ctx.calibration.images
+    result = None
+    if ctx.target.converter is None:
+        result = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
+        log(f"export: opset {result.opset}, parity max |Δlogit| {result.parity.max_abs_diff:.2e}, "
+            f"agreement {result.parity.top1_agreement:.3f} ({'cached' if result.cached else 'exported'})")
+    plain = Source(ck.model, result.path if result else None)
+    if not ctx.has_int8 or not ctx.cfg.smoothing:
+        return Sources(result, plain, plain if ctx.has_int8 else None, None)
+    smoothed, info = smooth(ctx, ctx.cfg.smoothing)
+    return Sources(result, plain, smoothed, info)
+
+
+def smooth(ctx: Context, alpha: float) -> tuple[Source, dict]:
+    """SmoothQuant-style migration on the calibration images, and the smoothed model's export."""
+    from pipeline.outliers import migrate, outlier_stats
+
+    ck, calib_x = ctx.ck, ctx.calibration.images
+    before = outlier_stats(ck.model, calib_x)
+    model, info = migrate(ck.model, calib_x, alpha)
+    after = outlier_stats(model, calib_x)
+    info.update(outlier_ratio_before=before.worst_ratio, outlier_ratio_after=after.worst_ratio,
+                worst_layer_before=before.worst_layer, calibration_ids_sha256=ctx.calibration.manifest_sha256)
+    ctx.log(f"smoothing (α {alpha}): largest norm-output channel range / median {before.worst_ratio:.1f} → "
+            f"{after.worst_ratio:.1f} ({before.worst_layer})")
+    if ctx.target.converter is not None:  # a torch-source target converts the smoothed model itself
+        return Source(model, None), info
+    key = key_of("smoothed", ck.sha256, alpha, ctx.calibration.manifest_sha256, code_digest("pipeline.outliers"))
+    return Source(model, export_cached(model, key, ck.variant.name, calib_x[:32]).path), info

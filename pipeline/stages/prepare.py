@@ -1,0 +1,105 @@
+"""Stage 1: the checkpoint, the data sources, the disjoint calibration / control / evaluation split, the
+calibration and control images, the gates and the target's typed options."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from calibration.batches import load_array
+from calibration.fashion_mnist import FashionMNIST
+from calibration.imagefolder import ImageFolder
+from calibration.split import make_split
+from pipeline import gates as gates_mod
+from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
+from pipeline.errors import UserError
+from pipeline.reference import require_reference
+from pipeline.stages.context import Context, DeployConfig
+from targets import get_target
+from targets.base import CalibrationData, LabelledData
+
+_LICENSES = {"ours": "Apache-2.0 (convnext-deploy reference checkpoint, trained on Fashion-MNIST, MIT)",
+             "official": "MIT (facebookresearch/ConvNeXt weights)"}
+
+
+def model_info(ck: LoadedCheckpoint) -> dict:
+    """What an artifact may carry about its checkpoint (Core ML puts it in the package's metadata)."""
+    acc = ck.metadata.get("accuracy") or {}
+    dataset = (ck.metadata.get("dataset") or {}).get("name")
+    return {"variant": ck.variant.name, "name": ck.variant.long_name, "class_names": list(ck.class_names),
+            "preprocessing": ck.preprocessing.to_dict(), "checkpoint_sha256": ck.sha256,
+            "reference_accuracy": {"top1": acc.get("top1"), "dataset": dataset} if acc.get("top1") else None,
+            "license": ck.metadata.get("license") or _LICENSES.get(ck.source_format)}
+
+
+def sources(ck: LoadedCheckpoint, cfg: DeployConfig):
+    """(calibration source, evaluation source, the task in words): the user's ImageFolder trees, or the
+    reference task the checkpoint was trained on."""
+    if cfg.calib_data or cfg.eval_data:
+        if not (cfg.calib_data and cfg.eval_data):
+            raise UserError("pass both --calib-data and --eval-data (ImageFolder trees), or neither")
+        calib = ImageFolder(cfg.calib_data, list(ck.class_names))
+        evals = ImageFolder(cfg.eval_data, list(ck.class_names))
+        return calib, evals, f"ImageFolder ({cfg.eval_data}; labels by {evals.label_rule})"
+    if ck.metadata.get("dataset", {}).get("name") == "fashion-mnist":
+        return FashionMNIST("train"), FashionMNIST("test"), "Fashion-MNIST (reference task)"
+    raise UserError(
+        f"{ck.path} was not trained on the reference task; pass --calib-data TRAIN_DIR --eval-data VAL_DIR "
+        "(ImageFolder trees, e.g. ImageNet train and val)"
+    )
+
+
+def _checkpoint(cfg: DeployConfig) -> LoadedCheckpoint:
+    ck = load_checkpoint(Path(cfg.checkpoint) if cfg.checkpoint else require_reference(cfg.variant), cfg.variant)
+    if not all(torch.isfinite(p).all() for p in ck.model.parameters()):
+        raise UserError(f"{ck.path} holds NaN/inf weights; it cannot be deployed")
+    return ck
+
+
+def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = None,
+            decisions: bool = True) -> Context:
+    """`checkpoint`: an already loaded one (the bench's weights as initialised); `decisions=False`: no control
+    split is held out (the sensitivity command and the bench decide nothing)."""
+    target = get_target(cfg.target)
+    avail = target.available()
+    if not avail.ok and not avail.proxy:
+        raise UserError(f"target {cfg.target} cannot run here: {avail.reason}")
+    notes = []
+    if not avail.ok:  # the target names what could not be made here (TensorRT: "engine not built")
+        notes.append(f"{target.not_built_note}: {avail.reason}")
+        log(f"WARNING: {cfg.target} {notes[-1]}; building what runs here and measuring its proxy instead")
+    if cfg.image_size % 32:
+        raise UserError(f"--image-size {cfg.image_size} is not a multiple of 32 (ConvNeXt downsamples by 32)")
+    ck = checkpoint or _checkpoint(cfg)
+    torch.set_num_threads(cfg.threads)
+    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name)
+    overrides = dict(cfg.options)
+    if cfg.accuracy_control:
+        if not target.accuracy_control:
+            raise UserError(f"target {cfg.target} has no built-in accuracy control; drop --accuracy-control")
+        if "max_top1_drop_pp" not in gate_cfg:
+            raise UserError(f"--accuracy-control needs max_top1_drop_pp in {cfg.gates} for {cfg.target}/{ck.variant.name}")
+        overrides["accuracy_control"] = gate_cfg["max_top1_drop_pp"] / 100.0
+    options = target.make_options(**overrides)
+    calib_src, eval_src, task = sources(ck, cfg)
+    fallback_on = (decisions and cfg.fallback and "int8" in target.precisions and "max_top1_drop_pp" in gate_cfg
+                   and not cfg.accuracy_control)
+    # the control split is held out of the evaluation side: at most a tenth of it, so evaluation keeps the rest
+    n_control = min(cfg.n_control, len(eval_src) // 10) if (cfg.accuracy_control or fallback_on) else 0
+    if cfg.accuracy_control and n_control < 1:
+        raise UserError(f"{eval_src.name} is too small to hold out a control split for --accuracy-control")
+    if fallback_on and n_control < 1:
+        fallback_on = False
+        notes.append(f"accuracy fallback off: {eval_src.name} is too small to hold out a control split")
+    split = make_split(calib_src, eval_src, cfg.n_calib, cfg.n_eval, cfg.seed, n_control=n_control,
+                       control_from="evaluation")
+    log(f"data: {len(split.calibration)} calibration ({split.calibration.source}), "
+        f"{len(split.evaluation)} evaluation ({split.evaluation.source})")
+    calib_x, _ = load_array(calib_src, split.calibration.indices, ck.preprocessing, desc="calibration")
+    calibration = CalibrationData(calib_x, split.calibration.ids_sha256, split.calibration.source)
+    control = None
+    if split.control is not None:
+        ctrl_x, ctrl_y = load_array(eval_src, split.control.indices, ck.preprocessing, desc="control")
+        control = LabelledData(ctrl_x, ctrl_y, split.control.ids_sha256)
+    return Context(cfg, target, avail, ck, gate_cfg, calib_src, eval_src, task, split, calibration, control,
+                   options, fallback_on, notes, log)

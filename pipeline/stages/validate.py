@@ -1,0 +1,150 @@
+"""Stage 5: accuracy on the evaluation split (the checkpoint's own resolution, every runner on the same streamed
+batches), latency (deployment and checkpoint resolutions, each batch size, every precision interleaved), the INT8
+recipes compared, and what the fallback cost, re-measured."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from calibration.batches import iter_batches
+from pipeline.latency import measure
+from pipeline.machine import device_label
+from pipeline.stages.build import Built
+from pipeline.stages.context import Context, runner_entry
+from pipeline.stages.decide import Decision
+from pipeline.validate import accuracy, predict_many
+from targets.base import Runner
+
+PLAIN_INT8 = "int8 (all layers INT8, before the fallback)"
+
+
+@dataclass
+class Validation:
+    accuracy: dict  # name → top-1/top-5/agreement/drop and what measured it
+    latency: list[dict]  # one row per precision × input size × batch
+    recipes: list[dict]  # the INT8 recipes compared (empty when none or not timed)
+
+
+def p50(latency: list[dict], precision: str, size: int) -> float | None:
+    """The batch-1 p50 of `precision` at `size`, if it was measured."""
+    return next((e["p50_ms"] for e in latency if e["precision"] == precision and e["batch"] == 1
+                 and e["input_size"] == size), None)
+
+
+def torch_runner(model, threads: int) -> Runner:
+    """Eager torch FP32: the reference every target's figures are also compared with."""
+    torch.set_num_threads(threads)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    return Runner(run, f"torch {torch.__version__} eager", device_label(threads), "fp32", threads)
+
+
+def validate(ctx: Context, built: Built, decision: Decision) -> Validation:
+    reference = torch_runner(ctx.ck.model, ctx.cfg.threads)
+    preds = _predict(ctx, built, decision, reference)
+    acc = _accuracy(ctx, built, preds, reference)
+    latency = _latency(ctx, built, decision)
+    recipes = _compare_recipes(ctx, built, preds)
+    if decision.fallback is not None:
+        _fallback_figures(ctx, decision.fallback, preds, latency)
+    return Validation(acc, latency, recipes)
+
+
+def _predict(ctx: Context, built: Built, decision: Decision, reference: Runner) -> dict:
+    batches = iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ctx.ck.preprocessing, batch_size=100,
+                           desc="evaluation")
+    runners = {"torch_fp32": reference.run,
+               **{p: r.run for p, r in built.runners.items()},
+               **{f"alt:{n}": r.run for n, r in built.recipe_runners.items()}}
+    if decision.plain_runner is not None:
+        runners["plain:int8"] = decision.plain_runner.run
+    return predict_many(runners, batches)
+
+
+def _accuracy(ctx: Context, built: Built, preds: dict, reference: Runner) -> dict:
+    size, base = ctx.ck.preprocessing.input_size, ctx.target.reference
+    acc = {"torch_fp32": {**accuracy(preds["torch_fp32"]), **runner_entry(reference, "fp32"),
+                          "input_size": size}}
+    for p, r in built.runners.items():
+        entry = {**accuracy(preds[p], preds[base] if p != base else None), **runner_entry(r, p)}
+        vs_torch = accuracy(preds[p], preds["torch_fp32"])
+        acc[p] = {**entry, "vs_torch": {"agreement": vs_torch["agreement"], "top1_drop_pp": vs_torch["top1_drop_pp"]},
+                  "input_size": size}
+    for p, a in acc.items():
+        ctx.log(f"accuracy {p}: top-1 {a['top1'] * 100:.2f}%, top-5 {a['top5'] * 100:.2f}%"
+                + (f", agreement {a['agreement'] * 100:.2f}%, drop {a['top1_drop_pp']:+.2f} pp" if "agreement" in a else ""))
+    return acc
+
+
+def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
+    cfg, target = ctx.cfg, ctx.target
+    timed = {p: (p, r) for p, r in built.runners.items() if r.timed}
+    if target.extra_runners is not None:  # e.g. Core ML on CPU_ONLY beside ALL
+        timed.update({f"{p} ({label})": (p, r) for p, a in built.artifacts.items()
+                      for label, r in target.extra_runners(a, cfg.threads).items()})
+    if decision.plain_runner is not None and decision.plain_runner.timed:  # the fallback's cost, in the same rounds
+        timed[PLAIN_INT8] = ("int8", decision.plain_runner)
+    untimed = [p for p, r in built.runners.items() if not r.timed]
+    if untimed:
+        ctx.notes.append(f"latency not measured for {', '.join(untimed)}: "
+                         f"{built.runners[untimed[0]].proxy} runs on this CPU, and its speed says nothing about the target")
+    rows = []
+    for size in sorted({cfg.image_size, ctx.ck.preprocessing.input_size}) if timed else ():
+        for batch in cfg.batch_sizes:
+            runs = cfg.latency_runs if batch == 1 else max(10, cfg.latency_runs // 4)
+            res = measure({k: r for k, (_, r) in timed.items()}, batch=batch, input_size=size, runs=runs,
+                          warmup=5 if batch == 1 else 2)
+            for k, lat in res.items():
+                rows.append({"precision": k, **lat.to_dict(), **runner_entry(timed[k][1], timed[k][0]),
+                             "role": "deployment" if size == cfg.image_size else "checkpoint"})
+                ctx.log(f"latency {k} {size}px b{batch}: p50 {lat.p50_ms:.2f} ms, {lat.images_per_s:.1f} img/s")
+    return rows
+
+
+def _compare_recipes(ctx: Context, built: Built, preds: dict) -> list[dict]:
+    """Our INT8 next to the target's other INT8 recipes: accuracy on the evaluation split, p50 at the
+    deployment size, batch 1, interleaved with FP32 in one measurement."""
+    runners, alt = built.runners, built.recipe_runners
+    if not alt or not all(r.timed for r in (*runners.values(), *alt.values())):
+        return []
+    cfg = ctx.cfg
+    lat = measure({"fp32": runners["fp32"], "int8": runners["int8"], **alt}, batch=1, input_size=cfg.image_size,
+                  runs=cfg.latency_runs, warmup=5)
+    rows = []
+    for name, art, key, pred_key in [("ours (default)", built.artifacts["int8"], "int8", "int8"),
+                                     *[(n, built.recipes[n], n, f"alt:{n}") for n in alt]]:
+        a = accuracy(preds[pred_key], preds["fp32"])
+        ops = art.metadata.get("ops", {})
+        rows.append({"recipe": name, "options": art.metadata.get("quantization", {}), "top1": a["top1"],
+                     "top1_drop_pp": a["top1_drop_pp"], "agreement": a["agreement"], "n": a["n"],
+                     "p50_ms": lat[key].p50_ms, "fp32_p50_ms": lat["fp32"].p50_ms,
+                     "int8_speedup": lat["fp32"].p50_ms / lat[key].p50_ms, "input_size": cfg.image_size, "batch": 1,
+                     "threads": cfg.threads, "integer_kernels": ops.get("integer_kernels"),
+                     "float_conv_matmul_left": ops.get("float_conv_matmul_left"),
+                     "runtime": runners["fp32"].runtime, "kind": "real"})
+        ctx.log(f"recipe {name}: top-1 drop {a['top1_drop_pp']:+.2f} pp, p50 {lat[key].p50_ms:.2f} ms "
+                f"({rows[-1]['int8_speedup']:.2f}× FP32)")
+    return rows
+
+
+def _fallback_figures(ctx: Context, fallback: dict, preds: dict, latency: list[dict]) -> None:
+    """Plain vs final INT8 re-measured on the evaluation split, and the p50 the fallback cost."""
+    base, size = ctx.target.reference, ctx.cfg.image_size
+    if "plain:int8" in preds:
+        plain = accuracy(preds["plain:int8"], preds[base])
+        final = accuracy(preds["int8"], preds[base])
+        fallback["evaluation"] = {"plain_top1_drop_pp": plain["top1_drop_pp"], "final_top1_drop_pp": final["top1_drop_pp"],
+                                  "plain_agreement": plain["agreement"], "final_agreement": final["agreement"],
+                                  "n": final["n"]}
+        ctx.log(f"fallback on the evaluation split: top-1 drop {plain['top1_drop_pp']:+.2f} pp (all INT8) → "
+                f"{final['top1_drop_pp']:+.2f} pp ({len(fallback['float_layers'])} layers in float)")
+    plain_ms, final_ms = p50(latency, PLAIN_INT8, size), p50(latency, "int8", size)
+    if plain_ms and final_ms:
+        fallback["latency"] = {"plain_p50_ms": plain_ms, "final_p50_ms": final_ms, "cost": final_ms / plain_ms,
+                               "input_size": size, "batch": 1}
+        ctx.log(f"fallback latency cost: p50 {plain_ms:.2f} → {final_ms:.2f} ms ({final_ms / plain_ms:.2f}×)")

@@ -1,0 +1,89 @@
+"""ONNX Runtime as a tool the targets share: one session factory, one calibration reader, one quantize_static.
+
+Not a target. ONNX Runtime runs the portable target, the TensorRT Q/DQ proxy and the per-layer probes of
+both; ORT's static quantizer writes the Q/DQ graphs of both.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from targets.base import CalibrationData
+
+
+def session(model: Path | bytes, threads: int, optimize: bool = True, optimized_out: Path | None = None):
+    """A CPU session with `threads` intra-op threads, run sequentially. `optimize=False` runs the graph as
+    written (the TensorRT proxy: no fusion may turn Q/DQ arithmetic into other kernels)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # its warning on saving an NCHWc-optimized graph is expected here
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if optimized_out is not None:
+        so.optimized_model_filepath = str(optimized_out)
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def runtime_label() -> str:
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider"
+
+
+class CalibrationReader:
+    """onnxruntime's CalibrationDataReader over our calibration images, in equal-size batches."""
+
+    def __init__(self, calibration: CalibrationData, input_name: str):
+        self._batches = list(calibration.equal_batches())
+        self._name = input_name
+        self._it = iter(self._batches)
+
+    def get_next(self):
+        b = next(self._it, None)
+        return None if b is None else {self._name: b}
+
+    def rewind(self):
+        self._it = iter(self._batches)
+
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def calibration_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = dict(zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Percentile,
+                                              CalibrationMethod.Entropy)))
+    if name not in methods:
+        raise ValueError(f"unknown calibration method {name!r}; use one of {sorted(methods)}")
+    return methods[name]
+
+
+def quantize(src: Path, dst: Path, calibration: CalibrationData, float_layers=(), torch_model=None,
+             optimize: bool = True, **quantize_kwargs) -> None:
+    """ORT's pre-processing (symbolic shape inference, and graph optimisation unless `optimize=False`), then
+    `quantize_static` on our calibration split. `float_layers`: checkpoint layer names left without Q/DQ (named
+    in the graph by network order, which needs the torch model). With no `quantize_kwargs`, quantize_static's
+    own defaults (the peer's recipe)."""
+    import onnx
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from targets.qdq import node_names_for
+
+    pre = dst.with_name(dst.stem + ".preprocessed.onnx")
+    try:
+        quant_pre_process(str(src), str(pre), skip_optimization=not optimize, skip_symbolic_shape=False)
+        pre_model = onnx.load(str(pre), load_external_data=False)
+        reader = CalibrationReader(calibration, pre_model.graph.input[0].name)
+        excluded = node_names_for(pre_model, torch_model, list(float_layers)) if float_layers else []
+        if excluded or quantize_kwargs:
+            quantize_kwargs["nodes_to_exclude"] = list(quantize_kwargs.get("nodes_to_exclude", [])) + excluded
+        quantize_static(str(pre), str(dst), reader, **quantize_kwargs)
+    finally:
+        pre.unlink(missing_ok=True)
