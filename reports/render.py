@@ -104,7 +104,9 @@ def _summary_lines(report: dict) -> list[str]:
         f"- Model: {m['name']} ({m['num_classes']} classes), checkpoint `{m['checkpoint']}` "
         f"({m['checkpoint_format']}, sha256 `{m['checkpoint_sha256'][:16]}…`)",
         f"- Target: {report['target']['name']} — {report['target']['hardware']}",
-        f"- Machine: {mach['cpu']} ({mach['cpu_count']} cores; {', '.join(mach['cpu_flags'])}), {mach['os']}",
+        f"- Machine: {mach['cpu']} ({mach['cpu_count']} cores; {', '.join(mach['cpu_flags'])}), {mach['os']}"
+        + (f"; INT8 path: {mach['cpu_profile']['int8_path']}; BF16: {mach['cpu_profile']['bf16_path']}"
+           if mach.get("cpu_profile") else ""),
         f"- Accuracy task: {d['task']}, measured at the checkpoint's own resolution **{d['accuracy_resolution']} px** "
         f"on {d['evaluation']['n']} images of `{d['evaluation']['source']}`; calibrated on {d['calibration']['n']} "
         f"images of `{d['calibration']['source']}` (disjoint; manifest.json)",

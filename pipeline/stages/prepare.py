@@ -13,6 +13,7 @@ from calibration.split import make_split
 from pipeline import gates as gates_mod
 from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
 from pipeline.errors import UserError
+from pipeline.machine import profile_line
 from pipeline.reference import require_reference
 from pipeline.stages.context import Context, DeployConfig
 from targets import get_target
@@ -61,6 +62,7 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
     """`checkpoint`: an already loaded one (the bench's weights as initialised); `decisions=False`: no control
     split is held out (the sensitivity command and the bench decide nothing)."""
     target = get_target(cfg.target)
+    log(profile_line())  # INT8 speed and numerics depend on it: every run says which CPU it measured on
     avail = target.available()
     if not avail.ok and not avail.proxy:
         raise UserError(f"target {cfg.target} cannot run here: {avail.reason}")

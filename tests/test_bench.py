@@ -1,0 +1,27 @@
+"""`make bench`: its rows and ratios, on a real one-target run (slow) and on the printing of a row."""
+import pytest
+
+from pipeline import bench
+
+
+def test_a_row_prints_every_timing_and_ratio(capsys):
+    row = {"target": "onnxruntime", "variant": "atto", "weights": "w", "input_size": 224, "threads": 2, "batch": 1,
+           "device": "cpu, 2 threads", "runtime": "onnxruntime 1.32.0", "kind": "real",
+           "p50_ms": {"fp32": 10.0, "int8 plain": 8.0, "int8 ours": 5.0, "int8 quantize_static defaults": None},
+           "executed": {}, "ratios": {"int8 ours vs fp32": 2.0}}
+    bench.print_rows([row])
+    out = capsys.readouterr().out
+    assert "   10.00" in out and "    5.00" in out and "proxy" in out and "speed-up int8 ours vs fp32: 2.00×" in out
+    assert "top-1 not measured: weights w" in out
+
+
+@pytest.mark.slow
+def test_one_bench_run_times_every_row_in_one_measurement(atto_reference, cli_env, monkeypatch):
+    monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
+    row = bench.bench("onnxruntime", "atto", size=64, threads=2, runs=10, n_eval=300, log=lambda m: None)
+    assert set(row["p50_ms"]) == {label for label, *_ in bench.ROWS["onnxruntime"]}
+    assert all(ms > 0 for ms in row["p50_ms"].values())
+    for name, ratio in row["ratios"].items():  # A vs B = p50(B) / p50(A), from the same run
+        a, b = name.split(" vs ")
+        assert ratio == pytest.approx(row["p50_ms"][b] / row["p50_ms"][a])
+    assert row["eval"]["n"] == 300 and row["drop_pp"]["fp32"] == 0.0 and 0.8 < row["top1"]["fp32"] <= 1.0

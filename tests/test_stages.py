@@ -1,0 +1,83 @@
+"""The deploy's stages one by one, in process, on the atto reference (ONNX Runtime): what each returns."""
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import GATES_ACCURACY_ONLY
+from pipeline.errors import UserError
+from pipeline.stages.build import build, build_one
+from pipeline.stages.context import DeployConfig
+from pipeline.stages.decide import decide
+from pipeline.stages.export import export
+from pipeline.stages.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def staged(atto_reference, cli_env, tmp_path_factory):
+    """prepare → export → build with the session's build cache (the CLI deploy fixture's builds are reused)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
+    gates = tmp_path_factory.mktemp("gates") / "gates.toml"
+    gates.write_text(GATES_ACCURACY_ONLY)
+    lines = []
+    cfg = DeployConfig("onnxruntime", "atto", n_calib=300, n_eval=1000, gates=gates, alternatives=False, latency_runs=5)
+    ctx = prepare(cfg, lines.append)
+    src = export(ctx)
+    built = build(ctx, src)
+    yield ctx, src, built, lines
+    mp.undo()
+
+
+def test_prepare_gives_a_disjoint_split_and_typed_options(staged):
+    ctx, *_ = staged
+    s = ctx.split
+    assert len(s.calibration) == 300 and len(s.evaluation) == 1000 and len(s.control) == 1000
+    assert s.evaluation.source == s.control.source == "fashion-mnist/test"
+    assert not set(s.evaluation.indices) & set(s.control.indices)  # the control split is held out of evaluation
+    assert ctx.calibration.images.shape == (300, 3, 32, 32) and ctx.control.images.shape == (1000, 3, 32, 32)
+    assert ctx.control.ids_sha256 == s.control.ids_sha256 and ctx.fallback_on
+    assert type(ctx.options).__name__ == "OrtOptions" and ctx.options.float_layers == ()
+    assert ctx.sizes == (32, 224)
+
+
+def test_an_option_the_target_does_not_have_is_a_user_error(staged, tmp_path):
+    ctx, *_ = staged
+    with pytest.raises(UserError, match="target onnxruntime has no build option 'preset'"):
+        prepare(replace(ctx.cfg, options={"preset": "mixed"}), lambda m: None)
+
+
+def test_export_gives_the_checkpoint_and_the_smoothed_source(staged):
+    _, src, _, _ = staged
+    assert src.export.parity.top1_agreement == 1.0 and src.plain.onnx_path == src.export.path
+    assert src.int8.onnx_path != src.plain.onnx_path and src.int8.model is not src.plain.model
+    assert src.smoothing["alpha"] == 0.5 and src.smoothing["outlier_ratio_after"] < src.smoothing["outlier_ratio_before"]
+
+
+def test_build_is_cached_by_everything_it_depends_on(staged):
+    ctx, src, built, lines = staged
+    assert set(built.artifacts) == {"fp32", "int8"} and set(built.runners) == {"fp32", "int8"}
+    again = []
+    art = build_one(replace(ctx, log=again.append), src.int8, "int8", ctx.options)
+    assert again and "cached" in again[-1] and art.files[0] == built.artifacts["int8"].files[0]
+    floated = build_one(replace(ctx, log=again.append), src.int8, "int8",
+                        replace(ctx.options, float_layers=("stages.3.blocks.1.mlp.fc2",)))
+    assert "built" in again[-1] and floated.files[0].parent != art.files[0].parent
+    assert floated.metadata["quantization"]["float_layers"] == ["stages.3.blocks.1.mlp.fc2"]
+    assert floated.metadata["ops"]["float_conv_matmul_left"] == 1  # exactly that layer stayed float
+
+
+def test_decide_keeps_plain_int8_when_it_meets_the_gates(staged):
+    ctx, src, built, _ = staged
+    decision = decide(ctx, src, built)
+    fb = decision.fallback
+    assert fb["control"]["n"] == 1000 and fb["bound_pp"] == 1.0 and fb["min_agreement"] == 0.97
+    if fb["triggered"]:  # INT8 numerics differ per CPU; when the plain model misses, the decision must act
+        assert decision.int8 is not None or not fb["met"]
+    else:
+        assert decision.int8 is None and decision.plain_runner is None and fb["float_layers"] == []
+
+
+def test_decide_does_nothing_without_an_accuracy_gate(staged, tmp_path):
+    ctx, src, built, _ = staged
+    assert decide(replace(ctx, fallback_on=False), src, built).fallback is None
