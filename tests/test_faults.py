@@ -102,11 +102,15 @@ def test_read_only_cache_is_exit_2(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err
 
 
-def test_deploy_on_a_full_disk_is_exit_2_not_a_gate(atto_reference, tmp_path):
+@pytest.mark.parametrize("room, runs_out_in", [("export", "export"), ("openvino", "artifacts/openvino")])
+def test_deploy_on_a_full_disk_is_exit_2_not_a_gate(atto_reference, tmp_path, room, runs_out_in):
+    """3 MiB: the ONNX export runs out (ENOSPC). Room for the two exports (plain and smoothed, each about the
+    checkpoint's size) but not the IR: ov.save_model runs out and says only "basic_ios::clear: iostream error"."""
+    size = 3 << 20 if room == "export" else 2 * atto_reference.stat().st_size + (4 << 20)
     gates = tmp_path / "gates.toml"
     gates.write_text("[defaults]\nmax_top1_drop_pp = 5\n")
     out = tmp_path / "report"
-    with tmpfs(tmp_path / "small") as small:
+    with tmpfs(tmp_path / "small", size=str(size)) as small:
         env = {**os.environ, "CONVNEXT_DEPLOY_CACHE_DIR": str(small), "PYTHONPATH": str(REPO)}
         p = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "openvino", "--variant",
                             "atto", "--calib", "50", "--eval", "200", "--runs", "3", "--no-alternatives",
@@ -114,6 +118,7 @@ def test_deploy_on_a_full_disk_is_exit_2_not_a_gate(atto_reference, tmp_path):
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2, p.stdout + p.stderr
     lines = _error_lines(p.stderr)
-    assert len(lines) == 1 and str(small) in lines[0] and "space" in lines[0], p.stderr
+    assert len(lines) == 1 and str(small / runs_out_in) in lines[0], p.stderr
+    assert "out of space" in lines[0]
     assert "Traceback" not in p.stderr
     assert not out.exists()

@@ -52,11 +52,12 @@ def decide(ctx: Context, src: Sources, built: Built) -> Decision:
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
                        "ids_sha256": ctx.split.control.ids_sha256},
            "reference_control_top1": reference.top1, "plain_control_drop_pp": plain.drop_pp,
-           "plain_control_agreement": plain.agreement, "triggered": fb.misses(fcfg, plain.drop_pp, plain.agreement),
+           "plain_control_agreement": plain.agreement, "plain_control": plain.figures(),
+           "triggered": fb.misses(fcfg, plain.figures()),
            "float_layers": [], "budget": {"max_float_layers": cfg.fallback_max_layers,
                                           "max_minutes": cfg.fallback_max_minutes}}
-    log(f"fallback: plain INT8 on {len(control.images)} control images: top-1 drop {plain.drop_pp:+.2f} pp, agreement "
-        f"{plain.agreement * 100:.2f} % ({fb.bound_text(fcfg)}){'' if out['triggered'] else ': no layer needs float'}")
+    log(f"fallback: plain INT8 on {len(control.images)} control images: {fb.figures_text(plain)} "
+        f"({fb.bound_text(fcfg)}){'' if out['triggered'] else ': no layer needs float'}")
     if not out["triggered"]:
         return Decision(out)
     if target.layer_probe is None:
@@ -91,17 +92,16 @@ def _compare_accuracy_control(ctx: Context, src: Sources, res: fb.FallbackResult
     ac_j = fb.judge(ac_runner, ctx.control, reference)
     lat = measure({"ours": ours_runner, "accuracy_control": ac_runner}, batch=1, input_size=cfg.image_size,
                   runs=max(20, cfg.latency_runs // 2), warmup=3)
-    last = min(res.rounds, key=lambda r: fb.score(fcfg, r["control_drop_pp"], r["control_agreement"]))
-    rows = [{"method": "ours (sensitivity-ranked fallback)", "control_drop_pp": last["control_drop_pp"],
-             "control_agreement": last["control_agreement"], "met": res.met,
-             "float_layers": len(res.float_layers), "p50_ms": lat["ours"].p50_ms,
+    last = min(res.rounds, key=lambda r: fb.score(fcfg, r))
+    ours_figures = {k: last[k] for k in ac_j.figures()}
+    rows = [{"method": "ours (sensitivity-ranked fallback)", **ours_figures, "met": res.met,
+             "score": fb.score(fcfg, ours_figures), "float_layers": len(res.float_layers), "p50_ms": lat["ours"].p50_ms,
              "build_seconds": sum(r["seconds"] for r in res.rounds)},
-            {"method": "nncf.quantize_with_accuracy_control", "control_drop_pp": ac_j.drop_pp,
-             "control_agreement": ac_j.agreement, "met": not fb.misses(fcfg, ac_j.drop_pp, ac_j.agreement),
-             "float_layers": len(ac.metadata.get("reverted_to_float", [])),
+            {"method": "nncf.quantize_with_accuracy_control", **ac_j.figures(), "met": not fb.misses(fcfg, ac_j.figures()),
+             "score": fb.score(fcfg, ac_j.figures()), "float_layers": len(ac.metadata.get("reverted_to_float", [])),
              "p50_ms": lat["accuracy_control"].p50_ms, "build_seconds": ac_seconds}]
     met = [r for r in rows if r["met"]] or rows
-    keep = min(met, key=lambda r: r["p50_ms"] if r["met"] else fb.score(fcfg, r["control_drop_pp"], r["control_agreement"]))
+    keep = min(met, key=lambda r: r["p50_ms"] if r["met"] else r["score"])
     for r in rows:
         r["kept"] = r is keep
         ctx.log(f"fallback compare: {r['method']}: control drop {r['control_drop_pp']:+.2f} pp, {r['float_layers']} "
