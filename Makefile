@@ -6,6 +6,7 @@ PIP      := $(BIN)/python -m pip install --disable-pip-version-check -q -c const
 EXTRAS   ?= onnxruntime,openvino,coreml,dev
 VARIANT  ?= atto
 TARGET   ?= onnxruntime
+RECIPE   ?= auto
 CLI      := $(BIN)/convnext-deploy
 FMNIST   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -38,7 +39,7 @@ test-all:
 	$(BIN)/python -m pytest -q
 
 deploy:
-	$(CLI) deploy --target $(TARGET) --variant $(VARIANT)
+	$(CLI) deploy --target $(TARGET) --variant $(VARIANT) --recipe "$(RECIPE)"
 
 bench:
 	$(BIN)/python -m pipeline.bench

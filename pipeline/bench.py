@@ -1,10 +1,12 @@
-"""`make bench`: speed ratios measured in one run, medians of interleaved rounds.
+"""`make bench`: speed ratios measured in one run, medians of interleaved rounds, on the CPU it runs on.
 
 Per target, at 224 px, batch 1, 2 threads, for atto, T and atto with injected channel outliers: the reference
-precision, the target's other float precision, INT8 plain (no outlier method), INT8 ours (outlier smoothing) and
-the peer's default INT8 are timed in one interleaved measurement, so their ratios are honest; each row's top-1
-drop is against the first row on the same images. Proxy targets (TensorRT, Core ML off their device) give
-accuracy only.
+precision, the target's other float precisions the CPU runs natively (BF16 without AVX-512 BF16 or AMX is emulated
+and skipped, with the reason), and every INT8 candidate the target declares (ours, ours without outlier smoothing,
+the peer's default and the other settings: what `--recipe auto` chooses among) are timed in one interleaved
+measurement, so their ratios are honest; each row's top-1 drop is against the first row on the same images.
+Proxy targets (TensorRT, Core ML off their device) give accuracy only. The CPU's INT8 and BF16 paths head the
+output: every ratio belongs to that CPU.
 Each one's top-1 on the reference task is printed where a reference checkpoint exists; a variant without one
 is timed with its weights as initialised (the values do not change the cost) and no accuracy is printed.
 """
@@ -22,11 +24,11 @@ from calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
 from pipeline.cache import key_of
 from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
 from pipeline.latency import measure
-from pipeline.machine import device_label
+from pipeline.machine import cpu_profile, device_label, profile_line
 from pipeline.model import create_model
 from pipeline.outliers import inject_outliers
 from pipeline.reference import reference_path
-from pipeline.stages.build import build_one
+from pipeline.stages.build import DEFAULT, build
 from pipeline.stages.context import DeployConfig
 from pipeline.stages.export import export
 from pipeline.stages.prepare import prepare
@@ -35,24 +37,6 @@ from pipeline.validate import accuracy, predict_many
 from pipeline.variants import get_variant
 from targets import TARGETS, get_target
 
-# target → [(row label, precision, build options, weights)]: weights "plain" are the checkpoint's own, "smoothed"
-# have their norm-channel outliers migrated (pipeline.outliers, what a deploy does by default). The first row is
-# the reference precision; "int8 plain" is INT8 without this project's outlier method, "int8 ours" with it.
-ROWS = {
-    "onnxruntime": [("fp32", "fp32", {}, "plain"), ("int8 plain", "int8", {}, "plain"), ("int8 ours", "int8", {}, "smoothed"),
-                    ("int8 quantize_static defaults", "int8", {"recipe": "quantize_static defaults"}, "plain")],
-    "openvino": [("fp32", "fp32", {}, "plain"), ("bf16", "bf16", {}, "plain"), ("int8 plain", "int8", {}, "plain"),
-                 ("int8 ours", "int8", {}, "smoothed"),
-                 ("int8 nncf.quantize defaults", "int8", {"recipe": "nncf.quantize defaults"}, "plain")],
-    # proxies: accuracy only (their CPU speed says nothing about the device)
-    "tensorrt": [("fp32", "fp32", {}, "plain"), ("int8 plain", "int8", {}, "plain"), ("int8 ours", "int8", {}, "smoothed")],
-    "coreml": [("fp16", "fp16", {}, "plain"), ("w8 (coremltools weight-only)", "w8", {}, "plain"),
-               ("int8 plain", "int8", {}, "plain"), ("int8 ours", "int8", {}, "smoothed")],
-}
-RATIOS = {"onnxruntime": [("int8 ours", "fp32"), ("int8 plain", "fp32"), ("int8 ours", "int8 quantize_static defaults")],
-          "openvino": [("int8 ours", "fp32"), ("int8 plain", "fp32"), ("int8 ours", "bf16"),
-                       ("int8 ours", "int8 nncf.quantize defaults")],
-          "tensorrt": [], "coreml": []}
 OUTLIER_K = 30.0  # "<variant>+outliers": the checkpoint with injected 30× norm-channel outliers (same FP32 function)
 
 
@@ -80,23 +64,23 @@ def _checkpoint(variant: str) -> tuple[LoadedCheckpoint, str, bool]:
 def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, log=print) -> dict:
     ck, weights, has_reference = _checkpoint(variant)
     cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=500, n_eval=n_eval, image_size=size,
-                       threads=threads, alternatives=False, fallback=False)
-    ctx = prepare(cfg, log, checkpoint=ck, decisions=False)  # the deploy's own split, calibration and sources
-    src = export(ctx)
-    sources = {"plain": src.plain, "smoothed": src.int8}
-    arts = {label: build_one(ctx, sources[weights_of] if prec == "int8" else src.plain, prec,
-                             ctx.target.make_options(**opts))
-            for label, prec, opts, weights_of in ROWS[target]}
-    runners = {k: ctx.target.load_runner(a, threads) for k, a in arts.items()}
+                       threads=threads, fallback=False)
+    ctx = prepare(cfg, log, checkpoint=ck, decisions=False)  # the deploy's own split, calibration, sources, builds
+    built = build(ctx, export(ctx))
+    runners = {p: r for p, r in built.runners.items() if p != "int8"}
+    runners.update({f"int8 {name}": r.runner for name, r in built.recipes.items()})
     timed = {k: r for k, r in runners.items() if r.timed}
     lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=10) if timed else {}
     first = next(iter(runners))
+    ratios = {f"{k} vs {first}": lat[first].p50_ms / lat[k].p50_ms for k in lat if k != first}
+    peer = f"int8 {ctx.target.peer_default}"
+    if peer in lat and f"int8 {DEFAULT}" in lat:
+        ratios[f"int8 {DEFAULT} vs {peer}"] = lat[peer].p50_ms / lat[f"int8 {DEFAULT}"].p50_ms
     row = {"target": target, "variant": variant, "weights": weights, "input_size": size, "threads": threads,
-           "batch": 1, "device": device_label(threads), "runtime": runners[first].runtime,
+           "batch": 1, "device": device_label(threads), "cpu_profile": cpu_profile(), "runtime": runners[first].runtime,
            "kind": "proxy" if runners[first].proxy else "real",
            "p50_ms": {k: (lat[k].p50_ms if k in lat else None) for k in runners},
-           "executed": {k: r.precision for k, r in runners.items()},
-           "ratios": {f"{a} vs {b}": lat[b].p50_ms / lat[a].p50_ms for a, b in RATIOS[target] if a in lat and b in lat}}
+           "executed": {k: r.precision for k, r in runners.items()}, "ratios": ratios, "skipped": list(ctx.notes)}
     if has_reference:
         preds = predict_many({k: r.run for k, r in runners.items()},
                              iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ck.preprocessing, batch_size=200,
@@ -112,17 +96,19 @@ def print_rows(rows: list[dict]) -> None:
         print(f"\n{r['target']} · {r['variant']} · {r['input_size']} px · batch 1 · {r['device']} · {r['runtime']}")
         acc_note = (f"top-1 on {r['eval']['split']} ({r['eval']['n']} images, {r['eval']['input_size']} px)"
                     if "top1" in r else f"top-1 not measured: weights {r['weights']}")
-        print(f"  {'':34} {'p50 ms':>8}  {acc_note}, drop vs {next(iter(r['p50_ms']))}")
+        print(f"  {'':52} {'p50 ms':>8}  {acc_note}, drop vs {next(iter(r['p50_ms']))}")
         for k, ms in r["p50_ms"].items():
             acc = f"{r['top1'][k] * 100:.2f}%  {r['drop_pp'][k]:+.2f} pp" if "top1" in r else "—"
-            print(f"  {k:34} {(f'{ms:8.2f}' if ms is not None else '  proxy'):>8}  {acc}")
+            print(f"  {k:52} {(f'{ms:8.2f}' if ms is not None else '  proxy'):>8}  {acc}")
         for name, ratio in r["ratios"].items():
             print(f"  speed-up {name}: {ratio:.2f}×")
+        for note in r.get("skipped", []):
+            print(f"  note: {note}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
-    ap.add_argument("--targets", default=",".join(t for t in ROWS if t in TARGETS))
+    ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--variants", default="atto,t,atto+outliers",
                     help="comma-separated; VARIANT+outliers injects 30x norm-channel outliers (same FP32 function)")
     ap.add_argument("--image-size", type=int, default=224)
@@ -132,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/bench/bench.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(profile_line())
     rows = []
     for target in args.targets.split(","):
         avail = get_target(target).available()

@@ -138,6 +138,15 @@ def _swap_in(tmp: Path, final: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def publish_dir(final: Path, build: Callable[[Path], None], need_bytes: int = 0) -> Path:
     """Run `build(tmp_dir)`, then swap tmp_dir in as `final` (replacing it whole). Returns `final`.
 
@@ -151,6 +160,7 @@ def publish_dir(final: Path, build: Callable[[Path], None], need_bytes: int = 0)
         with machine_faults(final, need_bytes, written=lambda: _bytes_under(tmp)):
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+            tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; a published directory is an ordinary one
             build(tmp)
             _swap_in(tmp, final)
     finally:
@@ -169,6 +179,7 @@ def publish_file(final: Path, write: Callable[[Path], None], need_bytes: int = 0
             fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
             os.close(fd)
             tmp = Path(name)
+            tmp.chmod(0o666 & ~_UMASK)  # mkstemp makes it private; a published file is an ordinary one
             write(tmp)
             os.replace(tmp, final)
     finally:

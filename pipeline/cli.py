@@ -80,7 +80,7 @@ def _cmd_deploy(args) -> int:
         out=Path(args.out) if args.out else None, threads=args.threads, latency_runs=args.runs,
         calib_data=Path(args.calib_data) if args.calib_data else None,
         eval_data=Path(args.eval_data) if args.eval_data else None, options=options,
-        alternatives=not args.no_alternatives, accuracy_control=args.accuracy_control,
+        alternatives=not args.no_alternatives, recipe=args.recipe, accuracy_control=args.accuracy_control,
         sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
         fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
     )
@@ -164,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-data", help="ImageFolder tree to calibrate on (e.g. ImageNet train)")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
     s.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"])
+    s.add_argument("--recipe", default="auto",
+                   help="INT8 recipe: auto (default: the fastest candidate that meets the accuracy gates on the "
+                        "control split, measured on this CPU) or a candidate's name as the report lists it")
     s.add_argument("--no-alternatives", action="store_true",
-                   help="skip building and measuring the target's other INT8 recipes for comparison")
+                   help="build only the default INT8 recipe (and the one --recipe names): no candidates to choose from")
     s.add_argument("--accuracy-control", action="store_true",
                    help="bound INT8 by the gate file's max_top1_drop_pp (OpenVINO: nncf.quantize_with_accuracy_control)")
     s.add_argument("--sensitivity", type=int, default=0, metavar="N",

@@ -10,11 +10,10 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.stages import gates
 from pipeline.stages.build import Built, build, build_one
-from pipeline.stages.context import (EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, EXIT_USER_ERROR,  # noqa: F401
-                                     DeployConfig)
+from pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
 from pipeline.stages.decide import decide, sensitivity
 from pipeline.stages.export import export
-from pipeline.stages.prepare import model_info, prepare  # noqa: F401  (model_info: what artifacts carry)
+from pipeline.stages.prepare import prepare
 from pipeline.stages.report import assemble, publish
 from pipeline.stages.validate import validate
 
@@ -30,13 +29,13 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     ctx = prepare(cfg, log)
     src = export(ctx)
     built = build(ctx, src)
-    decision = decide(ctx, src, built)
-    if decision.int8 is not None:  # the decision replaced the all-INT8 artifact
+    decision = decide(ctx, built)
+    if decision.int8 is not None:  # the recipe choice or the fallback replaced the default INT8 artifact
         built = replace(built, artifacts={**built.artifacts, "int8": decision.int8},
                         runners={**built.runners, "int8": decision.int8_runner})
     validation = validate(ctx, built, decision)
     layers = _sensitivity(ctx, src, built, decision)
-    gated = gates.check(ctx, built, validation)
+    gated = gates.check(ctx, built, validation, decision)
     report = assemble(ctx, src, built, decision, validation, layers, gated)
     out_dir = publish(ctx, report, built)
     for v in gated[1]:
@@ -56,7 +55,9 @@ def _sensitivity(ctx, src, built: Built, decision) -> dict | None:
     if ctx.target.layer_probe is None:
         ctx.notes.append(f"per-layer sensitivity not available for {ctx.target.name}")
         return None
-    return sensitivity(ctx, src, built, min(ctx.cfg.sensitivity, len(ctx.split.calibration)))
+    deployed = next((r.source for r in built.recipes.values() if r.artifact.files == built.artifacts["int8"].files),
+                    src.int8)  # what the deployed INT8 was built from (a float-layer artifact: the chosen recipe's)
+    return sensitivity(ctx, deployed, built, min(ctx.cfg.sensitivity, len(ctx.split.calibration)))
 
 
 def run_sensitivity(cfg: DeployConfig, n_images: int = 256, log=print) -> tuple[dict, Path]:
@@ -72,7 +73,7 @@ def run_sensitivity(cfg: DeployConfig, n_images: int = 256, log=print) -> tuple[
     src = export(ctx)
     artifacts = {target.reference: build_one(ctx, src.plain, target.reference, ctx.options),
                  "int8": build_one(ctx, src.int8, "int8", ctx.options)}
-    result = sensitivity(ctx, src, Built(artifacts, {}, {}, {}), n_images)
+    result = sensitivity(ctx, src.int8, Built(artifacts, {}, {}), n_images)
     result["variant"] = ctx.ck.variant.name
     out = Path(cfg.out) if cfg.out else Path("runs") / f"sensitivity-{cfg.target}-{ctx.ck.variant.name}"
     sens.write(result, out)

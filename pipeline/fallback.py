@@ -148,8 +148,12 @@ def search(build: Callable[[list[str]], tuple[Artifact, Runner]], ranking: list[
 
 
 def figures_text(j: Judged) -> str:
-    return (f"top-1 drop {j.drop_pp:+.2f} pp (95 % bound {j.drop_high_pp:+.2f}), agreement {j.agreement * 100:.2f} % "
-            f"(95 % bound {j.agreement_low * 100:.2f} %)")
+    return figures_text_of(j.figures())
+
+
+def figures_text_of(f: dict) -> str:
+    return (f"top-1 drop {f['control_drop_pp']:+.2f} pp (95 % bound {f['control_drop_high_pp']:+.2f}), agreement "
+            f"{f['control_agreement'] * 100:.2f} % (95 % bound {f['control_agreement_low'] * 100:.2f} %)")
 
 
 def bound_text(cfg: FallbackConfig) -> str:

@@ -36,6 +36,7 @@ class Verdict:
     status: str  # pass | fail | not measured | proxy not allowed
     unit: str
     comparison: str
+    reason: str = ""  # why, where the deploy knows more than the figure (e.g. INT8 cannot pay on this CPU)
 
     @property
     def passed(self) -> bool:
@@ -43,7 +44,8 @@ class Verdict:
 
     def line(self) -> str:
         m = "—" if self.measured is None else f"{self.measured:.4g}{self.unit}"
-        return f"{self.gate}: {self.status} (measured {m}, allowed {self.comparison} {self.allowed:g}{self.unit})"
+        return (f"{self.gate}: {self.status} (measured {m}, allowed {self.comparison} {self.allowed:g}{self.unit})"
+                + (f" — {self.reason}" if self.reason else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)

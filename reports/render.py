@@ -80,6 +80,32 @@ def recipe_rows(report: dict) -> list[list[str]]:
              str(r["float_conv_matmul_left"])] for r in report.get("int8_recipes", [])]
 
 
+CHOICE_HEAD = ["candidate", "p50 ms", "speed-up", "control top-1 drop (95 % bound)", "control agreement (95 % bound)",
+               "meets accuracy", "decision"]
+
+
+def choice_rows(report: dict) -> list[list[str]]:
+    return [[r["recipe"], _ms(r["p50_ms"]), f"{r['speedup']:.2f}×",
+             f"{_pp(r.get('control_drop_pp'))} ({_pp(r.get('control_drop_high_pp'))})",
+             f"{_pct(r.get('control_agreement'))} ({_pct(r.get('control_agreement_low'))})",
+             "yes" if r["meets_accuracy"] else "no", ("**chosen**: " if r["chosen"] else "") + r["why"]]
+            for r in (report.get("recipe_choice") or {}).get("candidates", [])]
+
+
+def choice_caption(report: dict) -> str:
+    c = report.get("recipe_choice") or {}
+    if not c:
+        return ""
+    if c.get("mode") != "auto" or not c.get("candidates"):
+        return f"INT8 recipe: {c['chosen']} ({c['why']})."
+    r, prof = c["candidates"][0], c["cpu_profile"]
+    text = (f"`--recipe auto` on {prof['cpu']} (INT8 path: {prof['int8_path']}): every candidate timed at "
+            f"{report['data']['latency_resolution']} px, batch 1, {r['runs']} runs interleaved with the reference "
+            f"(p50 {r['reference_p50_ms']:.2f} ms){' (measurement reused from the cache: same CPU profile and artifacts)' if c.get('cached_measurement') else ''}; "
+            f"accuracy judged on {c['accuracy_judged_on']}. Chosen: **{c['chosen']}**.")
+    return text + (f" **{c['reason']}**" if c.get("reason") else "")
+
+
 def _recipe_caption(report: dict) -> str:
     rs = report.get("int8_recipes", [])
     if not rs:
@@ -184,6 +210,9 @@ def render_markdown(report: dict) -> str:
              "## INT8 methods", "", *method_lines(report), "",
              *(["| " + " | ".join(FALLBACK_HEAD) + " |", "|" + "---|" * len(FALLBACK_HEAD),
                 *("| " + " | ".join(r) + " |" for r in fallback_rows(report)), ""] if fallback_rows(report) else []),
+             *(["## INT8 recipe chosen on this CPU", "", choice_caption(report), "",
+                *([_md_table(CHOICE_HEAD, choice_rows(report)), ""] if choice_rows(report) else [])]
+               if report.get("recipe_choice") else []),
              *(["## INT8 recipes compared", "", _recipe_caption(report), "",
                 _md_table(RECIPE_HEAD, recipe_rows(report)), ""] if report.get("int8_recipes") else []),
              "## Artifacts", "",
@@ -282,6 +311,7 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 <h2>Latency</h2>{_html_table(LAT_HEAD, latency_rows(report))}
 <h2>INT8 methods</h2><ul>{"".join(f"<li>{html.escape(line.strip()[2:] if line.startswith('- ') else line.strip()).replace('**', '')}</li>" for line in method_lines(report))}</ul>
 {_html_table(FALLBACK_HEAD, fallback_rows(report)) if fallback_rows(report) else ""}
+{f"<h2>INT8 recipe chosen on this CPU</h2><p>{html.escape(choice_caption(report)).replace('**', '')}</p>" + (_html_table(CHOICE_HEAD, [[c.replace('**', '') for c in row] for row in choice_rows(report)]) if choice_rows(report) else "") if report.get("recipe_choice") else ""}
 {f"<h2>INT8 recipes compared</h2><p>{html.escape(_recipe_caption(report))}</p>" + _html_table(RECIPE_HEAD, recipe_rows(report)) if report.get("int8_recipes") else ""}
 <h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],
                               [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
@@ -293,12 +323,12 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 
 
 SENS_HEAD = ["rank", "layer", "op", "layer SQNR dB", "float alone: agreement regained (pp)",
-             "float alone: logit SQNR gain (dB)"]
+             "float alone: logit SQNR gain (dB, ranks)"]
 
 
 def sensitivity_rows(result: dict) -> list[list[str]]:
-    ranked = sorted(result["layers"], key=lambda r: (-r["agreement_regained_pp"], -r.get("logit_sqnr_gain_db", 0.0),
-                                                     r["sqnr_db"]))
+    order = {name: i for i, name in enumerate(result.get("ranking", []))}  # the measuring side's ranking
+    ranked = sorted(result["layers"], key=lambda r: order.get(r.get("module", r["layer"]), len(order)))
     return [[str(i + 1), r.get("module", r["layer"]), r["op"], f"{r['sqnr_db']:.1f}", f"{r['agreement_regained_pp']:+.2f}",
              f"{r.get('logit_sqnr_gain_db', 0.0):+.2f}"] for i, r in enumerate(ranked)]
 
@@ -310,8 +340,8 @@ def sensitivity_markdown(result: dict) -> str:
         f"({result['kind']}). INT8 top-1 agreement with the all-float graph: "
         f"{result['int8_agreement_with_float'] * 100:.2f}%, logit SQNR {result.get('logit_sqnr_db') or 0:.1f} dB. "
         f"Layer SQNR: each layer's output in the INT8 graph against {result.get('float_reference') or 'the same graph with every layer in float'} "
-        "(errors accumulate along the network). Sorted by the agreement "
-        "regained when only that layer is left in float, then by the logit SQNR gained, then by layer SQNR.", "",
+        "(errors accumulate along the network). Sorted by the logit SQNR gained when only that layer is left in "
+        "float, then by the agreement regained, then by layer SQNR.", "",
         _md_table(SENS_HEAD, sensitivity_rows(result)), ""])
 
 

@@ -19,9 +19,12 @@ def test_a_row_prints_every_timing_and_ratio(capsys):
 def test_one_bench_run_times_every_row_in_one_measurement(atto_reference, cli_env, monkeypatch):
     monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
     row = bench.bench("onnxruntime", "atto", size=64, threads=2, runs=10, n_eval=300, log=lambda m: None)
-    assert set(row["p50_ms"]) == {label for label, *_ in bench.ROWS["onnxruntime"]}
-    assert all(ms > 0 for ms in row["p50_ms"].values())
+    from targets import get_target
+
+    declared = {f"int8 {r.name}" for r in get_target("onnxruntime").int8_recipes}
+    assert set(row["p50_ms"]) == {"fp32", "int8 ours (default)", "int8 ours without outlier smoothing"} | declared
+    assert all(ms > 0 for ms in row["p50_ms"].values()) and row["cpu_profile"]["int8_path"]
     for name, ratio in row["ratios"].items():  # A vs B = p50(B) / p50(A), from the same run
-        a, b = name.split(" vs ")
+        a, b = name.split(" vs ")  # every candidate against the reference, and ours against the peer
         assert ratio == pytest.approx(row["p50_ms"][b] / row["p50_ms"][a])
     assert row["eval"]["n"] == 300 and row["drop_pp"]["fp32"] == 0.0 and 0.8 < row["top1"]["fp32"] <= 1.0

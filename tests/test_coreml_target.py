@@ -1,7 +1,6 @@
 """Core ML: conversion, W8 and W8A8 quantization and the torch proxy are tested here on Linux; prediction with
 `MLModel.predict` needs macOS and its tests are marked `macos` and skip with the reason elsewhere."""
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, reference_split
-from pipeline.deploy import model_info
+from pipeline.stages.prepare import model_info
 from pipeline.validate import accuracy, predict_many
 from targets import coreml_apple, coreml_proxy, get_target
 from targets.base import BuildRequest, CalibrationData
@@ -166,8 +165,8 @@ def test_pixels_round_trip_exactly(built):
 
 
 @pytest.mark.skipif(AVAIL.ok, reason="the proxy path runs only where Core ML cannot predict")
-def test_deploy_without_macos_exits_3_with_an_honest_report(atto_reference, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVNEXT_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+def test_deploy_without_macos_exits_3_with_an_honest_report(atto_reference, cli_env, tmp_path):
+    env = cli_env  # the session's cache: the atto export and float builds are shared with the other CLI tests
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "coreml", "--variant", "atto",
                         "--eval", "1000", "--calib", "200", "--out", str(out)],

@@ -1,7 +1,6 @@
 """Issue 8's INT8 methods on real data: injected channel outliers keep the FP32 function and break per-tensor
 INT8; smoothing restores it; the fallback returns layers to float when a gate is tighter than INT8 can meet,
 and stops at its budget with a clear message; OpenVINO and Core ML sensitivity find the damaged layers."""
-import os
 import subprocess
 import sys
 
@@ -67,18 +66,17 @@ def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, tmp_path)
     assert got["smoothed"]["top1_drop_pp"] <= got["clean"]["top1_drop_pp"] + 0.5
 
 
-def _cli(*args, tmp_path, timeout=900):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVNEXT_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+def _cli(*args, env, timeout=900):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def test_tight_gate_triggers_the_fallback_and_the_report_shows_it(outlier_checkpoint, tmp_path):
+def test_tight_gate_triggers_the_fallback_and_the_report_shows_it(outlier_checkpoint, cli_env, tmp_path):
     import json
 
     p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
              "--no-smoothing", "--no-alternatives", "--eval", "2000", "--runs", "10", "--fallback-max-layers", "16",
-             "--out", str(tmp_path / "r"), tmp_path=tmp_path)
+             "--out", str(tmp_path / "r"), env=cli_env)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     fb = report["fallback"]
@@ -96,16 +94,16 @@ def test_tight_gate_triggers_the_fallback_and_the_report_shows_it(outlier_checkp
     assert report["data"]["evaluation"]["n"] == 2000 and report["data"]["control"]["source"] == "fashion-mnist/test"
 
 
-def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, tmp_path):
+def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, cli_env, tmp_path):
     gates = tmp_path / "gates.toml"
     gates.write_text("[defaults]\nmax_top1_drop_pp = -5.0\n")  # no INT8 artifact can be 5 pp better than FP32
     p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
              "--no-smoothing", "--no-alternatives", "--eval", "500", "--runs", "5", "--fallback-max-layers", "2",
-             "--gates", str(gates), "--out", str(tmp_path / "r"), tmp_path=tmp_path)
+             "--gates", str(gates), "--out", str(tmp_path / "r"), env=cli_env)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "fallback stopped at the budget" in p.stdout and "2 layers in float (budget --fallback-max-layers 2)" in p.stdout
     assert "Traceback" not in p.stderr and "max_top1_drop_pp fail" in p.stderr
-    bad = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--smoothing-alpha", "1.5", tmp_path=tmp_path,
+    bad = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--smoothing-alpha", "1.5", env=cli_env,
                timeout=120)
     assert bad.returncode == 2 and "--smoothing-alpha 1.5" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -146,7 +144,7 @@ def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
 
 def test_coreml_sensitivity_finds_the_outlier_fed_layers(outlier_checkpoint, data, tmp_path):
     from pipeline.checkpoints import load_checkpoint
-    from pipeline.deploy import model_info
+    from pipeline.stages.prepare import model_info
     from pipeline.sensitivity import rank_key, run_probe
 
     d, _, _ = data
@@ -162,6 +160,6 @@ def test_coreml_sensitivity_finds_the_outlier_fed_layers(outlier_checkpoint, dat
     assert res["rebuilt_proxy_max_abs_diff"] < 1e-4  # the measured model is the saved proxy
     assert res["runtime"] == "Core ML proxy (not executed by Core ML)" and len(res["layers"]) == 41
     fed = {layer for _, _, layer, _ in norm_pairs(ck.model)}
-    top = [r["module"] for r in sorted(res["layers"], key=rank_key)[:3]]
+    top = [r["module"] for r in sorted(res["layers"], key=rank_key)[:4]]
     print(f"\nCore ML proxy, atto with {K:g}× outliers: most sensitive {top}")
-    assert top[0] in fed and sum(t in fed for t in top) >= 2  # 15 of atto's 41 layers read a norm
+    assert sum(t in fed for t in top) >= 3  # 15 of atto's 41 layers read a norm: 1.5 of 4 by chance

@@ -1,6 +1,5 @@
 """Per-layer sensitivity of a Q/DQ INT8 graph: the surgery that leaves layers in float is exact, and a layer
 damaged on purpose ranks first."""
-import os
 import subprocess
 import sys
 
@@ -67,8 +66,8 @@ def test_sensitivity_ranks_a_damaged_layer_first(qdq):
     assert hurt["int8_agreement"] < clean["int8_agreement"]
 
 
-def test_sensitivity_command(atto_reference, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVNEXT_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+def test_sensitivity_command(atto_reference, cli_env, tmp_path):
+    env = cli_env  # the session's cache: the atto export and float builds are shared with the other CLI tests
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "sensitivity", "--target", "tensorrt", "--variant", "atto",
                         "--calib", "200", "--images", "64", "--out", str(tmp_path / "s")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

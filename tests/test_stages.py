@@ -1,6 +1,5 @@
 """The deploy's stages one by one, in process, on the atto reference (ONNX Runtime): what each returns."""
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 

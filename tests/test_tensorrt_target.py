@@ -2,7 +2,6 @@
 path and its report); the engine tests are marked `gpu` and skip with the reason when TensorRT or a CUDA
 device is missing."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -133,8 +132,8 @@ def test_layer_probe_is_the_qdq_graph_as_written(setup):
 
 
 @pytest.mark.skipif(AVAIL.ok, reason="the skip path runs only where the engine cannot be built")
-def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVNEXT_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, cli_env, tmp_path):
+    env = cli_env  # the session's cache: the atto export and float builds are shared with the other CLI tests
     for allow, name in ((False, "strict"), (True, "allow")):
         gates = tmp_path / f"{name}.toml"
         gates.write_text(f"[defaults]\nmax_top1_drop_pp = 0.3\nmin_int8_speedup = 1.0\nallow_proxy = {str(allow).lower()}\n")

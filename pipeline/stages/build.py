@@ -13,15 +13,25 @@ from pipeline.stages.export import Source, Sources
 from pipeline.stages.prepare import model_info
 from targets.base import Artifact, BuildRequest, LabelledData, Runner
 
+DEFAULT = "ours (default)"
 SMOOTHING_OFF = "ours without outlier smoothing"
 
 
 @dataclass
+class Recipe:
+    """One INT8 candidate: what it was built from and with, and the result."""
+
+    source: Source
+    options: object  # the target's typed options
+    artifact: Artifact
+    runner: Runner
+
+
+@dataclass
 class Built:
-    artifacts: dict[str, Artifact]  # precision → artifact
+    artifacts: dict[str, Artifact]  # precision → artifact ("int8": the default recipe until `decide` chooses)
     runners: dict[str, Runner]
-    recipes: dict[str, Artifact]  # INT8 recipes compared with the default: name → artifact
-    recipe_runners: dict[str, Runner]
+    recipes: dict[str, Recipe]  # every INT8 candidate, the default (DEFAULT) first; empty without INT8
 
 
 def _content_digest(source: Source) -> str:
@@ -55,16 +65,19 @@ def build_one(ctx: Context, source: Source, precision: str, options, validation:
 def build(ctx: Context, src: Sources) -> Built:
     target, cfg = ctx.target, ctx.cfg
     validation = ctx.control if cfg.accuracy_control else None  # only a build that decides on it reads it
-    artifacts = {p: build_one(ctx, src.plain, p, ctx.options) for p in target.precisions if p != "int8"}
+    artifacts = {p: build_one(ctx, src.plain, p, ctx.options) for p in ctx.precisions if p != "int8"}
     if src.int8 is not None:
         artifacts["int8"] = build_one(ctx, src.int8, "int8", ctx.options, validation)
-    artifacts = {p: artifacts[p] for p in target.precisions}
-    recipes = {}
-    if cfg.alternatives and src.int8 is not None:
-        for r in target.int8_recipes:
-            recipes[r.name] = build_one(ctx, src.int8 if r.smoothed else src.plain, "int8",
-                                        target.make_options(**{**cfg.options, **r.options}))
-        if src.smoothing is not None:
-            recipes[SMOOTHING_OFF] = build_one(ctx, src.plain, "int8", target.make_options(**cfg.options))
-    return Built(artifacts, {p: target.load_runner(a, cfg.threads) for p, a in artifacts.items()},
-                 recipes, {n: target.load_runner(a, cfg.threads) for n, a in recipes.items()})
+    artifacts = {p: artifacts[p] for p in ctx.precisions}
+    runners = {p: target.load_runner(a, cfg.threads) for p, a in artifacts.items()}
+    if src.int8 is None:
+        return Built(artifacts, runners, {})
+    recipes = {DEFAULT: Recipe(src.int8, ctx.options, artifacts["int8"], runners["int8"])}
+    inputs = [(r.name, src.int8 if r.smoothed else src.plain, target.make_options(**{**cfg.options, **r.options}))
+              for r in target.int8_recipes]
+    if src.smoothing is not None:  # smoothing is one candidate among the others: kept where accuracy needs it
+        inputs.append((SMOOTHING_OFF, src.plain, target.make_options(**cfg.options)))
+    for name, source, options in [i for i in inputs if cfg.alternatives or i[0] == cfg.recipe]:
+        art = build_one(ctx, source, "int8", options)
+        recipes[name] = Recipe(source, options, art, target.load_runner(art, cfg.threads))
+    return Built(artifacts, runners, recipes)

@@ -32,6 +32,7 @@ class DeployConfig:
     options: dict = field(default_factory=dict)  # overrides of the target's typed build options
     seed: int = 0
     alternatives: bool = True  # also build and measure the target's other INT8 recipes
+    recipe: str = "auto"  # auto: the fastest INT8 candidate meeting the accuracy gates on this CPU; or one's name
     accuracy_control: bool = False  # INT8 bounded by the gate's max_top1_drop_pp (targets that offer it)
     n_control: int = 1000  # labelled images held out of the evaluation side, for fallback and accuracy-control decisions
     sensitivity: int = 0  # >0: per-layer INT8 sensitivity on that many calibration images, into the report
@@ -60,6 +61,7 @@ class Context:
     fallback_on: bool
     notes: list[str]
     log: Callable[[str], None]
+    precisions: tuple[str, ...] = ()  # what is built here: the target's, less those this CPU can only emulate
 
     @property
     def sizes(self) -> tuple[int, int]:
@@ -68,7 +70,7 @@ class Context:
 
     @property
     def has_int8(self) -> bool:
-        return "int8" in self.target.precisions
+        return "int8" in self.precisions
 
 
 def runner_entry(r: Runner, precision: str) -> dict:

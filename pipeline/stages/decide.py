@@ -1,7 +1,8 @@
-"""Stage 4: decisions taken on the control split, never on the evaluation split. When INT8 misses the accuracy
-gates there, layers go back to float by measured sensitivity (pipeline.fallback); on a target with its own
-accuracy control (OpenVINO: nncf.quantize_with_accuracy_control) that is built too, and the faster of those
-meeting the bound is kept."""
+"""Stage 4: decisions taken on the control split, never on the evaluation split. First the INT8 recipe, by
+measured speed on this CPU and control-split accuracy (stages.recipe). When it still misses the accuracy gates
+there, layers go back to float by measured sensitivity (pipeline.fallback); on a target with its own accuracy
+control (OpenVINO: nncf.quantize_with_accuracy_control) that is built too, and the faster of those meeting the
+bound is kept."""
 from __future__ import annotations
 
 import time
@@ -10,21 +11,23 @@ from dataclasses import dataclass, replace
 from pipeline import fallback as fb
 from pipeline.errors import UserError
 from pipeline.latency import measure
-from pipeline.stages.build import Built, build_one
+from pipeline.stages import recipe
+from pipeline.stages.build import DEFAULT, Built, Recipe, build_one
 from pipeline.stages.context import Context
-from pipeline.stages.export import Sources
+from pipeline.stages.export import Source
 from targets.base import Artifact, Runner
 
 
 @dataclass
 class Decision:
-    fallback: dict | None  # what was decided and why, for the report (None: no decision was asked for)
+    recipe: dict | None  # which INT8 recipe and why (None: the target has no INT8)
+    fallback: dict | None  # layers back to float and why, for the report (None: no such decision was asked for)
     int8: Artifact | None = None  # the INT8 artifact to validate instead of the plain one (None: keep it)
     int8_runner: Runner | None = None
     plain_runner: Runner | None = None  # the all-INT8 runner, when the decision changed it: measured beside the final
 
 
-def sensitivity(ctx: Context, src: Sources, built: Built, n_images: int) -> dict:
+def sensitivity(ctx: Context, src: Source, built: Built, n_images: int) -> dict:
     """Per-layer sensitivity of the INT8 artifact on the first `n_images` calibration images."""
     from calibration.batches import load_array
     from pipeline import sensitivity as sens
@@ -32,22 +35,39 @@ def sensitivity(ctx: Context, src: Sources, built: Built, n_images: int) -> dict
     images, _ = load_array(ctx.calib_src, list(ctx.split.calibration.indices)[:n_images], ctx.ck.preprocessing,
                            desc="sensitivity slice")
     # the float graph the INT8 artifact was quantized from (smoothed weights included)
-    reference = (Artifact(ctx.target.name, "fp32", [src.int8.onnx_path]) if src.int8.onnx_path is not None
+    reference = (Artifact(ctx.target.name, "fp32", [src.onnx_path]) if src.onnx_path is not None
                  else built.artifacts[ctx.target.reference])
-    result = sens.measure(ctx.target, reference, built.artifacts["int8"], images, src.int8.model, ctx.calibration,
+    result = sens.measure(ctx.target, reference, built.artifacts["int8"], images, src.model, ctx.calibration,
                           ctx.cfg.threads, ctx.log)
     result["source"] = ctx.calib_src.name
     return result
 
 
-def decide(ctx: Context, src: Sources, built: Built) -> Decision:
+def decide(ctx: Context, built: Built) -> Decision:
+    if not built.recipes:
+        return Decision(None, None)
+    name, choice = recipe.choose(ctx, built)
+    chosen = built.recipes[name]
+    if name != DEFAULT:
+        built = replace(built, artifacts={**built.artifacts, "int8": chosen.artifact},
+                        runners={**built.runners, "int8": chosen.runner})
+    fallback, final = _fallback(ctx, chosen, built)
+    if final is not None:
+        return Decision(choice, fallback, final, ctx.target.load_runner(final, ctx.cfg.threads), chosen.runner)
+    if name != DEFAULT:
+        return Decision(choice, fallback, chosen.artifact, chosen.runner)
+    return Decision(choice, fallback)
+
+
+def _fallback(ctx: Context, chosen: Recipe, built: Built) -> tuple[dict | None, Artifact | None]:
+    """(the fallback's record, the artifact with layers in float, if it changed the chosen one)."""
     if not ctx.fallback_on or ctx.control is None:
-        return Decision(None)
+        return None, None
     target, cfg, log, control = ctx.target, ctx.cfg, ctx.log, ctx.control
     fcfg = fb.FallbackConfig(float(ctx.gates["max_top1_drop_pp"]), ctx.gates.get("min_agreement"),
                              cfg.fallback_max_layers, cfg.fallback_max_minutes)
     reference = fb.judge(built.runners[target.reference], control)
-    plain = fb.judge(built.runners["int8"], control, reference)
+    plain = fb.judge(chosen.runner, control, reference)
     out = {"bound_pp": fcfg.max_drop_pp, "min_agreement": fcfg.min_agreement,
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
                        "ids_sha256": ctx.split.control.ids_sha256},
@@ -59,34 +79,33 @@ def decide(ctx: Context, src: Sources, built: Built) -> Decision:
     log(f"fallback: plain INT8 on {len(control.images)} control images: {fb.figures_text(plain)} "
         f"({fb.bound_text(fcfg)}){'' if out['triggered'] else ': no layer needs float'}")
     if not out["triggered"]:
-        return Decision(out)
+        return out, None
     if target.layer_probe is None:
         raise UserError(f"the INT8 artifact misses the accuracy gates on the control split and {target.name} "
                         "has no per-layer sensitivity to rank layers by; pass --no-fallback")
-    out["sensitivity"] = sensitivity(ctx, src, built, min(max(cfg.sensitivity, 256), len(ctx.split.calibration)))
+    out["sensitivity"] = sensitivity(ctx, chosen.source, built, min(max(cfg.sensitivity, 256), len(ctx.split.calibration)))
 
     def rebuild(layers: list[str]) -> tuple[Artifact, Runner]:
-        art = build_one(ctx, src.int8, "int8", replace(ctx.options, float_layers=tuple(layers)))
+        art = build_one(ctx, chosen.source, "int8", replace(chosen.options, float_layers=tuple(layers)))
         return art, target.load_runner(art, cfg.threads)
 
-    res = fb.search(rebuild, out["sensitivity"]["ranking"], control, reference,
-                    (built.artifacts["int8"], built.runners["int8"]), fcfg, log)
+    res = fb.search(rebuild, out["sensitivity"]["ranking"], control, reference, (chosen.artifact, chosen.runner),
+                    fcfg, log)
     out.update(res.to_dict(), method="layers back to float by measured sensitivity")
-    chosen = res.artifact
+    final = res.artifact
     if target.accuracy_control:
-        chosen, out["float_layers"] = _compare_accuracy_control(ctx, src, res, out, fcfg, reference)
-    if not out["float_layers"]:
-        return Decision(out)
-    return Decision(out, chosen, target.load_runner(chosen, cfg.threads), built.runners["int8"])
+        final, out["float_layers"] = _compare_accuracy_control(ctx, chosen, res, out, fcfg, reference)
+    return out, (final if out["float_layers"] else None)
 
 
-def _compare_accuracy_control(ctx: Context, src: Sources, res: fb.FallbackResult, out: dict, fcfg: fb.FallbackConfig,
-                              reference: fb.Judged) -> tuple[Artifact, list[str]]:
+def _compare_accuracy_control(ctx: Context, chosen: Recipe, res: fb.FallbackResult, out: dict,
+                              fcfg: fb.FallbackConfig, reference: fb.Judged) -> tuple[Artifact, list[str]]:
     """Our fallback next to the target's own accuracy control: both judged on the same control split, the
     faster one at the deployment size (batch 1, interleaved) kept among those that meet the bound."""
     target, cfg = ctx.target, ctx.cfg
     t0 = time.monotonic()
-    ac = build_one(ctx, src.int8, "int8", replace(ctx.options, accuracy_control=fcfg.max_drop_pp / 100.0), ctx.control)
+    ac = build_one(ctx, chosen.source, "int8", replace(chosen.options, accuracy_control=fcfg.max_drop_pp / 100.0),
+                   ctx.control)
     ac_seconds = time.monotonic() - t0
     ac_runner, ours_runner = target.load_runner(ac, cfg.threads), target.load_runner(res.artifact, cfg.threads)
     ac_j = fb.judge(ac_runner, ctx.control, reference)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline import machine
 from pipeline.export import parity_dict
+from pipeline.stages import recipe
 from pipeline.stages.build import Built
 from pipeline.stages.context import Context
 from pipeline.stages.decide import Decision
@@ -55,6 +56,8 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
         "accuracy": v.accuracy,
         "latency": v.latency,
         "int8_recipes": v.recipes,
+        "recipe_choice": decision.recipe,
+        "int8_numerics": recipe.numerics(ctx, built.artifacts.get("int8")) if "int8" in built.artifacts else None,
         "sensitivity": sensitivity,
         "smoothing": src.smoothing,
         "fallback": decision.fallback,

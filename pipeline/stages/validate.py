@@ -60,7 +60,7 @@ def _predict(ctx: Context, built: Built, decision: Decision, reference: Runner) 
                            desc="evaluation")
     runners = {"torch_fp32": reference.run,
                **{p: r.run for p, r in built.runners.items()},
-               **{f"alt:{n}": r.run for n, r in built.recipe_runners.items()}}
+               **{f"alt:{n}": r.runner.run for n, r in _others(built).items()}}
     if decision.plain_runner is not None:
         runners["plain:int8"] = decision.plain_runner.run
     return predict_many(runners, batches)
@@ -106,18 +106,25 @@ def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
     return rows
 
 
+def _others(built: Built) -> dict:
+    """The INT8 candidates other than the one deployed as "int8"."""
+    final = built.artifacts.get("int8")
+    return {n: r for n, r in built.recipes.items() if final is None or r.artifact.files != final.files}
+
+
 def _compare_recipes(ctx: Context, built: Built, preds: dict) -> list[dict]:
-    """Our INT8 next to the target's other INT8 recipes: accuracy on the evaluation split, p50 at the
-    deployment size, batch 1, interleaved with FP32 in one measurement."""
-    runners, alt = built.runners, built.recipe_runners
-    if not alt or not all(r.timed for r in (*runners.values(), *alt.values())):
+    """Every INT8 candidate: accuracy on the evaluation split, p50 at the deployment size, batch 1, interleaved
+    with FP32 in one measurement."""
+    runners, alt = built.runners, _others(built)
+    if len(built.recipes) < 2 or not all(r.timed for r in (*runners.values(), *(x.runner for x in alt.values()))):
         return []
     cfg = ctx.cfg
-    lat = measure({"fp32": runners["fp32"], "int8": runners["int8"], **alt}, batch=1, input_size=cfg.image_size,
-                  runs=cfg.latency_runs, warmup=5)
+    lat = measure({"fp32": runners["fp32"], "int8": runners["int8"], **{n: r.runner for n, r in alt.items()}},
+                  batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5)
     rows = []
-    for name, art, key, pred_key in [("ours (default)", built.artifacts["int8"], "int8", "int8"),
-                                     *[(n, built.recipes[n], n, f"alt:{n}") for n in alt]]:
+    for name, recipe in built.recipes.items():
+        art = recipe.artifact
+        key, pred_key = (name, f"alt:{name}") if name in alt else ("int8", "int8")
         a = accuracy(preds[pred_key], preds["fp32"])
         ops = art.metadata.get("ops", {})
         rows.append({"recipe": name, "options": art.metadata.get("quantization", {}), "top1": a["top1"],
@@ -126,7 +133,7 @@ def _compare_recipes(ctx: Context, built: Built, preds: dict) -> list[dict]:
                      "int8_speedup": lat["fp32"].p50_ms / lat[key].p50_ms, "input_size": cfg.image_size, "batch": 1,
                      "threads": cfg.threads, "integer_kernels": ops.get("integer_kernels"),
                      "float_conv_matmul_left": ops.get("float_conv_matmul_left"),
-                     "runtime": runners["fp32"].runtime, "kind": "real"})
+                     "runtime": runners["fp32"].runtime, "kind": "real", "deployed": name not in alt})
         ctx.log(f"recipe {name}: top-1 drop {a['top1_drop_pp']:+.2f} pp, p50 {lat[key].p50_ms:.2f} ms "
                 f"({rows[-1]['int8_speedup']:.2f}× FP32)")
     return rows
