@@ -83,7 +83,10 @@ def _cmd_deploy(args) -> int:
         alternatives=not args.no_alternatives, recipe=args.recipe, accuracy_control=args.accuracy_control,
         sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
         fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
+        n_control=args.control,
     )
+    if args.control is not None and args.control < 0:
+        raise UserError(f"--control {args.control} must be ≥ 0 (labelled images held out for decisions; 0: none)")
     if args.fallback_max_layers < 0 or args.fallback_max_minutes <= 0:
         raise UserError("--fallback-max-layers must be ≥ 0 and --fallback-max-minutes > 0")
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
@@ -176,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _smoothing_args(s)
     s.add_argument("--no-fallback", action="store_true",
                    help="do not return layers to float when INT8 misses max_top1_drop_pp on the control split")
+    s.add_argument("--control", type=int, default=None, metavar="N",
+                   help="labelled images held out of the evaluation side for the recipe choice and the fallback "
+                        "(default 1000 and at most a tenth of that side; up to half when given)")
     s.add_argument("--fallback-max-layers", type=int, default=8, help="fallback budget: layers in float (default 8)")
     s.add_argument("--fallback-max-minutes", type=float, default=30.0,
                    help="fallback budget: minutes of rebuilding (default 30)")

@@ -23,7 +23,8 @@ def _build(setup, precision, **options):
     ck, d, calib, *_ = setup
     out = d / f"{precision}-{'-'.join(f'{k}{v}' for k, v in sorted(options.items()))}"
     out.mkdir()
-    return ort_cpu.build(BuildRequest(precision, d / "model.onnx", ck.model, out, calib, options=options))
+    return ort_cpu.build(BuildRequest(precision, d / "model.onnx", ck.model, out, calib,
+                                      options=ort_cpu.make_options(**options)))
 
 
 def _predict(setup, artifacts):
@@ -65,6 +66,25 @@ def test_calibration_methods_are_selectable(setup, method):
     assert art.metadata["quantization"]["calibrate_method"] == method
     preds = _predict(setup, {"int8": art})
     assert accuracy(preds["int8"])["top1"] > 0.8
+
+
+@pytest.mark.parametrize("recipe", [r for r in ort_cpu.int8_recipes if r.name.endswith(("(U8S8, 7-bit weights)", "(U8U8)"))],
+                         ids=lambda r: r.name)
+def test_the_candidates_for_cpus_without_vnni_build_integer_graphs(setup, recipe):
+    """reduce_range and U8U8: ONNX Runtime's advice where u8×s8 saturates; `--recipe auto` measures them."""
+    art = _build(setup, "int8", **recipe.options)
+    q = art.metadata["quantization"]
+    assert all(q[k] == v for k, v in recipe.options.items())
+    assert art.metadata["ops"]["float_conv_matmul_left"] == 0
+    preds = _predict(setup, {"int8": art})
+    assert accuracy(preds["int8"])["top1"] > 0.8
+
+
+def test_an_option_the_target_lacks_is_refused_by_name():
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="no build option 'preset'"):
+        ort_cpu.make_options(preset="mixed")
 
 
 def test_int8_without_calibration_is_refused(setup):

@@ -68,9 +68,12 @@ def test_build_is_cached_by_everything_it_depends_on(staged):
 
 def test_decide_keeps_plain_int8_when_it_meets_the_gates(staged):
     ctx, src, built, _ = staged
-    decision = decide(ctx, src, built)
+    decision = decide(ctx, built)
+    assert decision.recipe["chosen"] == "ours (default)" and len(decision.recipe["candidates"]) == 1
+    assert decision.recipe["int8_pays"] == (decision.recipe["candidates"][0]["speedup"] > 1.0)
     fb = decision.fallback
     assert fb["control"]["n"] == 1000 and fb["bound_pp"] == 1.0 and fb["min_agreement"] == 0.97
+    assert fb["plain_control"]["control_agreement_low"] < fb["plain_control"]["control_agreement"]
     if fb["triggered"]:  # INT8 numerics differ per CPU; when the plain model misses, the decision must act
         assert decision.int8 is not None or not fb["met"]
     else:
@@ -79,4 +82,4 @@ def test_decide_keeps_plain_int8_when_it_meets_the_gates(staged):
 
 def test_decide_does_nothing_without_an_accuracy_gate(staged, tmp_path):
     ctx, src, built, _ = staged
-    assert decide(replace(ctx, fallback_on=False), src, built).fallback is None
+    assert decide(replace(ctx, fallback_on=False), built).fallback is None

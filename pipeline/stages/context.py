@@ -34,7 +34,7 @@ class DeployConfig:
     alternatives: bool = True  # also build and measure the target's other INT8 recipes
     recipe: str = "auto"  # auto: the fastest INT8 candidate meeting the accuracy gates on this CPU; or one's name
     accuracy_control: bool = False  # INT8 bounded by the gate's max_top1_drop_pp (targets that offer it)
-    n_control: int = 1000  # labelled images held out of the evaluation side, for fallback and accuracy-control decisions
+    n_control: int | None = None  # labelled images held out of the evaluation side for decisions (None: 1,000, ≤ a tenth)
     sensitivity: int = 0  # >0: per-layer INT8 sensitivity on that many calibration images, into the report
     smoothing: float | None = 0.5  # SmoothQuant α for the INT8 builds (pipeline.outliers); None: off
     fallback: bool = True  # INT8 missing max_top1_drop_pp on the control split → layers back to float

@@ -68,7 +68,11 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built) -> tuple[dict | None, 
                              cfg.fallback_max_layers, cfg.fallback_max_minutes)
     reference = fb.judge(built.runners[target.reference], control)
     plain = fb.judge(chosen.runner, control, reference)
-    out = {"bound_pp": fcfg.max_drop_pp, "min_agreement": fcfg.min_agreement,
+    fcfg, resolution = fb.resolve_drop(fcfg, plain.figures())
+    if resolution:
+        log(f"NOTE: {resolution}")
+    out = {"bound_pp": fcfg.max_drop_pp, "min_agreement": fcfg.min_agreement, "drop_decided_on_bound": fcfg.drop_bound,
+           "drop_resolution": resolution,
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
                        "ids_sha256": ctx.split.control.ids_sha256},
            "reference_control_top1": reference.top1, "plain_control_drop_pp": plain.drop_pp,

@@ -84,10 +84,13 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
         overrides["accuracy_control"] = gate_cfg["max_top1_drop_pp"] / 100.0
     options = target.make_options(**overrides)
     calib_src, eval_src, task = sources(ck, cfg)
-    fallback_on = (decisions and cfg.fallback and "int8" in target.precisions and "max_top1_drop_pp" in gate_cfg
-                   and not cfg.accuracy_control)
-    # the control split is held out of the evaluation side: at most a tenth of it, so evaluation keeps the rest
-    n_control = min(cfg.n_control, len(eval_src) // 10) if (cfg.accuracy_control or fallback_on) else 0
+    int8_decisions = decisions and "int8" in target.precisions
+    fallback_on = int8_decisions and cfg.fallback and "max_top1_drop_pp" in gate_cfg and not cfg.accuracy_control
+    judged_choice = int8_decisions and cfg.recipe == "auto" and bool({"max_top1_drop_pp", "min_agreement"} & set(gate_cfg))
+    # the control split is held out of the evaluation side: by default at most a tenth of it (and 1,000), so a small
+    # evaluation tree keeps its images; asked for, up to half
+    wanted = min(1000, len(eval_src) // 10) if cfg.n_control is None else min(cfg.n_control, len(eval_src) // 2)
+    n_control = wanted if (cfg.accuracy_control or fallback_on or judged_choice) else 0
     if cfg.accuracy_control and n_control < 1:
         raise UserError(f"{eval_src.name} is too small to hold out a control split for --accuracy-control")
     if fallback_on and n_control < 1:

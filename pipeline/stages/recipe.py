@@ -65,6 +65,9 @@ def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
     rows, cached = _cached_measure(ctx, built)
     gates = fb.FallbackConfig(float(ctx.gates.get("max_top1_drop_pp", float("inf"))), ctx.gates.get("min_agreement"))
     judged = ctx.control is not None and ("max_top1_drop_pp" in ctx.gates or "min_agreement" in ctx.gates)
+    resolution = None
+    if judged and DEFAULT in {r["recipe"] for r in rows}:
+        gates, resolution = fb.resolve_drop(gates, next(r for r in rows if r["recipe"] == DEFAULT))
     for row in rows:
         row["meets_accuracy"] = not judged or not fb.misses(gates, row)
     meeting = [r for r in rows if r["meets_accuracy"]]
@@ -82,7 +85,7 @@ def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
     choice = {"mode": "auto", "chosen": best["recipe"], "candidates": rows, "cached_measurement": cached,
               "accuracy_judged_on": (f"control split ({len(ctx.control.images)} images), 95 % bounds"
                                      if judged else "nothing: no accuracy gate or no control split"),
-              "cpu_profile": prof, "int8_pays": best["speedup"] > 1.0,
+              "cpu_profile": prof, "int8_pays": best["speedup"] > 1.0, "drop_resolution": resolution,
               "why": best["why"]}
     if not choice["int8_pays"]:
         choice["reason"] = (f"INT8 is not faster than {ctx.target.reference.upper()} on {prof['cpu']} ({prof['int8_path']}): "
