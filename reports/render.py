@@ -106,6 +106,23 @@ def choice_caption(report: dict) -> str:
     return text + (f" **{c['reason']}**" if c.get("reason") else "")
 
 
+def time_lines(report: dict) -> list[str]:
+    """Where the time goes: the kernel time of the reference and the INT8 graph by kind and by op type."""
+    split = report.get("where_the_time_goes")
+    if not split:
+        return []
+    ref_name = report["target"]["reference"]
+    ref, int8 = split[ref_name], split["int8"]
+    lines = [f"Kernel time per image at {int8['input_size']} px, batch 1, {int8['threads']} threads ({int8['source']}; "
+             f"mean of {int8['runs']} runs): {ref_name} {ref['total_ms']:.2f} ms, int8 {int8['total_ms']:.2f} ms — "
+             + ", ".join(f"{k} {v:.2f} ms" for k, v in int8["by_kind_ms"].items()) + ".", "",
+             "| op type | " + ref_name + " ms | int8 ms |", "|---|---|---|"]
+    ops = list(dict.fromkeys([*int8["by_op_ms"], *ref["by_op_ms"]]))[:14]
+    lines += [f"| {op} | {_ms(ref['by_op_ms'].get(op))} | {_ms(int8['by_op_ms'].get(op))} |" for op in ops]
+    lines += ["", "Slowest INT8 nodes: " + ", ".join(f"{n['node']} ({n['op']}, {n['ms']:.2f} ms)" for n in int8["top_nodes"][:5]) + "."]
+    return lines
+
+
 def _recipe_caption(report: dict) -> str:
     rs = report.get("int8_recipes", [])
     if not rs:
@@ -176,6 +193,11 @@ def method_lines(report: dict) -> list[str]:
                 + f". All-INT8 on the control split: drop {_pp(fb['plain_control_drop_pp'])}, agreement "
                   f"{_pct(fb['plain_control_agreement'])}.")
         lines.append(head)
+        pc = fb.get("plain_control")
+        if pc:
+            lines.append(f"  Decided on one-sided 95 % bounds: drop ≤ {_pp(pc['control_drop_high_pp'])}, agreement ≥ "
+                         f"{_pct(pc['control_agreement_low'])}"
+                         + (f"; {fb['drop_resolution']}." if fb.get("drop_resolution") else "."))
         if not fb["triggered"]:
             lines.append("  No layer needed float.")
         else:
@@ -210,6 +232,7 @@ def render_markdown(report: dict) -> str:
              "## INT8 methods", "", *method_lines(report), "",
              *(["| " + " | ".join(FALLBACK_HEAD) + " |", "|" + "---|" * len(FALLBACK_HEAD),
                 *("| " + " | ".join(r) + " |" for r in fallback_rows(report)), ""] if fallback_rows(report) else []),
+             *(["## Where the time goes", "", *time_lines(report), ""] if time_lines(report) else []),
              *(["## INT8 recipe chosen on this CPU", "", choice_caption(report), "",
                 *([_md_table(CHOICE_HEAD, choice_rows(report)), ""] if choice_rows(report) else [])]
                if report.get("recipe_choice") else []),
@@ -311,6 +334,7 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 <h2>Latency</h2>{_html_table(LAT_HEAD, latency_rows(report))}
 <h2>INT8 methods</h2><ul>{"".join(f"<li>{html.escape(line.strip()[2:] if line.startswith('- ') else line.strip()).replace('**', '')}</li>" for line in method_lines(report))}</ul>
 {_html_table(FALLBACK_HEAD, fallback_rows(report)) if fallback_rows(report) else ""}
+{"<h2>Where the time goes</h2><pre>" + html.escape(chr(10).join(time_lines(report))) + "</pre>" if time_lines(report) else ""}
 {f"<h2>INT8 recipe chosen on this CPU</h2><p>{html.escape(choice_caption(report)).replace('**', '')}</p>" + (_html_table(CHOICE_HEAD, [[c.replace('**', '') for c in row] for row in choice_rows(report)]) if choice_rows(report) else "") if report.get("recipe_choice") else ""}
 {f"<h2>INT8 recipes compared</h2><p>{html.escape(_recipe_caption(report))}</p>" + _html_table(RECIPE_HEAD, recipe_rows(report)) if report.get("int8_recipes") else ""}
 <h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],

@@ -185,6 +185,7 @@ class Target:
     accuracy_control: bool = False  # offers its own accuracy-bounded INT8 (options.accuracy_control)
     extra_runners: Callable[[Artifact, int], dict] | None = None  # more timed runners of one artifact (label → Runner)
     layer_probe: Callable[..., LayerProbe] | None = None  # (artifacts, images, threads, model, calibration)
+    profile: Callable[[Artifact, int, int], dict] | None = None  # (artifact, threads, size) → where the time goes
     not_built_note: str = "not run on the target runtime"  # shown when only a proxy runs here
 
     @property

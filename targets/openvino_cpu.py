@@ -59,6 +59,9 @@ class OpenVINOOptions:
     accuracy_control_max_iterations: int | None = None  # NNCF's restorer: None = until the bound is met
     accuracy_control_ranking_subset: int | None = None  # images ranking the layers to revert: None = 300
     ignored_types: tuple[str, ...] = ()  # op types NNCF leaves unquantized (e.g. GroupConvolution)
+    # 7-bit weights against u8×s8 saturation on CPUs without VNNI (OpenVINO's documented workaround): None = NNCF's
+    # default, "enable" (every layer), "first_layer_only", "disable"
+    overflow_fix: str | None = None
     float_layers: tuple[str, ...] = ()  # checkpoint layer names kept in float (the accuracy fallback), as nncf's ignored scope
 
 
@@ -68,6 +71,7 @@ INT8_RECIPES = (
     Int8Recipe("ours with preset=performance", {"preset": "performance"}),
     Int8Recipe("ours without model_type=transformer", {"model_type": None}),
     Int8Recipe("ours with float layers in f32", {"float_precision": "f32"}),
+    Int8Recipe("ours with overflow_fix=enable (7-bit weights)", {"overflow_fix": "enable"}),
 )
 _ACCURACY_CONTROL_FIELDS = ("accuracy_control_max_iterations", "accuracy_control_ranking_subset")
 
@@ -142,6 +146,10 @@ def _nncf_kwargs(options: OpenVINOOptions, names: list[str], n_calibration: int)
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if options.ignored_types or names:
         kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(options.ignored_types), names=list(names))
+    if options.overflow_fix:
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        kwargs["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix(options.overflow_fix))
     return kwargs
 
 

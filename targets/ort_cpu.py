@@ -166,9 +166,50 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, c
                      runtime=runtime_label(), kind="real")
 
 
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+def profile(artifact: Artifact, threads: int, input_size: int, runs: int = 20) -> dict:
+    """Where the time goes, from ONNX Runtime's own profiler: per-node kernel time at batch 1 (mean of the last
+    `runs` runs, after 3 warm-up runs), the top nodes, and the total split by integer kernels, Q/DQ and float ops."""
+    import json
+
+    from targets.ort_tools import session
+
+    sess = session(artifact.files[0], threads, profile_prefix=artifact.files[0].parent / ".ort-profile")
+    x = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, input_size, input_size)).astype(np.float32)}
+    for _ in range(3 + runs):
+        sess.run(None, x)
+    path = Path(sess.end_profiling())
+    try:
+        events = json.loads(path.read_text())
+    finally:
+        path.unlink(missing_ok=True)
+    # the profile covers every run since the session started: keep the node events of the last `runs` runs
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    first = starts[-runs] if len(starts) >= runs else 0
+    per_node: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < first:
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        per_node.setdefault(e["name"][:-len("_kernel_time")], [op, 0.0])[1] += e["dur"] / 1e3 / runs
+    kinds = {"integer kernels": 0.0, "Q/DQ": 0.0, "float ops": 0.0}
+    by_op: dict[str, float] = {}
+    for op, ms in per_node.values():
+        kinds["integer kernels" if op in INTEGER_OPS else "Q/DQ" if op in QDQ_OPS else "float ops"] += ms
+        by_op[op] = by_op.get(op, 0.0) + ms
+    top = sorted(per_node.items(), key=lambda kv: -kv[1][1])[:10]
+    return {"total_ms": sum(kinds.values()), "by_kind_ms": kinds,
+            "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "top_nodes": [{"node": n, "op": op, "ms": ms} for n, (op, ms) in top], "runs": runs,
+            "input_size": input_size, "batch": 1, "threads": threads,
+            "source": "onnxruntime profiler: kernel time per node (excludes the session's own overhead)"}
+
+
 TARGET = Target(
     name=NAME, hardware="portable CPU (reference)", precisions=("fp32", "int8"), extra="onnxruntime",
     options=OrtOptions, available=available, describe_environment=describe_environment, build_config=build_config,
     build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES, peer_default=PEER_DEFAULT,
-    layer_probe=layer_probe,
+    layer_probe=layer_probe, profile=profile,
 )

@@ -10,7 +10,8 @@ from pathlib import Path
 from targets.base import CalibrationData
 
 
-def session(model: Path | bytes, threads: int, optimize: bool = True, optimized_out: Path | None = None):
+def session(model: Path | bytes, threads: int, optimize: bool = True, optimized_out: Path | None = None,
+            profile_prefix: Path | None = None):
     """A CPU session with `threads` intra-op threads, run sequentially. `optimize=False` runs the graph as
     written (the TensorRT proxy: no fusion may turn Q/DQ arithmetic into other kernels)."""
     import onnxruntime as ort
@@ -25,6 +26,9 @@ def session(model: Path | bytes, threads: int, optimize: bool = True, optimized_
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if optimized_out is not None:
         so.optimized_model_filepath = str(optimized_out)
+    if profile_prefix is not None:  # ORT's profiler: per-node kernel times, written when profiling ends
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
 

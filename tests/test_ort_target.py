@@ -91,3 +91,17 @@ def test_int8_without_calibration_is_refused(setup):
     ck, d, *_ = setup
     with pytest.raises(ValueError, match="calibration"):
         ort_cpu.build(BuildRequest("int8", d / "model.onnx", ck.model, d, calibration=None))
+
+
+def test_profile_says_where_the_time_goes(setup):
+    """ONNX Runtime's profiler: per-node kernel times, split into integer kernels, Q/DQ and float ops."""
+    from targets import ort_cpu as module
+
+    fp32, int8 = _build(setup, "fp32", float_layers=()), _build(setup, "int8", float_layers=())
+    ref, q = module.profile(fp32, 2, 64, runs=5), module.profile(int8, 2, 64, runs=5)
+    for p in (ref, q):
+        assert p["total_ms"] > 0 and sum(p["by_kind_ms"].values()) == pytest.approx(p["total_ms"])
+        assert sum(p["by_op_ms"].values()) == pytest.approx(p["total_ms"]) and len(p["top_nodes"]) == 10
+        assert p["top_nodes"][0]["ms"] >= p["top_nodes"][-1]["ms"]
+    assert ref["by_kind_ms"]["integer kernels"] == 0 and q["by_kind_ms"]["integer kernels"] > 0
+    assert {"QLinearConv", "MatMulIntegerToFloat"} <= set(q["by_op_ms"])

@@ -57,6 +57,7 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
         "latency": v.latency,
         "int8_recipes": v.recipes,
         "recipe_choice": decision.recipe,
+        "where_the_time_goes": v.time_split,
         "int8_numerics": recipe.numerics(ctx, built.artifacts.get("int8")) if "int8" in built.artifacts else None,
         "sensitivity": sensitivity,
         "smoothing": src.smoothing,

@@ -25,6 +25,7 @@ class Validation:
     accuracy: dict  # name → top-1/top-5/agreement/drop and what measured it
     latency: list[dict]  # one row per precision × input size × batch
     recipes: list[dict]  # the INT8 recipes compared (empty when none or not timed)
+    time_split: dict | None = None  # where the time goes, per precision (targets with a profiler)
 
 
 def p50(latency: list[dict], precision: str, size: int) -> float | None:
@@ -52,7 +53,21 @@ def validate(ctx: Context, built: Built, decision: Decision) -> Validation:
     recipes = _compare_recipes(ctx, built, preds)
     if decision.fallback is not None:
         _fallback_figures(ctx, decision.fallback, preds, latency)
-    return Validation(acc, latency, recipes)
+    return Validation(acc, latency, recipes, _time_split(ctx, built))
+
+
+def _time_split(ctx: Context, built: Built) -> dict | None:
+    """Per-op time of the reference and the deployed INT8 at the deployment size, from the runtime's profiler:
+    which ops INT8 made faster, and which (float ops, Q/DQ) it did not."""
+    target, size = ctx.target, ctx.cfg.image_size
+    if target.profile is None or "int8" not in built.artifacts or not built.runners["int8"].timed:
+        return None
+    split = {p: target.profile(built.artifacts[p], ctx.cfg.threads, size) for p in (target.reference, "int8")}
+    ref, int8 = split[target.reference], split["int8"]
+    kinds = ", ".join(f"{k} {v:.2f} ms" for k, v in int8["by_kind_ms"].items())
+    ctx.log(f"where the time goes at {size}px: {target.reference} {ref['total_ms']:.2f} ms of kernels; int8 "
+            f"{int8['total_ms']:.2f} ms ({kinds})")
+    return split
 
 
 def _predict(ctx: Context, built: Built, decision: Decision, reference: Runner) -> dict:
