@@ -22,6 +22,9 @@ def session(model: Path | bytes, threads: int, optimize: bool = True, optimized_
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle worker threads spin by default, waiting for the next run: with several sessions timed in turns (every
+    # candidate against FP32), the one running shares the 2 cores with the others' spinning threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if optimized_out is not None:

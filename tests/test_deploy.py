@@ -64,9 +64,9 @@ def test_deploy_writes_a_complete_report(deployed):
     chosen = [c for c in choice["candidates"] if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["recipe"] == choice["chosen"] and recipes[choice["chosen"]]["deployed"]
     assert all(c["why"] for c in choice["candidates"])
-    if chosen[0]["meets_accuracy"]:  # the fastest of those meeting the gates, up to a tie of 3 %
+    if chosen[0]["meets_accuracy"]:  # the fastest of those meeting the gates, up to a tie of 5 %
         fastest = min(c["p50_ms"] for c in choice["candidates"] if c["meets_accuracy"])
-        assert chosen[0]["p50_ms"] <= fastest * 1.03 + 1e-9
+        assert chosen[0]["p50_ms"] <= fastest * 1.05 + 1e-9
     assert r["int8_numerics"]["int8_path"] == r["machine"]["cpu_profile"]["int8_path"]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html

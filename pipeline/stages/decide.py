@@ -51,7 +51,7 @@ def decide(ctx: Context, built: Built) -> Decision:
     if name != DEFAULT:
         built = replace(built, artifacts={**built.artifacts, "int8": chosen.artifact},
                         runners={**built.runners, "int8": chosen.runner})
-    fallback, final = _fallback(ctx, chosen, built)
+    fallback, final = _fallback(ctx, chosen, built, choice)
     if final is not None:
         return Decision(choice, fallback, final, ctx.target.load_runner(final, ctx.cfg.threads), chosen.runner)
     if name != DEFAULT:
@@ -59,8 +59,9 @@ def decide(ctx: Context, built: Built) -> Decision:
     return Decision(choice, fallback)
 
 
-def _fallback(ctx: Context, chosen: Recipe, built: Built) -> tuple[dict | None, Artifact | None]:
-    """(the fallback's record, the artifact with layers in float, if it changed the chosen one)."""
+def _fallback(ctx: Context, chosen: Recipe, built: Built, choice: dict | None) -> tuple[dict | None, Artifact | None]:
+    """(the fallback's record, the artifact with layers in float, if it changed the chosen one). Whether the drop
+    is held on its bound was settled by the recipe choice, where it measured one; else here, once."""
     if not ctx.fallback_on or ctx.control is None:
         return None, None
     target, cfg, log, control = ctx.target, ctx.cfg, ctx.log, ctx.control
@@ -68,9 +69,13 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built) -> tuple[dict | None, 
                              cfg.fallback_max_layers, cfg.fallback_max_minutes)
     reference = fb.judge(built.runners[target.reference], control)
     plain = fb.judge(chosen.runner, control, reference)
-    fcfg, resolution = fb.resolve_drop(fcfg, plain.figures())
-    if resolution:
-        log(f"NOTE: {resolution}")
+    if choice and "drop_resolution" in choice:
+        resolution = choice["drop_resolution"]
+        fcfg = replace(fcfg, drop_bound=resolution is None)
+    else:
+        fcfg, resolution = fb.resolve_drop(fcfg, plain.figures())
+        if resolution:
+            log(f"NOTE: {resolution}")
     out = {"bound_pp": fcfg.max_drop_pp, "min_agreement": fcfg.min_agreement, "drop_decided_on_bound": fcfg.drop_bound,
            "drop_resolution": resolution,
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
