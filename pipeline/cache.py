@@ -190,7 +190,7 @@ def publish_file(final: Path, write: Callable[[Path], None], need_bytes: int = 0
 
 # ---------------------------------------------------------------- the stage cache
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -200,7 +200,7 @@ def _sha256(path: Path) -> str:
 
 def _entry_files(directory: Path) -> dict[str, str]:
     """{relative path: sha256} of every file in an entry (recursing: a Core ML .mlpackage is a directory)."""
-    return {p.relative_to(directory).as_posix(): _sha256(p) for p in sorted(directory.rglob("*"))
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*"))
             if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST}
 
 

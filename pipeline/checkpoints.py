@@ -11,7 +11,6 @@ Only torch and safetensors are imported here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import publish_file
+from pipeline.cache import publish_file, sha256_file
 from pipeline.errors import UserError
 from pipeline.model import ConvNeXt, create_model
 from pipeline.variants import Preprocessing, Variant, get_variant, variant_from_dims
@@ -144,13 +143,6 @@ def load_state_dict_strict(model: ConvNeXt, sd: dict, source: str) -> None:
 
 
 # ---------------------------------------------------------------- reading files
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_torch(path: Path) -> dict:

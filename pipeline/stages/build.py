@@ -6,8 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from pipeline.cache import cached_dir, code_digest, key_of
-from pipeline.checkpoints import sha256_file
+from pipeline.cache import cached_dir, code_digest, key_of, sha256_file
 from pipeline.stages.context import Context
 from pipeline.stages.export import Source, Sources
 from pipeline.stages.prepare import model_info
