@@ -195,7 +195,7 @@ def method_lines(report: dict) -> list[str]:
         lines.append(head)
         pc = fb.get("plain_control")
         if pc:
-            lines.append(f"  Decided on one-sided 95 % bounds: drop ≤ {_pp(pc['control_drop_high_pp'])}, agreement ≥ "
+            lines.append(f"  One-sided 95 % bounds on the control split: drop ≤ {_pp(pc['control_drop_high_pp'])}, agreement ≥ "
                          f"{_pct(pc['control_agreement_low'])}"
                          + (f"; {fb['drop_resolution']}." if fb.get("drop_resolution") else "."))
         if not fb["triggered"]:
