@@ -28,8 +28,8 @@ from pipeline.machine import cpu_profile, device_label, profile_line
 from pipeline.model import create_model
 from pipeline.outliers import inject_outliers
 from pipeline.reference import reference_path
-from pipeline.stages.build import DEFAULT, build
-from pipeline.stages.context import DeployConfig
+from pipeline.stages.build import build
+from pipeline.stages.context import DEFAULT, DeployConfig
 from pipeline.stages.export import export
 from pipeline.stages.prepare import prepare
 from pipeline.train import dataset_preprocessing

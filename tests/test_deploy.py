@@ -120,7 +120,7 @@ def test_missed_gate_exits_1_naming_it(atto_reference, env, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["target", "variant", "wrong_variant", "bad_checkpoint", "empty_calib",
-                                  "nan_weights", "no_reference", "image_size"])
+                                  "nan_weights", "no_reference", "image_size", "recipe"])
 def test_bad_input_one_line_nonzero_nothing_written(case, atto_reference, env, tmp_path):
     args = ["deploy", "--target", "onnxruntime", "--variant", "atto", "--out", str(tmp_path / "out")]
     e = dict(env)
@@ -151,6 +151,9 @@ def test_bad_input_one_line_nonzero_nothing_written(case, atto_reference, env, t
     elif case == "no_reference":
         e["CONVNEXT_DEPLOY_REFERENCE_DIR"] = str(tmp_path / "empty")
         match = "make reference VARIANT=atto"
+    elif case == "recipe":
+        args += ["--recipe", "fastest"]
+        match = "--recipe 'fastest' is not an INT8 recipe of onnxruntime; choose auto or one of: 'ours (default)'"
     else:
         args += ["--image-size", "200"]
         match = "not a multiple of 32"

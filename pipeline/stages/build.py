@@ -7,13 +7,11 @@ import hashlib
 from dataclasses import dataclass
 
 from pipeline.cache import cached_dir, code_digest, key_of, sha256_file
-from pipeline.stages.context import Context
+from pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context
 from pipeline.stages.export import Source, Sources
 from pipeline.stages.prepare import model_info
 from targets.base import Artifact, BuildRequest, LabelledData, Runner
 
-DEFAULT = "ours (default)"
-SMOOTHING_OFF = "ours without outlier smoothing"
 
 
 @dataclass

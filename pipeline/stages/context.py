@@ -13,6 +13,10 @@ from targets.base import Availability, CalibrationData, LabelledData, Runner, Ta
 # 4: an internal error (a bug): the CLI prints its traceback. 2 also covers faults of the machine (disk full).
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USER_ERROR, EXIT_NOT_BUILT = 0, 1, 2, 3
 
+# the INT8 candidates every target with INT8 has, besides those it declares (Target.int8_recipes)
+DEFAULT = "ours (default)"
+SMOOTHING_OFF = "ours without outlier smoothing"
+
 
 @dataclass
 class DeployConfig:

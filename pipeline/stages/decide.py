@@ -12,8 +12,8 @@ from pipeline import fallback as fb
 from pipeline.errors import UserError
 from pipeline.latency import measure
 from pipeline.stages import recipe
-from pipeline.stages.build import DEFAULT, Built, Recipe, build_one
-from pipeline.stages.context import Context
+from pipeline.stages.build import Built, Recipe, build_one
+from pipeline.stages.context import DEFAULT, Context
 from pipeline.stages.export import Source
 from targets.base import Artifact, Runner
 

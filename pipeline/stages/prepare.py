@@ -15,7 +15,7 @@ from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
 from pipeline.errors import UserError
 from pipeline.machine import cpu_profile, profile_line
 from pipeline.reference import require_reference
-from pipeline.stages.context import Context, DeployConfig
+from pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context, DeployConfig
 from targets import get_target
 from targets.base import CalibrationData, LabelledData
 
@@ -83,6 +83,10 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
             raise UserError(f"--accuracy-control needs max_top1_drop_pp in {cfg.gates} for {cfg.target}/{ck.variant.name}")
         overrides["accuracy_control"] = gate_cfg["max_top1_drop_pp"] / 100.0
     options = target.make_options(**overrides)
+    names = [DEFAULT, SMOOTHING_OFF, *(r.name for r in target.int8_recipes)]
+    if cfg.recipe not in ("auto", *names):
+        raise UserError(f"--recipe {cfg.recipe!r} is not an INT8 recipe of {target.name}; choose auto or one of: "
+                        + ", ".join(repr(n) for n in names))
     calib_src, eval_src, task = sources(ck, cfg)
     int8_decisions = decisions and "int8" in target.precisions
     fallback_on = int8_decisions and cfg.fallback and "max_top1_drop_pp" in gate_cfg and not cfg.accuracy_control

@@ -15,8 +15,8 @@ from pipeline.cache import cached_dir, code_digest, key_of
 from pipeline.errors import UserError
 from pipeline.latency import measure
 from pipeline.machine import cpu_profile
-from pipeline.stages.build import DEFAULT, Built
-from pipeline.stages.context import Context
+from pipeline.stages.build import Built
+from pipeline.stages.context import DEFAULT, Context
 
 TIE = 0.05  # p50s this close are one speed here: repeated interleaved runs differ by as much on a 2-core VM
 
@@ -55,8 +55,8 @@ def _cached_measure(ctx: Context, built: Built) -> tuple[list[dict], bool]:
 def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
     """(name of the recipe to deploy, the choice as the report shows it; None when nothing was chosen)."""
     cfg, recipes = ctx.cfg, built.recipes
-    if cfg.recipe not in ("auto", DEFAULT) and cfg.recipe not in recipes:
-        raise UserError(f"--recipe {cfg.recipe!r} is not an INT8 recipe of {ctx.target.name}; choose auto or one of: "
+    if cfg.recipe not in ("auto", *recipes):  # prepare checked the name; smoothing off makes that one absent
+        raise UserError(f"--recipe {cfg.recipe!r} was not built here (outlier smoothing is off); choose auto or one of: "
                         + ", ".join(repr(n) for n in recipes))
     timed = all(r.runner.timed for r in recipes.values()) and built.runners[ctx.target.reference].timed
     if cfg.recipe != "auto" or not timed or not recipes:
