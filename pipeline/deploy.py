@@ -40,6 +40,8 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     out_dir = publish(ctx, report, built)
     for v in gated[1]:
         log(("PASS " if v.passed else "FAIL ") + v.line())
+    if report["recommended_precision"]:
+        log(report["recommended_precision"]["line"])
     code = EXIT_OK if report["gates"]["passed"] else EXIT_GATE_FAILED
     if not ctx.availability.ok:
         log(f"{cfg.target}: {ctx.notes[0]} (exit {EXIT_NOT_BUILT}: proxy figures only)")

@@ -160,6 +160,9 @@ def _summary_lines(report: dict) -> list[str]:
          f"{report['export']['parity']['max_abs_diff']:.2e}, top-1 agreement {_pct(report['export']['parity']['top1_agreement'])}"
          if "opset" in report["export"] else f"- Conversion: {report['export']['converter']} (no ONNX involved)"),
     ]
+    rec = report.get("recommended_precision")
+    if rec:
+        lines.append(f"- **Recommended here**: {rec['line']} (accuracy from the evaluation split)")
     for note in report.get("notes", []):
         lines.append(f"- Note: {note}")
     return lines

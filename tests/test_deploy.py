@@ -68,6 +68,10 @@ def test_deploy_writes_a_complete_report(deployed):
         fastest = min(c["p50_ms"] for c in choice["candidates"] if c["meets_accuracy"])
         assert chosen[0]["p50_ms"] <= fastest * 1.05 + 1e-9
     assert r["int8_numerics"]["int8_path"] == r["machine"]["cpu_profile"]["int8_path"]
+    rec = r["recommended_precision"]  # the fastest measured precision that meets the accuracy gates
+    meeting = [c for c in rec["candidates"] if c["meets_accuracy"]]
+    assert rec["p50_ms"] == min(c["p50_ms"] for c in meeting) and rec["precision"] in ("fp32", "int8")
+    assert "fastest precision meeting the accuracy gates here" in p.stdout
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html
     md = (out / "report.md").read_text()

@@ -26,3 +26,24 @@ def check(ctx: Context, built: Built, v: Validation, decision: Decision) -> tupl
         if reason and verdict.gate == "min_int8_speedup" and not verdict.passed:
             verdict.reason = reason
     return measured, verdicts
+
+
+def recommend(ctx: Context, v: Validation) -> dict | None:
+    """The fastest precision measured here (batch 1, deployment size) whose evaluation-split accuracy meets the
+    accuracy gates: INT8 is not always it (OpenVINO atto on a CPU with native BF16: BF16 7.75 ms, INT8 8.5 ms)."""
+    size, rows = ctx.cfg.image_size, []
+    for precision, acc in v.accuracy.items():
+        ms = p50(v.latency, precision, size)
+        if precision == "torch_fp32" or ms is None:
+            continue
+        drop, agree = acc.get("top1_drop_pp", 0.0), acc.get("agreement", 1.0)
+        meets = (drop <= ctx.gates.get("max_top1_drop_pp", float("inf"))
+                 and agree >= ctx.gates.get("min_agreement", 0.0))
+        rows.append({"precision": precision, "p50_ms": ms, "meets_accuracy": meets})
+    meeting = [r for r in rows if r["meets_accuracy"]]
+    if not meeting:
+        return None
+    best = min(meeting, key=lambda r: r["p50_ms"])
+    return {**best, "input_size": size, "batch": 1, "candidates": rows,
+            "line": f"fastest precision meeting the accuracy gates here: {best['precision']} "
+                    f"(p50 {best['p50_ms']:.2f} ms at {size} px, batch 1, on {ctx.cfg.threads} threads of this CPU)"}

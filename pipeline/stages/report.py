@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline import machine
 from pipeline.export import parity_dict
-from pipeline.stages import recipe
+from pipeline.stages import gates, recipe
 from pipeline.stages.build import Built
 from pipeline.stages.context import Context
 from pipeline.stages.decide import Decision
@@ -58,6 +58,7 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
         "int8_recipes": v.recipes,
         "recipe_choice": decision.recipe,
         "where_the_time_goes": v.time_split,
+        "recommended_precision": gates.recommend(ctx, v),
         "int8_numerics": recipe.numerics(ctx, built.artifacts.get("int8")) if "int8" in built.artifacts else None,
         "sensitivity": sensitivity,
         "smoothing": src.smoothing,
