@@ -172,19 +172,26 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 def profile(artifact: Artifact, threads: int, input_size: int, runs: int = 20) -> dict:
     """Where the time goes, from ONNX Runtime's own profiler: per-node kernel time at batch 1 (mean of the last
     `runs` runs, after 3 warm-up runs), the top nodes, and the total split by integer kernels, Q/DQ and float ops."""
-    import json
+    import shutil
+    import tempfile
 
     from targets.ort_tools import session
 
-    sess = session(artifact.files[0], threads, profile_prefix=artifact.files[0].parent / ".ort-profile")
+    scratch = Path(tempfile.mkdtemp(prefix="ort-profile-"))  # never inside a verified cache entry
+    try:
+        sess = session(artifact.files[0], threads, profile_prefix=scratch / "profile")
+        return _profiled(sess, input_size, runs, threads)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _profiled(sess, input_size: int, runs: int, threads: int) -> dict:
+    import json
+
     x = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, input_size, input_size)).astype(np.float32)}
     for _ in range(3 + runs):
         sess.run(None, x)
-    path = Path(sess.end_profiling())
-    try:
-        events = json.loads(path.read_text())
-    finally:
-        path.unlink(missing_ok=True)
+    events = json.loads(Path(sess.end_profiling()).read_text())
     # the profile covers every run since the session started: keep the node events of the last `runs` runs
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     first = starts[-runs] if len(starts) >= runs else 0
