@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.memory import stage_peak
 from pipeline.stages import gates
 from pipeline.stages.build import Built, build, build_one
 from pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
@@ -26,17 +27,25 @@ class DeployResult:
 
 
 def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
-    ctx = prepare(cfg, log)
-    src = export(ctx)
-    built = build(ctx, src)
-    decision = decide(ctx, built)
+    memory: list[dict] = []  # peak RSS of each stage (pipeline.memory)
+
+    def stage(name: str, fn, *args):
+        with stage_peak(name, memory, log):
+            return fn(*args)
+
+    ctx = stage("prepare", prepare, cfg, log)
+    src = stage("export", export, ctx)
+    built = stage("build", build, ctx, src)
+    decision = stage("decide", decide, ctx, built)
     if decision.int8 is not None:  # the recipe choice or the fallback replaced the default INT8 artifact
         built = replace(built, artifacts={**built.artifacts, "int8": decision.int8},
                         runners={**built.runners, "int8": decision.int8_runner})
-    validation = validate(ctx, built, decision)
-    layers = _sensitivity(ctx, src, built, decision)
+    validation = stage("validate", validate, ctx, built, decision)
+    layers = stage("sensitivity", _sensitivity, ctx, src, built, decision)
     gated = gates.check(ctx, built, validation, decision)
     report = assemble(ctx, src, built, decision, validation, layers, gated)
+    report["memory"] = {"stages": memory, "peak_rss_mib": max(r["peak_rss_mib"] for r in memory),
+                        "method": memory[0]["method"]}
     out_dir = publish(ctx, report, built)
     for v in gated[1]:
         log(("PASS " if v.passed else "FAIL ") + v.line())

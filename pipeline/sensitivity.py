@@ -28,27 +28,48 @@ class SensitivityConfig:
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - test) ** 2))
-    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    return _db(_sum_sq(ref), _sum_sq(ref, test))
+
+
+def _sum_sq(a: np.ndarray, b: np.ndarray | None = None) -> float:
+    a = a.astype(np.float64)
+    return float(np.sum(a * a if b is None else (a - b) ** 2))
+
+
+def _db(signal: float, noise: float) -> float:
     return float("inf") if noise == 0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
+def _logits(probe, floated: set) -> np.ndarray:
+    return np.concatenate([chunk[0] for chunk in probe.run(floated, [])])
+
+
 def run_probe(probe, log=print) -> dict:
-    """The measurement itself, on the images the probe was made with (targets.base.LayerProbe)."""
+    """The measurement itself, on the images the probe was made with (targets.base.LayerProbe). The all-float and
+    the INT8 artifact run side by side, chunk by chunk; each layer's output is reduced to its two sums
+    (Σ f², Σ (f − q)²) before the next chunk, so memory is one chunk of activations whatever the image count."""
     layers = probe.layers
-    f_outs = probe.run(set(layers), layers)
-    q_outs = probe.run(set(), layers)
-    ref_top1 = f_outs[0].argmax(1)
-    base_agree = float((q_outs[0].argmax(1) == ref_top1).mean())
-    base_sqnr = sqnr_db(f_outs[0], q_outs[0])
+    signal, noise = np.zeros(len(layers)), np.zeros(len(layers))
+    f_logits, q_logits = [], []
+    for f_chunk, q_chunk in zip(probe.run(set(layers), layers), probe.run(set(), layers)):
+        f_logits.append(f_chunk[0])
+        q_logits.append(q_chunk[0])
+        for i in range(len(layers)):
+            signal[i] += _sum_sq(f_chunk[i + 1])
+            noise[i] += _sum_sq(f_chunk[i + 1], q_chunk[i + 1])
+        del f_chunk, q_chunk
+    f_out, q_out = np.concatenate(f_logits), np.concatenate(q_logits)
+    ref_top1 = f_out.argmax(1)
+    base_agree = float((q_out.argmax(1) == ref_top1).mean())
+    base_sqnr = sqnr_db(f_out, q_out)
     weights = probe.details.get("weights") or [""] * len(layers)
     rows = []
     for i, layer in enumerate(layers):
-        alone = probe.run({layer}, [])[0]
+        alone = _logits(probe, {layer})
         row = {"layer": layer, "op": probe.ops[i] if probe.ops else "", "weight": weights[i],
-               "sqnr_db": sqnr_db(f_outs[i + 1], q_outs[i + 1]),
+               "sqnr_db": _db(signal[i], noise[i]),
                "agreement_regained_pp": (float((alone.argmax(1) == ref_top1).mean()) - base_agree) * 100.0,
-               "logit_sqnr_gain_db": sqnr_db(f_outs[0], alone) - base_sqnr}
+               "logit_sqnr_gain_db": sqnr_db(f_out, alone) - base_sqnr}
         if probe.modules:
             row["module"] = probe.modules[i]
         rows.append(row)
@@ -56,8 +77,8 @@ def run_probe(probe, log=print) -> dict:
             f"{row['agreement_regained_pp']:+.2f} pp, logits {row['logit_sqnr_gain_db']:+.2f} dB")
     extra = {k: v for k, v in probe.details.items() if k != "weights"}
     if probe.check is not None:
-        extra.update(probe.check(f_outs[0]))
-    return {"layers": rows, "images": len(f_outs[0]), "int8_agreement": base_agree, "logit_sqnr_db": base_sqnr,
+        extra.update(probe.check(f_out))
+    return {"layers": rows, "images": len(f_out), "int8_agreement": base_agree, "logit_sqnr_db": base_sqnr,
             "runtime": probe.runtime, "kind": probe.kind, **extra}
 
 

@@ -133,6 +133,21 @@ def _recipe_caption(report: dict) -> str:
             f"(FP32 p50 {r['fp32_p50_ms']:.2f} ms) in one measurement. All real.")
 
 
+MEMORY_HEAD = ["stage", "peak RSS (MiB)", "RSS at start (MiB)"]
+
+
+def memory_rows(report: dict) -> list[list[str]]:
+    mem = report.get("memory") or {}
+    return [[r["stage"], f"{r['peak_rss_mib']:.0f}", "—" if r["start_rss_mib"] is None else f"{r['start_rss_mib']:.0f}"]
+            for r in mem.get("stages", [])]
+
+
+def memory_caption(report: dict) -> str:
+    mem = report["memory"]
+    return (f"Peak resident memory of the deploy process per stage ({mem['method']}; toolchains run in the process). "
+            f"Whole deploy: {mem['peak_rss_mib']:.0f} MiB.")
+
+
 def _md_table(head, rows) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
@@ -241,6 +256,8 @@ def render_markdown(report: dict) -> str:
                if report.get("recipe_choice") else []),
              *(["## INT8 recipes compared", "", _recipe_caption(report), "",
                 _md_table(RECIPE_HEAD, recipe_rows(report)), ""] if report.get("int8_recipes") else []),
+             *(["## Memory", "", memory_caption(report), "", _md_table(MEMORY_HEAD, memory_rows(report)), ""]
+               if memory_rows(report) else []),
              "## Artifacts", "",
              _md_table(["precision", "file", "size", "sha256"],
                        [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
@@ -340,6 +357,7 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 {"<h2>Where the time goes</h2><pre>" + html.escape(chr(10).join(time_lines(report))) + "</pre>" if time_lines(report) else ""}
 {f"<h2>INT8 recipe chosen on this CPU</h2><p>{html.escape(choice_caption(report)).replace('**', '')}</p>" + (_html_table(CHOICE_HEAD, [[c.replace('**', '') for c in row] for row in choice_rows(report)]) if choice_rows(report) else "") if report.get("recipe_choice") else ""}
 {f"<h2>INT8 recipes compared</h2><p>{html.escape(_recipe_caption(report))}</p>" + _html_table(RECIPE_HEAD, recipe_rows(report)) if report.get("int8_recipes") else ""}
+{f"<h2>Memory</h2><p>{html.escape(memory_caption(report))}</p>" + _html_table(MEMORY_HEAD, memory_rows(report)) if memory_rows(report) else ""}
 <h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],
                               [[a["precision"], f, f"{a['size_bytes'] / 1e6:.2f} MB", a["sha256"][f]]
                                for a in report["artifacts"] for f in a["files"]])}

@@ -15,7 +15,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -147,15 +147,27 @@ class Int8Recipe:
     smoothed: bool = True
 
 
+PROBE_CHUNK_PIXELS = 1 << 18  # images × H × W per probe chunk: 64 images at 32–64 px, 5 at 224 px
+
+
+def probe_chunks(images: np.ndarray):
+    """The probe images in chunks whose activations stay small whatever the resolution."""
+    step = max(1, min(64, PROBE_CHUNK_PIXELS // (images.shape[2] * images.shape[3])))
+    for i in range(0, len(images), step):
+        yield images[i:i + step]
+
+
 @dataclass
 class LayerProbe:
     """A target's view of its INT8 artifact for the one per-layer sensitivity loop (pipeline.sensitivity).
 
     `run(floated, tapped)` runs the probe images through the artifact with the `floated` layers back in float
-    and returns [logits, output of each `tapped` layer]. `layers` are in network order."""
+    and yields, chunk by chunk (`probe_chunks`), [logits, output of each `tapped` layer]: the loop reduces each
+    chunk to sums before the next, so memory holds one chunk of activations, never every layer's for every image
+    (ConvNeXt-T at 224 px: ~55 MB of tapped activations per image). `layers` are in network order."""
 
     layers: list[str]
-    run: Callable[[set, list], list]
+    run: Callable[[set, list], Iterator[list]]
     runtime: str
     kind: str  # real | proxy
     modules: list[str] | None = None  # checkpoint names of `layers`, where the target knows them

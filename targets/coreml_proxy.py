@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.machine import device_label
-from targets.base import Artifact, LayerProbe, Runner
+from targets.base import Artifact, LayerProbe, Runner, probe_chunks
 
 PROXY_LABEL = "Core ML proxy (not executed by Core ML)"
 PROXY_FILE = "proxy_{precision}.pt"  # TorchScript of the proxy; kept beside the package, not shipped with it
@@ -266,18 +266,19 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model, calibr
     paths = [n.target for n in q.graph.nodes if n.op == "call_module"
              and any(hasattr(q.get_submodule(n.target), a) for a in ("weight_scale", "linear"))]
 
-    def run(floated: set, tapped: list) -> list[np.ndarray]:
+    def run(floated: set, tapped: list):
         m = _floated(q, float_core, set(floated)) if floated else q
-        got: dict[str, list] = {p: [] for p in tapped}
-        handles = [m.get_submodule(p).register_forward_hook(lambda _m, _i, o, p=p: got[p].append(o.detach().numpy()))
+        got: dict[str, np.ndarray] = {}
+        handles = [m.get_submodule(p).register_forward_hook(lambda _m, _i, o, p=p: got.__setitem__(p, o.detach().numpy()))
                    for p in tapped]
         try:
-            with torch.no_grad(), quiet():
-                logits = np.concatenate([m(torch.from_numpy(images[i:i + 64])).numpy() for i in range(0, len(images), 64)])
+            for chunk in probe_chunks(images):
+                with torch.no_grad(), quiet():
+                    logits = m(torch.from_numpy(chunk)).numpy()
+                yield [logits] + [got[p] for p in tapped]
         finally:
             for h in handles:
                 h.remove()
-        return [logits] + [np.concatenate(got[p]) for p in tapped]
 
     return LayerProbe(
         paths, run, PROXY_LABEL, "proxy", modules=list(paths),

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, Int8Recipe, LayerProbe, Runner, Target, requires
+from targets.base import Artifact, Availability, BuildRequest, Int8Recipe, LayerProbe, Runner, Target, probe_chunks, requires
 
 NAME = "openvino"
 INSTALL_HINT = "pip install 'convnext-deploy[openvino]' (or `make setup`)"
@@ -301,16 +301,18 @@ def _bypassed(model, names: set[str]):
     return m
 
 
-def _run_ir(core, model, images: np.ndarray, config: dict, layer_names: list[str] = ()) -> list[np.ndarray]:
+def _stream_ir(core, model, images: np.ndarray, config: dict, layer_names: list[str] = ()):
+    """Compiled once; yields [logits, each named layer's output] chunk by chunk."""
     m = model.clone()
     ops = {op.get_friendly_name(): op for op in m.get_ordered_ops()}
     extra = [ops[n].output(0) for n in layer_names]
     if extra:
         m.add_outputs(extra)
     compiled = core.compile_model(m, "CPU", config)
-    outs = [compiled(images[i:i + 64]) for i in range(0, len(images), 64)]
     ports = [compiled.output(0)] + [compiled.outputs[j] for j in range(len(compiled.outputs) - len(extra), len(compiled.outputs))]
-    return [np.concatenate([o[p] for o in outs]) for p in ports]
+    for chunk in probe_chunks(images):
+        out = compiled(chunk)
+        yield [np.array(out[p]) for p in ports]
 
 
 def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:
@@ -336,8 +338,8 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, c
             module_of = dict(zip((op.get_friendly_name() for op in weight_ops), checkpoint))
             modules = [module_of[n] for n in names]
 
-    def run(floated: set, tapped: list) -> list[np.ndarray]:
-        return _run_ir(core, _bypassed(q, set(floated)) if floated else q, images, config, list(tapped))
+    def run(floated: set, tapped: list):
+        return _stream_ir(core, _bypassed(q, set(floated)) if floated else q, images, config, list(tapped))
 
     return LayerProbe(names, run, f"openvino {ov.__version__} CPU plugin", "real", modules=modules,
                       ops=[op.get_type_name() for op in layers],

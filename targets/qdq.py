@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import LayerProbe
+from targets.base import LayerProbe, probe_chunks
 
 QUANTIZABLE = ("Conv", "MatMul", "Gemm")
 
@@ -92,14 +92,15 @@ def with_outputs(model, tensors: list[str]):
     return model
 
 
-def _run(model, images: np.ndarray, threads: int, optimize: bool, outputs: list[str] | None = None) -> list[np.ndarray]:
+def _stream(model, images: np.ndarray, threads: int, optimize: bool, outputs: list[str] | None = None):
+    """One session, the images chunk by chunk: yields [each named output] per chunk."""
     from targets.ort_tools import session
 
     sess = session(model.SerializeToString(), threads, optimize=optimize)
     name = sess.get_inputs()[0].name
     names = outputs or [sess.get_outputs()[0].name]
-    chunks = [sess.run(names, {name: images[i:i + 64]}) for i in range(0, len(images), 64)]
-    return [np.concatenate([c[j] for c in chunks]) for j in range(len(names))]
+    for chunk in probe_chunks(images):
+        yield sess.run(names, {name: chunk})
 
 
 def layer_probe(qdq_path: Path, fp32_path: Path, images: np.ndarray, threads: int = 2, optimize: bool = True,
@@ -116,14 +117,15 @@ def layer_probe(qdq_path: Path, fp32_path: Path, images: np.ndarray, threads: in
     layers = quantized_layers(q)
     by_name = {n.name: n for n in layers}
 
-    def run(floated: set, tapped: list) -> list[np.ndarray]:
+    def run(floated: set, tapped: list):
         m = float_layers(q, set(floated), fp32_inits) if floated else q
         outs = [by_name[t].output[0] for t in tapped]
-        return _run(with_outputs(m, outs) if outs else m, images, threads, optimize, [m.graph.output[0].name, *outs])
+        return _stream(with_outputs(m, outs) if outs else m, images, threads, optimize, [m.graph.output[0].name, *outs])
 
     def check(all_float_logits: np.ndarray) -> dict:
         # the surgery is checked: the all-float graph must compute what the FP32 export computes
-        return {"float_graph_max_abs_diff": float(np.abs(all_float_logits - _run(fp32, images, threads, optimize)[0]).max())}
+        fp32_logits = np.concatenate([c[0] for c in _stream(fp32, images, threads, optimize)])
+        return {"float_graph_max_abs_diff": float(np.abs(all_float_logits - fp32_logits).max())}
 
     return LayerProbe([n.name for n in layers], run, runtime, kind, ops=[n.op_type for n in layers], check=check,
                       details={"weights": [n.input[1].replace("_DequantizeLinear_Output", "") for n in layers]})

@@ -78,3 +78,50 @@ def test_sensitivity_command(atto_reference, cli_env, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "sensitivity", "--target", "onnxruntime", "--variant",
                           "atto", "--images", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--images 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_streamed_sums_equal_the_whole_arrays(qdq):
+    """The loop reduces chunk by chunk; its per-layer SQNR is the one computed on every image at once."""
+    import numpy as np
+
+    from pipeline.sensitivity import sqnr_db
+
+    ck, arts, images, d = qdq
+    probe = layer_probe(arts["int8"].files[0], arts["fp32"].files[0], images, 2, optimize=True, runtime="t", kind="real")
+    chunks = list(probe.run(set(), probe.layers[:3]))
+    assert len(chunks) == 2 and len(chunks[0][0]) == 64  # 128 images at 32 px: two chunks of 64
+    whole_q = [np.concatenate(c) for c in zip(*chunks)]
+    whole_f = [np.concatenate(c) for c in zip(*probe.run(set(probe.layers), probe.layers[:3]))]
+    result = run_probe(probe, log=lambda m: None)
+    for i in range(3):
+        assert abs(result["layers"][i]["sqnr_db"] - sqnr_db(whole_f[i + 1], whole_q[i + 1])) < 1e-6
+
+
+def test_probe_memory_is_one_chunk_not_every_image():
+    """A probe with 40 chunks of 16 MB of tapped activations: the loop's peak stays a few chunks, where holding
+    every image's activations (the old loop) needs 1.3 GB."""
+    import tracemalloc
+
+    import numpy as np
+
+    from targets.base import LayerProbe, probe_chunks
+
+    images = np.zeros((200, 3, 224, 224), np.float32)
+    assert [len(c) for c in probe_chunks(images)][:2] == [5, 5]  # 224 px: 5 images a chunk
+    layers = ["a", "b"]
+
+    def run(floated, tapped):
+        rng = np.random.default_rng(len(floated))
+        for chunk in probe_chunks(images):
+            acts = [rng.standard_normal((len(chunk), 200_000)).astype(np.float32) for _ in tapped]
+            yield [rng.standard_normal((len(chunk), 10)).astype(np.float32), *acts]
+
+    tracemalloc.start()
+    try:
+        result = run_probe(LayerProbe(layers, run, "synthetic", "real"), log=lambda m: None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    chunk_bytes = 2 * 5 * 200_000 * 4  # both layers' activations of one chunk
+    assert result["images"] == 200 and len(result["layers"]) == 2
+    assert peak < 6 * chunk_bytes, f"peak {peak / 2**20:.0f} MiB for {chunk_bytes / 2**20:.0f} MiB chunks"
