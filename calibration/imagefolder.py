@@ -9,9 +9,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from calibration.imagenet import CLASSES_FILE, NUM_CLASSES, imagenet_1k, is_wnid
 from pipeline.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+WNID_RULE = "ImageNet-1k wnids"
 
 
 class ImageFolder:
@@ -26,10 +28,12 @@ class ImageFolder:
             )
         self.label_rule = self._label_rule([d.name for d in dirs], class_names)
         if self.label_rule == "names":
-            names = list(class_names)
+            names, index = list(class_names), {n: i for i, n in enumerate(class_names)}
+        elif self.label_rule == WNID_RULE:  # a subset of ImageNet's folders keeps the 1k head's indices
+            names, index = list(class_names), imagenet_1k().index
         else:  # torchvision's convention, and ImageNet's: label = position in the sorted folder names
             names = [d.name for d in dirs]
-        index = {n: i for i, n in enumerate(names)}
+            index = {n: i for i, n in enumerate(names)}
         self.samples: list[tuple[Path, int]] = []
         for d in dirs:
             files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -41,16 +45,25 @@ class ImageFolder:
 
     def _label_rule(self, folders: list[str], class_names: list[str] | None) -> str:
         """How folder names become label indices: by the checkpoint's class names when every folder is one
-        of them; otherwise by sorted folder order (ImageNet's wnid folders map to the 1k indices this way),
-        which needs exactly one folder per class."""
+        of them; for a 1,000-class head and wnid folders (n01440764, …), by ImageNet-1k's wnid list, so any
+        subset of the classes maps to the right outputs; otherwise by sorted folder order, which needs exactly
+        one folder per class."""
         if class_names is None or set(folders) <= set(class_names):
             return "names" if class_names is not None else "sorted folders"
+        if len(class_names) == NUM_CLASSES and all(is_wnid(f) for f in folders):
+            unknown = [f for f in folders if f not in imagenet_1k().index]
+            if unknown:
+                raise UserError(
+                    f"{self.root}: {len(unknown)} class folder(s) are not ImageNet-1k wnids (e.g. {unknown[0]!r}); "
+                    f"a 1,000-class head's folders must be among the 1k classes listed in {CLASSES_FILE.name}"
+                )
+            return WNID_RULE
         if len(folders) == len(class_names):
             return "sorted folders"
         raise UserError(
             f"{self.root} has {len(folders)} class folders, but the checkpoint has {len(class_names)} classes and "
             f"the folder names (e.g. {folders[0]!r}) are not its class names; use one folder per class, named "
-            "as the classes or ordered as the checkpoint's label indices"
+            "as the classes or ordered as the checkpoint's label indices (or ImageNet wnids for a 1k head)"
         )
 
     def __len__(self) -> int:
@@ -58,12 +71,17 @@ class ImageFolder:
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy(), label
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise UserError(f"corrupt or unreadable image {path} ({e}); replace or delete it") from None
+        return read_image(path), label
 
     def sample_id(self, i: int) -> str:
         return str(self.samples[i][0].resolve())
+
+
+def read_image(path: Path) -> Image.Image:
+    """One image, decoded now, or a one-line UserError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserError(f"corrupt or unreadable image {path} ({e}); replace or delete it") from None

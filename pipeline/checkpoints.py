@@ -224,6 +224,7 @@ class LoadedCheckpoint:
     path: Path
     sha256: str
     metadata: dict = field(default_factory=dict)  # our sidecar, if any
+    labels_note: str = ""  # where the class names came from, when the checkpoint itself does not name its classes
 
 
 def load_checkpoint(path: Path | str, variant: str | None = None) -> LoadedCheckpoint:
@@ -271,7 +272,39 @@ def load_checkpoint(path: Path | str, variant: str | None = None) -> LoadedCheck
         class_names = tuple(id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(arch.num_classes))
     if len(class_names) != arch.num_classes:
         raise UserError(f"{file_path}: {len(class_names)} class names for a {arch.num_classes}-class head")
-    return LoadedCheckpoint(model, found, fmt, arch.num_classes, class_names, pp, file_path, digest, sidecar or {})
+    note = ""
+    if fmt != "ours":
+        class_names, note = published_class_names(class_names)
+    return LoadedCheckpoint(model, found, fmt, arch.num_classes, class_names, pp, file_path, digest, sidecar or {},
+                            note)
+
+
+# ImageNet-1k's class list, `wnid<TAB>name` in output order; calibration/imagenet.py reads and checks it for the
+# data side (wnid folders). Read here with the standard library: the checkpoint code imports only torch.
+IMAGENET_1K_FILE = Path(__file__).resolve().parents[1] / "calibration" / "imagenet1k_classes.tsv"
+IMAGENET_22K_CLASSES = 21841  # the fb_in22k heads (official, timm, Hugging Face)
+
+
+def imagenet_1k_names() -> tuple[str, ...]:
+    return tuple(line.split("\t")[1] for line in IMAGENET_1K_FILE.read_text(encoding="utf-8").splitlines()[1:])
+
+
+def published_class_names(names: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """(class names, a note on them) for a checkpoint in a foreign layout (official, timm, Hugging Face).
+
+    Published 1k heads name no classes (official, timm) or may carry placeholders ("LABEL_0"): they are
+    ImageNet-1k's, in its index order. A 22k head keeps its indices, with a note saying so; real names (a Hugging
+    Face id2label) are kept."""
+    n = len(names)
+    if names not in (tuple(str(i) for i in range(n)), tuple(f"LABEL_{i}" for i in range(n))):
+        return names, ""
+    if n == 1000:
+        return imagenet_1k_names(), (f"ImageNet-1k class names ({IMAGENET_1K_FILE.name}): the checkpoint names "
+                                     "no classes and a published 1,000-class head is ImageNet-1k's")
+    if n == IMAGENET_22K_CLASSES:
+        return names, (f"ImageNet-22k head ({n:,} classes): outputs are class indices 0..{n - 1}; no 22k class "
+                       "names are carried")
+    return names, ""
 
 
 # ---------------------------------------------------------------- our format

@@ -11,11 +11,15 @@ real runtime) fails unless the gate file sets `allow_proxy = true` for that scop
 """
 from __future__ import annotations
 
+import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.variants import VARIANTS
+from targets import TARGETS
 
 # gate name → (figure it reads, comparison, unit, description)
 GATES = {
@@ -52,6 +56,10 @@ class Verdict:
 
 
 def load_gates(path: Path | str, target: str, variant: str) -> dict:
+    """The gates for one target and variant: [defaults], then [target.<target>], then its variant table.
+
+    The whole file is checked first, every scope and not just the one deployed, so a typo in another target's
+    table fails CI rather than the deploy that later needs it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"gate file not found: {path}; pass --gates PATH (the repository's gates.toml is the default)")
@@ -59,17 +67,82 @@ def load_gates(path: Path | str, target: str, variant: str) -> dict:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML ({e})") from None
-    scopes = [doc.get("defaults", {})]
+    validate_gates(doc, path)
     t = doc.get("target", {}).get(target, {})
-    scopes.append({k: v for k, v in t.items() if k != "variant"})
-    scopes.append(t.get("variant", {}).get(variant, {}))
     merged: dict = {}
-    for scope in scopes:
-        for k, v in scope.items():
-            if k not in GATES and k not in OPTIONS:
-                raise UserError(f"{path}: unknown gate {k!r}; known: {', '.join([*GATES, *OPTIONS])}")
-            merged[k] = v
+    for scope in (doc.get("defaults", {}), {k: v for k, v in t.items() if k != "variant"},
+                  t.get("variant", {}).get(variant, {})):
+        merged.update(scope)
     return merged
+
+
+# what a value may be: (lowest, highest, lowest itself allowed, in words for the error line)
+LIMITS = {
+    "max_top1_drop_pp": (0.0, None, True, "a number of percentage points ≥ 0, e.g. 0.3"),
+    "min_agreement": (0.0, 1.0, True, "a fraction between 0 and 1, e.g. 0.98"),
+    "max_p50_ms": (0.0, None, False, "a number of milliseconds > 0, e.g. 40"),
+    "min_int8_speedup": (0.0, None, False, "a ratio > 0, e.g. 1.0 (INT8 never slower than the reference)"),
+}
+LAYOUT = "[defaults], [target.<target>] and [target.<target>.variant.<variant>]"
+
+
+def validate_gates(doc: dict, path: Path) -> None:
+    """Every table and value of a parsed gate file, or a UserError naming the first bad one, the file and
+    what is allowed there."""
+    for key, value in doc.items():
+        if key not in ("defaults", "target"):
+            where = f"table [{key}]" if isinstance(value, dict) else f"key {key} = {_show(value)} outside any table"
+            raise UserError(f"{path}: unknown {where}; a gate file has only {LAYOUT}")
+    _check_scope(doc.get("defaults", {}), "defaults", path)
+    targets = doc.get("target", {})
+    if not isinstance(targets, dict):
+        raise UserError(f"{path}: target = {_show(targets)} must be tables [target.<target>]")
+    for name, table in targets.items():
+        if not isinstance(table, dict):
+            raise UserError(f"{path}: {name} = {_show(table)} in [target] is not allowed; gates go under "
+                            "[target.<target>], one table per target")
+        if name not in TARGETS:
+            raise UserError(f"{path}: unknown target {name!r} in [target.{name}]; known targets: {', '.join(TARGETS)}")
+        _check_scope(table, f"target.{name}", path, nested=True)
+        variants = table.get("variant", {})
+        if not isinstance(variants, dict):
+            raise UserError(f"{path}: [target.{name}] variant = {_show(variants)} must be tables "
+                            f"[target.{name}.variant.<variant>]")
+        for v, vtable in variants.items():
+            if v not in VARIANTS:
+                raise UserError(f"{path}: unknown variant {v!r} in [target.{name}.variant.{v}]; known variants: "
+                                + ", ".join(VARIANTS))
+            _check_scope(vtable, f"target.{name}.variant.{v}", path)
+
+
+def _check_scope(table, scope: str, path: Path, nested: bool = False) -> None:
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: {scope} = {_show(table)} must be a table [{scope}] of gates")
+    for key, value in table.items():
+        if nested and key == "variant":
+            continue
+        if key not in GATES and key not in OPTIONS:
+            raise UserError(f"{path}: unknown gate {key!r} in [{scope}]; known: {', '.join([*GATES, *OPTIONS])}")
+        if key in OPTIONS:
+            if not isinstance(value, bool):
+                raise UserError(f"{path}: {key} = {_show(value)} in [{scope}] must be true or false")
+            continue
+        lo, hi, lo_ok, words = LIMITS[key]
+        # bool is an int in Python; `true` for a threshold is a typo, not 1
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < lo or (value == lo and not lo_ok) or (hi is not None and value > hi):
+            raise UserError(f"{path}: {key} = {_show(value)} in [{scope}] is not allowed; it must be {words}")
+
+
+def _show(value) -> str:
+    """A value as the gate file spells it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value) if not isinstance(value, list) else "[" + ", ".join(_show(v) for v in value) + "]"
 
 
 def check(gates: dict, figures: dict, proxy: bool) -> list[Verdict]:

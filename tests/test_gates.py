@@ -59,3 +59,66 @@ def test_repository_gate_file_loads():
 
     gates = load_gates(REPO / "gates.toml", "onnxruntime", "atto")
     assert gates["max_top1_drop_pp"] <= 0.5 and "min_int8_speedup" in gates
+
+
+# Issue 16 item 6: every bad value is one line naming the key, the file and what is allowed.
+@pytest.mark.parametrize("text,says", [
+    ('[defaults]\nmax_top1_drop_pp = "abc"\n', ['max_top1_drop_pp = "abc"', "[defaults]", "percentage points ≥ 0"]),
+    ("[defaults]\nmax_top1_drop_pp = true\n", ["max_top1_drop_pp = true", "a number of percentage points"]),
+    ("[defaults]\nmax_top1_drop_pp = -0.1\n", ["max_top1_drop_pp = -0.1", "≥ 0"]),
+    ("[defaults]\nmax_top1_drop_pp = nan\n", ["max_top1_drop_pp = nan", "≥ 0"]),
+    ("[defaults]\nmin_agreement = 1.5\n", ["min_agreement = 1.5", "a fraction between 0 and 1"]),
+    ("[defaults]\nmin_agreement = -0.01\n", ["min_agreement = -0.01", "between 0 and 1"]),
+    ("[defaults]\nmax_p50_ms = 0\n", ["max_p50_ms = 0", "milliseconds > 0"]),
+    ("[defaults]\nmin_int8_speedup = [1, 2]\n", ["min_int8_speedup = [1, 2]", "a ratio > 0"]),
+    ("[defaults]\nallow_proxy = 1\n", ["allow_proxy = 1", "true or false"]),
+    ('[defaults]\nallow_proxy = "yes"\n', ['allow_proxy = "yes"', "true or false"]),
+    ("[target.onnxruntime]\nmin_int8_speedup = -1\n", ["min_int8_speedup = -1", "[target.onnxruntime]"]),
+    ("[target.openvino.variant.t]\nmax_p50_ms = \"fast\"\n", ['max_p50_ms = "fast"', "[target.openvino.variant.t]"]),
+    ("[target.onnxrutime]\nmax_p50_ms = 10\n", ["unknown target 'onnxrutime'", "[target.onnxrutime]",
+                                                 "onnxruntime, openvino, tensorrt, coreml"]),
+    ("[target.openvino.variant.tiny]\nmax_p50_ms = 10\n", ["unknown variant 'tiny'", "atto, femto"]),
+    ("[target.openvino]\nmax_drop = 1\n", ["unknown gate 'max_drop' in [target.openvino]", "max_top1_drop_pp"]),
+    ("[target.openvino.variant.t]\nmax_drop = 1\n", ["unknown gate 'max_drop' in [target.openvino.variant.t]"]),
+    ("[default]\nmax_p50_ms = 10\n", ["unknown table [default]", "[defaults]"]),
+    ("max_p50_ms = 10\n[defaults]\n", ["max_p50_ms = 10 outside any table", "[defaults]"]),
+    ("[target]\nmax_p50_ms = 10\n", ["max_p50_ms = 10 in [target]", "[target.<target>]"]),
+    ("[target.openvino]\nvariant = 3\n", ["variant = 3", "[target.openvino.variant.<variant>]"]),
+])
+def test_every_bad_gate_value_is_one_line_naming_key_file_and_what_is_allowed(tmp_path, text, says):
+    p = _write(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        load_gates(p, "onnxruntime", "atto")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{p}: ")
+    for part in says:
+        assert part in msg, msg
+
+
+def test_a_bad_scope_of_another_target_or_variant_is_caught_too(tmp_path):
+    """CI loads the file for one target; a typo in another target's or variant's table still fails."""
+    p = _write(tmp_path, "[defaults]\nmax_top1_drop_pp = 0.3\n[target.coreml.variant.l]\nmin_agreement = 98\n")
+    with pytest.raises(UserError, match=r"min_agreement = 98 in \[target.coreml.variant.l\]"):
+        load_gates(p, "onnxruntime", "atto")
+
+
+def test_good_values_at_the_bounds_load(tmp_path):
+    p = _write(tmp_path, "[defaults]\nmax_top1_drop_pp = 0\nmin_agreement = 1\nallow_proxy = false\n"
+                         "[target.tensorrt]\nallow_proxy = true\n[target.tensorrt.variant.xl]\nmax_p50_ms = 0.5\n")
+    assert load_gates(p, "tensorrt", "xl") == {"max_top1_drop_pp": 0, "min_agreement": 1, "allow_proxy": True,
+                                               "max_p50_ms": 0.5}
+
+
+def test_bad_gate_file_through_the_cli_exits_2_in_one_line_before_any_build(atto_reference, cli_env, tmp_path):
+    from conftest import run_cli
+
+    gates = _write(tmp_path, '[defaults]\nmax_top1_drop_pp = "abc"\n')
+    out = tmp_path / "report"
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--gates", str(gates), "--out", str(out)],
+                cli_env, code=2, timeout=300)
+    assert "Traceback" not in p.stderr
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("convnext-deploy: error: ") and 'max_top1_drop_pp = "abc"' in err[0], p.stderr
+    assert str(gates) in err[0]
+    assert not out.exists()  # nothing exported, built or written
+    assert "export" not in p.stdout.lower() and "calibration" not in p.stdout

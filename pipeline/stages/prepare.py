@@ -9,6 +9,7 @@ import torch
 from calibration.batches import load_array
 from calibration.fashion_mnist import FashionMNIST
 from calibration.imagefolder import ImageFolder
+from calibration.imagelist import calibration_source
 from calibration.split import make_split
 from pipeline import gates as gates_mod
 from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
@@ -30,7 +31,8 @@ def model_info(ck: LoadedCheckpoint) -> dict:
     return {"variant": ck.variant.name, "name": ck.variant.long_name, "class_names": list(ck.class_names),
             "preprocessing": ck.preprocessing.to_dict(), "checkpoint_sha256": ck.sha256,
             "reference_accuracy": {"top1": acc.get("top1"), "dataset": dataset} if acc.get("top1") else None,
-            "license": ck.metadata.get("license") or _LICENSES.get(ck.source_format)}
+            "license": ck.metadata.get("license") or _LICENSES.get(ck.source_format),
+            **({"labels_note": ck.labels_note} if ck.labels_note else {})}
 
 
 def sources(ck: LoadedCheckpoint, cfg: DeployConfig):
@@ -38,8 +40,9 @@ def sources(ck: LoadedCheckpoint, cfg: DeployConfig):
     reference task the checkpoint was trained on."""
     if cfg.calib_data or cfg.eval_data:
         if not (cfg.calib_data and cfg.eval_data):
-            raise UserError("pass both --calib-data and --eval-data (ImageFolder trees), or neither")
-        calib = ImageFolder(cfg.calib_data, list(ck.class_names))
+            raise UserError("pass both --calib-data (images: a tree, a flat folder or a file list) and --eval-data "
+                            "(an ImageFolder tree), or neither")
+        calib = calibration_source(cfg.calib_data, list(ck.class_names))  # labels not needed
         evals = ImageFolder(cfg.eval_data, list(ck.class_names))
         return calib, evals, f"ImageFolder ({cfg.eval_data}; labels by {evals.label_rule})"
     if ck.metadata.get("dataset", {}).get("name") == "fashion-mnist":
