@@ -23,7 +23,8 @@ from calibration.batches import iter_batches
 from calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
 from pipeline.cache import key_of
 from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
-from pipeline.latency import measure
+from pipeline.latency import measure, ratio
+from pipeline.memory import stage_peak
 from pipeline.machine import cpu_profile, device_label, profile_line
 from pipeline.model import create_model
 from pipeline.outliers import inject_outliers
@@ -37,6 +38,7 @@ from pipeline.validate import accuracy, predict_many
 from pipeline.variants import get_variant
 from targets import TARGETS, get_target
 
+TOLERANCE = 0.03  # rounds go on (within --budget) until every ratio's 95 % interval is within ±3 %
 OUTLIER_K = 30.0  # "<variant>+outliers": the checkpoint with injected 30× norm-channel outliers (same FP32 function)
 
 
@@ -61,7 +63,8 @@ def _checkpoint(variant: str) -> tuple[LoadedCheckpoint, str, bool]:
     return ck, weights, ref.exists()
 
 
-def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, log=print) -> dict:
+def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, budget_s: float,
+          log=print) -> dict:
     ck, weights, has_reference = _checkpoint(variant)
     cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=500, n_eval=n_eval, image_size=size,
                        threads=threads, fallback=False)
@@ -70,16 +73,18 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     runners = {p: r for p, r in built.runners.items() if p != "int8"}
     runners.update({f"int8 {name}": r.runner for name, r in built.recipes.items()})
     timed = {k: r for k, r in runners.items() if r.timed}
-    lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=10) if timed else {}
+    lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=10, budget_s=budget_s,
+                  tolerance=TOLERANCE) if timed else {}
     first = next(iter(runners))
-    ratios = {f"{k} vs {first}": lat[first].p50_ms / lat[k].p50_ms for k in lat if k != first}
+    ratios = {f"{k} vs {first}": ratio(lat[first], lat[k], TOLERANCE).to_dict() for k in lat if k != first}
     peer = f"int8 {ctx.target.peer_default}"
     if peer in lat and f"int8 {DEFAULT}" in lat:
-        ratios[f"int8 {DEFAULT} vs {peer}"] = lat[peer].p50_ms / lat[f"int8 {DEFAULT}"].p50_ms
+        ratios[f"int8 {DEFAULT} vs {peer}"] = ratio(lat[peer], lat[f"int8 {DEFAULT}"], TOLERANCE).to_dict()
     row = {"target": target, "variant": variant, "weights": weights, "input_size": size, "threads": threads,
            "batch": 1, "device": device_label(threads), "cpu_profile": cpu_profile(), "runtime": runners[first].runtime,
            "kind": "proxy" if runners[first].proxy else "real",
            "p50_ms": {k: (lat[k].p50_ms if k in lat else None) for k in runners},
+           "p50_ci_ms": {k: lat[k].p50_ci_ms for k in lat}, "rounds": next(iter(lat.values())).rounds if lat else 0,
            "executed": {k: r.precision for k, r in runners.items()}, "ratios": ratios, "skipped": list(ctx.notes)}
     if has_reference:
         preds = predict_many({k: r.run for k, r in runners.items()},
@@ -100,8 +105,12 @@ def print_rows(rows: list[dict]) -> None:
         for k, ms in r["p50_ms"].items():
             acc = f"{r['top1'][k] * 100:.2f}%  {r['drop_pp'][k]:+.2f} pp" if "top1" in r else "—"
             print(f"  {k:52} {(f'{ms:8.2f}' if ms is not None else '  proxy'):>8}  {acc}")
-        for name, ratio in r["ratios"].items():
-            print(f"  speed-up {name}: {ratio:.2f}×")
+        for name, q in r["ratios"].items():
+            unresolved = "" if q["resolved"] else ", unresolved: the time budget ended first"
+            print(f"  speed-up {name}: {q['value']:.2f}× [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}] "
+                  f"({q['verdict']}{unresolved})")
+        if r.get("peak_rss_mib"):
+            print(f"  peak RSS of this row (build, time, evaluate): {r['peak_rss_mib']:.0f} MiB")
         for note in r.get("skipped", []):
             print(f"  note: {note}")
 
@@ -115,6 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--eval", type=int, default=None)
+    ap.add_argument("--budget", type=float, default=240.0,
+                    help="seconds of extra interleaved rounds per target and variant until every ratio's 95%% "
+                         f"interval is within ±{TOLERANCE:.0%} (default 240)")
     ap.add_argument("--out", default="runs/bench/bench.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,9 +138,13 @@ def main(argv=None) -> int:
             print(f"{target}: skipped ({avail.reason})")
             continue
         for v in args.variants.split(","):
-            rows.append(bench(target, v, args.image_size, args.threads, args.runs, args.eval))
+            memory: list[dict] = []
+            with stage_peak(f"{target} {v}", memory):
+                row = bench(target, v, args.image_size, args.threads, args.runs, args.eval, args.budget)
+            rows.append({**row, "peak_rss_mib": memory[0]["peak_rss_mib"]})
     print_rows(rows)
-    print("\nspeed-up A vs B = p50(B) / p50(A), from one interleaved measurement per target and variant.")
+    print("\nspeed-up A vs B = p50(B) / p50(A), from one interleaved measurement per target and variant; [low, high]: "
+          "95 % bootstrap interval over its paired rounds.")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"written: {args.out}")

@@ -51,14 +51,27 @@ def layer_tables(report: dict) -> list[tuple[str, list[list[str]]]]:
         out.append((title, [[r.get("module", r["layer"]), r["op"], "×".join(map(str, r["shape"])), r["weight"],
                              r["activation"]] for r in layers] if quantized else []))
     return out
-LAT_HEAD = ["precision", "role", "input px", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "img/s", "runtime",
+LAT_HEAD = ["precision", "role", "input px", "batch", "threads", "p50 ms [95 % CI]", "p90 ms", "p99 ms", "img/s",
+            "speed-up vs reference [95 % CI]", "runtime",
             "real/proxy"]
 GATE_HEAD = ["gate", "what", "measured", "allowed", "status"]
 
 
+def _interval(value: str, ci) -> str:
+    return value if not ci else f"{value} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _speedup(e: dict) -> str:
+    q = e.get("speedup_vs_reference")
+    if not q:
+        return "—"
+    return _interval(f"{q['value']:.2f}×", q["ci95"]) + ("" if q["verdict"] == "faster" else f" ({q['verdict']})")
+
+
 def latency_rows(report: dict) -> list[list[str]]:
-    return [[e["precision"], e["role"], str(e["input_size"]), str(e["batch"]), str(e["threads"]), _ms(e["p50_ms"]),
-             _ms(e["p90_ms"]), _ms(e["p99_ms"]), f"{e['images_per_s']:.1f}", e["runtime"], e["kind"]]
+    return [[e["precision"], e["role"], str(e["input_size"]), str(e["batch"]), str(e["threads"]),
+             _interval(_ms(e["p50_ms"]), e.get("p50_ci_ms")), _ms(e["p90_ms"]), _ms(e["p99_ms"]),
+             f"{e['images_per_s']:.1f}", _speedup(e), e["runtime"], e["kind"]]
             for e in report["latency"]]
 
 
@@ -80,12 +93,13 @@ def recipe_rows(report: dict) -> list[list[str]]:
              str(r["float_conv_matmul_left"])] for r in report.get("int8_recipes", [])]
 
 
-CHOICE_HEAD = ["candidate", "p50 ms", "speed-up", "control top-1 drop (95 % bound)", "control agreement (95 % bound)",
+CHOICE_HEAD = ["candidate", "p50 ms [95 % CI]", "speed-up [95 % CI]", "control top-1 drop (95 % bound)", "control agreement (95 % bound)",
                "meets accuracy", "decision"]
 
 
 def choice_rows(report: dict) -> list[list[str]]:
-    return [[r["recipe"], _ms(r["p50_ms"]), f"{r['speedup']:.2f}×",
+    return [[r["recipe"], _interval(_ms(r["p50_ms"]), r.get("p50_ci_ms")),
+             _interval(f"{r['speedup']:.2f}×", r.get("speedup_ci95")),
              f"{_pp(r.get('control_drop_pp'))} ({_pp(r.get('control_drop_high_pp'))})",
              f"{_pct(r.get('control_agreement'))} ({_pct(r.get('control_agreement_low'))})",
              "yes" if r["meets_accuracy"] else "no", ("**chosen**: " if r["chosen"] else "") + r["why"]]
@@ -100,10 +114,26 @@ def choice_caption(report: dict) -> str:
         return f"INT8 recipe: {c['chosen']} ({c['why']})."
     r, prof = c["candidates"][0], c["cpu_profile"]
     text = (f"`--recipe auto` on {prof['cpu']} (INT8 path: {prof['int8_path']}): every candidate timed at "
-            f"{report['data']['latency_resolution']} px, batch 1, {r['runs']} runs interleaved with the reference "
+            f"{report['data']['latency_resolution']} px, batch 1, {r['runs']} runs in {r.get('rounds', '?')} interleaved rounds with the reference "
             f"(p50 {r['reference_p50_ms']:.2f} ms){' (measurement reused from the cache: same CPU profile and artifacts)' if c.get('cached_measurement') else ''}; "
             f"accuracy judged on {c['accuracy_judged_on']}. Chosen: **{c['chosen']}**.")
     return text + (f" **{c['reason']}**" if c.get("reason") else "")
+
+
+def mixed_lines(report: dict) -> list[str]:
+    """Latency-aware precision: per layer, INT8 (kernel + the quantize feeding it) against the reference kernel."""
+    m = (report.get("recipe_choice") or {}).get("mixed")
+    if not m:
+        return []
+    times = m["layers"]
+    lines = [f"Per-layer kernel time at {times.get('input_size', '?')} px, batch 1 ({times.get('source', '')}; an INT8 "
+             "layer's time includes the QuantizeLinear feeding it). " + m["why"] + "."]
+    slow = [r for r in times.get("rows", []) if not r["int8_pays"]]
+    if slow:
+        lines += ["", "| layer | op | reference ms | INT8 ms | of which input quantize |", "|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['op']} | {r['reference_ms']:.3f} | {r['int8_ms']:.3f} | {r['input_quantize_ms']:.3f} |"
+                  for r in slow]
+    return lines
 
 
 def time_lines(report: dict) -> list[str]:
@@ -254,6 +284,7 @@ def render_markdown(report: dict) -> str:
              *(["## INT8 recipe chosen on this CPU", "", choice_caption(report), "",
                 *([_md_table(CHOICE_HEAD, choice_rows(report)), ""] if choice_rows(report) else [])]
                if report.get("recipe_choice") else []),
+             *(["## Latency-aware precision", "", *mixed_lines(report), ""] if mixed_lines(report) else []),
              *(["## INT8 recipes compared", "", _recipe_caption(report), "",
                 _md_table(RECIPE_HEAD, recipe_rows(report)), ""] if report.get("int8_recipes") else []),
              *(["## Memory", "", memory_caption(report), "", _md_table(MEMORY_HEAD, memory_rows(report)), ""]
@@ -356,6 +387,7 @@ th{{background:#f3f3f3}}.pass{{color:#070}}.fail{{color:#a00}}</style></head><bo
 {_html_table(FALLBACK_HEAD, fallback_rows(report)) if fallback_rows(report) else ""}
 {"<h2>Where the time goes</h2><pre>" + html.escape(chr(10).join(time_lines(report))) + "</pre>" if time_lines(report) else ""}
 {f"<h2>INT8 recipe chosen on this CPU</h2><p>{html.escape(choice_caption(report)).replace('**', '')}</p>" + (_html_table(CHOICE_HEAD, [[c.replace('**', '') for c in row] for row in choice_rows(report)]) if choice_rows(report) else "") if report.get("recipe_choice") else ""}
+{"<h2>Latency-aware precision</h2><pre>" + html.escape(chr(10).join(mixed_lines(report))) + "</pre>" if mixed_lines(report) else ""}
 {f"<h2>INT8 recipes compared</h2><p>{html.escape(_recipe_caption(report))}</p>" + _html_table(RECIPE_HEAD, recipe_rows(report)) if report.get("int8_recipes") else ""}
 {f"<h2>Memory</h2><p>{html.escape(memory_caption(report))}</p>" + _html_table(MEMORY_HEAD, memory_rows(report)) if memory_rows(report) else ""}
 <h2>Artifacts</h2>{_html_table(["precision", "file", "size", "sha256"],

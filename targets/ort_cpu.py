@@ -163,7 +163,7 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, c
     from targets.qdq import layer_probe as qdq_probe
 
     return qdq_probe(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=True,
-                     runtime=runtime_label(), kind="real")
+                     runtime=runtime_label(), kind="real", model=model)
 
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
@@ -207,11 +207,32 @@ def _profiled(sess, input_size: int, runs: int, threads: int) -> dict:
         kinds["integer kernels" if op in INTEGER_OPS else "Q/DQ" if op in QDQ_OPS else "float ops"] += ms
         by_op[op] = by_op.get(op, 0.0) + ms
     top = sorted(per_node.items(), key=lambda kv: -kv[1][1])[:10]
-    return {"total_ms": sum(kinds.values()), "by_kind_ms": kinds,
+    last_run = sorted((e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+                       and e["ts"] >= starts[-1]), key=lambda e: e["ts"]) if starts else []
+    return {"total_ms": sum(kinds.values()), "by_kind_ms": kinds, "layers": _layer_times(last_run, per_node),
             "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
             "top_nodes": [{"node": n, "op": op, "ms": ms} for n, (op, ms) in top], "runs": runs,
             "input_size": input_size, "batch": 1, "threads": threads,
             "source": "onnxruntime profiler: kernel time per node (excludes the session's own overhead)"}
+
+
+WEIGHT_KERNELS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger", "MatMul", "FusedMatMul", "MatMulInteger",
+                  "MatMulIntegerToFloat", "QLinearMatMul", "Gemm", "FusedGemm", "QGemm")
+
+
+def _layer_times(run_events: list, per_node: dict) -> list[dict]:
+    """The kernel of each weight layer in execution order (a chain network: the checkpoint's network order), its
+    mean time, and the QuantizeLinear time spent on its way in: what the layer costs in INT8 beyond its kernel."""
+    layers, pending = [], 0.0
+    for e in run_events:
+        name = e["name"][:-len("_kernel_time")]
+        op, ms = per_node[name]
+        if op == "QuantizeLinear":
+            pending += ms
+        elif op in WEIGHT_KERNELS:
+            layers.append({"node": name, "op": op, "ms": ms + pending, "input_quantize_ms": pending})
+            pending = 0.0
+    return layers
 
 
 TARGET = Target(

@@ -104,7 +104,7 @@ def _stream(model, images: np.ndarray, threads: int, optimize: bool, outputs: li
 
 
 def layer_probe(qdq_path: Path, fp32_path: Path, images: np.ndarray, threads: int = 2, optimize: bool = True,
-                runtime: str = "", kind: str = "real") -> LayerProbe:
+                runtime: str = "", kind: str = "real", model=None) -> LayerProbe:
     """The Q/DQ graph for the sensitivity loop: a layer "in float" reads its activation before QuantizeLinear and
     the FP32 export's own weight and bias (`float_layers`). `optimize=False`: the arithmetic as written (the
     TensorRT proxy); otherwise as ONNX Runtime runs it, fusions on."""
@@ -127,5 +127,12 @@ def layer_probe(qdq_path: Path, fp32_path: Path, images: np.ndarray, threads: in
         fp32_logits = np.concatenate([c[0] for c in _stream(fp32, images, threads, optimize)])
         return {"float_graph_max_abs_diff": float(np.abs(all_float_logits - fp32_logits).max())}
 
-    return LayerProbe([n.name for n in layers], run, runtime, kind, ops=[n.op_type for n in layers], check=check,
+    modules = None
+    if model is not None:  # quantize_static keeps the export's node names: name the layers as the checkpoint does
+        from pipeline.model import weight_layers
+
+        names = [n for n, _ in weight_layers(model)]
+        module_of = dict(zip(node_names_for(fp32, model, names), names))
+        modules = [module_of.get(n.name, n.name) for n in layers]
+    return LayerProbe([n.name for n in layers], run, runtime, kind, modules=modules, ops=[n.op_type for n in layers], check=check,
                       details={"weights": [n.input[1].replace("_DequantizeLinear_Output", "") for n in layers]})

@@ -322,7 +322,7 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, c
     from targets.qdq import layer_probe as qdq_probe
 
     return qdq_probe(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=False,
-                     runtime=PROXY_LABEL, kind="proxy")
+                     runtime=PROXY_LABEL, kind="proxy", model=model)
 
 
 TARGET = Target(

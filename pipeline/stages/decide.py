@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pipeline import fallback as fb
 from pipeline.errors import UserError
 from pipeline.latency import measure
-from pipeline.stages import recipe
+from pipeline.stages import mixed, recipe
 from pipeline.stages.build import Built, Recipe, build_one
 from pipeline.stages.context import DEFAULT, Context
 from pipeline.stages.export import Source
@@ -48,13 +48,16 @@ def decide(ctx: Context, built: Built) -> Decision:
         return Decision(None, None)
     name, choice = recipe.choose(ctx, built)
     chosen = built.recipes[name]
-    if name != DEFAULT:
+    if choice is not None and choice["mode"] == "auto":  # layers INT8 does not pay for on this CPU, back in float
+        choice["mixed"], faster = mixed.mix(ctx, built, chosen)
+        chosen = faster or chosen
+    if chosen is not built.recipes[DEFAULT]:
         built = replace(built, artifacts={**built.artifacts, "int8": chosen.artifact},
                         runners={**built.runners, "int8": chosen.runner})
     fallback, final = _fallback(ctx, chosen, built, choice)
     if final is not None:
         return Decision(choice, fallback, final, ctx.target.load_runner(final, ctx.cfg.threads), chosen.runner)
-    if name != DEFAULT:
+    if chosen is not built.recipes[DEFAULT]:
         return Decision(choice, fallback, chosen.artifact, chosen.runner)
     return Decision(choice, fallback)
 
@@ -95,7 +98,8 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, choice: dict | None) -
     out["sensitivity"] = sensitivity(ctx, chosen.source, built, min(max(cfg.sensitivity, 256), len(ctx.split.calibration)))
 
     def rebuild(layers: list[str]) -> tuple[Artifact, Runner]:
-        art = build_one(ctx, chosen.source, "int8", replace(chosen.options, float_layers=tuple(layers)))
+        kept = chosen.options.float_layers  # layers the latency-aware step already keeps in float stay so
+        art = build_one(ctx, chosen.source, "int8", replace(chosen.options, float_layers=tuple(dict.fromkeys((*kept, *layers)))))
         return art, target.load_runner(art, cfg.threads)
 
     res = fb.search(rebuild, out["sensitivity"]["ranking"], control, reference, (chosen.artifact, chosen.runner),

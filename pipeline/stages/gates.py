@@ -5,7 +5,7 @@ from pipeline import gates as gates_mod
 from pipeline.stages.build import Built
 from pipeline.stages.context import Context
 from pipeline.stages.decide import Decision
-from pipeline.stages.validate import Validation, p50
+from pipeline.stages.validate import Validation, p50, speedup_interval
 
 
 def figures(ctx: Context, v: Validation) -> dict:
@@ -22,9 +22,17 @@ def check(ctx: Context, built: Built, v: Validation, decision: Decision) -> tupl
     measured = figures(ctx, v)
     verdicts = gates_mod.check(ctx.gates, measured, any(r.proxy for r in built.runners.values()))
     reason = (decision.recipe or {}).get("reason")
+    interval = speedup_interval(v.latency, "int8", ctx.cfg.image_size)
     for verdict in verdicts:
-        if reason and verdict.gate == "min_int8_speedup" and not verdict.passed:
-            verdict.reason = reason
+        if verdict.gate != "min_int8_speedup":
+            continue
+        if interval:  # the point decides; the interval says how sure it is on this machine
+            lo, hi = interval["ci95"]
+            near = lo < verdict.allowed <= hi
+            verdict.reason = (f"95 % interval [{lo:.2f}, {hi:.2f}]×" + (": the gate lies inside it, so this verdict "
+                              "is within the machine's noise" if near else ""))
+        if reason and not verdict.passed:
+            verdict.reason = "; ".join(filter(None, (reason, verdict.reason)))
     return measured, verdicts
 
 

@@ -13,12 +13,12 @@ import json
 from pipeline import fallback as fb
 from pipeline.cache import cached_dir, code_digest, key_of
 from pipeline.errors import UserError
-from pipeline.latency import measure
+from pipeline.latency import measure, ratio, ratio_of_rounds
 from pipeline.machine import cpu_profile
 from pipeline.stages.build import Built
 from pipeline.stages.context import DEFAULT, Context
 
-TIE = 0.05  # p50s this close are one speed here: repeated interleaved runs differ by as much on a 2-core VM
+BUDGET_S = 60.0  # extra interleaved rounds until every candidate's speed-up is within ±3 % (95 % interval)
 
 
 def _measure(ctx: Context, built: Built) -> list[dict]:
@@ -26,12 +26,14 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
     ref = built.runners[ctx.target.reference]
     runs = max(20, ctx.cfg.latency_runs)
     lat = measure({"reference": ref, **{n: r.runner for n, r in built.recipes.items()}}, batch=1,
-                  input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=10)
+                  input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=10, budget_s=BUDGET_S)
     reference = fb.judge(ref, ctx.control) if ctx.control is not None else None
     rows = []
     for name, r in built.recipes.items():
-        row = {"recipe": name, "p50_ms": lat[name].p50_ms, "reference_p50_ms": lat["reference"].p50_ms,
-               "speedup": lat["reference"].p50_ms / lat[name].p50_ms, "runs": runs}
+        speedup = ratio(lat["reference"], lat[name])
+        row = {"recipe": name, "p50_ms": lat[name].p50_ms, "p50_ci_ms": lat[name].p50_ci_ms,
+               "reference_p50_ms": lat["reference"].p50_ms, "speedup": speedup.value, "speedup_ci95": [speedup.low, speedup.high],
+               "runs": lat[name].runs, "rounds": lat[name].rounds, "round_ms": lat[name].round_ms}
         if reference is not None:
             row.update(fb.judge(r.runner, ctx.control, reference).figures())
         rows.append(row)
@@ -41,7 +43,7 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
 def _cached_measure(ctx: Context, built: Built) -> tuple[list[dict], bool]:
     # the runners' code and the harness shape the figures as much as the artifacts do
     key = key_of("recipe-choice", cpu_profile(), ctx.cfg.threads, ctx.cfg.image_size, ctx.cfg.latency_runs,
-                 code_digest(ctx.target.module, "pipeline.latency", "pipeline.fallback"),
+                 code_digest(ctx.target.module, "pipeline.latency", "pipeline.fallback", __name__),
                  {n: r.artifact.sha256() for n, r in built.recipes.items()},
                  built.artifacts[ctx.target.reference].sha256(), ctx.control.ids_sha256 if ctx.control else None)
 
@@ -76,12 +78,15 @@ def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
     for row in rows:
         row["meets_accuracy"] = not judged or not fb.misses(gates, row)
     meeting = [r for r in rows if r["meets_accuracy"]]
-    if meeting:  # within TIE of the fastest is noise on a shared machine: the declared order (ours first) decides
-        fastest = min(r["p50_ms"] for r in meeting)
-        best = next(r for r in meeting if r["p50_ms"] <= fastest * (1 + TIE))
+    if meeting:  # not clearly slower than the fastest is a tie on this machine: the declared order (ours first) decides
+        fastest = min(meeting, key=lambda r: r["p50_ms"])
+        for r in meeting:
+            r["vs_fastest"] = ratio_of_rounds(fastest["round_ms"], r["round_ms"]).to_dict()  # < 1: r is slower
+        best = next(r for r in meeting if r is fastest or r["vs_fastest"]["verdict"] != "slower")
     else:
         best = min(rows, key=lambda r: fb.score(gates, r))
     for row in rows:
+        row.pop("round_ms", None)
         row["chosen"] = row is best
         row["why"] = _why(row, best, judged)
         ctx.log(f"recipe {row['recipe']}: p50 {row['p50_ms']:.2f} ms ({row['speedup']:.2f}× {ctx.target.reference})"
@@ -103,13 +108,17 @@ def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
 
 def _why(row: dict, best: dict, judged: bool) -> str:
     if row is best:
-        return ("fastest meeting the accuracy gates (ties within 5 % go to the declared order)" if row["meets_accuracy"] else
+        return ("fastest meeting the accuracy gates (a candidate not clearly slower than the fastest, on the 95 % "
+                "interval of their paired rounds, is a tie: the declared order decides)" if row["meets_accuracy"] else
                 "none meets the accuracy gates: closest to them (the fallback takes it from here)")
     if not row["meets_accuracy"]:
         return "misses the accuracy gates on the control split" if judged else "rejected"
-    if row["p50_ms"] <= best["p50_ms"] * (1 + TIE):
-        return f"a tie with {best['recipe']} ({row['p50_ms']:.2f} vs {best['p50_ms']:.2f} ms): the declared order decides"
-    return f"slower than {best['recipe']} ({row['p50_ms']:.2f} vs {best['p50_ms']:.2f} ms)"
+    vs = row.get("vs_fastest") or {}
+    if vs.get("verdict") != "slower":
+        return (f"a tie with {best['recipe']} ({row['p50_ms']:.2f} vs {best['p50_ms']:.2f} ms, intervals overlap): "
+                "the declared order decides")
+    return (f"slower than {best['recipe']} ({row['p50_ms']:.2f} vs {best['p50_ms']:.2f} ms; ratio "
+            f"{vs['value']:.2f}× [{vs['ci95'][0]:.2f}, {vs['ci95'][1]:.2f}])")
 
 
 def numerics(ctx: Context, artifact) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from calibration.batches import iter_batches
-from pipeline.latency import measure
+from pipeline.latency import measure, ratio
 from pipeline.machine import device_label
 from pipeline.stages.build import Built
 from pipeline.stages.context import Context, runner_entry
@@ -26,6 +26,12 @@ class Validation:
     latency: list[dict]  # one row per precision × input size × batch
     recipes: list[dict]  # the INT8 recipes compared (empty when none or not timed)
     time_split: dict | None = None  # where the time goes, per precision (targets with a profiler)
+
+
+def speedup_interval(latency: list[dict], precision: str, size: int) -> dict | None:
+    """`precision`'s speed-up over the reference at batch 1 with its 95 % interval, if it was measured."""
+    return next((e.get("speedup_vs_reference") for e in latency if e["precision"] == precision and e["batch"] == 1
+                 and e["input_size"] == size), None)
 
 
 def p50(latency: list[dict], precision: str, size: int) -> float | None:
@@ -114,10 +120,15 @@ def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
             runs = cfg.latency_runs if batch == 1 else max(10, cfg.latency_runs // 4)
             res = measure({k: r for k, (_, r) in timed.items()}, batch=batch, input_size=size, runs=runs,
                           warmup=5 if batch == 1 else 2)
+            ref = res.get(target.reference)
             for k, lat in res.items():
+                vs = ratio(ref, lat) if ref is not None and k != target.reference else None
                 rows.append({"precision": k, **lat.to_dict(), **runner_entry(timed[k][1], timed[k][0]),
-                             "role": "deployment" if size == cfg.image_size else "checkpoint"})
-                ctx.log(f"latency {k} {size}px b{batch}: p50 {lat.p50_ms:.2f} ms, {lat.images_per_s:.1f} img/s")
+                             "role": "deployment" if size == cfg.image_size else "checkpoint",
+                             **({"speedup_vs_reference": vs.to_dict()} if vs else {})})
+                ctx.log(f"latency {k} {size}px b{batch}: p50 {lat.p50_ms:.2f} ms [{lat.p50_ci_ms[0]:.2f}, "
+                        f"{lat.p50_ci_ms[1]:.2f}], {lat.images_per_s:.1f} img/s"
+                        + (f", {vs.text()} vs {target.reference}" if vs else ""))
     return rows
 
 

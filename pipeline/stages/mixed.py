@@ -1,0 +1,82 @@
+"""Part of stage 4 (decide): latency-aware mixed precision. Which layers INT8 does not pay for on this CPU, by the
+target's own profiler, and whether keeping them in float makes the deployed model faster, measured.
+
+Per layer: the INT8 artifact's kernel time plus the QuantizeLinear that feeds it, against the same layer's kernel
+in the reference graph (both profiled at the deployment size, batch 1, on this CPU). The layers where INT8 is not
+faster are built back in float and the result is timed against the all-INT8 artifact in interleaved rounds; it is
+kept only when its 95 % interval says it is faster. A per-layer profile cannot see what floating a layer does to
+its neighbours (a float layer inside a Q/DQ graph may lose the layout the float graph gives it), so the end-to-end
+measurement decides, never the sum of kernel times.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from pipeline.cache import cached_dir, code_digest, key_of
+from pipeline.latency import measure, ratio
+from pipeline.machine import cpu_profile
+from pipeline.model import weight_layers
+from pipeline.stages.build import Built, Recipe, build_one
+from pipeline.stages.context import Context
+
+
+def layer_times(ctx: Context, built: Built, chosen: Recipe) -> dict:
+    """Per weight layer, in network order: reference and INT8 time (ms) at the deployment size, batch 1."""
+    target, size = ctx.target, ctx.cfg.image_size
+    ref = target.profile(built.artifacts[target.reference], ctx.cfg.threads, size)
+    int8 = target.profile(chosen.artifact, ctx.cfg.threads, size)
+    names = [n for n, _ in weight_layers(ctx.ck.model)]
+    if not (len(ref.get("layers", [])) == len(int8.get("layers", [])) == len(names)):
+        return {"rows": [], "why": f"the profiles' weight-layer kernels ({len(ref.get('layers', []))} "
+                                   f"{target.reference}, {len(int8.get('layers', []))} int8) do not match the "
+                                   f"model's {len(names)} layers one to one: no per-layer comparison"}
+    rows = [{"layer": n, "op": q["op"], "reference_ms": r["ms"], "int8_ms": q["ms"],
+             "input_quantize_ms": q["input_quantize_ms"], "int8_pays": q["ms"] < r["ms"]}
+            for n, r, q in zip(names, ref["layers"], int8["layers"])]
+    return {"rows": rows, "input_size": size, "batch": 1, "threads": ctx.cfg.threads, "source": int8["source"]}
+
+
+def mix(ctx: Context, built: Built, chosen: Recipe) -> tuple[dict | None, Recipe | None]:
+    """(the record for the report, the mixed candidate when it is measurably faster than all-INT8). The record is
+    cached per CPU profile, artifacts and code, as the recipe choice is."""
+    target, cfg = ctx.target, ctx.cfg
+    if target.profile is None or not chosen.runner.timed or "float_layers" not in vars(chosen.options):
+        return None, None
+    key = key_of("latency-aware-mixed", cpu_profile(), cfg.threads, cfg.image_size, cfg.latency_runs,
+                 code_digest(target.module, "pipeline.latency", __name__), chosen.artifact.sha256(),
+                 built.artifacts[target.reference].sha256())
+    directory, cached = cached_dir("mixed", key, lambda tmp: (tmp / "mixed.json").write_text(
+        json.dumps(_measure(ctx, built, chosen), indent=1)), log=ctx.log)
+    record = {**json.loads((directory / "mixed.json").read_text()), "cached_measurement": cached}
+    ctx.log(f"latency-aware precision: {record['why']}" + (" (measurement reused from the cache)" if cached else ""))
+    if not record["kept"]:
+        return record, None
+    options = _with_float(chosen.options, record["float_layers"])
+    artifact = build_one(ctx, chosen.source, "int8", options)
+    return record, Recipe(chosen.source, options, artifact, target.load_runner(artifact, cfg.threads))
+
+
+def _with_float(options, layers: list[str]):
+    return replace(options, float_layers=tuple(dict.fromkeys((*options.float_layers, *layers))))
+
+
+def _measure(ctx: Context, built: Built, chosen: Recipe) -> dict:
+    target, cfg = ctx.target, ctx.cfg
+    times = layer_times(ctx, built, chosen)
+    slower = [r["layer"] for r in times["rows"] if not r["int8_pays"]]
+    record = {"layers": times, "float_layers": slower, "kept": False}
+    if not slower:
+        record["why"] = times.get("why") or "INT8 is faster than the reference in every layer"
+        return record
+    artifact = build_one(ctx, chosen.source, "int8", _with_float(chosen.options, slower))
+    runner = target.load_runner(artifact, cfg.threads)
+    lat = measure({"all int8": chosen.runner, "mixed": runner}, batch=1, input_size=cfg.image_size,
+                  runs=max(20, cfg.latency_runs), warmup=5, rounds=10, budget_s=60)
+    gain = ratio(lat["all int8"], lat["mixed"])
+    record.update(gain=gain.to_dict(), all_int8_p50_ms=lat["all int8"].p50_ms, mixed_p50_ms=lat["mixed"].p50_ms,
+                  kept=gain.verdict == "faster")
+    record["why"] = (f"{len(slower)} layer(s) where INT8 is not faster kept in float: {gain.text()} the all-INT8 "
+                     f"speed ({lat['all int8'].p50_ms:.2f} → {lat['mixed'].p50_ms:.2f} ms), "
+                     + ("kept" if record["kept"] else "not kept (not measurably faster end to end)"))
+    return record
