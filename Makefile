@@ -11,7 +11,7 @@ CLI      := $(BIN)/convnext-deploy
 FMNIST   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup apt venv reference test test-all deploy bench clean
+.PHONY: setup apt venv reference test test-all deploy bench matrix clean
 
 setup: apt venv
 
@@ -43,6 +43,10 @@ deploy:
 
 bench:
 	$(BIN)/python -m pipeline.bench
+
+# One table (Markdown + HTML) of every deploy report under runs/, e.g. the CI deploy matrix's downloaded reports.
+matrix:
+	$(CLI) summarize runs/*/report.json --out runs/matrix
 
 clean:
 	rm -rf runs .cache .pytest_cache

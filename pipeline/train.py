@@ -25,6 +25,9 @@ from pipeline.model import ConvNeXt, create_model
 from pipeline.variants import Preprocessing, get_variant
 
 
+PROGRESS_EVERY_S = 60.0
+
+
 @dataclass(frozen=True)
 class Recipe:
     variant: str
@@ -125,6 +128,7 @@ def train_reference(recipe: Recipe, out: Path, log=print) -> Path:
             log(f"ignoring {state_path}: it was made with another recipe")
 
     t0 = time.perf_counter()
+    last_line = t0
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
         perm = torch.randperm(len(x_train), generator=gen)
@@ -141,6 +145,12 @@ def train_reference(recipe: Recipe, out: Path, log=print) -> Path:
             loss.backward()
             opt.step()
             loss_sum += float(loss.detach())
+            if time.perf_counter() - last_line >= PROGRESS_EVERY_S:  # a line a minute where no progress bar shows
+                last_line = time.perf_counter()
+                done = (epoch - start_epoch) * steps_per_epoch + b + 1
+                left = (total - start_epoch * steps_per_epoch - done) * (last_line - t0) / done
+                log(f"training {variant.long_name}: epoch {epoch + 1}/{recipe.epochs}, step {b + 1}/{steps_per_epoch}, "
+                    f"{(last_line - t0) / 60:.1f} min so far, about {left / 60:.1f} min left")
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); lower --lr")
         acc = evaluate(model, x_test, y_test)

@@ -80,3 +80,33 @@ def test_cli_variants_and_inspect(atto_reference):
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "/nonexistent.pth"], cwd=REPO,
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == "convnext-deploy: error: checkpoint not found: /nonexistent.pth"
+
+
+def test_a_missing_reference_is_trained_by_the_deploy_unless_refused(tmp_path, monkeypatch):
+    """A deploy on a fresh machine trains the variant's reference first (with the recorded recipe), once; with
+    --no-train-reference it stops with the one line naming `make reference`."""
+    import pytest
+
+    import pipeline.train as train_mod
+    from pipeline import reference
+    from pipeline.errors import UserError
+
+    monkeypatch.setenv("CONVNEXT_DEPLOY_REFERENCE_DIR", str(tmp_path))
+    trained = []
+
+    def train(recipe, out, log=print):  # the real training is timed by `make reference`; here: who calls it, once
+        trained.append(recipe)
+        out.write_bytes(b"weights")
+        out.with_suffix(".json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(train_mod, "train_reference", train)
+    with pytest.raises(UserError, match="make reference VARIANT=t"):
+        reference.ensure_reference("t", train=False)
+    assert not trained
+    lines = []
+    path = reference.ensure_reference("t", train=True, log=lines.append)
+    assert trained == [train_mod.recipe_for("t")] and path == reference.reference_path("t")
+    assert "training it now" in lines[0] and f"{trained[0].epochs} epochs" in lines[0]
+    reference.ensure_reference("t", train=True)
+    assert len(trained) == 1

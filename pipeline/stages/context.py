@@ -23,6 +23,7 @@ class DeployConfig:
     target: str
     variant: str
     checkpoint: Path | None = None
+    train_reference: bool = True  # no checkpoint given and the variant's reference missing: train it first
     n_calib: int = 500
     n_eval: int | None = None  # None: the whole evaluation split
     image_size: int = 224  # deployment resolution for latency

@@ -15,7 +15,7 @@ from pipeline import gates as gates_mod
 from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
 from pipeline.errors import UserError
 from pipeline.machine import cpu_profile, profile_line
-from pipeline.reference import require_reference
+from pipeline.reference import ensure_reference
 from pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context, DeployConfig
 from targets import get_target
 from targets.base import CalibrationData, LabelledData
@@ -53,8 +53,9 @@ def sources(ck: LoadedCheckpoint, cfg: DeployConfig):
     )
 
 
-def _checkpoint(cfg: DeployConfig) -> LoadedCheckpoint:
-    ck = load_checkpoint(Path(cfg.checkpoint) if cfg.checkpoint else require_reference(cfg.variant), cfg.variant)
+def _checkpoint(cfg: DeployConfig, log) -> LoadedCheckpoint:
+    path = Path(cfg.checkpoint) if cfg.checkpoint else ensure_reference(cfg.variant, cfg.train_reference, log)
+    ck = load_checkpoint(path, cfg.variant)
     if not all(torch.isfinite(p).all() for p in ck.model.parameters()):
         raise UserError(f"{ck.path} holds NaN/inf weights; it cannot be deployed")
     return ck
@@ -75,7 +76,7 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
         log(f"WARNING: {cfg.target} {notes[-1]}; building what runs here and measuring its proxy instead")
     if cfg.image_size % 32:
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of 32 (ConvNeXt downsamples by 32)")
-    ck = checkpoint or _checkpoint(cfg)
+    ck = checkpoint or _checkpoint(cfg, log)
     torch.set_num_threads(cfg.threads)
     gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name)
     overrides = dict(cfg.options)
