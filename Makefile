@@ -27,7 +27,7 @@ venv:
 
 # Train (or resume, or reuse) the reference checkpoint of VARIANT on Fashion-MNIST.
 reference:
-	$(CLI) reference --variant $(VARIANT)
+	$(CLI) reference --variant $(VARIANT) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 # The atto reference is the fixture every later stage uses, so the test run makes it first (cached).
 test:

@@ -17,6 +17,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from calibration.batches import iter_batches
@@ -96,6 +97,39 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     return row
 
 
+def interleave_study(target: str, variant: str, size: int, threads: int, calls: int = 200, log=print) -> list[dict]:
+    """What interleaving granularity and cache warmth do to the figures: the reference and the default INT8
+    artifact timed (a) alternating on every call, (b) alternating on every call after one untimed re-warm call,
+    (c) in blocks of 10 after one re-warm call (the harness's way), (d) in blocks of 50."""
+    from pipeline.latency import _seconds_of
+
+    ck, _, _ = _checkpoint(variant)
+    cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=100, n_eval=200, image_size=size,
+                       threads=threads, fallback=False, alternatives=False)
+    ctx = prepare(cfg, log, checkpoint=ck, decisions=False)
+    built = build(ctx, export(ctx))
+    runners = {p: built.runners[p] for p in (ctx.target.reference, "int8")}
+    x = torch.randn(1, 3, size, size).numpy()
+    timers = {k: _seconds_of(r) for k, r in runners.items()}
+    for t in timers.values():
+        for _ in range(10):
+            t(x)
+    rows = []
+    for label, block, rewarm in (("alternate every call", 1, False), ("alternate every call, 1 re-warm call", 1, True),
+                                 ("blocks of 10, 1 re-warm call", 10, True), ("blocks of 50, 1 re-warm call", 50, True)):
+        times: dict[str, list[float]] = {k: [] for k in timers}
+        while len(times["int8"]) < calls:
+            for k, t in timers.items():
+                if rewarm:
+                    t(x)
+                times[k] += [t(x) * 1e3 for _ in range(block)]
+        p50 = {k: float(np.median(v)) for k, v in times.items()}
+        rows.append({"interleaving": label, "p50_ms": p50, "speedup": p50[ctx.target.reference] / p50["int8"]})
+        log(f"{label:40} {ctx.target.reference} {p50[ctx.target.reference]:7.2f} ms  int8 {p50['int8']:7.2f} ms  "
+            f"{rows[-1]['speedup']:.2f}×")
+    return rows
+
+
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         print(f"\n{r['target']} · {r['variant']} · {r['input_size']} px · batch 1 · {r['device']} · {r['runtime']}")
@@ -128,9 +162,17 @@ def main(argv=None) -> int:
                     help="seconds of extra interleaved rounds per target and variant until every ratio's 95%% "
                          f"interval is within ±{TOLERANCE:.0%} (default 240)")
     ap.add_argument("--out", default="runs/bench/bench.json")
+    ap.add_argument("--interleave-study", action="store_true",
+                    help="instead: time the reference and INT8 of each target and variant at four interleaving granularities")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(profile_line())
+    if args.interleave_study:
+        for target in args.targets.split(","):
+            for v in args.variants.split(","):
+                print(f"\n{target} · {v} · {args.image_size} px · batch 1 · {args.threads} threads")
+                interleave_study(target, v, args.image_size, args.threads)
+        return 0
     rows = []
     for target in args.targets.split(","):
         avail = get_target(target).available()

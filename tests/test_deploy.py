@@ -228,3 +228,28 @@ def test_report_keeps_its_keys(deployed):
     report = json.loads((deployed[0] / "report.json").read_text())
     keys = {p for p in paths(report) if not skip.search(p)}
     assert not set(saved["keys"]) - keys, sorted(set(saved["keys"]) - keys)  # none lost (new ones may come)
+
+
+def test_report_has_memory_intervals_and_the_latency_aware_step(deployed):
+    """Peak RSS per stage; every latency with its interval and the INT8 speed-up's; the per-layer INT8 vs FP32
+    comparison the latency-aware step measured (its decision is the end-to-end measurement, whatever it was)."""
+    out, _, _ = deployed
+    report = json.loads((out / "report.json").read_text())
+    stages = [r["stage"] for r in report["memory"]["stages"]]
+    assert stages == ["prepare", "export", "build", "decide", "validate", "sensitivity"]
+    assert all(r["peak_rss_mib"] > 50 for r in report["memory"]["stages"])
+    assert report["memory"]["peak_rss_mib"] == max(r["peak_rss_mib"] for r in report["memory"]["stages"])
+    for row in report["latency"]:
+        lo, hi = row["p50_ci_ms"]
+        assert lo <= row["p50_ms"] <= hi and row["rounds"] >= 2
+    int8 = next(r for r in report["latency"] if r["precision"] == "int8" and r["batch"] == 1 and r["role"] == "deployment")
+    q = int8["speedup_vs_reference"]
+    assert q["ci95"][0] <= q["value"] <= q["ci95"][1]
+    assert q["value"] == pytest.approx(report["gates"]["figures"]["int8_speedup"])
+    mixed = report["recipe_choice"]["mixed"]
+    rows = mixed["layers"]["rows"]
+    assert len(rows) == 41 and all(r["reference_ms"] > 0 and r["int8_ms"] > 0 for r in rows)
+    assert mixed["float_layers"] == [r["layer"] for r in rows if not r["int8_pays"]]
+    assert mixed["kept"] == (mixed.get("gain", {}).get("verdict") == "faster")
+    md = (out / "report.md").read_text()
+    assert "## Memory" in md and "## Latency-aware precision" in md and "[95 % CI]" in md

@@ -1,0 +1,38 @@
+"""A larger variant end to end (`make test-all`): ConvNeXt-S exported, quantized, built and timed at 224 px on this
+CPU, within bounded memory. Latency and memory only: there is no S reference checkpoint (weights as initialised;
+their values do not change the cost)."""
+import numpy as np
+import pytest
+
+from pipeline.bench import _checkpoint
+from pipeline.latency import measure, ratio
+from pipeline.memory import stage_peak
+from pipeline.stages.build import build
+from pipeline.stages.context import DeployConfig
+from pipeline.stages.export import export
+from pipeline.stages.prepare import prepare
+
+PEAK_RSS_LIMIT_MIB = 6 * 1024  # issue 15: a T deploy with its fallback ran under 6 GiB; S has 2× T's blocks
+
+
+@pytest.mark.slow
+def test_convnext_s_builds_and_runs_at_224_px_in_bounded_memory(cli_env, monkeypatch, capsys):
+    monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
+    ck, weights, _ = _checkpoint("s")
+    cfg = DeployConfig(target="onnxruntime", variant="s", n_calib=64, n_eval=200, image_size=224, alternatives=False,
+                       fallback=False)
+    memory: list[dict] = []
+    with stage_peak("convnext-s", memory):
+        ctx = prepare(cfg, lambda m: None, checkpoint=ck, decisions=False)
+        built = build(ctx, export(ctx))
+        lat = measure(built.runners, batch=1, input_size=224, runs=20, warmup=2, rounds=5)
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    outs = {p: r.run(x) for p, r in built.runners.items()}
+    speedup = ratio(lat["fp32"], lat["int8"])
+    with capsys.disabled():
+        print(f"\nConvNeXt-S ({weights}) at 224 px, batch 1, 2 threads: FP32 p50 {lat['fp32'].p50_ms:.1f} ms, INT8 "
+              f"{lat['int8'].p50_ms:.1f} ms ({speedup.text()}); peak RSS {memory[0]['peak_rss_mib']:.0f} MiB")
+    assert set(built.runners) == {"fp32", "int8"} and ck.variant.name == "s"
+    assert all(o.shape == (2, 10) and np.isfinite(o).all() for o in outs.values())
+    assert all(v.p50_ms > 0 and v.rounds == 5 for v in lat.values())
+    assert memory[0]["peak_rss_mib"] < PEAK_RSS_LIMIT_MIB
