@@ -38,6 +38,7 @@ from pipeline.train import dataset_preprocessing
 from pipeline.validate import accuracy, predict_many
 from pipeline.variants import get_variant
 from targets import TARGETS, get_target
+from targets.base import inference_batch
 
 TOLERANCE = 0.03  # rounds go on (within --budget) until every ratio's 95 % interval is within ±3 %
 OUTLIER_K = 30.0  # "<variant>+outliers": the checkpoint with injected 30× norm-channel outliers (same FP32 function)
@@ -89,7 +90,8 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
            "executed": {k: r.precision for k, r in runners.items()}, "ratios": ratios, "skipped": list(ctx.notes)}
     if has_reference:
         preds = predict_many({k: r.run for k, r in runners.items()},
-                             iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ck.preprocessing, batch_size=200,
+                             iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ck.preprocessing,
+                                          batch_size=inference_batch(ck.preprocessing.input_size, 200),
                                           desc="evaluation"))
         row["top1"] = {k: accuracy(p)["top1"] for k, p in preds.items()}
         row["drop_pp"] = {k: accuracy(p, preds[first])["top1_drop_pp"] for k, p in preds.items()}

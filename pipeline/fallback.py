@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from targets.base import Artifact, LabelledData, Runner
+from targets.base import Artifact, LabelledData, Runner, inference_batch
 
 
 @dataclass
@@ -78,8 +78,9 @@ def paired_drop_high(ref_correct: np.ndarray, test_correct: np.ndarray, z: float
     return float(((b - c) + z * np.sqrt(max(var, 0.0))) / n * 100.0)
 
 
-def judge(runner: Runner, control: LabelledData, reference: Judged | None = None, batch: int = 100) -> Judged:
+def judge(runner: Runner, control: LabelledData, reference: Judged | None = None) -> Judged:
     """The one control-split comparison: every decision (recipe choice, fallback rounds, accuracy control) uses it."""
+    batch = inference_batch(control.images.shape[-1])
     preds = np.concatenate([runner.run(control.images[i:i + batch]).argmax(1)
                             for i in range(0, len(control.images), batch)])
     top1 = float((preds == control.labels).mean())

@@ -147,7 +147,17 @@ class Int8Recipe:
     smoothed: bool = True
 
 
-PROBE_CHUNK_PIXELS = 1 << 18  # images × H × W per probe chunk: 64 images at 32–64 px, 5 at 224 px
+INFERENCE_BATCH_PIXELS = 1 << 20  # images × H × W per inference batch: 100 at ≤ 100 px, 20 at 224 px
+
+
+def inference_batch(size: int, cap: int = 100) -> int:
+    """Images per batch when a runner predicts many at `size` px. A runtime's arena keeps the largest batch's
+    activations for the session's life: ConvNeXt-T's FP32 and INT8 sessions judged 100 images at a time at 224 px
+    held ~4 GB between them."""
+    return max(1, min(cap, INFERENCE_BATCH_PIXELS // (size * size)))
+
+
+PROBE_CHUNK_PIXELS = 1 << 17  # images × H × W per probe chunk: 64 images at 32–45 px, 2 at 224 px
 
 
 def probe_chunks(images: np.ndarray):

@@ -96,7 +96,7 @@ def _stream(model, images: np.ndarray, threads: int, optimize: bool, outputs: li
     """One session, the images chunk by chunk: yields [each named output] per chunk."""
     from targets.ort_tools import session
 
-    sess = session(model.SerializeToString(), threads, optimize=optimize)
+    sess = session(model.SerializeToString(), threads, optimize=optimize, low_memory=True)
     name = sess.get_inputs()[0].name
     names = outputs or [sess.get_outputs()[0].name]
     for chunk in probe_chunks(images):

@@ -27,12 +27,24 @@ RANKING = [f"layer{i}" for i in range(12)]
 def test_judge_is_the_one_control_comparison():
     ref = fb.judge(runner_with_errors(0), CONTROL)
     assert ref.top1 == 1.0 and ref.agreement == 1.0
-    j = fb.judge(runner_with_errors(5), CONTROL, ref, batch=7)  # batches that do not divide N
+    j = fb.judge(runner_with_errors(5), CONTROL, ref)
     assert j.top1 == pytest.approx(1 - 5 / N) and j.drop_pp == pytest.approx(5 / N * 100)
     assert j.agreement == pytest.approx(1 - 5 / N)
     assert j.agreement_low < j.agreement and j.drop_high_pp > j.drop_pp  # decisions read the bounds
     assert set(j.figures()) == {"control_top1", "control_drop_pp", "control_agreement", "control_drop_high_pp",
                                 "control_agreement_low"}
+
+
+def test_judge_batches_by_resolution():
+    """A runtime keeps its largest batch's activations: at 224 px the judge feeds 20 images at a time, not 100."""
+    from targets.base import inference_batch
+
+    sizes = []
+    inner = runner_with_errors(0).run
+    runner = Runner(lambda x: sizes.append(len(x)) or inner(x), "fake", "cpu", "int8", 1)
+    fb.judge(runner, CONTROL)
+    assert sizes == [100] * (N // 100)  # 2 px images
+    assert inference_batch(224) == 20 and inference_batch(32) == 100 and inference_batch(4096) == 1
 
 
 def search(errors_after, cfg, plain_errors=30):

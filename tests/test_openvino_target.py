@@ -91,6 +91,20 @@ def test_ir_holds_quantized_weights_and_runs_int8_kernels(setup):
     assert acc["agreement"] >= 0.98
 
 
+def test_profile_from_performance_counters(setup):
+    """PERF_COUNT per executed node: integer kernels only in the INT8 IR; compute layers in execution order (at
+    small sizes the plugin may fuse some MatMuls into a snippet Subgraph: then fewer than the model's 41, and the
+    latency-aware step says it cannot pair them)."""
+    fp32, int8 = _build(setup, "fp32"), _build(setup, "int8")
+    ref, q = ov_cpu.profile(fp32, 2, 224, runs=5), ov_cpu.profile(int8, 2, 224, runs=5)
+    print(f"\nOpenVINO compute layers at 224 px: fp32 {len(ref['layers'])}, int8 {len(q['layers'])} (model: 41)")
+    for p in (ref, q):
+        assert p["total_ms"] > 0 and sum(p["by_kind_ms"].values()) == pytest.approx(p["total_ms"])
+        assert 0 < len(p["layers"]) <= 41 and all(r["ms"] > 0 for r in p["layers"])
+    assert ref["by_kind_ms"]["integer kernels"] == 0 and q["by_kind_ms"]["integer kernels"] > 0
+    assert any("I8" in r["op"].upper() for r in q["layers"]) and not any("I8" in r["op"].upper() for r in ref["layers"])
+
+
 def test_executed_precision_is_read_back_not_assumed(setup):
     fp32, bf16 = _build(setup, "fp32"), _build(setup, "bf16")
     runners, preds = _accuracy(setup, {"fp32": fp32, "bf16": bf16})

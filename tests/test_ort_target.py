@@ -105,3 +105,7 @@ def test_profile_says_where_the_time_goes(setup):
         assert p["top_nodes"][0]["ms"] >= p["top_nodes"][-1]["ms"]
     assert ref["by_kind_ms"]["integer kernels"] == 0 and q["by_kind_ms"]["integer kernels"] > 0
     assert {"QLinearConv", "MatMulIntegerToFloat"} <= set(q["by_op_ms"])
+    # one kernel per weight layer, in network order, in both graphs (the latency-aware step pairs them)
+    assert len(ref["layers"]) == len(q["layers"]) == 41
+    assert q["layers"][0]["op"] == "QLinearConv" and ref["layers"][-1]["op"] in ("Gemm", "FusedGemm")
+    assert all(r["ms"] > 0 and 0 <= r["input_quantize_ms"] <= r["ms"] for r in q["layers"])

@@ -26,15 +26,27 @@ def layer_times(ctx: Context, built: Built, chosen: Recipe) -> dict:
     target, size = ctx.target, ctx.cfg.image_size
     ref = target.profile(built.artifacts[target.reference], ctx.cfg.threads, size)
     int8 = target.profile(chosen.artifact, ctx.cfg.threads, size)
-    names = [n for n, _ in weight_layers(ctx.ck.model)]
-    if not (len(ref.get("layers", [])) == len(int8.get("layers", [])) == len(names)):
+    pairs = _pairs([n for n, _ in weight_layers(ctx.ck.model)], ref.get("layers", []), int8.get("layers", []))
+    if not pairs:
         return {"rows": [], "why": f"the profiles' weight-layer kernels ({len(ref.get('layers', []))} "
-                                   f"{target.reference}, {len(int8.get('layers', []))} int8) do not match the "
-                                   f"model's {len(names)} layers one to one: no per-layer comparison"}
+                                   f"{target.reference}, {len(int8.get('layers', []))} int8) cannot be paired with "
+                                   "the model's layers: no per-layer comparison"}
     rows = [{"layer": n, "op": q["op"], "reference_ms": r["ms"], "int8_ms": q["ms"],
-             "input_quantize_ms": q["input_quantize_ms"], "int8_pays": q["ms"] < r["ms"]}
-            for n, r, q in zip(names, ref["layers"], int8["layers"])]
-    return {"rows": rows, "input_size": size, "batch": 1, "threads": ctx.cfg.threads, "source": int8["source"]}
+             "input_quantize_ms": q["input_quantize_ms"], "int8_pays": q["ms"] < r["ms"]} for n, r, q in pairs]
+    return {"rows": rows, "input_size": size, "batch": 1, "threads": ctx.cfg.threads, "source": int8["source"],
+            "paired": f"{len(rows)} of {len(ref.get('layers', []))} layers"}
+
+
+def _pairs(names: list[str], ref: list[dict], int8: list[dict]) -> list[tuple]:
+    """(checkpoint name, reference kernel, INT8 kernel): by execution order where every graph has one kernel per
+    layer (ONNX Runtime renames fused nodes), else by node name where the runtime keeps names (OpenVINO), for the
+    layers it did not fuse into a larger kernel."""
+    if len(ref) == len(int8) == len(names):
+        return list(zip(names, ref, int8))
+    if len(ref) != len(names):
+        return []
+    by_node = {q["node"]: q for q in int8}
+    return [(n, r, by_node[r["node"]]) for n, r in zip(names, ref) if r["node"] in by_node]
 
 
 def mix(ctx: Context, built: Built, chosen: Recipe) -> tuple[dict | None, Recipe | None]:

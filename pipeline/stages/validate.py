@@ -15,7 +15,7 @@ from pipeline.stages.build import Built
 from pipeline.stages.context import Context, runner_entry
 from pipeline.stages.decide import Decision
 from pipeline.validate import accuracy, predict_many
-from targets.base import Runner
+from targets.base import Runner, inference_batch
 
 PLAIN_INT8 = "int8 (all layers INT8, before the fallback)"
 
@@ -77,7 +77,8 @@ def _time_split(ctx: Context, built: Built) -> dict | None:
 
 
 def _predict(ctx: Context, built: Built, decision: Decision, reference: Runner) -> dict:
-    batches = iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ctx.ck.preprocessing, batch_size=100,
+    batches = iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ctx.ck.preprocessing,
+                           batch_size=inference_batch(ctx.ck.preprocessing.input_size),
                            desc="evaluation")
     runners = {"torch_fp32": reference.run,
                **{p: r.run for p, r in built.runners.items()},
