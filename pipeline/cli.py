@@ -1,8 +1,10 @@
 """`convnext-deploy`: the command line. User errors print one line and exit non-zero, never a traceback.
 
-Exit codes: 0 done, every gate met; 1 a gate missed (and nothing else is exit 1); 2 the input or the machine
-(bad option or file; out of space, permission denied, read-only); 3 the target's runtime is not here, proxy
-figures reported; 4 internal error, a bug (traceback printed); 130 interrupted.
+Exit codes: 0 done, every gate met; 1 a gate missed (and nothing else is exit 1, but `validate`'s own check: the
+bundle's model or preprocessing disagrees with its reference outputs here); 2 the input or the machine (bad option
+or file, a bundle file whose sha256 changed; out of space, permission denied, read-only); 3 the target's runtime is
+not here, proxy figures reported (`validate`: checksums verified, nothing run); 4 internal error, a bug (traceback
+printed); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def _cmd_inspect(args) -> int:
     for key in ("dataset", "accuracy"):
         if ck.metadata.get(key):
             info[key] = ck.metadata[key]
+    if ck.labels_note:
+        info["labels_note"] = ck.labels_note
     print(json.dumps(info, indent=2))
     return 0
 
@@ -76,6 +80,7 @@ def _cmd_deploy(args) -> int:
         options["calibrate_method"] = args.calib_method
     cfg = DeployConfig(
         target=args.target, variant=args.variant, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        train_reference=not args.no_train_reference,
         n_calib=args.calib, n_eval=args.eval, image_size=args.image_size, gates=Path(args.gates),
         out=Path(args.out) if args.out else None, threads=args.threads, latency_runs=args.runs,
         calib_data=Path(args.calib_data) if args.calib_data else None,
@@ -132,6 +137,33 @@ def _cmd_sensitivity(args) -> int:
     return 0
 
 
+def _cmd_summarize(args) -> int:
+    from reports.summary import summarize
+
+    rows, written = summarize([Path(r) for r in args.reports], Path(args.out))
+    print(written["summary.md"].read_text(), end="")
+    print(f"summary: {written['summary.md']}, {written['summary.html']} ({len(rows)} rows)")
+    return 0
+
+
+def _cmd_bundle(args) -> int:
+    from pipeline.bundle import make_bundle
+
+    make_bundle(Path(args.run_dir), with_fp32=args.with_fp32,
+                checkpoint=Path(args.checkpoint) if args.checkpoint else None, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from pipeline.bundle_check import validate_bundle
+
+    if args.runs < 0 or (args.threads is not None and args.threads < 1):
+        raise UserError("--runs must be ≥ 0 (0: no latency measurement) and --threads ≥ 1")
+    return validate_bundle(Path(args.bundle), Path(args.images) if args.images else None,
+                           Path(args.labels) if args.labels else None, args.runs, args.threads,
+                           log=lambda m: print(m, flush=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convnext-deploy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -156,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("deploy", help="export, quantize, build, validate and gate one target")
     s.add_argument("--target", required=True)
     s.add_argument("--variant", required=True)
-    s.add_argument("--checkpoint", help="default: the variant's reference checkpoint")
+    s.add_argument("--checkpoint", help="default: the variant's reference checkpoint (trained first when missing)")
+    s.add_argument("--no-train-reference", action="store_true",
+                   help="without --checkpoint and no reference checkpoint: stop with one line instead of training it")
     s.add_argument("--calib", type=int, default=500, help="calibration images (default 500)")
     s.add_argument("--eval", type=int, default=None, help="evaluation images (default: the whole split)")
     s.add_argument("--image-size", type=int, default=224, help="deployment resolution for latency (default 224)")
@@ -164,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="report directory (default runs/<target>-<variant>)")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--runs", type=int, default=100, help="timed runs at batch 1 (default 100)")
-    s.add_argument("--calib-data", help="ImageFolder tree to calibrate on (e.g. ImageNet train)")
+    s.add_argument("--calib-data", help="images to calibrate on, no labels needed: an ImageFolder tree (e.g. ImageNet "
+                                        "train), a flat folder of images, or a text file of image paths, one a line")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
     s.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"])
     s.add_argument("--recipe", default="auto",
@@ -195,10 +230,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=256, help="calibration images measured on (default 256)")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--out", help="output directory (default runs/sensitivity-<target>-<variant>)")
-    s.add_argument("--calib-data", help="ImageFolder tree to calibrate on (e.g. ImageNet train)")
+    s.add_argument("--calib-data", help="images to calibrate on, no labels needed: an ImageFolder tree (e.g. ImageNet "
+                                        "train), a flat folder of images, or a text file of image paths, one a line")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
     _smoothing_args(s)
     s.set_defaults(func=_cmd_sensitivity)
+
+    s = sub.add_parser("summarize", help="merge deploy reports (report.json) into one table: Markdown + HTML")
+    s.add_argument("reports", nargs="+", metavar="REPORT", help="report.json files or the report directories holding them")
+    s.add_argument("--out", default="runs/summary", help="output directory (default runs/summary)")
+    s.set_defaults(func=_cmd_summarize)
+
+    s = sub.add_parser("bundle", help="write RUN_DIR/bundle/: the artifact its gates passed, labels, preprocessing, "
+                                      "model card, predict.py, reference outputs, SHA256SUMS (a deploy does it itself)")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a deploy's report directory (e.g. runs/onnxruntime-atto)")
+    s.add_argument("--with-fp32", action="store_true",
+                   help="also the target's float reference artifact (FP32; Core ML: FP16)")
+    s.add_argument("--checkpoint", help="the deployed checkpoint, where report.json's path no longer finds it")
+    s.set_defaults(func=_cmd_bundle)
+
+    s = sub.add_parser("validate", help="check a bundle on this machine: checksums, reference outputs on the local "
+                                        "runtime, top-1 and latency next to the card's (exit 3: runtime not here)")
+    s.add_argument("bundle", metavar="BUNDLE", help="a bundle directory (e.g. runs/onnxruntime-atto/bundle)")
+    s.add_argument("--images", help="labelled images: DIR/<class>/<image> (class names of labels.txt, or one "
+                                    "folder per class in label order), or a flat folder with --labels")
+    s.add_argument("--labels", help="CSV of `file,label` lines for a flat --images folder (label: name or index)")
+    s.add_argument("--runs", type=int, default=50, help="timed runs per latency figure (default 50; 0: none)")
+    s.add_argument("--threads", type=int, help="runtime threads (default: the card's)")
+    s.set_defaults(func=_cmd_validate)
     return p
 
 

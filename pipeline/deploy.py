@@ -1,12 +1,14 @@
 """One deploy, as the sequence of its stages (pipeline/stages/): prepare → export → build → decide → validate →
-gates → report → publish. Each stage is a plain function of the prepared context returning plain data; export and
-builds are cached under keys of their inputs, so a re-run resumes, and the report directory is published atomically.
+gates → report → publish, then the bundle when every gate passed (pipeline/bundle.py). Each stage is a plain function
+of the prepared context returning plain data; export and builds are cached under keys of their inputs, so a re-run
+resumes, and the report directory is published atomically.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.bundle import after_deploy
 from pipeline.errors import UserError
 from pipeline.memory import stage_peak
 from pipeline.stages import gates
@@ -51,6 +53,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         log(("PASS " if v.passed else "FAIL ") + v.line())
     if report["recommended_precision"]:
         log(report["recommended_precision"]["line"])
+    after_deploy(out_dir, report, built.runners, ctx.ck.class_names, log)  # out_dir/bundle/ only when gates pass
     code = EXIT_OK if report["gates"]["passed"] else EXIT_GATE_FAILED
     if not ctx.availability.ok:
         log(f"{cfg.target}: {ctx.notes[0]} (exit {EXIT_NOT_BUILT}: proxy figures only)")

@@ -56,7 +56,7 @@ def validate(ctx: Context, built: Built, decision: Decision) -> Validation:
     preds = _predict(ctx, built, decision, reference)
     acc = _accuracy(ctx, built, preds, reference)
     latency = _latency(ctx, built, decision)
-    recipes = _compare_recipes(ctx, built, preds)
+    recipes = _compare_recipes(ctx, built, preds, (decision.recipe or {}).get("chosen"))
     if decision.fallback is not None:
         _fallback_figures(ctx, decision.fallback, preds, latency)
     return Validation(acc, latency, recipes, _time_split(ctx, built))
@@ -139,9 +139,11 @@ def _others(built: Built) -> dict:
     return {n: r for n, r in built.recipes.items() if final is None or r.artifact.files != final.files}
 
 
-def _compare_recipes(ctx: Context, built: Built, preds: dict) -> list[dict]:
+def _compare_recipes(ctx: Context, built: Built, preds: dict, chosen: str | None) -> list[dict]:
     """Every INT8 candidate: accuracy on the evaluation split, p50 at the deployment size, batch 1, interleaved
-    with FP32 in one measurement."""
+    with FP32 in one measurement. The chosen one is `deployed`; where layers went back to float after the choice
+    (latency-aware precision, the accuracy fallback) its row is the candidate as built, and the deployed artifact
+    is the "int8" row of the latency and accuracy tables."""
     runners, alt = built.runners, _others(built)
     if len(built.recipes) < 2 or not all(r.timed for r in (*runners.values(), *(x.runner for x in alt.values()))):
         return []
@@ -160,7 +162,8 @@ def _compare_recipes(ctx: Context, built: Built, preds: dict) -> list[dict]:
                      "int8_speedup": lat["fp32"].p50_ms / lat[key].p50_ms, "input_size": cfg.image_size, "batch": 1,
                      "threads": cfg.threads, "integer_kernels": ops.get("integer_kernels"),
                      "float_conv_matmul_left": ops.get("float_conv_matmul_left"),
-                     "runtime": runners["fp32"].runtime, "kind": "real", "deployed": name not in alt})
+                     "runtime": runners["fp32"].runtime, "kind": "real", "deployed": name == chosen,
+                     **({"deployed_with_float_layers": True} if name == chosen and name in alt else {})})
         ctx.log(f"recipe {name}: top-1 drop {a['top1_drop_pp']:+.2f} pp, p50 {lat[key].p50_ms:.2f} ms "
                 f"({rows[-1]['int8_speedup']:.2f}× FP32)")
     return rows

@@ -1,0 +1,295 @@
+"""The bundle a device team takes as it is: `<run>/bundle/` with the artifact the gates passed, labels.txt,
+preprocessing.json, MODEL_CARD.md (read from report.json, which it carries), reference inputs and outputs,
+predict.py (ONNX Runtime, OpenVINO, Core ML) and SHA256SUMS over every other file (`sha256sum -c` format).
+
+Only a run whose gates passed is bundled: a deploy that misses a gate writes no bundle, and `bundle RUN_DIR`
+refuses such a run, so a failed artifact never leaves looking like a shippable one. A run whose figures come from
+a proxy (TensorRT without a GPU, Core ML off macOS) is bundled only when its gates passed (`allow_proxy`), and its
+card says so in its second line. The bundle is built under a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache import publish_dir, sha256_file
+from pipeline.errors import UserError
+
+BUNDLE = "bundle"
+SUMS = "SHA256SUMS"
+REFERENCE_NPZ = "reference_outputs.npz"
+REFERENCE_IMAGES = "reference_images"
+N_REFERENCE = 16
+TEMPLATES = Path(__file__).resolve().parent / "bundle_files"
+# What the template and validate must know of a runtime, by target name (the Target contract does not say):
+PREDICT = {"onnxruntime", "openvino", "coreml"}  # predict.py runs these; a TensorRT engine needs the device's build
+IMAGE_INPUT = {"coreml"}  # an RGB image in (Core ML ImageType: normalisation inside the package) ...
+PROBABILITIES = {"coreml"}  # ... and a classifier's softmax probabilities out (the others give logits)
+
+
+def output_kind(target: str) -> str:
+    return "probabilities" if target in PROBABILITIES else "logits"
+
+
+def read_report(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "report.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a deploy's report directory (no report.json); pass the --out of a "
+                        "deploy, e.g. runs/onnxruntime-atto") from None
+    except ValueError as e:
+        raise UserError(f"{run_dir}/report.json is not valid JSON ({e}); re-run the deploy") from None
+
+
+def failed_gates(report: dict) -> str:
+    bad = [f"{v['gate']} {v['status']}" for v in report["gates"]["verdicts"] if v["status"] != "pass"]
+    return ", ".join(bad) or "no gate passed"
+
+
+# ---------------------------------------------------------------- what goes in
+
+def _artifact_rows(report: dict, run_dir: Path, precisions: list[str]) -> dict[str, dict]:
+    """The report's artifact rows of `precisions`, each file checked against the sha256 the report measured."""
+    from targets.base import Artifact
+
+    rows = {a["precision"]: a for a in report["artifacts"]}
+    for p in precisions:
+        if p not in rows:
+            raise UserError(f"{run_dir} has no {p} artifact (it has: {', '.join(rows)})")
+        a = rows[p]
+        art = Artifact(report["target"]["name"], p, [run_dir / "artifacts" / f for f in a["files"]])
+        missing = [f.name for f in art.files if not f.exists()]
+        if missing:
+            raise UserError(f"{run_dir}/artifacts/{missing[0]} is missing; re-run the deploy")
+        for name, digest in art.sha256().items():
+            if a["sha256"].get(name) != digest:
+                raise UserError(f"{run_dir}/artifacts/{name} is not the file the report measured (sha256 differs); "
+                                "re-run the deploy")
+    return {p: rows[p] for p in precisions}
+
+
+def _class_names(report: dict, checkpoint: Path | None) -> list[str]:
+    from pipeline.checkpoints import load_checkpoint
+
+    m = report["model"]
+    path = Path(checkpoint or m["checkpoint"])
+    if not path.exists():
+        raise UserError(f"checkpoint {path} (named in report.json) not found; run from the directory the deploy ran "
+                        "in, or pass --checkpoint PATH")
+    ck = load_checkpoint(path)
+    if ck.sha256 != m["checkpoint_sha256"]:
+        raise UserError(f"{path} is not the checkpoint this run deployed (sha256 {ck.sha256[:12]}…, the report "
+                        f"says {m['checkpoint_sha256'][:12]}…); pass --checkpoint with the right file")
+    return list(ck.class_names)
+
+
+def _evaluation_source(report: dict, class_names: list[str]):
+    from calibration.fashion_mnist import FashionMNIST
+    from calibration.imagefolder import ImageFolder
+
+    source = report["data"]["evaluation"]["source"]
+    if source.startswith("fashion-mnist/"):
+        return FashionMNIST(source.split("/", 1)[1])
+    if source.startswith("imagefolder:"):
+        return ImageFolder(source.split(":", 1)[1], class_names)
+    raise UserError(f"cannot read the run's evaluation source {source!r} for the bundle's reference images")
+
+
+def _pick(labels: list[int], n: int) -> list[int]:
+    """Positions of `n` samples, one class after another (round-robin), so the reference spans classes."""
+    by_class: dict[int, list[int]] = {}
+    for pos, y in enumerate(labels):
+        by_class.setdefault(y, []).append(pos)
+    picked, depth = [], 0
+    while len(picked) < min(n, len(labels)):
+        picked += [v[depth] for _, v in sorted(by_class.items()) if depth < len(v)][: n - len(picked)]
+        depth += 1
+    return sorted(picked)
+
+
+def reference_images(run_dir: Path, report: dict, class_names: list[str], out: Path) -> dict:
+    """Save `N_REFERENCE` evaluation images as PNG under `out` and return their preprocessed inputs (read back
+    from the PNGs, so a device reading the same files gets the same inputs) with labels and names."""
+    from PIL import Image
+
+    from calibration.preprocess import preprocess
+    from pipeline.variants import Preprocessing
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    indices = manifest["evaluation"]["indices"]
+    src = _evaluation_source(report, class_names)
+    first = indices[: 50 * N_REFERENCE]  # enough to cover classes without reading a whole evaluation tree
+    labelled = [src[i] for i in first]
+    pp = Preprocessing.from_dict(report["model"]["preprocessing"])
+    out.mkdir()
+    names, inputs, labels = [], [], []
+    picked = _pick([y for _, y in labelled], N_REFERENCE)
+    for k, pos in enumerate(picked):
+        img, y = labelled[pos]
+        if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+            img = img.convert("RGB")  # PNG cannot hold it (CMYK, YCbCr); the deploy converts to RGB first anyway
+        name = f"{k:02d}_label{y}.png"
+        img.save(out / name, format="PNG")
+        with Image.open(out / name) as back:
+            inputs.append(preprocess(back, pp))
+        names.append(f"{REFERENCE_IMAGES}/{name}")
+        labels.append(y)
+    return {"inputs": np.stack(inputs), "labels": np.asarray(labels, np.int64), "images": np.asarray(names),
+            "indices": np.asarray([first[p] for p in picked], np.int64)}
+
+
+def _runner(report: dict, run_dir: Path, row: dict, runners: dict | None):
+    """The artifact as published in the run directory, loaded by its target (the file the bundle ships is the
+    file that gives the reference outputs); the deploy's own runner where that cannot load here (Core ML off
+    macOS: its torch proxy lives in the build cache, not in the run)."""
+    from targets import get_target
+    from targets.base import Artifact
+
+    target = get_target(report["target"]["name"])
+    art = Artifact(target.name, row["precision"], [run_dir / "artifacts" / f for f in row["files"]],
+                   row["metadata"], row.get("proxy"))
+    threads = report["accuracy"].get(row["precision"], {}).get("threads") or 1
+    try:
+        return target.load_runner(art, threads)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        if runners and row["precision"] in runners:
+            return runners[row["precision"]]
+        raise UserError(f"cannot run the {row['precision']} artifact of {run_dir} here to record its reference outputs "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-run the deploy, which bundles "
+                        "when its gates pass, or run `bundle` where the target's runtime is (Core ML: macOS)") from None
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- preprocessing.json
+
+def runtime_config(target: str, row: dict) -> dict:
+    """Settings the runtime must be given to compute what the deploy measured."""
+    if target == "openvino":  # without the hint the CPU plugin picks BF16 where the CPU has it
+        return {"INFERENCE_PRECISION_HINT": (row["metadata"].get("build") or {}).get("float_precision", "f32"),
+                "PERFORMANCE_HINT": "LATENCY"}
+    if target == "onnxruntime":
+        return {"graph_optimization_level": "ORT_ENABLE_ALL", "providers": ["CPUExecutionProvider"]}
+    return {}
+
+
+def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int) -> dict:
+    from PIL import __version__ as pillow
+
+    from pipeline.export import INPUT_NAME, OUTPUT_NAME
+
+    target = report["target"]["name"]
+    pp = report["model"]["preprocessing"]
+    size, short = pp["input_size"], int(pp["input_size"] // pp["crop_pct"])
+    image_in = target in IMAGE_INPUT
+    return {
+        "format": "convnext-deploy bundle preprocessing 1",
+        "input_size": size, "crop_pct": pp["crop_pct"], "interpolation": pp["interpolation"],
+        "mean": pp["mean"], "std": pp["std"],
+        "colour_mode": "RGB: every image is converted with Pillow's Image.convert('RGB') before anything else "
+                       "(a grey image becomes three equal channels; alpha is dropped, not composited)",
+        "resize": f"shorter side to floor(input_size / crop_pct) = {short} px, the other side to "
+                  f"max({short}, round(side × {short} / shorter side)), Pillow Image.resize with "
+                  f"{pp['interpolation']} (skipped when the image already has that size)",
+        "crop": f"centre {size}×{size}: left = (width − {size}) // 2, top = (height − {size}) // 2",
+        "normalise": ("inside the model (Core ML ImageType scale/bias): feed the cropped RGB image"
+                      if image_in else "x / 255, then (x − mean) / std per channel (R, G, B)"),
+        "layout": "image (H×W RGB, uint8)" if image_in else "NCHW",
+        "dtype": "uint8 image" if image_in else "float32",
+        "input": ({"name": "image", "type": "image", "shape": [size, size, 3]} if image_in else
+                  {"name": INPUT_NAME, "type": "tensor", "shape": ["batch", 3, size, size],
+                   "note": "batch and spatial size are dynamic (multiples of 32); accuracy was measured at "
+                           f"{size} px"}),
+        "output": {"name": None if image_in else OUTPUT_NAME, "kind": output_kind(target),
+                   "shape": ["batch", n_classes], "classes": "labels.txt, one name a line, in output order",
+                   **({"note": "the classifier's probability dictionary, keyed by class name "
+                               "(spec.description.predictedProbabilitiesName)"} if image_in else {})},
+        "runtime": target,
+        "default_model": "int8",
+        "models": {p: {"file": r["files"][0], "files": r["files"], "precision": p, "sha256": r["sha256"],
+                       "config": runtime_config(target, r)} for p, r in rows.items()},
+        "trained_on": report["model"].get("trained_on") or {},
+        "reference_made_with": {"pillow": pillow},
+    }
+
+
+# ---------------------------------------------------------------- the bundle
+
+def write_sums(directory: Path) -> int:
+    """SHA256SUMS over every other file under `directory`, sorted, in `sha256sum -c` format."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() != SUMS)
+    lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n" for p in files]
+    (directory / SUMS).write_text("".join(lines))
+    return len(lines)
+
+
+def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = None,
+                class_names: list[str] | None = None, checkpoint: Path | None = None, log=print) -> Path:
+    """Write `run_dir/bundle/` for a run whose gates passed. `runners`: the deploy's own (precision → Runner), for
+    an artifact that cannot be loaded from the run here; `with_fp32`: the target's float reference too (FP32;
+    Core ML: FP16); `class_names`: the checkpoint's (else read from the checkpoint the report names)."""
+    from reports.model_card import render_model_card
+
+    run_dir = Path(run_dir)
+    report = read_report(run_dir)
+    target = report["target"]["name"]
+    if not report["gates"]["passed"]:
+        raise UserError(f"{run_dir}: gates not met ({failed_gates(report)}); only an artifact that passed its gates "
+                        "is bundled: fix the cause and re-deploy")
+    precisions = ["int8"] + ([report["target"]["reference"]] if with_fp32 else [])
+    rows = _artifact_rows(report, run_dir, precisions)
+    names = list(class_names) if class_names is not None else _class_names(report, checkpoint)
+    if len(names) != report["model"]["num_classes"]:
+        raise UserError(f"{len(names)} class names for a {report['model']['num_classes']}-class model")
+    made_by, outputs = {}, {}
+    staged: dict = {}
+
+    def build(tmp: Path) -> None:
+        ref = reference_images(run_dir, report, names, tmp / REFERENCE_IMAGES)
+        for p, row in rows.items():
+            r = _runner(report, run_dir, row, runners)
+            y = np.asarray(r.run(ref["inputs"]), np.float32)
+            if target in PROBABILITIES and r.proxy:  # the proxy gives the logits the package's softmax reads
+                y = _softmax(y)
+            outputs[f"outputs_{p}"] = y
+            made_by[p] = {"runtime": r.runtime, "device": r.device, "precision_executed": r.precision,
+                          "proxy": r.proxy}
+            for f in row["files"]:
+                src = run_dir / "artifacts" / f
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / f)  # a copy: never the cache's inode
+        np.savez(tmp / REFERENCE_NPZ, **ref, **outputs, output_kind=np.asarray(output_kind(target)),
+                 precisions=np.asarray(precisions))
+        (tmp / "labels.txt").write_text("".join(f"{n}\n" for n in names))
+        pp = preprocessing_json(report, rows, len(names))
+        pp["reference_made_by"] = made_by
+        (tmp / "preprocessing.json").write_text(json.dumps(pp, indent=1) + "\n")
+        shutil.copy2(run_dir / "report.json", tmp / "report.json")
+        if target in PREDICT:
+            shutil.copy2(TEMPLATES / "predict.py", tmp / "predict.py")
+        info = {"precisions": precisions, "files": {p: r["files"] for p, r in rows.items()},
+                "predict": target in PREDICT,
+                "reference": {"n": len(ref["labels"]), "source": report["data"]["evaluation"]["source"],
+                              "made_by": made_by}}
+        (tmp / "MODEL_CARD.md").write_text(render_model_card(report, info))
+        staged["files"] = write_sums(tmp)  # last: it covers every file written above
+
+    out = publish_dir(run_dir / BUNDLE, build)
+    log(f"bundle: {out} ({', '.join(precisions)}; {staged['files']} files in {SUMS})")
+    return out
+
+
+def after_deploy(out_dir: Path, report: dict, runners: dict, class_names, log=print) -> Path | None:
+    """The deploy's last step: a bundle when every gate passed, otherwise one line saying why there is none."""
+    if not report["gates"]["passed"]:
+        log(f"bundle: none written: gates not met ({failed_gates(report)}); a failed artifact is never bundled")
+        return None
+    if "int8" not in runners:
+        log("bundle: none written: no INT8 artifact was built")
+        return None
+    return make_bundle(out_dir, runners=runners, class_names=list(class_names), log=log)
