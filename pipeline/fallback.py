@@ -111,8 +111,8 @@ def resolve_drop(cfg: FallbackConfig, plain: dict) -> tuple[FallbackConfig, str 
     only a drop under 0.05 pp would pass. Then the drop is decided on its point figure (the evaluation split, 9× larger,
     checks it again) and the report says so; agreement, the stable statistic, is always held on its bound."""
     half = plain["control_drop_high_pp"] - plain["control_drop_pp"]
-    if half <= cfg.max_drop_pp / 2:  # a drop of half the gate can then still be shown to pass
-        return cfg, None
+    if half <= cfg.max_drop_pp / 2 or cfg.max_drop_pp <= 0:  # a drop of half the gate can then still be shown to
+        return cfg, None  # pass; a gate of 0 pp allows no sampling error at all: held on the bound
     flipped = max(1.0 - plain["control_agreement"], 1e-3)
     need = control_size_needed(cfg.max_drop_pp / 2, flipped)
     note = (f"the control split bounds the top-1 drop only to ±{half:.2f} pp (95 %), more than half the "

@@ -130,3 +130,13 @@ def test_score_and_misses_agree():
     for high, low in [(0.4, 0.995), (0.6, 0.995), (0.4, 0.985), (0.5, 0.99)]:
         f = {"control_drop_high_pp": high, "control_agreement_low": low}
         assert fb.misses(cfg, f) == (fb.score(cfg, f) > 0) == (high > 0.5 or low < 0.99)
+
+
+def test_a_zero_drop_gate_is_held_on_its_bound():
+    """`max_top1_drop_pp = 0` is a valid gate: no control split can shrink the sampling error to zero, so it stays
+    held on the bound (the fallback then runs to its budget), never a division by zero."""
+    plain = {"control_drop_pp": 0.1, "control_drop_high_pp": 0.6, "control_agreement": 0.99}
+    cfg, note = fb.resolve_drop(fb.FallbackConfig(0.0), plain)
+    assert cfg.drop_bound and note is None
+    cfg, note = fb.resolve_drop(fb.FallbackConfig(0.3), plain)  # ±0.5 pp > half the gate: decided on the point
+    assert not cfg.drop_bound and "control images" in note

@@ -77,7 +77,9 @@ def test_decide_keeps_plain_int8_when_it_meets_the_gates(staged):
     if fb["triggered"]:  # INT8 numerics differ per CPU; when the plain model misses, the decision must act
         assert decision.int8 is not None or not fb["met"]
     else:
-        assert decision.int8 is None and decision.plain_runner is None and fb["float_layers"] == []
+        # the latency-aware step may keep layers in float where that was measurably faster on this CPU
+        kept = decision.recipe["mixed"] is not None and decision.recipe["mixed"]["kept"]
+        assert (decision.int8 is not None) == kept and decision.plain_runner is None and fb["float_layers"] == []
 
 
 def test_decide_does_nothing_without_an_accuracy_gate(staged, tmp_path):
