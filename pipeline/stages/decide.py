@@ -98,8 +98,7 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, choice: dict | None) -
     out["sensitivity"] = sensitivity(ctx, chosen.source, built, min(max(cfg.sensitivity, 256), len(ctx.split.calibration)))
 
     def rebuild(layers: list[str]) -> tuple[Artifact, Runner]:
-        kept = chosen.options.float_layers  # layers the latency-aware step already keeps in float stay so
-        art = build_one(ctx, chosen.source, "int8", replace(chosen.options, float_layers=tuple(dict.fromkeys((*kept, *layers)))))
+        art = build_one(ctx, chosen.source, "int8", mixed.with_float(chosen.options, layers))  # latency-aware ones stay
         return art, target.load_runner(art, cfg.threads)
 
     res = fb.search(rebuild, out["sensitivity"]["ranking"], control, reference, (chosen.artifact, chosen.runner),

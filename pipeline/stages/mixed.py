@@ -64,12 +64,13 @@ def mix(ctx: Context, built: Built, chosen: Recipe) -> tuple[dict | None, Recipe
     ctx.log(f"latency-aware precision: {record['why']}" + (" (measurement reused from the cache)" if cached else ""))
     if not record["kept"]:
         return record, None
-    options = _with_float(chosen.options, record["float_layers"])
+    options = with_float(chosen.options, record["float_layers"])
     artifact = build_one(ctx, chosen.source, "int8", options)
     return record, Recipe(chosen.source, options, artifact, target.load_runner(artifact, cfg.threads))
 
 
-def _with_float(options, layers: list[str]):
+def with_float(options, layers):
+    """The options with `layers` also in float (those already float stay so)."""
     return replace(options, float_layers=tuple(dict.fromkeys((*options.float_layers, *layers))))
 
 
@@ -81,7 +82,7 @@ def _measure(ctx: Context, built: Built, chosen: Recipe) -> dict:
     if not slower:
         record["why"] = times.get("why") or "INT8 is faster than the reference in every layer"
         return record
-    artifact = build_one(ctx, chosen.source, "int8", _with_float(chosen.options, slower))
+    artifact = build_one(ctx, chosen.source, "int8", with_float(chosen.options, slower))
     runner = target.load_runner(artifact, cfg.threads)
     lat = measure({"all int8": chosen.runner, "mixed": runner}, batch=1, input_size=cfg.image_size,
                   runs=max(20, cfg.latency_runs), warmup=5, rounds=10, budget_s=60)
