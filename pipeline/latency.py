@@ -133,7 +133,8 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
             times[name].append([timer(x) for _ in range(block)])
         done = len(times[name]) >= rounds
         if done and budget_s is not None and time.monotonic() - t0 < budget_s and len(timers) > 1:
-            done = all(r.resolved for r in _ratios(_latencies(times, batch, input_size, warmup, block), tolerance))
+            first, *others = times.values()  # the ratios only: the per-runner intervals are not needed yet
+            done = all(ratio_of_rounds(first, o, tolerance).resolved for o in others)
         if done:
             return _latencies(times, batch, input_size, warmup, block)
 
@@ -146,8 +147,3 @@ def _latencies(times: dict, batch: int, input_size: int, warmup: int, block: int
         out[name] = Latency(float(p50), float(p90), float(p99), float(ms.mean()), float(batch * 1e3 / p50),
                             batch, input_size, ms.size, warmup, len(ms), block, _ci(ms), ms.tolist())
     return out
-
-
-def _ratios(lat: dict[str, Latency], tolerance: float) -> list[Ratio]:
-    first, *others = lat.values()
-    return [ratio(first, o, tolerance) for o in others]
