@@ -24,13 +24,13 @@ from calibration.batches import iter_batches
 from calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
 from pipeline.cache import key_of
 from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
-from pipeline.latency import measure, ratio
+from pipeline.latency import Budget, measure, ratio
 from pipeline.memory import stage_peak
 from pipeline.machine import cpu_profile, device_label, profile_line
 from pipeline.model import create_model
 from pipeline.outliers import inject_outliers
 from pipeline.reference import reference_path
-from pipeline.stages.build import build
+from pipeline.stages.build import build, spread
 from pipeline.stages.context import DEFAULT, DeployConfig
 from pipeline.stages.export import export
 from pipeline.stages.prepare import prepare
@@ -41,6 +41,7 @@ from targets import TARGETS, get_target
 from targets.base import inference_batch
 
 TOLERANCE = 0.03  # rounds go on (within --budget) until every ratio's 95 % interval is within ±3 %
+INSTANCES = 4  # at least this many loads of every artifact per row: intervals carry the spread between loads
 OUTLIER_K = 30.0  # "<variant>+outliers": the checkpoint with injected 30× norm-channel outliers (same FP32 function)
 
 
@@ -75,8 +76,10 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     runners = {p: r for p, r in built.runners.items() if p != "int8"}
     runners.update({f"int8 {name}": r.runner for name, r in built.recipes.items()})
     timed = {k: r for k, r in runners.items() if r.timed}
-    lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=10, budget_s=budget_s,
-                  tolerance=TOLERANCE) if timed else {}
+    loads = spread(ctx, {**{p: built.artifacts[p] for p in runners if p in built.artifacts},
+                         **{f"int8 {name}": r.artifact for name, r in built.recipes.items()}}, INSTANCES)
+    lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=3 * INSTANCES,
+                  budget=Budget(budget_s, TOLERANCE), spread=loads) if timed else {}
     first = next(iter(runners))
     ratios = {f"{k} vs {first}": ratio(lat[first], lat[k], TOLERANCE).to_dict() for k in lat if k != first}
     peer = f"int8 {ctx.target.peer_default}"
@@ -87,6 +90,8 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
            "kind": "proxy" if runners[first].proxy else "real",
            "p50_ms": {k: (lat[k].p50_ms if k in lat else None) for k in runners},
            "p50_ci_ms": {k: lat[k].p50_ci_ms for k in lat}, "rounds": next(iter(lat.values())).rounds if lat else 0,
+           "instances": next(iter(lat.values())).instances if lat else 0,
+           "disturbed_rounds": next(iter(lat.values())).disturbed_rounds if lat else 0,
            "executed": {k: r.precision for k, r in runners.items()}, "ratios": ratios, "skipped": list(ctx.notes)}
     if has_reference:
         preds = predict_many({k: r.run for k, r in runners.items()},
@@ -99,36 +104,49 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     return row
 
 
-def interleave_study(target: str, variant: str, size: int, threads: int, calls: int = 200, log=print) -> list[dict]:
+STUDY = (("alternate every call", 1, False), ("alternate every call, 1 re-warm call", 1, True),
+         ("blocks of 10, 1 re-warm call", 10, True), ("blocks of 50, 1 re-warm call", 50, True))
+
+
+def interleave_study(target: str, variant: str, size: int, threads: int, cycles: int = 8, calls: int = 50,
+                     log=print) -> list[dict]:
     """What interleaving granularity and cache warmth do to the figures: the reference and the default INT8
     artifact timed (a) alternating on every call, (b) alternating on every call after one untimed re-warm call,
-    (c) in blocks of 10 after one re-warm call (the harness's way), (d) in blocks of 50."""
-    from pipeline.latency import _seconds_of
+    (c) in blocks of 10 after one re-warm call (the harness's way), (d) in blocks of 50. The four ways take turns,
+    `calls` timed calls each per cycle, so a disturbed stretch of the machine (pipeline.latency) hits them alike;
+    cycles where most of them ran slow are left out, as the harness does."""
+    from pipeline.latency import _seconds_of, undisturbed
 
     ck, _, _ = _checkpoint(variant)
     cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=100, n_eval=200, image_size=size,
                        threads=threads, fallback=False, alternatives=False)
     ctx = prepare(cfg, log, checkpoint=ck, decisions=False)
     built = build(ctx, export(ctx))
-    runners = {p: built.runners[p] for p in (ctx.target.reference, "int8")}
+    ref = ctx.target.reference
     x = torch.randn(1, 3, size, size).numpy()
-    timers = {k: _seconds_of(r) for k, r in runners.items()}
+    timers = {k: _seconds_of(built.runners[k]) for k in (ref, "int8")}
     for t in timers.values():
         for _ in range(10):
             t(x)
+    times: dict[tuple, list[list[float]]] = {(label, k): [] for label, _, _ in STUDY for k in timers}
+    for _ in range(cycles):
+        for label, block, rewarm in STUDY:
+            chunk: dict[str, list[float]] = {k: [] for k in timers}
+            while len(chunk["int8"]) < calls:
+                for k, t in timers.items():
+                    if rewarm:
+                        t(x)
+                    chunk[k] += [t(x) * 1e3 for _ in range(block)]
+            for k in timers:
+                times[(label, k)].append(chunk[k][:calls])
+    keep = undisturbed(times)
+    log(f"{int(keep.sum())} of {cycles} cycles undisturbed ({calls} timed calls per runner and way each)")
     rows = []
-    for label, block, rewarm in (("alternate every call", 1, False), ("alternate every call, 1 re-warm call", 1, True),
-                                 ("blocks of 10, 1 re-warm call", 10, True), ("blocks of 50, 1 re-warm call", 50, True)):
-        times: dict[str, list[float]] = {k: [] for k in timers}
-        while len(times["int8"]) < calls:
-            for k, t in timers.items():
-                if rewarm:
-                    t(x)
-                times[k] += [t(x) * 1e3 for _ in range(block)]
-        p50 = {k: float(np.median(v)) for k, v in times.items()}
-        rows.append({"interleaving": label, "p50_ms": p50, "speedup": p50[ctx.target.reference] / p50["int8"]})
-        log(f"{label:40} {ctx.target.reference} {p50[ctx.target.reference]:7.2f} ms  int8 {p50['int8']:7.2f} ms  "
-            f"{rows[-1]['speedup']:.2f}×")
+    for label, _, _ in STUDY:
+        p50 = {k: float(np.median(np.asarray(times[(label, k)])[keep])) for k in timers}
+        rows.append({"interleaving": label, "p50_ms": p50, "speedup": p50[ref] / p50["int8"],
+                     "cycles": int(keep.sum())})
+        log(f"{label:40} {ref} {p50[ref]:7.2f} ms  int8 {p50['int8']:7.2f} ms  {rows[-1]['speedup']:.2f}×")
     return rows
 
 
@@ -145,6 +163,10 @@ def print_rows(rows: list[dict]) -> None:
             unresolved = "" if q["resolved"] else ", unresolved: the time budget ended first"
             print(f"  speed-up {name}: {q['value']:.2f}× [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}] "
                   f"({q['verdict']}{unresolved})")
+        if r.get("rounds"):
+            print(f"  {r['rounds']} undisturbed rounds over {r['instances']} loads of every artifact"
+                  + (f"; {r['disturbed_rounds']} disturbed rounds left out (the whole machine slower)"
+                     if r.get("disturbed_rounds") else ""))
         if r.get("peak_rss_mib"):
             print(f"  peak RSS of this row (build, time, evaluate): {r['peak_rss_mib']:.0f} MiB")
         for note in r.get("skipped", []):
@@ -188,7 +210,7 @@ def main(argv=None) -> int:
             rows.append({**row, "peak_rss_mib": memory[0]["peak_rss_mib"]})
     print_rows(rows)
     print("\nspeed-up A vs B = p50(B) / p50(A), from one interleaved measurement per target and variant; [low, high]: "
-          "95 % bootstrap interval over its paired rounds.")
+          "95 % bootstrap interval over the loads of the artifacts and the paired rounds within each.")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"written: {args.out}")

@@ -1,14 +1,23 @@
 """One latency harness for every target: warm-up, timed runs, percentiles and throughput.
 
 A Runner with a device clock (`device_ms`, TensorRT: CUDA events around the engine) is timed by that clock
-instead of the host's; a plain callable or any other Runner by the host's. Runners compared in one call are timed in interleaved rounds (A, B, A, B, …), so drift in machine load
-hits all of them alike and their ratios are honest.
+instead of the host's; a plain callable or any other Runner by the host's. Runners compared in one call are timed
+in interleaved rounds (A, B, A, B, …), so drift in machine load hits all of them alike and their ratios are honest.
 
 Each round times a block of consecutive calls of one runner after one untimed call: a deployed model runs warm,
 call after call, and the untimed call re-warms the caches the other runners of the round evicted (alternating
-runners on every call made every ConvNeXt-T file as slow as FP32 on an Intel Xeon: issue 15). A ratio's interval
-is a bootstrap over the paired rounds (the same round's machine state hits both); with a time budget, rounds go
-on until every ratio's 95 % interval is within `tolerance` of it, or the budget ends and it is reported unresolved.
+runners on every call made every ConvNeXt-T file as slow as FP32 on an Intel Xeon: issue 15).
+
+What two runs of the same comparison disagreed on (issue 15, measured on a 2-core AMD EPYC VM) and how it is met:
+- The machine has a disturbed state, seconds to a minute long, that slows both cores at once with no steal time
+  reported (a 512×512 matmul pinned to either core: +22 %; a co-tenant on the host, presumably): ConvNeXt-T
+  OpenVINO FP32 +22 %, INT8 +45 %, so the INT8 speed-up fell from 2.33× to 1.96× while it lasted. A round where three quarters of the runners ran more than `DISTURBED` slower than their
+  own best round is counted as disturbed and left out of every figure (`disturbed_rounds` says how many).
+- Two freshly loaded instances of the same artifacts gave ratios ~3 % apart (2.26× and 2.35×, each ±0.01).
+  Given `fresh` loaders, the rounds are spread over `instances` loads, and intervals bootstrap over instances
+  and then over the rounds within each (hierarchical), so they carry that spread as well.
+A ratio's interval pairs the rounds (the same round's machine state hits both). With a time budget, rounds (or
+instances) go on until every ratio's 95 % interval is within `tolerance` of it, or the budget ends: unresolved.
 """
 from __future__ import annotations
 
@@ -20,38 +29,63 @@ import numpy as np
 
 from targets.base import Runner
 
+DISTURBED = 0.10  # a round whose runners all ran this much slower than their best was disturbed from outside
+BOOTSTRAP = 2000
+
 
 @dataclass
 class Latency:
-    p50_ms: float
+    p50_ms: float  # percentiles, mean and throughput over the undisturbed rounds
     p90_ms: float
     p99_ms: float
     mean_ms: float
     images_per_s: float
     batch: int
     input_size: int
-    runs: int
+    runs: int  # timed calls in the undisturbed rounds
     warmup: int
-    rounds: int = 1
+    rounds: int = 1  # undisturbed rounds
     block: int = 0  # timed calls in a row per round (after one untimed re-warm call)
-    p50_ci_ms: tuple[float, float] | None = None  # 95 % bootstrap interval of the p50 over rounds
-    round_ms: list[list[float]] = field(default_factory=list, repr=False)  # each round's timed calls (ratios pair them)
+    p50_ci_ms: tuple[float, float] | None = None  # 95 % bootstrap interval of the p50 (instances, then rounds)
+    instances: int = 1  # independently loaded instances the rounds were spread over
+    disturbed_rounds: int = 0  # rounds left out: the whole machine was slower (see the module's note)
+    round_ms: list[list[float]] = field(default_factory=list, repr=False)  # undisturbed rounds' calls (ratios pair them)
+    round_instance: list[int] = field(default_factory=list, repr=False)  # which instance ran each of those rounds
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("round_ms")
+        d.pop("round_instance")
         return d
 
 
 @dataclass(frozen=True)
+class Budget:
+    """More rounds, for up to `seconds`, until every ratio to the first runner is within ±`tolerance` (95 %)."""
+
+    seconds: float
+    tolerance: float = 0.03
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Spread the rounds over `instances` loads: `loaders` maps a runner's name to a loader of a fresh instance of
+    it (the target's load_runner on its artifact); a runner without one keeps its instance."""
+
+    loaders: dict[str, Callable[[], Runner]]
+    instances: int = 3
+
+
+@dataclass(frozen=True)
 class Ratio:
-    """p50(reference) / p50(other), with its 95 % bootstrap interval over paired rounds."""
+    """p50(reference) / p50(other), with its 95 % bootstrap interval over paired rounds (and instances)."""
 
     value: float
     low: float
     high: float
     rounds: int
     resolved: bool  # the interval is within the tolerance the measurement aimed for
+    instances: int = 1
 
     @property
     def verdict(self) -> str:
@@ -66,38 +100,72 @@ class Ratio:
                 + ("" if self.resolved else " (unresolved: the time budget ended first)"))
 
     def to_dict(self) -> dict:
-        return {"value": self.value, "ci95": [self.low, self.high], "rounds": self.rounds, "resolved": self.resolved,
-                "verdict": self.verdict}
-
-
-BOOTSTRAP = 2000
+        return {"value": self.value, "ci95": [self.low, self.high], "rounds": self.rounds,
+                "instances": self.instances, "resolved": self.resolved, "verdict": self.verdict}
 
 
 def ratio(reference: Latency, other: Latency, tolerance: float = 0.03, seed: int = 0) -> Ratio:
     """How many times faster `other` is than `reference`, from the same interleaved measurement."""
-    return ratio_of_rounds(reference.round_ms, other.round_ms, tolerance, seed)
+    return ratio_of_rounds(reference.round_ms, other.round_ms, tolerance, seed, reference.round_instance or None)
 
 
-def ratio_of_rounds(reference_ms, other_ms, tolerance: float = 0.03, seed: int = 0) -> Ratio:
-    """`ratio` on the rounds themselves (round × call, ms), e.g. as a cached measurement kept them."""
+def ratio_of_rounds(reference_ms, other_ms, tolerance: float = 0.03, seed: int = 0, instances=None) -> Ratio:
+    """`ratio` on the rounds themselves (round × call, ms; `instances`: each round's instance), e.g. as a cached
+    measurement kept them."""
     a, b = np.asarray(reference_ms), np.asarray(other_ms)
     value = float(np.median(a) / np.median(b))
+    groups = _groups(instances, len(a))
     if len(a) < 2 or len(a) != len(b):
-        return Ratio(value, value, value, len(a), False)
-    idx = np.random.default_rng(seed).integers(0, len(a), (BOOTSTRAP, len(a)))
+        return Ratio(value, value, value, len(a), False, len(groups))
+    idx = _resample(groups, seed)
     boot = _resampled_p50(a, idx) / _resampled_p50(b, idx)
     low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    return Ratio(value, low, high, len(a), (high - low) / 2 <= tolerance * value)
+    return Ratio(value, low, high, len(a), (high - low) / 2 <= tolerance * value, len(groups))
+
+
+def _groups(instances, n: int) -> list[np.ndarray]:
+    """Round indices per instance (one instance when not given)."""
+    if instances is None or len(instances) != n:
+        return [np.arange(n)]
+    ids = np.asarray(instances)
+    return [np.flatnonzero(ids == g) for g in np.unique(ids)]
+
+
+def _resample(groups: list[np.ndarray], seed: int) -> np.ndarray:
+    """Hierarchical bootstrap indices (resamples × slots, -1 = empty slot): instances drawn with replacement, then
+    rounds with replacement within each drawn instance. One instance: the plain bootstrap over rounds."""
+    rng = np.random.default_rng(seed)
+    slots = len(groups)
+    width = max(len(g) for g in groups)
+    within = np.full((len(groups), BOOTSTRAP, slots, width), -1)
+    for i, g in enumerate(groups):
+        within[i, ..., :len(g)] = g[rng.integers(0, len(g), (BOOTSTRAP, slots, len(g)))]
+    chosen = rng.integers(0, len(groups), (BOOTSTRAP, slots))
+    return within[chosen, np.arange(BOOTSTRAP)[:, None], np.arange(slots)].reshape(BOOTSTRAP, -1)
 
 
 def _resampled_p50(rounds: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """The p50 of every bootstrap resample of whole rounds (rounds: R × block, idx: resamples × R)."""
-    return np.median(rounds[idx].reshape(len(idx), -1), axis=1)
+    """The p50 of every bootstrap resample of whole rounds (rounds: R × block, idx: resamples × slots, -1 empty)."""
+    calls = rounds[np.maximum(idx, 0)].astype(float)  # resamples × slots × block
+    if (idx < 0).any():
+        calls[idx < 0] = np.nan
+        return np.nanmedian(calls.reshape(len(idx), -1), axis=1)
+    return np.median(calls.reshape(len(idx), -1), axis=1)
 
 
-def _ci(rounds: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    idx = np.random.default_rng(seed).integers(0, len(rounds), (BOOTSTRAP, len(rounds)))
+def _ci(rounds: np.ndarray, instances=None, seed: int = 0) -> tuple[float, float]:
+    idx = _resample(_groups(instances, len(rounds)), seed)
     return tuple(float(v) for v in np.percentile(_resampled_p50(rounds, idx), [2.5, 97.5]))
+
+
+def undisturbed(times: dict[str, list[list[float]]]) -> np.ndarray:
+    """Which rounds ran on an undisturbed machine: a round is disturbed when three quarters of its runners (both of
+    two) ran more than `DISTURBED` slower than their own best round. A slow instance of one runner does not mark
+    a round; the whole machine slowing does. Fewer than two undisturbed rounds: all are kept (nothing to tell the
+    states apart by)."""
+    rel = np.stack([np.median(t, axis=1) / np.median(t, axis=1).min() for t in map(np.asarray, times.values())])
+    keep = np.quantile(rel, 0.25, axis=0) <= 1 + DISTURBED
+    return keep if keep.sum() >= 2 else np.ones_like(keep)
 
 
 def _seconds_of(runner) -> Callable[[np.ndarray], float]:
@@ -115,35 +183,58 @@ def _seconds_of(runner) -> Callable[[np.ndarray], float]:
 
 
 def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warmup: int = 10, rounds: int = 5,
-            budget_s: float | None = None, tolerance: float = 0.03) -> dict[str, Latency]:
+            budget: Budget | None = None, spread: Spread | None = None) -> dict[str, Latency]:
     """`runners`: name → targets.base.Runner or a plain batch → logits callable. `runs` timed calls per runner in
-    `rounds` rounds; with `budget_s`, more rounds until every ratio to the first runner is within `tolerance`."""
+    `rounds` rounds; a `budget` adds rounds (with `spread`: instances) until every ratio to the first runner is
+    resolved. With `spread`, the rounds are spread over its instances (the first is `runners`)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size)).astype(np.float32)
-    timers = {name: _seconds_of(r) for name, r in runners.items()}
-    for timer in timers.values():
-        for _ in range(warmup):
-            timer(x)
+    instances = spread.instances if spread is not None and spread.loaders else 1
+    per_instance = -(-rounds // instances)
     block = max(1, runs // rounds)
     times: dict[str, list[list[float]]] = {k: [] for k in runners}
+    instance_of: list[int] = []
     t0 = time.monotonic()
+    instance, timers = 0, _warmed(runners, x, warmup)
     while True:
         for name, timer in timers.items():
             if len(timers) > 1:
                 timer(x)  # re-warm: the other runners of the round evicted this one's caches
             times[name].append([timer(x) for _ in range(block)])
-        done = len(times[name]) >= rounds
-        if done and budget_s is not None and time.monotonic() - t0 < budget_s and len(timers) > 1:
-            first, *others = times.values()  # the ratios only: the per-runner intervals are not needed yet
-            done = all(ratio_of_rounds(first, o, tolerance).resolved for o in others)
+        instance_of.append(instance)
+        if instances > 1 and len(instance_of) % per_instance:
+            continue  # an instance's rounds are measured in full before anything is decided
+        done = len(instance_of) >= per_instance * instances
+        if done and budget is not None and time.monotonic() - t0 < budget.seconds and len(timers) > 1:
+            keep = undisturbed(times)
+            kept = [np.asarray(t)[keep] for t in times.values()]
+            ids = np.asarray(instance_of)[keep]
+            done = all(ratio_of_rounds(kept[0], o, budget.tolerance, instances=ids).resolved for o in kept[1:])
         if done:
-            return _latencies(times, batch, input_size, warmup, block)
+            return _latencies(times, instance_of, batch, input_size, warmup, block)
+        if instances > 1:
+            instance += 1
+            timers = None  # the previous instance is released before the next is loaded
+            timers = _warmed({k: spread.loaders[k]() if k in spread.loaders else r for k, r in runners.items()},
+                             x, warmup)
 
 
-def _latencies(times: dict, batch: int, input_size: int, warmup: int, block: int) -> dict[str, Latency]:
+def _warmed(runners: dict, x: np.ndarray, warmup: int) -> dict:
+    timers = {name: _seconds_of(r) for name, r in runners.items()}
+    for timer in timers.values():
+        for _ in range(warmup):
+            timer(x)
+    return timers
+
+
+def _latencies(times: dict, instance_of: list[int], batch: int, input_size: int, warmup: int,
+               block: int) -> dict[str, Latency]:
+    keep = undisturbed(times)
+    ids = np.asarray(instance_of)[keep]
     out = {}
     for name, per_round in times.items():
-        ms = np.asarray(per_round) * 1e3
+        ms = np.asarray(per_round)[keep] * 1e3
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         out[name] = Latency(float(p50), float(p90), float(p99), float(ms.mean()), float(batch * 1e3 / p50),
-                            batch, input_size, ms.size, warmup, len(ms), block, _ci(ms), ms.tolist())
+                            batch, input_size, ms.size, warmup, len(ms), block, _ci(ms, ids),
+                            len(np.unique(ids)), int((~keep).sum()), ms.tolist(), ids.tolist())
     return out

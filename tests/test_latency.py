@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.latency import measure, ratio
+from pipeline.latency import Budget, Spread, measure, ratio
 from targets.base import Runner
 
 
@@ -79,7 +79,7 @@ def test_ratio_interval_is_a_bootstrap_over_paired_rounds():
 def test_equal_runners_are_no_clear_difference_and_a_budget_ends_unresolved():
     rng = np.random.default_rng(2)
     a, b = clocked(10 + rng.normal(0, 3, 100_000)), clocked(10 + rng.normal(0, 3, 100_000))
-    lat = measure({"a": a, "b": b}, batch=1, input_size=8, runs=20, warmup=0, rounds=4, budget_s=0.3, tolerance=1e-4)
+    lat = measure({"a": a, "b": b}, batch=1, input_size=8, runs=20, warmup=0, rounds=4, budget=Budget(0.3, 1e-4))
     r = ratio(lat["a"], lat["b"], tolerance=1e-4)
     assert lat["a"].rounds > 4  # the budget bought more rounds than the minimum
     assert r.low < 1.0 < r.high and r.verdict.startswith("no clear difference") and not r.resolved
@@ -89,5 +89,69 @@ def test_equal_runners_are_no_clear_difference_and_a_budget_ends_unresolved():
 def test_rounds_stop_once_every_ratio_is_resolved():
     rng = np.random.default_rng(3)
     a, b = clocked(10 + rng.normal(0, 0.1, 100_000)), clocked(5 + rng.normal(0, 0.05, 100_000))
-    lat = measure({"a": a, "b": b}, batch=1, input_size=8, runs=20, warmup=0, rounds=4, budget_s=60, tolerance=0.05)
+    lat = measure({"a": a, "b": b}, batch=1, input_size=8, runs=20, warmup=0, rounds=4, budget=Budget(60, 0.05))
     assert lat["a"].rounds == 4 and ratio(lat["a"], lat["b"], tolerance=0.05).resolved
+
+
+def test_rounds_of_a_disturbed_machine_are_counted_and_left_out():
+    """Both runners slower together (the whole machine: a co-tenant) in rounds 3-5: those rounds are left out,
+    and the figures are the undisturbed ones, not a mixture that depends on how long the disturbance lasted."""
+    rounds, block = 10, 5
+    def calls(base, slow):
+        return [base * (slow if 3 <= i // (block + 1) <= 5 else 1.0) for i in range(rounds * (block + 1))]
+    lat = measure({"fp32": clocked(calls(20.0, 1.22)), "int8": clocked(calls(10.0, 1.45))}, batch=1, input_size=8,
+                  runs=rounds * block, warmup=0, rounds=rounds)
+    assert lat["fp32"].disturbed_rounds == lat["int8"].disturbed_rounds == 3
+    assert lat["fp32"].rounds == 7 and lat["fp32"].runs == 35
+    assert lat["fp32"].p50_ms == pytest.approx(20.0) and lat["int8"].p99_ms == pytest.approx(10.0)
+    assert ratio(lat["fp32"], lat["int8"]).value == pytest.approx(2.0)
+
+
+def test_one_slow_runner_is_not_taken_for_a_disturbed_machine():
+    """A round is disturbed only when most of its runners were slower: three runners, one 30 % slower in half the rounds."""
+    def calls(base, slow):
+        return [base * (slow if (i // 3) % 2 else 1.0) for i in range(40)]
+    lat = measure({"a": clocked(calls(20.0, 1.0)), "b": clocked(calls(10.0, 1.3)), "c": clocked(calls(5.0, 1.0))},
+                  batch=1, input_size=8, runs=20, warmup=0, rounds=10)
+    assert lat["b"].disturbed_rounds == 0 and lat["b"].p99_ms == pytest.approx(13.0)
+
+
+def test_rounds_are_spread_over_fresh_instances_and_the_interval_carries_their_spread():
+    """Each load of the same artifact runs at its own speed (a compiled model's placement): the ratio's interval
+    bootstraps over instances, so it is wider than a single instance's and covers the instances' ratios."""
+    rng = np.random.default_rng(4)
+    speeds = iter([1.0, 1.06, 0.96, 1.03, 0.98, 1.05])
+    loads = []
+
+    def load_int8():
+        s = next(speeds)
+        loads.append(s)
+        return clocked(10 * s + rng.normal(0, 0.05, 10_000))
+
+    ref = lambda: clocked(20 + rng.normal(0, 0.05, 10_000))  # noqa: E731
+    lat = measure({"fp32": ref(), "int8": load_int8()}, batch=1, input_size=8, runs=40, warmup=1, rounds=8,
+                  spread=Spread({"int8": load_int8}, 4))
+    r = ratio(lat["fp32"], lat["int8"])
+    assert len(loads) == 4 and lat["int8"].instances == 4 and r.instances == 4
+    assert lat["int8"].rounds == 8 and sorted(set(lat["int8"].round_instance)) == [0, 1, 2, 3]
+    per_instance = [2.0 / s for s in loads]
+    assert r.low <= min(per_instance) * 1.01 and r.high >= max(per_instance) * 0.99  # spans the instances
+    single = measure({"fp32": ref(), "int8": clocked(10 + rng.normal(0, 0.05, 10_000))}, batch=1, input_size=8,
+                     runs=40, warmup=1, rounds=8)
+    s = ratio(single["fp32"], single["int8"])
+    assert (s.high - s.low) * 3 < r.high - r.low
+
+
+def test_a_budget_adds_instances_until_the_ratio_is_resolved():
+    rng = np.random.default_rng(5)
+    speeds = iter([1.0, 1.2] + [1.0] * 50)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return clocked(10 * next(speeds) + rng.normal(0, 0.05, 10_000))
+
+    lat = measure({"fp32": clocked(20 + rng.normal(0, 0.05, 100_000)), "int8": load()}, batch=1, input_size=8,
+                  runs=20, warmup=0, rounds=4, spread=Spread({"int8": load}, 2), budget=Budget(60, 0.05))
+    r = ratio(lat["fp32"], lat["int8"], tolerance=0.05)
+    assert lat["int8"].instances > 2 and len(loads) == lat["int8"].instances and r.resolved

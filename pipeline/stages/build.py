@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 
 from pipeline.cache import cached_dir, code_digest, key_of, sha256_file
+from pipeline.latency import Spread
 from pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context
 from pipeline.stages.export import Source, Sources
 from pipeline.stages.prepare import model_info
 from targets.base import Artifact, BuildRequest, LabelledData, Runner
-
 
 
 @dataclass
@@ -78,3 +79,12 @@ def build(ctx: Context, src: Sources) -> Built:
         art = build_one(ctx, source, "int8", options)
         recipes[name] = Recipe(source, options, art, target.load_runner(art, cfg.threads))
     return Built(artifacts, runners, recipes)
+
+
+INSTANCES = 3  # loads of every timed artifact a deploy's latency is spread over (pipeline.latency: why)
+
+
+def spread(ctx: Context, artifacts: dict[str, Artifact], instances: int = INSTANCES) -> Spread:
+    """The latency harness's rounds spread over `instances` fresh loads of each labelled artifact."""
+    return Spread({label: partial(ctx.target.load_runner, a, ctx.cfg.threads) for label, a in artifacts.items()},
+                  instances)

@@ -25,6 +25,7 @@ class Decision:
     int8: Artifact | None = None  # the INT8 artifact to validate instead of the plain one (None: keep it)
     int8_runner: Runner | None = None
     plain_runner: Runner | None = None  # the all-INT8 runner, when the decision changed it: measured beside the final
+    plain: Artifact | None = None  # its artifact
 
 
 def sensitivity(ctx: Context, src: Source, built: Built, n_images: int) -> dict:
@@ -56,7 +57,8 @@ def decide(ctx: Context, built: Built) -> Decision:
                         runners={**built.runners, "int8": chosen.runner})
     fallback, final = _fallback(ctx, chosen, built, choice)
     if final is not None:
-        return Decision(choice, fallback, final, ctx.target.load_runner(final, ctx.cfg.threads), chosen.runner)
+        return Decision(choice, fallback, final, ctx.target.load_runner(final, ctx.cfg.threads), chosen.runner,
+                        chosen.artifact)
     if chosen is not built.recipes[DEFAULT]:
         return Decision(choice, fallback, chosen.artifact, chosen.runner)
     return Decision(choice, fallback)

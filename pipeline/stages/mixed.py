@@ -14,10 +14,10 @@ import json
 from dataclasses import replace
 
 from pipeline.cache import cached_dir, code_digest, key_of
-from pipeline.latency import measure, ratio
+from pipeline.latency import Budget, measure, ratio
 from pipeline.machine import cpu_profile
 from pipeline.model import weight_layers
-from pipeline.stages.build import Built, Recipe, build_one
+from pipeline.stages.build import Built, Recipe, build_one, spread
 from pipeline.stages.context import Context
 
 
@@ -85,7 +85,8 @@ def _measure(ctx: Context, built: Built, chosen: Recipe) -> dict:
     artifact = build_one(ctx, chosen.source, "int8", with_float(chosen.options, slower))
     runner = target.load_runner(artifact, cfg.threads)
     lat = measure({"all int8": chosen.runner, "mixed": runner}, batch=1, input_size=cfg.image_size,
-                  runs=max(20, cfg.latency_runs), warmup=5, rounds=10, budget_s=60)
+                  runs=max(20, cfg.latency_runs), warmup=5, rounds=12, budget=Budget(60),
+                  spread=spread(ctx, {"all int8": chosen.artifact, "mixed": artifact}))
     gain = ratio(lat["all int8"], lat["mixed"])
     record.update(gain=gain.to_dict(), all_int8_p50_ms=lat["all int8"].p50_ms, mixed_p50_ms=lat["mixed"].p50_ms,
                   kept=gain.verdict == "faster")

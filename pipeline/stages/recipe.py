@@ -13,9 +13,9 @@ import json
 from pipeline import fallback as fb
 from pipeline.cache import cached_dir, code_digest, key_of
 from pipeline.errors import UserError
-from pipeline.latency import measure, ratio, ratio_of_rounds
+from pipeline.latency import Budget, measure, ratio, ratio_of_rounds
 from pipeline.machine import cpu_profile
-from pipeline.stages.build import Built
+from pipeline.stages.build import Built, spread
 from pipeline.stages.context import DEFAULT, Context
 
 BUDGET_S = 60.0  # extra interleaved rounds until every candidate's speed-up is within ±3 % (95 % interval)
@@ -25,15 +25,20 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
     """p50 of every candidate and the reference in one interleaved measurement, and each one's control figures."""
     ref = built.runners[ctx.target.reference]
     runs = max(20, ctx.cfg.latency_runs)
+    loads = spread(ctx, {"reference": built.artifacts[ctx.target.reference],
+                         **{n: r.artifact for n, r in built.recipes.items()}})
     lat = measure({"reference": ref, **{n: r.runner for n, r in built.recipes.items()}}, batch=1,
-                  input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=10, budget_s=BUDGET_S)
+                  input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=12, budget=Budget(BUDGET_S),
+                  spread=loads)
     reference = fb.judge(ref, ctx.control) if ctx.control is not None else None
     rows = []
     for name, r in built.recipes.items():
         speedup = ratio(lat["reference"], lat[name])
         row = {"recipe": name, "p50_ms": lat[name].p50_ms, "p50_ci_ms": lat[name].p50_ci_ms,
                "reference_p50_ms": lat["reference"].p50_ms, "speedup": speedup.value, "speedup_ci95": [speedup.low, speedup.high],
-               "runs": lat[name].runs, "rounds": lat[name].rounds, "round_ms": lat[name].round_ms}
+               "runs": lat[name].runs, "rounds": lat[name].rounds, "instances": lat[name].instances,
+               "disturbed_rounds": lat[name].disturbed_rounds, "round_ms": lat[name].round_ms,
+               "round_instance": lat[name].round_instance}
         if reference is not None:
             row.update(fb.judge(r.runner, ctx.control, reference).figures())
         rows.append(row)
@@ -81,12 +86,14 @@ def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
     if meeting:  # not clearly slower than the fastest is a tie on this machine: the declared order (ours first) decides
         fastest = min(meeting, key=lambda r: r["p50_ms"])
         for r in meeting:
-            r["vs_fastest"] = ratio_of_rounds(fastest["round_ms"], r["round_ms"]).to_dict()  # < 1: r is slower
+            r["vs_fastest"] = ratio_of_rounds(fastest["round_ms"], r["round_ms"],
+                                              instances=r.get("round_instance")).to_dict()  # < 1: r is slower
         best = next(r for r in meeting if r is fastest or r["vs_fastest"]["verdict"] != "slower")
     else:
         best = min(rows, key=lambda r: fb.score(gates, r))
     for row in rows:
         row.pop("round_ms", None)
+        row.pop("round_instance", None)
         row["chosen"] = row is best
         row["why"] = _why(row, best, judged)
         ctx.log(f"recipe {row['recipe']}: p50 {row['p50_ms']:.2f} ms ({row['speedup']:.2f}× {ctx.target.reference})"

@@ -11,7 +11,7 @@ import torch
 from calibration.batches import iter_batches
 from pipeline.latency import measure, ratio
 from pipeline.machine import device_label
-from pipeline.stages.build import Built
+from pipeline.stages.build import Built, spread
 from pipeline.stages.context import Context, runner_entry
 from pipeline.stages.decide import Decision
 from pipeline.validate import accuracy, predict_many
@@ -106,11 +106,13 @@ def _accuracy(ctx: Context, built: Built, preds: dict, reference: Runner) -> dic
 def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
     cfg, target = ctx.cfg, ctx.target
     timed = {p: (p, r) for p, r in built.runners.items() if r.timed}
+    loads = {p: built.artifacts[p] for p in timed}
     if target.extra_runners is not None:  # e.g. Core ML on CPU_ONLY beside ALL
         timed.update({f"{p} ({label})": (p, r) for p, a in built.artifacts.items()
                       for label, r in target.extra_runners(a, cfg.threads).items()})
     if decision.plain_runner is not None and decision.plain_runner.timed:  # the fallback's cost, in the same rounds
         timed[PLAIN_INT8] = ("int8", decision.plain_runner)
+        loads.update({PLAIN_INT8: decision.plain} if decision.plain is not None else {})
     untimed = [p for p, r in built.runners.items() if not r.timed]
     if untimed:
         ctx.notes.append(f"latency not measured for {', '.join(untimed)}: "
@@ -120,7 +122,7 @@ def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
         for batch in cfg.batch_sizes:
             runs = cfg.latency_runs if batch == 1 else max(10, cfg.latency_runs // 4)
             res = measure({k: r for k, (_, r) in timed.items()}, batch=batch, input_size=size, runs=runs,
-                          warmup=5 if batch == 1 else 2)
+                          warmup=5 if batch == 1 else 2, rounds=6, spread=spread(ctx, loads))
             ref = res.get(target.reference)
             for k, lat in res.items():
                 vs = ratio(ref, lat) if ref is not None and k != target.reference else None
@@ -148,8 +150,10 @@ def _compare_recipes(ctx: Context, built: Built, preds: dict, chosen: str | None
     if len(built.recipes) < 2 or not all(r.timed for r in (*runners.values(), *(x.runner for x in alt.values()))):
         return []
     cfg = ctx.cfg
+    loads = spread(ctx, {"fp32": built.artifacts["fp32"], "int8": built.artifacts["int8"],
+                         **{n: r.artifact for n, r in alt.items()}})
     lat = measure({"fp32": runners["fp32"], "int8": runners["int8"], **{n: r.runner for n, r in alt.items()}},
-                  batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5)
+                  batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5, rounds=6, spread=loads)
     rows = []
     for name, recipe in built.recipes.items():
         art = recipe.artifact
