@@ -113,8 +113,8 @@ def interleave_study(target: str, variant: str, size: int, threads: int, cycles:
     """What interleaving granularity and cache warmth do to the figures: the reference and the default INT8
     artifact timed (a) alternating on every call, (b) alternating on every call after one untimed re-warm call,
     (c) in blocks of 10 after one re-warm call (the harness's way), (d) in blocks of 50. The four ways take turns,
-    `calls` timed calls each per cycle, so a disturbed stretch of the machine (pipeline.latency) hits them alike;
-    cycles where most of them ran slow are left out, as the harness does."""
+    `calls` timed calls each per cycle, so a disturbed stretch of the machine (pipeline.latency) hits them alike,
+    and the disturbed ones are left out as the harness does."""
     from pipeline.latency import _seconds_of, undisturbed
 
     ck, _, _ = _checkpoint(variant)
@@ -140,7 +140,8 @@ def interleave_study(target: str, variant: str, size: int, threads: int, cycles:
             for k in timers:
                 times[(label, k)].append(chunk[k][:calls])
     keep = undisturbed(times)
-    log(f"{int(keep.sum())} of {cycles} cycles undisturbed ({calls} timed calls per runner and way each)")
+    log(f"{cycles} cycles of {calls} timed calls per runner and way; {int((~keep).sum())} left out (disturbed "
+        "machine)")
     rows = []
     for label, _, _ in STUDY:
         p50 = {k: float(np.median(np.asarray(times[(label, k)])[keep])) for k in timers}

@@ -11,11 +11,14 @@ runners on every call made every ConvNeXt-T file as slow as FP32 on an Intel Xeo
 What two runs of the same comparison disagreed on (issue 15, measured on a 2-core AMD EPYC VM) and how it is met:
 - The machine has a disturbed state, seconds to a minute long, that slows both cores at once with no steal time
   reported (a 512×512 matmul pinned to either core: +22 %; a co-tenant on the host, presumably): ConvNeXt-T
-  OpenVINO FP32 +22 %, INT8 +45 %, so the INT8 speed-up fell from 2.33× to 1.96× while it lasted. A round where three quarters of the runners ran more than `DISTURBED` slower than their
-  own best round is counted as disturbed and left out of every figure (`disturbed_rounds` says how many).
+  OpenVINO FP32 +22 %, INT8 +45 %, so the INT8 speed-up fell from 2.33× to 1.96× while it lasted. A runner's
+  round more than `DISTURBED` slower than its usual round, next in time to another slow one, ran on a disturbed
+  machine: the round is counted (`disturbed_rounds`) and left out of every figure of every runner, so p50s and
+  their ratios come from the same rounds. One runner slow on its own (a slow load of it) is not a disturbed
+  machine: its neighbours in time ran at their usual speed.
 - Two freshly loaded instances of the same artifacts gave ratios ~3 % apart (2.26× and 2.35×, each ±0.01).
-  Given `fresh` loaders, the rounds are spread over `instances` loads, and intervals bootstrap over instances
-  and then over the rounds within each (hierarchical), so they carry that spread as well.
+  Given a `Spread`, the rounds are spread over its loads, and intervals bootstrap over loads and then over the
+  rounds within each (hierarchical), so they carry that spread as well.
 A ratio's interval pairs the rounds (the same round's machine state hits both). With a time budget, rounds (or
 instances) go on until every ratio's 95 % interval is within `tolerance` of it, or the budget ends: unresolved.
 """
@@ -29,7 +32,7 @@ import numpy as np
 
 from targets.base import Runner
 
-DISTURBED = 0.10  # a round whose runners all ran this much slower than their best was disturbed from outside
+DISTURBED = 0.10  # slower than the runner's usual round by this much, with a neighbour in time as slow: disturbed
 BOOTSTRAP = 2000
 
 
@@ -44,19 +47,21 @@ class Latency:
     input_size: int
     runs: int  # timed calls in the undisturbed rounds
     warmup: int
-    rounds: int = 1  # undisturbed rounds
+    rounds: int = 1  # undisturbed rounds (of this runner)
     block: int = 0  # timed calls in a row per round (after one untimed re-warm call)
     p50_ci_ms: tuple[float, float] | None = None  # 95 % bootstrap interval of the p50 (instances, then rounds)
     instances: int = 1  # independently loaded instances the rounds were spread over
     disturbed_rounds: int = 0  # rounds left out: the whole machine was slower (see the module's note)
-    round_ms: list[list[float]] = field(default_factory=list, repr=False)  # undisturbed rounds' calls (ratios pair them)
-    round_instance: list[int] = field(default_factory=list, repr=False)  # which instance ran each of those rounds
+    round_ms: list[list[float]] = field(default_factory=list, repr=False)  # every round's calls (ratios pair them)
+    round_instance: list[int] = field(default_factory=list, repr=False)  # which instance ran each round
+    round_kept: list[bool] = field(default_factory=list, repr=False)  # whether the round was undisturbed
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("round_ms")
-        d.pop("round_instance")
-        return d
+        return {k: v for k, v in asdict(self).items() if not k.startswith("round_")}
+
+    def rounds_data(self) -> dict:
+        """The rounds as plain data (a cached measurement keeps them): what `ratio_of_rounds` pairs."""
+        return {"ms": self.round_ms, "instance": self.round_instance, "kept": self.round_kept}
 
 
 @dataclass(frozen=True)
@@ -106,13 +111,22 @@ class Ratio:
 
 def ratio(reference: Latency, other: Latency, tolerance: float = 0.03, seed: int = 0) -> Ratio:
     """How many times faster `other` is than `reference`, from the same interleaved measurement."""
-    return ratio_of_rounds(reference.round_ms, other.round_ms, tolerance, seed, reference.round_instance or None)
+    return ratio_of_rounds(reference.rounds_data(), other.rounds_data(), tolerance, seed)
 
 
-def ratio_of_rounds(reference_ms, other_ms, tolerance: float = 0.03, seed: int = 0, instances=None) -> Ratio:
-    """`ratio` on the rounds themselves (round × call, ms; `instances`: each round's instance), e.g. as a cached
-    measurement kept them."""
-    a, b = np.asarray(reference_ms), np.asarray(other_ms)
+def ratio_of_rounds(reference: dict, other: dict, tolerance: float = 0.03, seed: int = 0) -> Ratio:
+    """`ratio` on `Latency.rounds_data()` of both, e.g. as a cached measurement kept them: the rounds where
+    neither was disturbed (all of them, where fewer than two were not)."""
+    n = len(reference["ms"])
+    if len(other["ms"]) != n:
+        return _paired(np.asarray(reference["ms"]), np.asarray(other["ms"]), tolerance, seed, None)
+    both = np.asarray(reference.get("kept") or [True] * n) & np.asarray(other.get("kept") or [True] * n)
+    both = both if both.sum() >= 2 else np.ones(n, bool)
+    instances = np.asarray(reference.get("instance") or np.zeros(n, int))[both]
+    return _paired(np.asarray(reference["ms"])[both], np.asarray(other["ms"])[both], tolerance, seed, instances)
+
+
+def _paired(a: np.ndarray, b: np.ndarray, tolerance: float, seed: int, instances) -> Ratio:
     value = float(np.median(a) / np.median(b))
     groups = _groups(instances, len(a))
     if len(a) < 2 or len(a) != len(b):
@@ -147,10 +161,12 @@ def _resample(groups: list[np.ndarray], seed: int) -> np.ndarray:
 def _resampled_p50(rounds: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """The p50 of every bootstrap resample of whole rounds (rounds: R × block, idx: resamples × slots, -1 empty)."""
     calls = rounds[np.maximum(idx, 0)].astype(float)  # resamples × slots × block
-    if (idx < 0).any():
-        calls[idx < 0] = np.nan
-        return np.nanmedian(calls.reshape(len(idx), -1), axis=1)
-    return np.median(calls.reshape(len(idx), -1), axis=1)
+    if not (idx < 0).any():
+        return np.median(calls.reshape(len(idx), -1), axis=1)
+    calls[idx < 0] = np.nan  # sorted last: each row's median sits in its first n values
+    calls = np.sort(calls.reshape(len(idx), -1), axis=1)
+    n, row = (idx >= 0).sum(axis=1) * rounds.shape[1], np.arange(len(idx))
+    return (calls[row, (n - 1) // 2] + calls[row, n // 2]) / 2
 
 
 def _ci(rounds: np.ndarray, instances=None, seed: int = 0) -> tuple[float, float]:
@@ -159,13 +175,20 @@ def _ci(rounds: np.ndarray, instances=None, seed: int = 0) -> tuple[float, float
 
 
 def undisturbed(times: dict[str, list[list[float]]]) -> np.ndarray:
-    """Which rounds ran on an undisturbed machine: a round is disturbed when three quarters of its runners (both of
-    two) ran more than `DISTURBED` slower than their own best round. A slow instance of one runner does not mark
-    a round; the whole machine slowing does. Fewer than two undisturbed rounds: all are kept (nothing to tell the
-    states apart by)."""
-    rel = np.stack([np.median(t, axis=1) / np.median(t, axis=1).min() for t in map(np.asarray, times.values())])
-    keep = np.quantile(rel, 0.25, axis=0) <= 1 + DISTURBED
-    return keep if keep.sum() >= 2 else np.ones_like(keep)
+    """Which rounds ran on an undisturbed machine (every runner of the round did). A runner's round is slow when its p50 is more than
+    `DISTURBED` above the runner's usual (lower-quartile) round and further than its own round-to-round noise can
+    explain (4 σ, from successive rounds' differences, which a few state changes do not move); it is disturbed when
+    the measurement next to it in time (the previous or next runner of the round, across round boundaries) was slow
+    too: the whole machine slowed for a while. A load of one runner that is slow by itself is not marked: its
+    neighbours ran at their usual speed."""
+    names = list(times)
+    p50 = np.stack([np.median(np.asarray(times[k]), axis=1) for k in names], axis=1)  # rounds × runners, time order
+    usual = np.quantile(p50, 0.25, axis=0)
+    noise = 1.4826 * np.median(np.abs(np.diff(p50, axis=0)), axis=0) / np.sqrt(2) if len(p50) > 1 else 0.0
+    slow = ((p50 > usual * (1 + DISTURBED)) & (p50 - usual > 4 * noise)).ravel()
+    disturbed = (slow & (np.r_[False, slow[:-1]] | np.r_[slow[1:], False])).reshape(p50.shape)
+    keep = ~disturbed.any(axis=1)  # a round half run on a slowed machine pairs nothing fairly
+    return keep if keep.sum() >= 2 else np.ones(len(p50), bool)
 
 
 def _seconds_of(runner) -> Callable[[np.ndarray], float]:
@@ -205,10 +228,9 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
             continue  # an instance's rounds are measured in full before anything is decided
         done = len(instance_of) >= per_instance * instances
         if done and budget is not None and time.monotonic() - t0 < budget.seconds and len(timers) > 1:
-            keep = undisturbed(times)
-            kept = [np.asarray(t)[keep] for t in times.values()]
-            ids = np.asarray(instance_of)[keep]
-            done = all(ratio_of_rounds(kept[0], o, budget.tolerance, instances=ids).resolved for o in kept[1:])
+            keep, ids = undisturbed(times).tolist(), list(instance_of)
+            data = [{"ms": t, "instance": ids, "kept": keep} for t in times.values()]
+            done = all(ratio_of_rounds(data[0], d, budget.tolerance).resolved for d in data[1:])
         if done:
             return _latencies(times, instance_of, batch, input_size, warmup, block)
         if instances > 1:
@@ -229,12 +251,12 @@ def _warmed(runners: dict, x: np.ndarray, warmup: int) -> dict:
 def _latencies(times: dict, instance_of: list[int], batch: int, input_size: int, warmup: int,
                block: int) -> dict[str, Latency]:
     keep = undisturbed(times)
-    ids = np.asarray(instance_of)[keep]
     out = {}
     for name, per_round in times.items():
-        ms = np.asarray(per_round)[keep] * 1e3
+        ms, ids = np.asarray(per_round)[keep] * 1e3, np.asarray(instance_of)[keep]
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         out[name] = Latency(float(p50), float(p90), float(p99), float(ms.mean()), float(batch * 1e3 / p50),
                             batch, input_size, ms.size, warmup, len(ms), block, _ci(ms, ids),
-                            len(np.unique(ids)), int((~keep).sum()), ms.tolist(), ids.tolist())
+                            len(np.unique(ids)), int((~keep).sum()), (np.asarray(per_round) * 1e3).tolist(),
+                            list(instance_of), keep.tolist())
     return out

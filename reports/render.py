@@ -52,8 +52,7 @@ def layer_tables(report: dict) -> list[tuple[str, list[list[str]]]]:
                              r["activation"]] for r in layers] if quantized else []))
     return out
 LAT_HEAD = ["precision", "role", "input px", "batch", "threads", "p50 ms [95 % CI]", "p90 ms", "p99 ms", "img/s",
-            "speed-up vs reference [95 % CI]", "runtime",
-            "real/proxy"]
+            "speed-up vs reference [95 % CI]", "rounds (loads; disturbed, left out)", "runtime", "real/proxy"]
 GATE_HEAD = ["gate", "what", "measured", "allowed", "status"]
 
 
@@ -71,8 +70,15 @@ def _speedup(e: dict) -> str:
 def latency_rows(report: dict) -> list[list[str]]:
     return [[e["precision"], e["role"], str(e["input_size"]), str(e["batch"]), str(e["threads"]),
              _interval(_ms(e["p50_ms"]), e.get("p50_ci_ms")), _ms(e["p90_ms"]), _ms(e["p99_ms"]),
-             f"{e['images_per_s']:.1f}", _speedup(e), e["runtime"], e["kind"]]
+             f"{e['images_per_s']:.1f}", _speedup(e), _rounds(e), e["runtime"], e["kind"]]
             for e in report["latency"]]
+
+
+def _rounds(e: dict) -> str:
+    """How much measuring stands behind a latency row: undisturbed rounds, the loads they were spread over, and
+    the rounds left out because the whole machine ran slower (pipeline.latency)."""
+    text = f"{e.get('rounds', 1)} ({e.get('instances', 1)} loads"
+    return text + (f"; {e['disturbed_rounds']} left out)" if e.get("disturbed_rounds") else ")")
 
 
 def gate_rows(report: dict) -> list[list[str]]:

@@ -35,3 +35,16 @@ def test_one_bench_run_times_every_row_in_one_measurement(atto_reference, cli_en
         assert ratio["value"] == pytest.approx(row["p50_ms"][b] / row["p50_ms"][a])
         assert ratio["ci95"][0] <= ratio["value"] <= ratio["ci95"][1]
     assert row["eval"]["n"] == 300 and row["drop_pp"]["fp32"] == 0.0 and 0.8 < row["top1"]["fp32"] <= 1.0
+    assert row["instances"] >= 4 and row["rounds"] >= 2  # spread over fresh loads of every artifact
+
+
+@pytest.mark.slow
+def test_the_interleaving_study_times_four_ways_in_turns(atto_reference, cli_env, monkeypatch):
+    monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
+    lines = []
+    rows = bench.interleave_study("onnxruntime", "atto", size=64, threads=2, cycles=3, calls=10, log=lines.append)
+    assert [r["interleaving"] for r in rows] == [label for label, _, _ in bench.STUDY]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["p50_ms"]["fp32"] / r["p50_ms"]["int8"])
+        assert 2 <= r["cycles"] <= 3
+    assert any("cycles of 10 timed calls" in line for line in lines)

@@ -107,6 +107,21 @@ def test_rounds_of_a_disturbed_machine_are_counted_and_left_out():
     assert ratio(lat["fp32"], lat["int8"]).value == pytest.approx(2.0)
 
 
+def test_a_disturbance_starting_mid_round_leaves_out_the_whole_round():
+    """The machine slows from round 3's int8 block to the end of round 5: round 3 is left out for fp32 too (half a
+    round on a slowed machine pairs nothing fairly), so the p50s and their ratio come from the same rounds."""
+    rounds, block = 10, 5
+
+    def calls(base, slow, first):
+        return [base * (slow if first <= i // (block + 1) <= 5 else 1.0) for i in range(rounds * (block + 1))]
+    lat = measure({"fp32": clocked(calls(20.0, 1.22, 4)), "int8": clocked(calls(10.0, 1.45, 3))}, batch=1,
+                  input_size=8, runs=rounds * block, warmup=0, rounds=rounds)
+    assert lat["fp32"].disturbed_rounds == lat["int8"].disturbed_rounds == 3
+    assert lat["fp32"].p99_ms == pytest.approx(20.0) and lat["int8"].p99_ms == pytest.approx(10.0)
+    r = ratio(lat["fp32"], lat["int8"])
+    assert r.rounds == 7 and r.value == pytest.approx(2.0) and r.low == pytest.approx(2.0)
+
+
 def test_one_slow_runner_is_not_taken_for_a_disturbed_machine():
     """A round is disturbed only when most of its runners were slower: three runners, one 30 % slower in half the rounds."""
     def calls(base, slow):

@@ -37,8 +37,7 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
         row = {"recipe": name, "p50_ms": lat[name].p50_ms, "p50_ci_ms": lat[name].p50_ci_ms,
                "reference_p50_ms": lat["reference"].p50_ms, "speedup": speedup.value, "speedup_ci95": [speedup.low, speedup.high],
                "runs": lat[name].runs, "rounds": lat[name].rounds, "instances": lat[name].instances,
-               "disturbed_rounds": lat[name].disturbed_rounds, "round_ms": lat[name].round_ms,
-               "round_instance": lat[name].round_instance}
+               "disturbed_rounds": lat[name].disturbed_rounds, "rounds_data": lat[name].rounds_data()}
         if reference is not None:
             row.update(fb.judge(r.runner, ctx.control, reference).figures())
         rows.append(row)
@@ -86,14 +85,12 @@ def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
     if meeting:  # not clearly slower than the fastest is a tie on this machine: the declared order (ours first) decides
         fastest = min(meeting, key=lambda r: r["p50_ms"])
         for r in meeting:
-            r["vs_fastest"] = ratio_of_rounds(fastest["round_ms"], r["round_ms"],
-                                              instances=r.get("round_instance")).to_dict()  # < 1: r is slower
+            r["vs_fastest"] = ratio_of_rounds(fastest["rounds_data"], r["rounds_data"]).to_dict()  # < 1: r is slower
         best = next(r for r in meeting if r is fastest or r["vs_fastest"]["verdict"] != "slower")
     else:
         best = min(rows, key=lambda r: fb.score(gates, r))
     for row in rows:
-        row.pop("round_ms", None)
-        row.pop("round_instance", None)
+        row.pop("rounds_data", None)
         row["chosen"] = row is best
         row["why"] = _why(row, best, judged)
         ctx.log(f"recipe {row['recipe']}: p50 {row['p50_ms']:.2f} ms ({row['speedup']:.2f}× {ctx.target.reference})"
