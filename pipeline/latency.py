@@ -50,7 +50,7 @@ class Latency:
     rounds: int = 1  # undisturbed rounds (of this runner)
     block: int = 0  # timed calls in a row per round (after one untimed re-warm call)
     p50_ci_ms: tuple[float, float] | None = None  # 95 % bootstrap interval of the p50 (instances, then rounds)
-    instances: int = 1  # independently loaded instances the rounds were spread over
+    instances: int = 1  # independently loaded instances the rounds were spread over (all loads measured)
     disturbed_rounds: int = 0  # rounds left out: the whole machine was slower (see the module's note)
     round_ms: list[list[float]] = field(default_factory=list, repr=False)  # every round's calls (ratios pair them)
     round_instance: list[int] = field(default_factory=list, repr=False)  # which instance ran each round
@@ -257,6 +257,6 @@ def _latencies(times: dict, instance_of: list[int], batch: int, input_size: int,
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         out[name] = Latency(float(p50), float(p90), float(p99), float(ms.mean()), float(batch * 1e3 / p50),
                             batch, input_size, ms.size, warmup, len(ms), block, _ci(ms, ids),
-                            len(np.unique(ids)), int((~keep).sum()), (np.asarray(per_round) * 1e3).tolist(),
+                            len(set(instance_of)), int((~keep).sum()), (np.asarray(per_round) * 1e3).tolist(),
                             list(instance_of), keep.tolist())
     return out
