@@ -80,7 +80,7 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
                          **{f"int8 {name}": r.artifact for name, r in built.recipes.items()}}, INSTANCES)
     lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=3 * INSTANCES,
                   budget=Budget(budget_s, TOLERANCE), spread=loads) if timed else {}
-    first = next(iter(runners))
+    first, any_lat = next(iter(runners)), next(iter(lat.values()), None)  # one measurement: the same rounds for all
     ratios = {f"{k} vs {first}": ratio(lat[first], lat[k], TOLERANCE).to_dict() for k in lat if k != first}
     peer = f"int8 {ctx.target.peer_default}"
     if peer in lat and f"int8 {DEFAULT}" in lat:
@@ -89,9 +89,8 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
            "batch": 1, "device": device_label(threads), "cpu_profile": cpu_profile(), "runtime": runners[first].runtime,
            "kind": "proxy" if runners[first].proxy else "real",
            "p50_ms": {k: (lat[k].p50_ms if k in lat else None) for k in runners},
-           "p50_ci_ms": {k: lat[k].p50_ci_ms for k in lat}, "rounds": next(iter(lat.values())).rounds if lat else 0,
-           "instances": next(iter(lat.values())).instances if lat else 0,
-           "disturbed_rounds": next(iter(lat.values())).disturbed_rounds if lat else 0,
+           "p50_ci_ms": {k: lat[k].p50_ci_ms for k in lat},
+           **{k: getattr(any_lat, k) if any_lat else 0 for k in ("rounds", "instances", "disturbed_rounds")},
            "executed": {k: r.precision for k, r in runners.items()}, "ratios": ratios, "skipped": list(ctx.notes)}
     if has_reference:
         preds = predict_many({k: r.run for k, r in runners.items()},
