@@ -116,12 +116,11 @@ def ratio(reference: Latency, other: Latency, tolerance: float = 0.03, seed: int
 
 def ratio_of_rounds(reference: dict, other: dict, tolerance: float = 0.03, seed: int = 0) -> Ratio:
     """`ratio` on `Latency.rounds_data()` of both, e.g. as a cached measurement kept them: the rounds where
-    neither was disturbed (all of them, where fewer than two were not)."""
+    neither was disturbed (`undisturbed` keeps at least two)."""
     n = len(reference["ms"])
     if len(other["ms"]) != n:
         return _paired(np.asarray(reference["ms"]), np.asarray(other["ms"]), tolerance, seed, None)
     both = np.asarray(reference.get("kept") or [True] * n) & np.asarray(other.get("kept") or [True] * n)
-    both = both if both.sum() >= 2 else np.ones(n, bool)
     instances = np.asarray(reference.get("instance") or np.zeros(n, int))[both]
     return _paired(np.asarray(reference["ms"])[both], np.asarray(other["ms"])[both], tolerance, seed, instances)
 
@@ -175,12 +174,12 @@ def _ci(rounds: np.ndarray, instances=None, seed: int = 0) -> tuple[float, float
 
 
 def undisturbed(times: dict[str, list[list[float]]]) -> np.ndarray:
-    """Which rounds ran on an undisturbed machine (every runner of the round did). A runner's round is slow when its p50 is more than
-    `DISTURBED` above the runner's usual (lower-quartile) round and further than its own round-to-round noise can
-    explain (4 σ, from successive rounds' differences, which a few state changes do not move); it is disturbed when
-    the measurement next to it in time (the previous or next runner of the round, across round boundaries) was slow
-    too: the whole machine slowed for a while. A load of one runner that is slow by itself is not marked: its
-    neighbours ran at their usual speed."""
+    """Which rounds ran on an undisturbed machine (every runner of the round did). A runner's round is slow when its
+    p50 is more than `DISTURBED` above the runner's usual (lower-quartile) round and further than its own
+    round-to-round noise can explain (4 σ, from successive rounds' differences, which a few state changes do not
+    move); it is disturbed when the measurement next to it in time (the previous or next runner of the round, across
+    round boundaries) was slow too: the whole machine slowed for a while. A load of one runner that is slow by
+    itself is not marked: its neighbours ran at their usual speed. Fewer than two undisturbed rounds: all are kept."""
     names = list(times)
     p50 = np.stack([np.median(np.asarray(times[k]), axis=1) for k in names], axis=1)  # rounds × runners, time order
     usual = np.quantile(p50, 0.25, axis=0)
