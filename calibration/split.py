@@ -138,3 +138,23 @@ def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: 
         shared,
         SampleList(control_source.name, control, _ids_digest(control_source, control)) if control else None,
     )
+
+
+def extend_control(split: Split, eval_source: Source, n: int, seed: int) -> SampleList | None:
+    """Up to n more labelled control samples from the evaluation side that are in none of the split's lists (the
+    evidence a decision at a gate's boundary asks for); None when none are left."""
+    if split.control is None or split.control.source != eval_source.name or n <= 0:
+        return None
+    busy = set(split.evaluation.indices) | set(split.control.indices)
+    if split.shared_source:
+        busy |= set(split.calibration.indices)
+    labels = labels_of(eval_source)
+    rng = np.random.default_rng([seed, 1])  # its own stream: the split itself never changes
+    if labels is None:
+        pool = sorted(set(range(len(eval_source))) - busy)
+        more = sorted(rng.choice(pool, min(n, len(pool)), replace=False).tolist()) if pool else []
+    else:
+        more = select_balanced(labels, n, rng, exclude=busy)
+    if not more:
+        return None
+    return SampleList(eval_source.name, more, _ids_digest(eval_source, more))

@@ -47,7 +47,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     gated = gates.check(ctx, built, validation, decision)
     report = assemble(ctx, src, built, decision, validation, layers, gated)
     report["memory"] = {"stages": memory, "peak_rss_mib": max(r["peak_rss_mib"] for r in memory),
-                        "method": memory[0]["method"]}
+                        "seconds": round(sum(r["seconds"] for r in memory), 1), "method": memory[0]["method"]}
     out_dir = publish(ctx, report, built)
     for v in gated[1]:
         log(("PASS " if v.passed else "FAIL ") + v.line())

@@ -15,6 +15,7 @@ import json
 import math
 import tomllib
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -41,6 +42,7 @@ class Verdict:
     unit: str
     comparison: str
     reason: str = ""  # why, where the deploy knows more than the figure (e.g. INT8 cannot pay on this CPU)
+    counts: dict | None = None  # accuracy gates: the images that decided, e.g. {"images": 3, "allowed": 3, "n": 1000}
 
     @property
     def passed(self) -> bool:
@@ -48,6 +50,10 @@ class Verdict:
 
     def line(self) -> str:
         m = "—" if self.measured is None else f"{self.measured:.4g}{self.unit}"
+        if self.counts:
+            c = self.counts
+            m += (f": {c['images']:,} of {c['n']:,} images, " + (f"{c['allowed']:,} allowed" if "allowed" in c
+                                                                  else f"{c['needed']:,} needed"))
         return (f"{self.gate}: {self.status} (measured {m}, allowed {self.comparison} {self.allowed:g}{self.unit})"
                 + (f" — {self.reason}" if self.reason else ""))
 
@@ -145,21 +151,47 @@ def _show(value) -> str:
     return repr(value) if not isinstance(value, list) else "[" + ", ".join(_show(v) for v in value) + "]"
 
 
+def drop_allowance(max_drop_pp: float, n: int) -> int:
+    """Images a top-1 drop gate allows on n images, exactly: 0.3 pp of 1,000 is 3 (the gate as written in decimal,
+    not its binary float, whose product with n may land a hair under or over a whole image)."""
+    return math.floor(Fraction(repr(float(max_drop_pp))) * n / 100)
+
+
+def agreement_needed(min_agreement: float, n: int) -> int:
+    """Images an agreement gate needs on n images, exactly: 98 % of 1,000 is 980."""
+    return math.ceil(Fraction(repr(float(min_agreement))) * n)
+
+
+def counted(gate: str, allowed: float, counts: dict) -> tuple[bool, dict]:
+    """(passes, the counts shown beside the percentage) for an accuracy gate measured on `counts`: {"n", and
+    "drop_images" or "agree"}."""
+    n = counts["n"]
+    if gate == "max_top1_drop_pp":
+        limit = drop_allowance(allowed, n)
+        return counts["drop_images"] <= limit, {"images": counts["drop_images"], "allowed": limit, "n": n}
+    need = agreement_needed(allowed, n)
+    return counts["agree"] >= need, {"images": counts["agree"], "needed": need, "n": n}
+
+
 def check(gates: dict, figures: dict, proxy: bool) -> list[Verdict]:
-    """`figures` maps a figure name (see GATES) to its measured value, or None if not measured."""
+    """`figures` maps a figure name (see GATES) to its measured value, or None if not measured; its "counts" (n,
+    drop_images, agree), where present, decide the accuracy gates exactly."""
     verdicts = []
     for gate, allowed in gates.items():
         if gate in OPTIONS:
             continue
         figure, cmp, unit, desc = GATES[gate]
-        measured = figures.get(figure)
+        measured, counts = figures.get(figure), None
         if measured is None:
             status = "not measured"
         elif proxy and not gates.get("allow_proxy", False):
             status = "proxy not allowed"
         else:
-            ok = measured <= allowed if cmp == "<=" else measured >= allowed
+            if gate in ("max_top1_drop_pp", "min_agreement") and figures.get("counts"):
+                ok, counts = counted(gate, allowed, figures["counts"])
+            else:
+                ok = measured <= allowed if cmp == "<=" else measured >= allowed
             status = "pass" if ok else "fail"
         verdicts.append(Verdict(gate, desc, float(allowed), None if measured is None else float(measured),
-                                status, unit, cmp))
+                                status, unit, cmp, counts=counts))
     return verdicts

@@ -9,17 +9,35 @@ import sys
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            name = cpuinfo_fields(f.read())[0]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        name = ""
+    return name or platform.processor() or platform.machine()
+
+
+# ARM kernels name a core only by its implementer's part number (Arm Ltd, implementer 0x41)
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76",
+             "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2"}
+
+
+def cpuinfo_fields(text: str) -> tuple[str, set[str]]:
+    """(model name, flags) of a /proc/cpuinfo text. x86 has "model name"; ARM boards a "Model" line, ARM servers
+    only the core's part number."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    part = fields.get("CPU part", "").lower()
+    arm = (f"ARM {ARM_PARTS.get(part, 'core ' + part)}" if fields.get("CPU implementer", "").lower() == "0x41"
+           and part else "")
+    name = fields.get("model name") or (f"{fields['Model']} ({arm})" if fields.get("Model") and arm else
+                                        fields.get("Model")) or arm or fields.get("Hardware", "")
+    return name, set((fields.get("flags") or fields.get("Features") or "").split())
 
 
 # The ISA extensions that decide INT8/BF16 kernel choice (x86 flags; on ARM the `Features` names).
 INT8_BF16_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
-                   "asimddp", "i8mm", "bf16")
+                   "asimd", "asimddp", "i8mm", "bf16")
 
 
 def _all_flags() -> set[str]:
@@ -38,9 +56,10 @@ def cpu_flags(flags: set[str] | None = None) -> list[str]:
     return [w for w in INT8_BF16_FLAGS if w in have]
 
 
-def cpu_profile(flags: set[str] | None = None) -> dict:
+def cpu_profile(flags: set[str] | None = None, name: str | None = None) -> dict:
     """The paths INT8 and BF16 take on this CPU, from its flags: the same model's INT8 speed and even its INT8
-    numerics differ by path (without VNNI, u8×s8 pair sums in VPMADDUBSW saturate at int16)."""
+    numerics differ by path (without VNNI, u8×s8 pair sums in VPMADDUBSW saturate at int16). `flags` and `name`:
+    another CPU's, e.g. a recorded /proc/cpuinfo (`cpuinfo_fields`)."""
     have = set(cpu_flags(flags))
     vnni = bool(have & {"avx512_vnni", "avx_vnni", "amx_int8"})
     if "amx_int8" in have:
@@ -53,11 +72,15 @@ def cpu_profile(flags: set[str] | None = None) -> dict:
         int8 = "AVX2 without VNNI (VPMADDUBSW: u8×s8 pair sums saturate at int16)"
     elif "i8mm" in have or "asimddp" in have:
         int8 = "ARM " + ("I8MM (SMMLA)" if "i8mm" in have else "dot-product (SDOT/UDOT)")
+    elif "asimd" in have:
+        int8 = "ARM NEON without dot-product (SMLAL/SADALP widening multiply-adds)"
     else:
         int8 = "no integer dot-product extension known to this tool"
     bf16 = "amx_bf16" in have or "avx512_bf16" in have or "bf16" in have
-    return {"cpu": cpu_name(), "flags": sorted(have, key=INT8_BF16_FLAGS.index), "vnni": vnni, "int8_path": int8,
-            "bf16_native": bf16, "bf16_path": ("AMX-BF16" if "amx_bf16" in have else "AVX-512 BF16" if bf16
+    return {"cpu": name or cpu_name(), "flags": sorted(have, key=INT8_BF16_FLAGS.index), "vnni": vnni, "int8_path": int8,
+            "u8s8_saturates": int8.startswith("AVX2 without VNNI"),
+            "bf16_native": bf16, "bf16_path": ("AMX-BF16" if "amx_bf16" in have else "AVX-512 BF16" if "avx512_bf16" in have
+                                               else "ARM BF16 (BFMMLA)" if bf16
                                                else "none: BF16 is emulated (converted to FP32), slower than FP32")}
 
 

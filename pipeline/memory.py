@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,16 +50,17 @@ def rss_bytes() -> int | None:
 
 @contextmanager
 def stage_peak(name: str, rows: list, log=None):
-    """Append {stage, peak_rss_mib, start_rss_mib, method} for the body to `rows`."""
-    start = rss_bytes()
+    """Append {stage, peak_rss_mib, start_rss_mib, seconds, method} for the body to `rows`."""
+    start, t0 = rss_bytes(), time.monotonic()
     exact = _reset_peak()
     try:
         yield
     finally:
         row = {"stage": name, "peak_rss_mib": round(peak_rss_bytes() / MIB, 1),
                "start_rss_mib": None if start is None else round(start / MIB, 1),
+               "seconds": round(time.monotonic() - t0, 1),
                "method": "VmHWM reset at the stage's start (exact)" if exact
                else "ru_maxrss: peak since the process started (upper bound)"}
         rows.append(row)
         if log is not None:
-            log(f"memory {name}: peak RSS {row['peak_rss_mib']:.0f} MiB")
+            log(f"stage {name}: {row['seconds']:.0f} s, peak RSS {row['peak_rss_mib']:.0f} MiB")

@@ -36,11 +36,15 @@ def predict_many(runners: dict[str, Callable[[np.ndarray], np.ndarray]],
 
 
 def accuracy(pred: Predictions, reference: Predictions | None = None) -> dict:
-    top1 = float((pred.top5[:, 0] == pred.labels).mean())
+    """Top-1/top-5 and, against a reference, agreement and drop: each with the counts of images behind it, which the
+    gates compare exactly (`gates.counted`)."""
+    n = int(len(pred.labels))
+    correct = int((pred.top5[:, 0] == pred.labels).sum())
     top5 = float((pred.top5 == pred.labels[:, None]).any(axis=1).mean())
-    out = {"top1": top1, "top5": top5, "n": int(len(pred.labels))}
+    out = {"top1": correct / n, "top5": top5, "n": n, "correct": correct}
     if reference is not None:
-        ref1 = float((reference.top5[:, 0] == reference.labels).mean())
-        out["agreement"] = float((pred.top5[:, 0] == reference.top5[:, 0]).mean())
-        out["top1_drop_pp"] = (ref1 - top1) * 100.0
+        ref_correct = int((reference.top5[:, 0] == reference.labels).sum())
+        agree = int((pred.top5[:, 0] == reference.top5[:, 0]).sum())
+        out.update(agreement=agree / n, top1_drop_pp=(ref_correct - correct) / n * 100.0, agree=agree,
+                   drop_images=ref_correct - correct, reference_correct=ref_correct)
     return out

@@ -85,7 +85,12 @@ def gate_rows(report: dict) -> list[list[str]]:
     rows = []
     for v in report["gates"]["verdicts"]:
         m = "—" if v["measured"] is None else f"{v['measured']:.4g}{v['unit']}"
-        rows.append([v["gate"], v["description"], m, f"{v['comparison']} {v['allowed']:g}{v['unit']}", v["status"]])
+        c = v.get("counts")
+        if c:  # the images that decided, beside the percentage
+            m += f" ({c['images']:,} of {c['n']:,} images; " + (f"{c['allowed']:,} allowed)" if "allowed" in c
+                                                                 else f"{c['needed']:,} needed)")
+        rows.append([v["gate"], v["description"], m, f"{v['comparison']} {v['allowed']:g}{v['unit']}",
+                     v["status"] + (f": {v['reason']}" if v.get("reason") and v["status"] != "pass" else "")])
     return rows
 
 
@@ -99,16 +104,15 @@ def recipe_rows(report: dict) -> list[list[str]]:
              str(r["float_conv_matmul_left"])] for r in report.get("int8_recipes", [])]
 
 
-CHOICE_HEAD = ["candidate", "p50 ms [95 % CI]", "speed-up [95 % CI]", "control top-1 drop (95 % bound)", "control agreement (95 % bound)",
-               "meets accuracy", "decision"]
+CHOICE_HEAD = ["candidate", "p50 ms [95 % CI]", "speed-up [95 % CI]", "control top-1 drop (images)",
+               "control agreement (images)", "meets accuracy (rule)", "meets speed", "decision"]
 
 
 def choice_rows(report: dict) -> list[list[str]]:
     return [[r["recipe"], _interval(_ms(r["p50_ms"]), r.get("p50_ci_ms")),
-             _interval(f"{r['speedup']:.2f}×", r.get("speedup_ci95")),
-             f"{_pp(r.get('control_drop_pp'))} ({_pp(r.get('control_drop_high_pp'))})",
-             f"{_pct(r.get('control_agreement'))} ({_pct(r.get('control_agreement_low'))})",
-             "yes" if r["meets_accuracy"] else "no", ("**chosen**: " if r["chosen"] else "") + r["why"]]
+             _interval(f"{r['speedup']:.2f}×", r.get("speedup_ci95")), _count_pp(r), _count_pct(r),
+             ("yes" if r["meets_accuracy"] else "no") + (f" ({r['accuracy_rule']})" if r.get("accuracy_rule") else ""),
+             "yes" if r.get("meets_speed", True) else "no", ("**chosen**: " if r["chosen"] else "") + r["why"]]
             for r in (report.get("recipe_choice") or {}).get("candidates", [])]
 
 
@@ -122,8 +126,17 @@ def choice_caption(report: dict) -> str:
     text = (f"`--recipe auto` on {prof['cpu']} (INT8 path: {prof['int8_path']}): every candidate timed at "
             f"{report['data']['latency_resolution']} px, batch 1, {r['runs']} runs in {r.get('rounds', '?')} interleaved rounds with the reference "
             f"(p50 {r['reference_p50_ms']:.2f} ms){' (measurement reused from the cache: same CPU profile and artifacts)' if c.get('cached_measurement') else ''}; "
-            f"accuracy judged on {c['accuracy_judged_on']}. Chosen: **{c['chosen']}**.")
+            f"accuracy judged on {_judged_on(c['accuracy_judged_on'])}; every gate judged at once "
+            f"({', '.join(f'{k} {v}' for k, v in (c.get('gates_judged') or {}).items())}): {c.get('case', '')}. "
+            f"Chosen: **{c['chosen']}**.")
     return text + (f" **{c['reason']}**" if c.get("reason") else "")
+
+
+def _judged_on(j) -> str:
+    if not isinstance(j, dict):
+        return str(j)
+    return (f"the control split ({j['n']:,} images" + (f", extended to {j['extended_n']:,} at a boundary"
+                                                       if j.get("extended_n") else "") + f"); rule: {j['rule']}")
 
 
 def mixed_lines(report: dict) -> list[str]:
@@ -169,19 +182,23 @@ def _recipe_caption(report: dict) -> str:
             f"(FP32 p50 {r['fp32_p50_ms']:.2f} ms) in one measurement. All real.")
 
 
-MEMORY_HEAD = ["stage", "peak RSS (MiB)", "RSS at start (MiB)"]
+MEMORY_HEAD = ["stage", "peak RSS (MiB)", "RSS at start (MiB)", "seconds"]
 
 
 def memory_rows(report: dict) -> list[list[str]]:
     mem = report.get("memory") or {}
-    return [[r["stage"], f"{r['peak_rss_mib']:.0f}", "—" if r["start_rss_mib"] is None else f"{r['start_rss_mib']:.0f}"]
+    return [[r["stage"], f"{r['peak_rss_mib']:.0f}", "—" if r["start_rss_mib"] is None else f"{r['start_rss_mib']:.0f}",
+             "—" if r.get("seconds") is None else f"{r['seconds']:.1f}"]
             for r in mem.get("stages", [])]
 
 
 def memory_caption(report: dict) -> str:
     mem = report["memory"]
-    return (f"Peak resident memory of the deploy process per stage ({mem['method']}; toolchains run in the process). "
-            f"Whole deploy: {mem['peak_rss_mib']:.0f} MiB.")
+    steps = "; ".join(f"{k} {v:.0f} s" for k, v in (report.get("decide_steps_s") or {}).items())
+    return (f"Peak resident memory and wall time of the deploy process per stage ({mem['method']}; toolchains run in "
+            f"the process). Whole deploy: {mem['peak_rss_mib']:.0f} MiB" + (f", {mem['seconds']:.0f} s" if
+                                                                           mem.get("seconds") else "")
+            + (f". Inside decide: {steps}." if steps else "."))
 
 
 def _md_table(head, rows) -> str:
@@ -223,8 +240,28 @@ FALLBACK_HEAD = ["layers in float", "control top-1 drop", "control agreement", "
 
 
 def fallback_rows(report: dict) -> list[list[str]]:
-    return [[str(r["float_layers"]), _pp(r["control_drop_pp"]), _pct(r.get("control_agreement")), f"{r['seconds']:.1f}"]
+    return [[str(r["float_layers"]), _count_pp(r), _count_pct(r), f"{r['seconds']:.1f}"]
             for r in (report.get("fallback") or {}).get("rounds", [])]
+
+
+def _count_pp(r: dict) -> str:
+    """A control-split drop as images lost of n, beside its percentage points."""
+    if r.get("control_n") is None:
+        return _pp(r.get("control_drop_pp"))
+    return f"{r['control_drop_images']} of {r['control_n']:,} ({_pp(r['control_drop_pp'])})"
+
+
+def _count_pct(r: dict) -> str:
+    if r.get("control_n") is None:
+        return _pct(r.get("control_agreement"))
+    return f"{r['control_n'] - r['control_disagreements']:,} of {r['control_n']:,} ({_pct(r['control_agreement'])})"
+
+
+def _counts(r: dict) -> str:
+    if r.get("control_n") is None:
+        return "not judged"
+    return (f"top-1 drop {_count_pp(r)} [95 % {_pp(r['control_drop_low_pp'])}, {_pp(r['control_drop_high_pp'])}], "
+            f"agreement {_count_pct(r)} [95 % {_pct(r['control_agreement_low'])}, {_pct(r['control_agreement_high'])}]")
 
 
 def method_lines(report: dict) -> list[str]:
@@ -240,18 +277,10 @@ def method_lines(report: dict) -> list[str]:
         lines.append("- Outlier smoothing: off (INT8 built from the checkpoint's weights as they are).")
     fb = report.get("fallback")
     if fb:
-        c = fb["control"]
-        head = (f"- **Accuracy fallback**: decided on {c['n']} labelled images held out of `{c['source']}` "
-                f"(not in the evaluation figures); bound: top-1 drop ≤ {fb['bound_pp']:g} pp"
-                + (f", agreement ≥ {fb['min_agreement'] * 100:g} %" if fb.get("min_agreement") is not None else "")
-                + f". All-INT8 on the control split: drop {_pp(fb['plain_control_drop_pp'])}, agreement "
-                  f"{_pct(fb['plain_control_agreement'])}.")
-        lines.append(head)
-        pc = fb.get("plain_control")
-        if pc:
-            lines.append(f"  One-sided 95 % bounds on the control split: drop ≤ {_pp(pc['control_drop_high_pp'])}, agreement ≥ "
-                         f"{_pct(pc['control_agreement_low'])}"
-                         + (f"; {fb['drop_resolution']}." if fb.get("drop_resolution") else "."))
+        c, pc = fb["control"], fb.get("plain_control") or {}
+        lines.append(f"- **Accuracy fallback**: decided on {c['n']} labelled images held out of `{c['source']}` "
+                     f"(not in the evaluation figures); {fb.get('gates', '')}. All-INT8 on the control split: "
+                     f"{_counts(pc)}; {'meets' if pc.get('passed') else 'misses'} the gates ({pc.get('rule', '')}).")
         if not fb["triggered"]:
             lines.append("  No layer needed float.")
         else:
@@ -268,9 +297,12 @@ def method_lines(report: dict) -> list[str]:
                              f"{lat['plain_p50_ms']:.2f} ms → {lat['final_p50_ms']:.2f} ms (**{lat['cost']:.2f}×**).")
             elif fb["float_layers"]:
                 lines.append("  Latency cost: not measured (proxy; see the notes).")
+            sp = fb.get("speed_after")
+            if sp:
+                lines.append(f"  Speed after the repair: {sp['value']:.2f}× the reference [{sp['ci95'][0]:.2f}, "
+                             f"{sp['ci95'][1]:.2f}]" + ("" if sp["meets_speed"] else ": **misses the speed gates**") + ".")
             for r in fb.get("compared", []):
-                lines.append(f"  Compared: {r['method']}: control drop {_pp(r['control_drop_pp'])}, agreement "
-                             f"{_pct(r['control_agreement'])}, {r['float_layers']} float layers, p50 {r['p50_ms']:.2f} ms, "
+                lines.append(f"  Compared: {r['method']}: control {_counts(r)}, {r['float_layers']} float layers, p50 {r['p50_ms']:.2f} ms, "
                              f"built in {r['build_seconds']:.0f} s{' — kept' if r['kept'] else ''}.")
     return lines
 

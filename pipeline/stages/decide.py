@@ -1,21 +1,28 @@
-"""Stage 4: decisions taken on the control split, never on the evaluation split. First the INT8 recipe, by
-measured speed on this CPU and control-split accuracy (stages.recipe). When it still misses the accuracy gates
-there, layers go back to float by measured sensitivity (pipeline.fallback); on a target with its own accuracy
-control (OpenVINO: nncf.quantize_with_accuracy_control) that is built too, and the faster of those meeting the
-bound is kept."""
+"""Stage 4: decisions taken on the control split, never on the evaluation split, each judging a candidate on every
+gate that applies at once. First the INT8 recipe, by measured speed on this CPU and control-split accuracy
+(stages.recipe); then the layers INT8 does not pay for (stages.mixed), kept only when faster and still accurate.
+When the chosen candidate misses the accuracy gates, layers go back to float by measured sensitivity
+(pipeline.fallback), and the repaired artifact's speed is measured against the speed gates; on a target with its own
+accuracy control (OpenVINO: nncf.quantize_with_accuracy_control) that is built too, and the faster of those meeting
+the gates is kept. Accuracy is decided in counts of images with more evidence at a boundary (pipeline.judge)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
 
+from calibration.batches import load_array
+from calibration.split import SampleList, extend_control
 from pipeline import fallback as fb
 from pipeline.errors import UserError
-from pipeline.latency import measure
+from pipeline.judge import AccuracyGates, Evidence, assess
+from pipeline.latency import measure, ratio
 from pipeline.stages import mixed, recipe
-from pipeline.stages.build import Built, Recipe, build_one
+from pipeline.stages.build import Built, Recipe, build_one, spread
 from pipeline.stages.context import DEFAULT, Context
 from pipeline.stages.export import Source
-from targets.base import Artifact, Runner
+from targets.base import Artifact, LabelledData, Runner
+
+MORE_CONTROL_MIB = 512  # the largest extended control split held in memory (float images)
 
 
 @dataclass
@@ -26,11 +33,40 @@ class Decision:
     int8_runner: Runner | None = None
     plain_runner: Runner | None = None  # the all-INT8 runner, when the decision changed it: measured beside the final
     plain: Artifact | None = None  # its artifact
+    control: dict | None = None  # what the accuracy decisions rested on (pipeline.judge.Evidence.describe)
+    steps_s: dict | None = None  # seconds per decision step (recipe choice, latency-aware step, fallback)
+
+
+def evidence(ctx: Context, built: Built) -> Evidence | None:
+    """The control split with the reference judged on it, and a loader of more control images for a boundary."""
+    if ctx.control is None or ctx.target.reference not in built.runners:
+        return None
+    size = ctx.ck.preprocessing.input_size
+    room = MORE_CONTROL_MIB * (1 << 20) // (3 * size * size * 4) - len(ctx.control.labels)
+    drawn: dict = {}
+
+    def more() -> LabelledData | None:
+        extra = extend_control(ctx.split, ctx.eval_src, min(max(3 * len(ctx.control.labels), 2000), room),
+                               ctx.split.seed)
+        if extra is None:
+            return None
+        drawn["samples"] = extra
+        x, y = load_array(ctx.eval_src, extra.indices, ctx.ck.preprocessing, desc="more control")
+        return LabelledData(x, y, extra.ids_sha256)
+
+    return Evidence(built.runners[ctx.target.reference], ctx.control, more if room > 0 else None, ctx.log, drawn)
+
+
+def control_record(ev: Evidence | None) -> dict | None:
+    if ev is None:
+        return None
+    extra: SampleList | None = ev.drawn.get("samples")
+    return {**ev.describe(), **({"extension": {"source": extra.source, "n": len(extra), "ids_sha256": extra.ids_sha256,
+                                               "indices": extra.indices}} if extra else {})}
 
 
 def sensitivity(ctx: Context, src: Source, built: Built, n_images: int) -> dict:
     """Per-layer sensitivity of the INT8 artifact on the first `n_images` calibration images."""
-    from calibration.batches import load_array
     from pipeline import sensitivity as sens
 
     images, _ = load_array(ctx.calib_src, list(ctx.split.calibration.indices)[:n_images], ctx.ck.preprocessing,
@@ -47,51 +83,65 @@ def sensitivity(ctx: Context, src: Source, built: Built, n_images: int) -> dict:
 def decide(ctx: Context, built: Built) -> Decision:
     if not built.recipes:
         return Decision(None, None)
-    name, choice = recipe.choose(ctx, built)
+    ev, steps = evidence(ctx, built), {}
+    t0 = time.monotonic()
+    name, choice = recipe.choose(ctx, built, ev)
+    steps["recipe choice"] = time.monotonic() - t0
     chosen = built.recipes[name]
     if choice is not None and choice["mode"] == "auto":  # layers INT8 does not pay for on this CPU, back in float
+        t0 = time.monotonic()
         choice["mixed"], faster = mixed.mix(ctx, built, chosen)
+        if faster is not None and ev is not None and AccuracyGates.of(ctx.gates).any:
+            a = assess(faster.runner, ev, AccuracyGates.of(ctx.gates))
+            before = next(r for r in choice["candidates"] if r["chosen"])["meets_accuracy"]
+            choice["mixed"]["accuracy"] = a.to_dict()
+            if before and not a.passed:  # faster, but it would lose a gate the all-INT8 one met
+                choice["mixed"].update(kept=False, why=choice["mixed"]["why"] + "; dropped: it misses the accuracy "
+                                       "gates the all-INT8 candidate met")
+                faster = None
         chosen = faster or chosen
+        steps["latency-aware step"] = time.monotonic() - t0
     if chosen is not built.recipes[DEFAULT]:
         built = replace(built, artifacts={**built.artifacts, "int8": chosen.artifact},
                         runners={**built.runners, "int8": chosen.runner})
-    fallback, final = _fallback(ctx, chosen, built, choice)
+    t0 = time.monotonic()
+    fallback, final = _fallback(ctx, chosen, built, ev)
+    steps["fallback"] = time.monotonic() - t0
+    backup = (choice or {}).get("backup")
+    if fallback is not None and backup and not (fallback.get("met") and (fallback.get("speed_after") or {}).get(
+            "meets_speed", True)):  # the repair failed: the fastest candidate meeting every gate as it is
+        fallback["instead"] = (f"the repair of {choice['chosen']!r} did not meet every gate; deploying {backup!r}, "
+                               "which meets them all as built")
+        ctx.log(f"fallback: {fallback['instead']}")
+        choice["chosen"], chosen, final = backup, built.recipes[backup], None
+        for r in choice["candidates"]:
+            r["chosen"] = r["recipe"] == backup
+        built = replace(built, artifacts={**built.artifacts, "int8": chosen.artifact},
+                        runners={**built.runners, "int8": chosen.runner})
+    control, steps = control_record(ev), {k: round(v, 1) for k, v in steps.items()}
     if final is not None:
-        return Decision(choice, fallback, final, ctx.target.load_runner(final, ctx.cfg.threads), chosen.runner,
-                        chosen.artifact)
+        return Decision(choice, fallback, final[0], final[1], chosen.runner, chosen.artifact, control, steps)
     if chosen is not built.recipes[DEFAULT]:
-        return Decision(choice, fallback, chosen.artifact, chosen.runner)
-    return Decision(choice, fallback)
+        return Decision(choice, fallback, chosen.artifact, chosen.runner, control=control, steps_s=steps)
+    return Decision(choice, fallback, control=control, steps_s=steps)
 
 
-def _fallback(ctx: Context, chosen: Recipe, built: Built, choice: dict | None) -> tuple[dict | None, Artifact | None]:
-    """(the fallback's record, the artifact with layers in float, if it changed the chosen one). Whether the drop
-    is held on its bound was settled by the recipe choice, where it measured one; else here, once."""
-    if not ctx.fallback_on or ctx.control is None:
+def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
+              ) -> tuple[dict | None, tuple[Artifact, Runner] | None]:
+    """(the fallback's record, the artifact with layers in float and its runner, if it changed the chosen one)."""
+    if not ctx.fallback_on or ev is None:
         return None, None
-    target, cfg, log, control = ctx.target, ctx.cfg, ctx.log, ctx.control
-    fcfg = fb.FallbackConfig(float(ctx.gates["max_top1_drop_pp"]), ctx.gates.get("min_agreement"),
-                             cfg.fallback_max_layers, cfg.fallback_max_minutes)
-    reference = fb.judge(built.runners[target.reference], control)
-    plain = fb.judge(chosen.runner, control, reference)
-    if choice and "drop_resolution" in choice:
-        resolution = choice["drop_resolution"]
-        fcfg = replace(fcfg, drop_bound=resolution is None)
-    else:
-        fcfg, resolution = fb.resolve_drop(fcfg, plain.figures())
-        if resolution:
-            log(f"NOTE: {resolution}")
-    out = {"bound_pp": fcfg.max_drop_pp, "min_agreement": fcfg.min_agreement, "drop_decided_on_bound": fcfg.drop_bound,
-           "drop_resolution": resolution,
+    target, cfg, log = ctx.target, ctx.cfg, ctx.log
+    fcfg = fb.FallbackConfig(AccuracyGates.of(ctx.gates), cfg.fallback_max_layers, cfg.fallback_max_minutes)
+    plain = assess(chosen.runner, ev, fcfg.gates)
+    out = {"gates": fcfg.gates.text(), "bound_pp": fcfg.gates.max_drop_pp, "min_agreement": fcfg.gates.min_agreement,
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
                        "ids_sha256": ctx.split.control.ids_sha256},
-           "reference_control_top1": reference.top1, "plain_control_drop_pp": plain.drop_pp,
-           "plain_control_agreement": plain.agreement, "plain_control": plain.figures(),
-           "triggered": fb.misses(fcfg, plain.figures()),
-           "float_layers": [], "budget": {"max_float_layers": cfg.fallback_max_layers,
-                                          "max_minutes": cfg.fallback_max_minutes}}
-    log(f"fallback: plain INT8 on {len(control.images)} control images: {fb.figures_text(plain)} "
-        f"({fb.bound_text(fcfg)}){'' if out['triggered'] else ': no layer needs float'}")
+           "reference_control_top1": ev.reference_on(False).top1, "plain_control": plain.to_dict(),
+           "triggered": not plain.passed, "float_layers": [],
+           "budget": {"max_float_layers": cfg.fallback_max_layers, "max_minutes": cfg.fallback_max_minutes}}
+    log(f"fallback: plain INT8 on the control split {plain.text()}"
+        + ("" if out["triggered"] else ": no layer needs float"))
     if not out["triggered"]:
         return out, None
     if target.layer_probe is None:
@@ -103,45 +153,59 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, choice: dict | None) -
         art = build_one(ctx, chosen.source, "int8", mixed.with_float(chosen.options, layers))  # latency-aware ones stay
         return art, target.load_runner(art, cfg.threads)
 
-    res = fb.search(rebuild, out["sensitivity"]["ranking"], control, reference, (chosen.artifact, chosen.runner),
-                    fcfg, log)
+    res = fb.search(rebuild, out["sensitivity"]["ranking"], ev, (chosen.artifact, chosen.runner), fcfg, log)
     out.update(res.to_dict(), method="layers back to float by measured sensitivity")
-    final = res.artifact
+    final = (res.artifact, res.runner)
     if target.accuracy_control:
-        final, out["float_layers"] = _compare_accuracy_control(ctx, chosen, res, out, fcfg, reference)
+        final, out["float_layers"] = _compare_accuracy_control(ctx, chosen, res, out, fcfg, ev)
+    if out["float_layers"] and recipe.speed_gates(ctx.gates) and final[1].timed:
+        out["speed_after"] = _speed_after(ctx, built, final)
     return out, (final if out["float_layers"] else None)
 
 
+def _speed_after(ctx: Context, built: Built, final: tuple[Artifact, Runner]) -> dict:
+    """The repaired artifact against the reference and the speed gates: floating layers costs speed."""
+    ref = ctx.target.reference
+    lat = measure({ref: built.runners[ref], "repaired": final[1]}, batch=1, input_size=ctx.cfg.image_size,
+                  runs=max(20, ctx.cfg.latency_runs // 2), warmup=3, rounds=6,
+                  spread=spread(ctx, {ref: built.artifacts[ref], "repaired": final[0]}))
+    r = ratio(lat[ref], lat["repaired"])
+    row = {"speedup": r.value, "p50_ms": lat["repaired"].p50_ms}
+    out = {**r.to_dict(), "p50_ms": lat["repaired"].p50_ms, "meets_speed": recipe.meets_speed(row, ctx.gates)}
+    ctx.log(f"fallback: the repaired INT8 runs at {r.text()} {ref}"
+            + ("" if out["meets_speed"] else ": it now misses the speed gates"))
+    return out
+
+
 def _compare_accuracy_control(ctx: Context, chosen: Recipe, res: fb.FallbackResult, out: dict,
-                              fcfg: fb.FallbackConfig, reference: fb.Judged) -> tuple[Artifact, list[str]]:
+                              fcfg: fb.FallbackConfig, ev: Evidence) -> tuple[tuple[Artifact, Runner], list[str]]:
     """Our fallback next to the target's own accuracy control: both judged on the same control split, the
-    faster one at the deployment size (batch 1, interleaved) kept among those that meet the bound."""
+    faster one at the deployment size (batch 1, interleaved) kept among those that meet the gates."""
     target, cfg = ctx.target, ctx.cfg
     t0 = time.monotonic()
-    ac = build_one(ctx, chosen.source, "int8", replace(chosen.options, accuracy_control=fcfg.max_drop_pp / 100.0),
-                   ctx.control)
+    bound = fcfg.gates.max_drop_pp if fcfg.gates.max_drop_pp is not None else 1.0
+    ac = build_one(ctx, chosen.source, "int8", replace(chosen.options, accuracy_control=bound / 100.0), ctx.control)
     ac_seconds = time.monotonic() - t0
-    ac_runner, ours_runner = target.load_runner(ac, cfg.threads), target.load_runner(res.artifact, cfg.threads)
-    ac_j = fb.judge(ac_runner, ctx.control, reference)
-    lat = measure({"ours": ours_runner, "accuracy_control": ac_runner}, batch=1, input_size=cfg.image_size,
+    ac_runner = target.load_runner(ac, cfg.threads)
+    ac_a = assess(ac_runner, ev, fcfg.gates)
+    lat = measure({"ours": res.runner, "accuracy_control": ac_runner}, batch=1, input_size=cfg.image_size,
                   runs=max(20, cfg.latency_runs // 2), warmup=3)
-    last = min(res.rounds, key=lambda r: fb.score(fcfg, r))
-    ours_figures = {k: last[k] for k in ac_j.figures()}
-    rows = [{"method": "ours (sensitivity-ranked fallback)", **ours_figures, "met": res.met,
-             "score": fb.score(fcfg, ours_figures), "float_layers": len(res.float_layers), "p50_ms": lat["ours"].p50_ms,
+    rows = [{"method": "ours (sensitivity-ranked fallback)", **res.assessment.to_dict(), "met": res.met,
+             "score": res.assessment.score, "float_layers": len(res.float_layers), "p50_ms": lat["ours"].p50_ms,
              "build_seconds": sum(r["seconds"] for r in res.rounds)},
-            {"method": "nncf.quantize_with_accuracy_control", **ac_j.figures(), "met": not fb.misses(fcfg, ac_j.figures()),
-             "score": fb.score(fcfg, ac_j.figures()), "float_layers": len(ac.metadata.get("reverted_to_float", [])),
+            {"method": "nncf.quantize_with_accuracy_control", **ac_a.to_dict(), "met": ac_a.passed,
+             "score": ac_a.score, "float_layers": len(ac.metadata.get("reverted_to_float", [])),
              "p50_ms": lat["accuracy_control"].p50_ms, "build_seconds": ac_seconds}]
     met = [r for r in rows if r["met"]] or rows
     keep = min(met, key=lambda r: r["p50_ms"] if r["met"] else r["score"])
     for r in rows:
         r["kept"] = r is keep
-        ctx.log(f"fallback compare: {r['method']}: control drop {r['control_drop_pp']:+.2f} pp, {r['float_layers']} "
-                f"float layers, p50 {r['p50_ms']:.2f} ms at {cfg.image_size}px{' (kept)' if r['kept'] else ''}")
+        ctx.log(f"fallback compare: {r['method']}: control drop {r['control_drop_images']} of {r['control_n']:,} "
+                f"images, {r['float_layers']} float layers, p50 {r['p50_ms']:.2f} ms at {cfg.image_size}px"
+                f"{' (kept)' if r['kept'] else ''}")
     out["compared"] = rows
     if keep is rows[1]:
         out["method"] = "nncf.quantize_with_accuracy_control"
         out["met"] = keep["met"]
-        return ac, list(ac.metadata.get("reverted_to_float", []))
-    return res.artifact, res.float_layers
+        return (ac, ac_runner), list(ac.metadata.get("reverted_to_float", []))
+    return (res.artifact, res.runner), res.float_layers

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from pipeline import gates as gates_mod
+from pipeline import reasons
+from pipeline.machine import cpu_profile
 from pipeline.stages.build import Built
 from pipeline.stages.context import Context
 from pipeline.stages.decide import Decision
@@ -12,28 +14,53 @@ def figures(ctx: Context, v: Validation) -> dict:
     """The figures gates read: INT8 against the target's reference precision, latency at the deployment size."""
     int8 = v.accuracy.get("int8", {})
     ref_ms, int8_ms = p50(v.latency, ctx.target.reference, ctx.cfg.image_size), p50(v.latency, "int8", ctx.cfg.image_size)
+    counts = {k: int8[k] for k in ("n", "drop_images", "agree")} if "agree" in int8 else None
     return {"top1_drop_pp": int8.get("top1_drop_pp"), "agreement": int8.get("agreement"), "p50_ms": int8_ms,
-            "int8_speedup": (ref_ms / int8_ms) if (ref_ms and int8_ms) else None}
+            "int8_speedup": (ref_ms / int8_ms) if (ref_ms and int8_ms) else None, "counts": counts}
 
 
 def check(ctx: Context, built: Built, v: Validation, decision: Decision) -> tuple[dict, list]:
-    """(figures, verdicts); a figure from a proxy fails its gate unless the gate file allows proxies. A missed
-    speed gate names the reason the recipe choice found (INT8 cannot pay on this CPU)."""
+    """(figures, verdicts); a figure from a proxy fails its gate unless the gate file allows proxies. Every failing
+    verdict names the decision that caused it, true of this CPU, and what the user can do."""
     measured = figures(ctx, v)
     verdicts = gates_mod.check(ctx.gates, measured, any(r.proxy for r in built.runners.values()))
-    reason = (decision.recipe or {}).get("reason")
     interval = speedup_interval(v.latency, "int8", ctx.cfg.image_size)
     for verdict in verdicts:
-        if verdict.gate != "min_int8_speedup":
-            continue
-        if interval:  # the point decides; the interval says how sure it is on this machine
+        if verdict.gate == "min_int8_speedup" and interval:  # the point decides; the interval says how sure it is
             lo, hi = interval["ci95"]
-            near = lo < verdict.allowed <= hi
             verdict.reason = (f"95 % interval [{lo:.2f}, {hi:.2f}]×" + (": the gate lies inside it, so this verdict "
-                              "is within the machine's noise" if near else ""))
-        if reason and not verdict.passed:
-            verdict.reason = "; ".join(filter(None, (reason, verdict.reason)))
+                              "is within the machine's noise" if lo < verdict.allowed <= hi else ""))
+        if verdict.status == "fail":
+            verdict.reason = "; ".join(filter(None, (_cause(ctx, verdict, decision), verdict.reason)))
     return measured, verdicts
+
+
+def _cause(ctx: Context, verdict, decision: Decision) -> str:
+    """The decision behind a failed gate."""
+    choice, fallback = decision.recipe or {}, decision.fallback
+    if verdict.gate in ("min_int8_speedup", "max_p50_ms"):
+        if choice.get("reason"):
+            return choice["reason"]
+        after = (fallback or {}).get("speed_after")
+        if after and not after["meets_speed"]:
+            return (f"the fallback floated {len(fallback['float_layers'])} layers to meet the accuracy gates and the "
+                    f"repaired INT8 then ran at {after['value']:.2f}× the reference: no candidate met every gate here. "
+                    + reasons.int8_path_note(cpu_profile()))
+        chosen = next((r for r in choice.get("candidates", []) if r.get("chosen")), None)
+        if chosen:
+            return (f"the recipe choice measured {chosen['recipe']!r} at {chosen['speedup']:.2f}× "
+                    f"[{chosen['speedup_ci95'][0]:.2f}, {chosen['speedup_ci95'][1]:.2f}]; the validation's own "
+                    "measurement differs by the machine's noise")
+        return reasons.int8_path_note(cpu_profile())
+    if verdict.gate in ("max_top1_drop_pp", "min_agreement"):
+        control = decision.control
+        passed_on_control = (fallback or {}).get("met") or ((fallback or {}).get("plain_control") or {}).get("passed")
+        if control and passed_on_control and verdict.counts:
+            n = control.get("extended_n") or control["n"]
+            return reasons.evaluation_disagrees(verdict.gate, "held as " + control["rule"].split(";")[0], n,
+                                                verdict.counts["n"])
+        return reasons.accuracy_unreachable(choice, fallback, verdict.gate, control and control["n"])
+    return ""
 
 
 def recommend(ctx: Context, v: Validation) -> dict | None:
@@ -44,9 +71,8 @@ def recommend(ctx: Context, v: Validation) -> dict | None:
         ms = p50(v.latency, precision, size)
         if precision == "torch_fp32" or ms is None:
             continue
-        drop, agree = acc.get("top1_drop_pp", 0.0), acc.get("agreement", 1.0)
-        meets = (drop <= ctx.gates.get("max_top1_drop_pp", float("inf"))
-                 and agree >= ctx.gates.get("min_agreement", 0.0))
+        meets = "agree" not in acc or all(gates_mod.counted(g, ctx.gates[g], acc)[0]
+                                          for g in ("max_top1_drop_pp", "min_agreement") if g in ctx.gates)
         rows.append({"precision": precision, "p50_ms": ms, "meets_accuracy": meets})
     meeting = [r for r in rows if r["meets_accuracy"]]
     if not meeting:

@@ -1,18 +1,22 @@
 """Part of stage 4 (decide): which INT8 recipe to deploy, chosen by measurement on the CPU the deploy runs on.
 
 Every candidate the target declares (ours, the peer's default, the other settings, ours without outlier
-smoothing) is timed at the deployment size, batch 1, interleaved with the reference precision, and judged on the
-control split against the accuracy gates (on their one-sided 95 % bounds). `auto` keeps the fastest that meets
-them. INT8 speed and even INT8 numerics depend on the CPU (U8S8 saturates without VNNI), so the measurement is
-cached per CPU profile and artifact, not per target.
+smoothing) is timed at the deployment size, batch 1, interleaved with the reference precision, and judged on
+every gate that applies at once: the accuracy gates on the control split (pipeline.judge: counts, bounds, more
+evidence at a boundary) and the speed gates (min_int8_speedup, max_p50_ms) on the interleaved measurement. `auto`
+keeps the fastest candidate meeting them all. Where none does, speed comes first: a candidate slower than the
+reference is never taken while a faster one exists; the fastest candidates that miss only accuracy go to the
+fallback to be repaired, the one closest to the accuracy gates first. INT8 speed and even INT8 numerics depend on
+the CPU (U8S8 saturates without VNNI), so the timing is cached per CPU profile and artifact, not per target.
 """
 from __future__ import annotations
 
 import json
 
-from pipeline import fallback as fb
+from pipeline import reasons
 from pipeline.cache import cached_dir, code_digest, key_of
 from pipeline.errors import UserError
+from pipeline.judge import AccuracyGates, Evidence, assess
 from pipeline.latency import Budget, measure, ratio, ratio_of_rounds
 from pipeline.machine import cpu_profile
 from pipeline.stages.build import Built, spread
@@ -22,7 +26,7 @@ BUDGET_S = 60.0  # extra interleaved rounds until every candidate's speed-up is 
 
 
 def _measure(ctx: Context, built: Built) -> list[dict]:
-    """p50 of every candidate and the reference in one interleaved measurement, and each one's control figures."""
+    """p50 of every candidate and the reference in one interleaved measurement."""
     ref = built.runners[ctx.target.reference]
     runs = max(20, ctx.cfg.latency_runs)
     loads = spread(ctx, {"reference": built.artifacts[ctx.target.reference],
@@ -30,26 +34,23 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
     lat = measure({"reference": ref, **{n: r.runner for n, r in built.recipes.items()}}, batch=1,
                   input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=12, budget=Budget(BUDGET_S),
                   spread=loads)
-    reference = fb.judge(ref, ctx.control) if ctx.control is not None else None
     rows = []
-    for name, r in built.recipes.items():
+    for name in built.recipes:
         speedup = ratio(lat["reference"], lat[name])
-        row = {"recipe": name, "p50_ms": lat[name].p50_ms, "p50_ci_ms": lat[name].p50_ci_ms,
-               "reference_p50_ms": lat["reference"].p50_ms, "speedup": speedup.value, "speedup_ci95": [speedup.low, speedup.high],
-               "runs": lat[name].runs, "rounds": lat[name].rounds, "instances": lat[name].instances,
-               "disturbed_rounds": lat[name].disturbed_rounds, "rounds_data": lat[name].rounds_data()}
-        if reference is not None:
-            row.update(fb.judge(r.runner, ctx.control, reference).figures())
-        rows.append(row)
+        rows.append({"recipe": name, "p50_ms": lat[name].p50_ms, "p50_ci_ms": lat[name].p50_ci_ms,
+                     "reference_p50_ms": lat["reference"].p50_ms, "speedup": speedup.value,
+                     "speedup_ci95": [speedup.low, speedup.high], "runs": lat[name].runs, "rounds": lat[name].rounds,
+                     "instances": lat[name].instances, "disturbed_rounds": lat[name].disturbed_rounds,
+                     "rounds_data": lat[name].rounds_data()})
     return rows
 
 
 def _cached_measure(ctx: Context, built: Built) -> tuple[list[dict], bool]:
     # the runners' code and the harness shape the figures as much as the artifacts do
-    key = key_of("recipe-choice", cpu_profile(), ctx.cfg.threads, ctx.cfg.image_size, ctx.cfg.latency_runs,
-                 code_digest(ctx.target.module, "pipeline.latency", "pipeline.fallback", __name__),
+    key = key_of("recipe-timing", cpu_profile(), ctx.cfg.threads, ctx.cfg.image_size, ctx.cfg.latency_runs,
+                 code_digest(ctx.target.module, "pipeline.latency", __name__),
                  {n: r.artifact.sha256() for n, r in built.recipes.items()},
-                 built.artifacts[ctx.target.reference].sha256(), ctx.control.ids_sha256 if ctx.control else None)
+                 built.artifacts[ctx.target.reference].sha256())
 
     def write(tmp) -> None:
         (tmp / "choice.json").write_text(json.dumps(_measure(ctx, built), indent=1))
@@ -58,7 +59,51 @@ def _cached_measure(ctx: Context, built: Built) -> tuple[list[dict], bool]:
     return json.loads((directory / "choice.json").read_text()), cached
 
 
-def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
+def speed_gates(gates: dict) -> dict:
+    return {g: gates[g] for g in ("min_int8_speedup", "max_p50_ms") if g in gates}
+
+
+def meets_speed(row: dict, gates: dict) -> bool:
+    """On the point figures, as the deploy's verdict reads them."""
+    return (row["speedup"] >= gates.get("min_int8_speedup", 0.0)
+            and row["p50_ms"] <= gates.get("max_p50_ms", float("inf")))
+
+
+def pick(rows: list[dict], gates: dict) -> tuple[dict, str, dict | None]:
+    """(the candidate to deploy, which case decided, the backup: the fastest candidate meeting every gate when the
+    pick is one to repair). `rows` carry speedup, p50_ms, meets_accuracy, score (distance from the accuracy gates,
+    ≤ 0 met) and, where measured, rounds_data; in the declared order (ours first).
+
+    Speed narrows the pool first: the candidates meeting the speed gates and faster than the reference, else those
+    meeting the speed gates, else those faster than the reference, else all. In it, the fastest meeting the accuracy
+    gates (a candidate not clearly slower than the fastest is a tie: the declared order decides); where none does,
+    the one closest to the accuracy gates, for the fallback to repair, with the backup taken if the repair fails."""
+    fast = [r for r in rows if meets_speed(r, gates)]
+    pool = [r for r in fast if r["speedup"] > 1.0] or fast or [r for r in rows if r["speedup"] > 1.0] or rows
+    case = ("speed gates met" if meets_speed(pool[0], gates) else
+            "no candidate meets the speed gates: the faster-than-reference ones" if pool[0]["speedup"] > 1.0 else
+            "no candidate is faster than the reference")
+    accurate = [r for r in pool if r["meets_accuracy"]]
+    if not accurate:
+        backup = _fastest([r for r in fast if r["meets_accuracy"]])
+        return (min(pool, key=lambda r: (r["score"], r["p50_ms"])), case + "; none of them meets the accuracy gates",
+                backup)
+    return _fastest(accurate), case, None
+
+
+def _fastest(rows: list[dict]) -> dict | None:
+    """The fastest row, a tie (not clearly slower, on the paired rounds' interval) going to the declared order."""
+    if not rows:
+        return None
+    fastest = min(rows, key=lambda r: r["p50_ms"])
+    for r in rows:
+        r["vs_fastest"] = (ratio_of_rounds(fastest["rounds_data"], r["rounds_data"]).to_dict()  # < 1: r is slower
+                           if "rounds_data" in r and "rounds_data" in fastest else
+                           {"verdict": "slower" if r["p50_ms"] > fastest["p50_ms"] else "tie"})
+    return next(r for r in rows if r is fastest or r["vs_fastest"]["verdict"] != "slower")
+
+
+def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, dict | None]:
     """(name of the recipe to deploy, the choice as the report shows it; None when nothing was chosen)."""
     cfg, recipes = ctx.cfg, built.recipes
     if cfg.recipe not in ("auto", *recipes):  # prepare checked the name; smoothing off makes that one absent
@@ -71,40 +116,35 @@ def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
             "the only candidate" if len(recipes) < 2 else "not timed here (a proxy): the target's default")
         return name, ({"mode": cfg.recipe, "chosen": name, "why": why, "candidates": []} if recipes else None)
     rows, cached = _cached_measure(ctx, built)
-    gates = fb.FallbackConfig(float(ctx.gates.get("max_top1_drop_pp", float("inf"))), ctx.gates.get("min_agreement"))
-    judged = ctx.control is not None and ("max_top1_drop_pp" in ctx.gates or "min_agreement" in ctx.gates)
-    resolution = None
-    if judged and DEFAULT in {r["recipe"] for r in rows}:  # settled once, on the default, for every decision
-        gates, resolution = fb.resolve_drop(gates, next(r for r in rows if r["recipe"] == DEFAULT))
-        if resolution:
-            ctx.log(f"NOTE: {resolution}")
-            ctx.notes.append(resolution)
+    acc_gates = AccuracyGates.of(ctx.gates)
+    judged = evidence is not None and acc_gates.any
     for row in rows:
-        row["meets_accuracy"] = not judged or not fb.misses(gates, row)
-    meeting = [r for r in rows if r["meets_accuracy"]]
-    if meeting:  # not clearly slower than the fastest is a tie on this machine: the declared order (ours first) decides
-        fastest = min(meeting, key=lambda r: r["p50_ms"])
-        for r in meeting:
-            r["vs_fastest"] = ratio_of_rounds(fastest["rounds_data"], r["rounds_data"]).to_dict()  # < 1: r is slower
-        best = next(r for r in meeting if r is fastest or r["vs_fastest"]["verdict"] != "slower")
-    else:
-        best = min(rows, key=lambda r: fb.score(gates, r))
+        row["meets_speed"] = meets_speed(row, ctx.gates)
+        if judged:
+            a = assess(recipes[row["recipe"]].runner, evidence, acc_gates)
+            row.update(a.judged.figures(), meets_accuracy=a.passed, score=a.score, accuracy_rule=a.rule,
+                       accuracy_gates=a.gates)
+        else:
+            row.update(meets_accuracy=True, score=0.0)
+    best, case, backup = pick(rows, ctx.gates)
     for row in rows:
         row.pop("rounds_data", None)
         row["chosen"] = row is best
         row["why"] = _why(row, best, judged)
         ctx.log(f"recipe {row['recipe']}: p50 {row['p50_ms']:.2f} ms ({row['speedup']:.2f}× {ctx.target.reference})"
-                + (f", control {fb.figures_text_of(row)}" if judged else "") + f": {row['why']}")
+                + (f", control: {row['control_drop_images']} of {row['control_n']:,} images lost, "
+                   f"{row['control_disagreements']} disagree ({row['accuracy_rule']})" if judged else "")
+                + f": {row['why']}")
     prof = cpu_profile()
     choice = {"mode": "auto", "chosen": best["recipe"], "candidates": rows, "cached_measurement": cached,
-              "accuracy_judged_on": (f"control split ({len(ctx.control.images)} images), 95 % bounds"
-                                     if judged else "nothing: no accuracy gate or no control split"),
-              "cpu_profile": prof, "int8_pays": best["speedup"] > 1.0, "drop_resolution": resolution,
-              "why": best["why"]}
-    if not choice["int8_pays"]:
-        choice["reason"] = (f"INT8 is not faster than {ctx.target.reference.upper()} on {prof['cpu']} ({prof['int8_path']}): "
-                            f"best candidate {best['recipe']} {best['speedup']:.2f}×; keep {ctx.target.reference.upper()} "
-                            "here or target a CPU with VNNI")
+              "case": case, "gates_judged": {**({"accuracy": acc_gates.text()} if judged else {}),
+                                             **speed_gates(ctx.gates)},
+              "accuracy_judged_on": (evidence.describe() if judged else "nothing: no accuracy gate or no control split"),
+              "backup": backup["recipe"] if backup else None,
+              "cpu_profile": prof, "int8_pays": best["speedup"] > 1.0, "meets_all": best["meets_speed"] and best[
+                  "meets_accuracy"], "repair": best["meets_speed"] and not best["meets_accuracy"], "why": best["why"]}
+    if not best["meets_speed"] and speed_gates(ctx.gates):
+        choice["reason"] = reasons.speed_unreachable(ctx.target, ctx.ck.variant.name, rows, ctx.gates, prof)
         ctx.log(choice["reason"])
         ctx.notes.append(choice["reason"])
     return best["recipe"], choice
@@ -112,15 +152,23 @@ def choose(ctx: Context, built: Built) -> tuple[str, dict | None]:
 
 def _why(row: dict, best: dict, judged: bool) -> str:
     if row is best:
-        return ("fastest meeting the accuracy gates (a candidate not clearly slower than the fastest, on the 95 % "
-                "interval of their paired rounds, is a tie: the declared order decides)" if row["meets_accuracy"] else
-                "none meets the accuracy gates: closest to them (the fallback takes it from here)")
+        if row["meets_accuracy"] and row["meets_speed"]:
+            return ("fastest meeting every gate (a candidate not clearly slower than the fastest, on the 95 % "
+                    "interval of their paired rounds, is a tie: the declared order decides)")
+        if row["meets_speed"]:
+            return "meets the speed gates but not the accuracy gates: closest to them (the fallback repairs it)"
+        return ("fastest meeting the accuracy gates, but no candidate meets the speed gates" if row["meets_accuracy"]
+                else "closest to the accuracy gates; no candidate meets every gate")
+    if not row["meets_speed"] and best["meets_speed"]:
+        return f"misses the speed gates ({row['speedup']:.2f}× the reference)"
     if not row["meets_accuracy"]:
         return "misses the accuracy gates on the control split" if judged else "rejected"
     vs = row.get("vs_fastest") or {}
     if vs.get("verdict") != "slower":
         return (f"a tie with {best['recipe']} ({row['p50_ms']:.2f} vs {best['p50_ms']:.2f} ms, intervals overlap): "
                 "the declared order decides")
+    if "value" not in vs:
+        return f"slower than {best['recipe']} ({row['p50_ms']:.2f} vs {best['p50_ms']:.2f} ms)"
     return (f"slower than {best['recipe']} ({row['p50_ms']:.2f} vs {best['p50_ms']:.2f} ms; ratio "
             f"{vs['value']:.2f}× [{vs['ci95'][0]:.2f}, {vs['ci95'][1]:.2f}])")
 
@@ -134,7 +182,7 @@ def numerics(ctx: Context, artifact) -> dict:
     if q.get("activation_type") == "QUInt8" and q.get("weight_type") == "QInt8" and not q.get("reduce_range"):
         out["warning"] = ("U8S8 at full 8-bit weights: on a CPU without VNNI (AVX2 only) its u8×s8 pair sums saturate, "
                           "so its accuracy there can be lower than measured here"
-                          + ("" if prof["vnni"] else " (this CPU has no VNNI: the figures above include it)")
+                          + (" (this CPU has no VNNI: the figures above include it)" if prof["u8s8_saturates"] else "")
                           + "; for such CPUs deploy the reduce_range or U8U8 candidate (--recipe)")
         ctx.notes.append(out["warning"])
     return out

@@ -63,6 +63,8 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
         "sensitivity": sensitivity,
         "smoothing": src.smoothing,
         "fallback": decision.fallback,
+        "decision_control": decision.control,
+        "decide_steps_s": decision.steps_s,
         "notes": ctx.notes,
         "engine_built": ctx.availability.ok,
         "gates": {"file": str(ctx.cfg.gates), "applied": ctx.gates, "figures": measured,
@@ -71,8 +73,15 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
 
 
 def publish(ctx: Context, report: dict, built: Built) -> Path:
+    import json
+
     from reports import write_report
 
     out = Path(ctx.cfg.out) if ctx.cfg.out else Path("runs") / f"{ctx.target.name}-{ctx.ck.variant.name}"
+    manifest = ctx.split.manifest()
+    extension = (report.get("decision_control") or {}).get("extension")
+    if extension:  # the control images drawn at a boundary: in neither the calibration nor the evaluation list
+        manifest["control_extension"] = extension
+        report["decision_control"]["extension"] = {k: v for k, v in extension.items() if k != "indices"}
     return write_report(out, report, files=[f for a in built.artifacts.values() for f in a.files],
-                        manifest=ctx.split.manifest_json())
+                        manifest=json.dumps(manifest, indent=1))
