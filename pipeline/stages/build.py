@@ -4,8 +4,9 @@ samples, the toolchain versions, this project's code the build imports, the inpu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 from pipeline.cache import cached_dir, code_digest, key_of, sha256_file
 from pipeline.latency import Spread
@@ -17,12 +18,24 @@ from targets.base import Artifact, BuildRequest, LabelledData, Runner
 
 @dataclass
 class Recipe:
-    """One INT8 candidate: what it was built from and with, and the result."""
+    """One INT8 candidate: what it was built from and with, and the result. Its runner is loaded when first asked
+    for and can be released: eight ConvNeXt-T sessions held at once (and their fresh loads for timing) are what
+    pushed a deploy past 8 GiB."""
 
     source: Source
     options: object  # the target's typed options
     artifact: Artifact
-    runner: Runner
+    load: Callable[[], Runner]
+    _runner: Runner | None = field(default=None, repr=False)
+
+    @property
+    def runner(self) -> Runner:
+        if self._runner is None:
+            self._runner = self.load()
+        return self._runner
+
+    def release(self) -> None:
+        self._runner = None
 
 
 @dataclass
@@ -70,14 +83,15 @@ def build(ctx: Context, src: Sources) -> Built:
     runners = {p: target.load_runner(a, cfg.threads) for p, a in artifacts.items()}
     if src.int8 is None:
         return Built(artifacts, runners, {})
-    recipes = {DEFAULT: Recipe(src.int8, ctx.options, artifacts["int8"], runners["int8"])}
+    load = partial(target.load_runner, threads=cfg.threads)
+    recipes = {DEFAULT: Recipe(src.int8, ctx.options, artifacts["int8"], partial(load, artifacts["int8"]), runners["int8"])}
     inputs = [(r.name, src.int8 if r.smoothed else src.plain, target.make_options(**{**cfg.options, **r.options}))
               for r in target.int8_recipes]
     if src.smoothing is not None:  # smoothing is one candidate among the others: kept where accuracy needs it
         inputs.append((SMOOTHING_OFF, src.plain, target.make_options(**cfg.options)))
     for name, source, options in [i for i in inputs if cfg.alternatives or i[0] == cfg.recipe]:
         art = build_one(ctx, source, "int8", options)
-        recipes[name] = Recipe(source, options, art, target.load_runner(art, cfg.threads))
+        recipes[name] = Recipe(source, options, art, partial(load, art))
     return Built(artifacts, runners, recipes)
 
 

@@ -138,6 +138,7 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
                        "ids_sha256": ctx.split.control.ids_sha256},
            "reference_control_top1": ev.reference_on(False).top1, "plain_control": plain.to_dict(),
+           "plain_control_drop_pp": plain.judged.drop_pp, "plain_control_agreement": plain.judged.agreement,
            "triggered": not plain.passed, "float_layers": [],
            "budget": {"max_float_layers": cfg.fallback_max_layers, "max_minutes": cfg.fallback_max_minutes}}
     log(f"fallback: plain INT8 on the control split {plain.text()}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 
 from pipeline.cache import cached_dir, code_digest, key_of
 from pipeline.latency import Budget, measure, ratio
@@ -66,7 +67,7 @@ def mix(ctx: Context, built: Built, chosen: Recipe) -> tuple[dict | None, Recipe
         return record, None
     options = with_float(chosen.options, record["float_layers"])
     artifact = build_one(ctx, chosen.source, "int8", options)
-    return record, Recipe(chosen.source, options, artifact, target.load_runner(artifact, cfg.threads))
+    return record, Recipe(chosen.source, options, artifact, partial(target.load_runner, artifact, cfg.threads))
 
 
 def with_float(options, layers):

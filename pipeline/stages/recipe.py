@@ -34,6 +34,8 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
     lat = measure({"reference": ref, **{n: r.runner for n, r in built.recipes.items()}}, batch=1,
                   input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=12, budget=Budget(BUDGET_S),
                   spread=loads)
+    for r in built.recipes.values():
+        r.release()  # judged one at a time next; the default stays loaded (built.runners holds it)
     rows = []
     for name in built.recipes:
         speedup = ratio(lat["reference"], lat[name])
@@ -109,7 +111,7 @@ def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, 
     if cfg.recipe not in ("auto", *recipes):  # prepare checked the name; smoothing off makes that one absent
         raise UserError(f"--recipe {cfg.recipe!r} was not built here (outlier smoothing is off); choose auto or one of: "
                         + ", ".join(repr(n) for n in recipes))
-    timed = all(r.runner.timed for r in recipes.values()) and built.runners[ctx.target.reference].timed
+    timed = built.runners["int8"].timed and built.runners[ctx.target.reference].timed  # one runtime: all or none
     if cfg.recipe != "auto" or not timed or not recipes:
         name = DEFAULT if cfg.recipe == "auto" else cfg.recipe
         why = "named with --recipe" if cfg.recipe != "auto" else (
@@ -122,6 +124,7 @@ def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, 
         row["meets_speed"] = meets_speed(row, ctx.gates)
         if judged:
             a = assess(recipes[row["recipe"]].runner, evidence, acc_gates)
+            recipes[row["recipe"]].release()
             row.update(a.judged.figures(), meets_accuracy=a.passed, score=a.score, accuracy_rule=a.rule,
                        accuracy_gates=a.gates)
         else:

@@ -56,7 +56,7 @@ def validate(ctx: Context, built: Built, decision: Decision) -> Validation:
     preds = _predict(ctx, built, decision, reference)
     acc = _accuracy(ctx, built, preds, reference)
     latency = _latency(ctx, built, decision)
-    recipes = _compare_recipes(ctx, built, preds, (decision.recipe or {}).get("chosen"))
+    recipes = _compare_recipes(ctx, built, preds, decision.recipe)
     if decision.fallback is not None:
         _fallback_figures(ctx, decision.fallback, preds, latency)
     return Validation(acc, latency, recipes, _time_split(ctx, built))
@@ -77,15 +77,21 @@ def _time_split(ctx: Context, built: Built) -> dict | None:
 
 
 def _predict(ctx: Context, built: Built, decision: Decision, reference: Runner) -> dict:
-    batches = iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ctx.ck.preprocessing,
-                           batch_size=inference_batch(ctx.ck.preprocessing.input_size),
-                           desc="evaluation")
-    runners = {"torch_fp32": reference.run,
-               **{p: r.run for p, r in built.runners.items()},
-               **{f"alt:{n}": r.runner.run for n, r in _others(built).items()}}
+    """Every runner's top-5 on the evaluation split: the reference, the target's precisions and the all-INT8
+    runner in one streamed pass; each other INT8 candidate in a pass of its own, loaded and released in turn, so
+    one candidate's session is held at a time, not eight."""
+    def batches():
+        return iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ctx.ck.preprocessing,
+                            batch_size=inference_batch(ctx.ck.preprocessing.input_size), desc="evaluation")
+
+    runners = {"torch_fp32": reference.run, **{p: r.run for p, r in built.runners.items()}}
     if decision.plain_runner is not None:
         runners["plain:int8"] = decision.plain_runner.run
-    return predict_many(runners, batches)
+    preds = predict_many(runners, batches())
+    for name, recipe in _others(built).items():
+        preds.update(predict_many({f"alt:{name}": recipe.runner.run}, batches()))
+        recipe.release()
+    return preds
 
 
 def _accuracy(ctx: Context, built: Built, preds: dict, reference: Runner) -> dict:
@@ -141,35 +147,43 @@ def _others(built: Built) -> dict:
     return {n: r for n, r in built.recipes.items() if final is None or r.artifact.files != final.files}
 
 
-def _compare_recipes(ctx: Context, built: Built, preds: dict, chosen: str | None) -> list[dict]:
+def _compare_recipes(ctx: Context, built: Built, preds: dict, choice: dict | None) -> list[dict]:
     """Every INT8 candidate: accuracy on the evaluation split, p50 at the deployment size, batch 1, interleaved
-    with FP32 in one measurement. The chosen one is `deployed`; where layers went back to float after the choice
+    with the reference in one measurement: the recipe choice's own (same artifacts, same CPU) where it timed them,
+    else measured here. The chosen one is `deployed`; where layers went back to float after the choice
     (latency-aware precision, the accuracy fallback) its row is the candidate as built, and the deployed artifact
     is the "int8" row of the latency and accuracy tables."""
-    runners, alt = built.runners, _others(built)
-    if len(built.recipes) < 2 or not all(r.timed for r in (*runners.values(), *(x.runner for x in alt.values()))):
+    runners, alt, chosen = built.runners, _others(built), (choice or {}).get("chosen")
+    if len(built.recipes) < 2 or not runners["int8"].timed:
         return []
-    cfg = ctx.cfg
-    loads = spread(ctx, {"fp32": built.artifacts["fp32"], "int8": built.artifacts["int8"],
-                         **{n: r.artifact for n, r in alt.items()}})
-    lat = measure({"fp32": runners["fp32"], "int8": runners["int8"], **{n: r.runner for n, r in alt.items()}},
-                  batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5, rounds=6, spread=loads)
+    cfg, ref = ctx.cfg, ctx.target.reference
+    timed = {r["recipe"]: r for r in (choice or {}).get("candidates", []) if "p50_ms" in r}
+    if set(timed) != set(built.recipes):
+        loads = spread(ctx, {ref: built.artifacts[ref], "int8": built.artifacts["int8"],
+                             **{n: r.artifact for n, r in alt.items()}})
+        lat = measure({ref: runners[ref], "int8": runners["int8"], **{n: r.runner for n, r in alt.items()}},
+                      batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5, rounds=6, spread=loads)
+        for r in alt.values():
+            r.release()
+        timed = {name: {"p50_ms": lat[name if name in alt else "int8"].p50_ms, "reference_p50_ms": lat[ref].p50_ms,
+                        "measured": "here"} for name in built.recipes}
     rows = []
     for name, recipe in built.recipes.items():
-        art = recipe.artifact
-        key, pred_key = (name, f"alt:{name}") if name in alt else ("int8", "int8")
-        a = accuracy(preds[pred_key], preds["fp32"])
+        art, t = recipe.artifact, timed[name]
+        a = accuracy(preds[f"alt:{name}" if name in alt else "int8"], preds[ref])
         ops = art.metadata.get("ops", {})
         rows.append({"recipe": name, "options": art.metadata.get("quantization", {}), "top1": a["top1"],
                      "top1_drop_pp": a["top1_drop_pp"], "agreement": a["agreement"], "n": a["n"],
-                     "p50_ms": lat[key].p50_ms, "fp32_p50_ms": lat["fp32"].p50_ms,
-                     "int8_speedup": lat["fp32"].p50_ms / lat[key].p50_ms, "input_size": cfg.image_size, "batch": 1,
+                     "drop_images": a["drop_images"], "agree": a["agree"],
+                     "p50_ms": t["p50_ms"], "fp32_p50_ms": t["reference_p50_ms"],
+                     "int8_speedup": t["reference_p50_ms"] / t["p50_ms"], "input_size": cfg.image_size, "batch": 1,
                      "threads": cfg.threads, "integer_kernels": ops.get("integer_kernels"),
                      "float_conv_matmul_left": ops.get("float_conv_matmul_left"),
-                     "runtime": runners["fp32"].runtime, "kind": "real", "deployed": name == chosen,
+                     "timed_in": t.get("measured", "the recipe choice (same artifacts, CPU and harness)"),
+                     "runtime": runners[ref].runtime, "kind": "real", "deployed": name == chosen,
                      **({"deployed_with_float_layers": True} if name == chosen and name in alt else {})})
-        ctx.log(f"recipe {name}: top-1 drop {a['top1_drop_pp']:+.2f} pp, p50 {lat[key].p50_ms:.2f} ms "
-                f"({rows[-1]['int8_speedup']:.2f}× FP32)")
+        ctx.log(f"recipe {name}: top-1 drop {a['drop_images']} of {a['n']:,} images ({a['top1_drop_pp']:+.2f} pp), "
+                f"p50 {t['p50_ms']:.2f} ms ({rows[-1]['int8_speedup']:.2f}× {ref})")
     return rows
 
 
