@@ -87,19 +87,26 @@ class OutlierStats:
 
 
 def outlier_stats(model: nn.Module, images: np.ndarray) -> OutlierStats:
-    ranges = norm_output_ranges(model.eval(), images)
+    return stats_of(norm_output_ranges(model.eval(), images))
+
+
+def stats_of(ranges: dict[str, torch.Tensor]) -> OutlierStats:
     ratios = {n: float(r.max() / r.median().clamp_min(1e-12)) for n, r in ranges.items()}
     worst = max(ratios, key=ratios.get)
     return OutlierStats(ratios[worst], worst, ratios)
 
 
-def migrate(model: nn.Module, images: np.ndarray, alpha: float = 0.5) -> tuple[nn.Module, dict]:
+def migrate(model: nn.Module, images: np.ndarray, alpha: float = 0.5,
+            ranges: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
     """A copy of `model` with the activation outliers of every norm moved into the next layer's weights.
-    Returns it and a summary (per-layer largest factor). `images`: calibration images (preprocessed)."""
+    Returns it and a summary (per-layer largest factor, and the norms' output ranges before and after: the norm's
+    affine is divided by s per channel, so its output range is divided by s exactly, with no second pass over the
+    images). `images`: calibration images (preprocessed); `ranges`: their norm output ranges, if already known."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"smoothing alpha must be in (0, 1), got {alpha}")
     out = copy.deepcopy(model).eval()
-    ranges = norm_output_ranges(out, images)
+    ranges = ranges if ranges is not None else norm_output_ranges(out, images)
+    after: dict[str, torch.Tensor] = {}
     factors = {}
     with torch.no_grad():
         for name, norm, lname, layer in norm_pairs(out):
@@ -111,8 +118,9 @@ def migrate(model: nn.Module, images: np.ndarray, alpha: float = 0.5) -> tuple[n
             norm.bias.div_(s)
             _scale_columns(layer, s)
             factors[lname] = float(s.max())
+            after[name] = ranges[name] / s
     return out, {"alpha": alpha, "layers": len(factors), "max_factor": max(factors.values()),
-                 "images": len(images)}
+                 "images": len(images), "ranges_before": ranges, "ranges_after": after}
 
 
 def inject_outliers(model: nn.Module, k: float = 30.0, channels: int = 2, seed: int = 0) -> nn.Module:

@@ -99,7 +99,8 @@ RECIPE_HEAD = ["INT8 recipe", "top-1", "drop vs FP32", "agreement", "p50 ms", "s
 
 
 def recipe_rows(report: dict) -> list[list[str]]:
-    return [[r["recipe"], _pct(r["top1"]), _pp(r["top1_drop_pp"]), _pct(r["agreement"]), _ms(r["p50_ms"]),
+    return [[r["recipe"], _pct(r["top1"]) + (f" ({r['split']}, {r['n']:,})" if r.get("split", "evaluation") != "evaluation"
+                                             else ""), _pp(r["top1_drop_pp"]), _pct(r["agreement"]), _ms(r["p50_ms"]),
              f"{r['int8_speedup']:.2f}×", str(sum((r["integer_kernels"] or {}).values())),
              str(r["float_conv_matmul_left"])] for r in report.get("int8_recipes", [])]
 
@@ -176,10 +177,14 @@ def _recipe_caption(report: dict) -> str:
     rs = report.get("int8_recipes", [])
     if not rs:
         return ""
-    r = rs[0]
-    return (f"Accuracy on {r['n']} evaluation images at {report['data']['accuracy_resolution']} px; p50 at "
+    r = next((x for x in rs if x.get("split", "evaluation") == "evaluation"), rs[0])
+    control = [x for x in rs if x.get("split") == "control"]
+    return (f"Accuracy on {r['n']} evaluation images at {report['data']['accuracy_resolution']} px"
+            + (f" ({len(control)} candidates: their control-split figures from the recipe choice, marked, to spare "
+               "an evaluation pass each at this size)" if control else "") + f"; p50 at "
             f"{r['input_size']} px, batch {r['batch']}, {r['threads']} threads, {r['runtime']}, interleaved with FP32 "
-            f"(FP32 p50 {r['fp32_p50_ms']:.2f} ms) in one measurement. All real.")
+            f"(FP32 p50 {r['fp32_p50_ms']:.2f} ms) in one measurement"
+            + (" (the recipe choice's)" if "recipe choice" in r.get("timed_in", "") else "") + ". All real.")
 
 
 MEMORY_HEAD = ["stage", "peak RSS (MiB)", "RSS at start (MiB)", "seconds"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.cache import cached_dir, key_of, sha256_file
 from targets.base import CalibrationData
 
 
@@ -100,7 +101,35 @@ def quantize(src: Path, dst: Path, calibration: CalibrationData, float_layers=()
         excluded = node_names_for(pre_model, torch_model, list(float_layers)) if float_layers else []
         if excluded or quantize_kwargs:
             quantize_kwargs["nodes_to_exclude"] = list(quantize_kwargs.get("nodes_to_exclude", [])) + excluded
+
         # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it drops the collected ranges instead of merging them
-        quantize_static(str(pre), str(dst), reader, **quantize_kwargs)
+        def calibrate_and_quantize(tmp: Path) -> None:
+            quantize_static(str(pre), str(dst), reader, calibration_cache_path=str(tmp / RANGES), **quantize_kwargs)
+
+        ranges, cached = cached_dir("calibration-ranges", _ranges_key(pre, calibration, quantize_kwargs),
+                                    calibrate_and_quantize, log=lambda _: None)
+        if cached:  # the same graph, images and calibration settings: another candidate's ranges, read back
+            quantize_static(str(pre), str(dst), None, calibration_cache_path=str(ranges / RANGES), **quantize_kwargs)
     finally:
         pre.unlink(missing_ok=True)
+
+
+RANGES = "ranges.json"
+# quantize_static's arguments that change what the calibrator measures (the rest only change what is quantized)
+CALIBRATION_EXTRA = ("CalibTensorRangeSymmetric", "CalibMovingAverage", "CalibMovingAverageConstant",
+                     "CalibPercentile")
+
+
+def _ranges_key(pre: Path, calibration: CalibrationData, kwargs: dict) -> str:
+    """Calibration ranges are per tensor of the float graph, so every candidate quantizing the same pre-processed
+    graph with the same images and calibration settings shares them: the candidates, the latency-aware rebuild and
+    each fallback rebuild (float layers only exclude nodes) calibrate once, not once each."""
+    import hashlib
+
+    import onnxruntime as ort
+
+    extra = kwargs.get("extra_options") or {}
+    return key_of("ort-calibration", ort.__version__, sha256_file(pre),
+                  hashlib.sha256(calibration.images.tobytes()).hexdigest(), calibration.images.shape,
+                  str(kwargs.get("calibrate_method")), kwargs.get("op_types_to_quantize"),
+                  {k: extra[k] for k in CALIBRATION_EXTRA if k in extra})

@@ -9,7 +9,8 @@ import torch
 
 from conftest import REPO, reference_split
 from pipeline.export import export_onnx
-from pipeline.outliers import inject_outliers, migrate, norm_pairs, outlier_stats, save_outlier_checkpoint
+from pipeline.outliers import (inject_outliers, migrate, norm_output_ranges, norm_pairs, outlier_stats,
+                               save_outlier_checkpoint, stats_of)
 from pipeline.validate import accuracy, predict_many
 from targets import get_target
 from targets.base import Artifact, BuildRequest, CalibrationData
@@ -41,6 +42,11 @@ def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, tmp_path)
         assert float((smoothed(torch.from_numpy(x[:500])) - a).abs().max()) < 1e-3
     before, after = outlier_stats(outl, d.calib_x), outlier_stats(smoothed, d.calib_x)
     assert before.worst_ratio > 50 and after.worst_ratio < 10 and info["layers"] == len(norm_pairs(outl))
+    # the ranges after smoothing follow from the factors, without a second pass over the images
+    measured = norm_output_ranges(smoothed, d.calib_x)
+    for name, r in info["ranges_after"].items():
+        assert torch.allclose(r, measured[name], rtol=1e-3, atol=1e-5), name
+    assert stats_of(info["ranges_before"]).worst_ratio == pytest.approx(before.worst_ratio, rel=1e-6)
 
     ort = get_target("onnxruntime")
     runners = {"fp32": lambda b: ck.model(torch.from_numpy(b)).detach().numpy()}
@@ -78,7 +84,7 @@ def test_tight_gate_triggers_the_fallback_and_the_report_shows_it(outlier_checkp
     gates = tmp_path / "gates.toml"
     gates.write_text("[defaults]\nmax_top1_drop_pp = 1.0\nmin_agreement = 0.985\n")
     p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
-             "--no-smoothing", "--no-alternatives", "--eval", "2000", "--runs", "10", "--fallback-max-layers", "16",
+             "--no-smoothing", "--no-alternatives", "--recipe", "ours (default)", "--eval", "2000", "--runs", "10", "--fallback-max-layers", "16",
              "--gates", str(gates), "--out", str(tmp_path / "r"), env=cli_env)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -104,7 +110,7 @@ def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, c
     # no image may be lost or flipped: INT8 with outliers in 2 float layers cannot meet that
     gates.write_text("[defaults]\nmax_top1_drop_pp = 0.0\nmin_agreement = 1.0\n")
     p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
-             "--no-smoothing", "--no-alternatives", "--eval", "500", "--runs", "5", "--fallback-max-layers", "2",
+             "--no-smoothing", "--no-alternatives", "--recipe", "ours (default)", "--eval", "500", "--runs", "5", "--fallback-max-layers", "2",
              "--gates", str(gates), "--out", str(tmp_path / "r"), env=cli_env)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "fallback stopped (budget)" in p.stdout and "2 layers in float (budget --fallback-max-layers 2)" in p.stdout

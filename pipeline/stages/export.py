@@ -45,12 +45,11 @@ def export(ctx: Context) -> Sources:
 
 def smooth(ctx: Context, alpha: float) -> tuple[Source, dict]:
     """SmoothQuant-style migration on the calibration images, and the smoothed model's export."""
-    from pipeline.outliers import migrate, outlier_stats
+    from pipeline.outliers import migrate, stats_of
 
     ck, calib_x = ctx.ck, ctx.calibration.images
-    before = outlier_stats(ck.model, calib_x)
-    model, info = migrate(ck.model, calib_x, alpha)
-    after = outlier_stats(model, calib_x)
+    model, info = migrate(ck.model, calib_x, alpha)  # one pass over the images gives both statistics
+    before, after = stats_of(info.pop("ranges_before")), stats_of(info.pop("ranges_after"))
     info.update(outlier_ratio_before=before.worst_ratio, outlier_ratio_after=after.worst_ratio,
                 worst_layer_before=before.worst_layer, calibration_ids_sha256=ctx.calibration.manifest_sha256)
     ctx.log(f"smoothing (α {alpha}): largest norm-output channel range / median {before.worst_ratio:.1f} → "
