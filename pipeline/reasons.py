@@ -6,23 +6,24 @@ Every text names the decision that caused the miss and reads the CPU's real INT8
 from __future__ import annotations
 
 
+FLOAT_OPS = ("what stays slow are the float ops around them (depthwise convolutions, LayerNorm, GELU, layout "
+             "changes): see where the time goes")
+
+
 def int8_path_note(profile: dict) -> str:
     """What limits INT8 on this CPU, from its profile."""
     path = profile["int8_path"]
     if path.startswith("AMX"):
-        return (f"this CPU runs INT8 GEMMs on {path}, so the integer layers are fast; what stays slow are the float "
-                "ops around them (depthwise convolutions, LayerNorm, GELU, layout changes): see where the time goes"
+        return (f"this CPU runs INT8 GEMMs on {path}, so the integer layers are fast; {FLOAT_OPS}"
                 + ("; BF16 on AMX may be the faster precision here (the report's recommended precision says, as "
                    "measured)" if profile.get("bf16_native") else ""))
     if profile.get("vnni"):
-        return (f"this CPU has VNNI ({path}), so the integer layers run at full rate; what stays slow are the float "
-                "ops around them (depthwise convolutions, LayerNorm, GELU, layout changes): see where the time goes")
+        return f"this CPU has VNNI ({path}), so the integer layers run at full rate; {FLOAT_OPS}"
     if profile.get("u8s8_saturates"):
         return (f"this CPU has no VNNI: {path}, three instructions per step where VPDPBUSD takes one; a CPU with "
                 "AVX-512 VNNI or AVX-VNNI runs these INT8 layers faster")
     if "I8MM" in path:
-        return (f"this CPU runs INT8 GEMMs on {path}; what stays slow are the float ops around them (LayerNorm, GELU, "
-                "depthwise convolutions): see where the time goes")
+        return f"this CPU runs INT8 GEMMs on {path}; {FLOAT_OPS}"
     if path.startswith("ARM dot-product"):
         return (f"this CPU runs INT8 GEMMs on {path}; a core with I8MM (SMMLA: Neoverse V1/N2 and newer) runs them "
                 "faster, and the float ops around them (LayerNorm, GELU, depthwise convolutions) stay float")
@@ -54,9 +55,10 @@ def speed_unreachable(target, variant: str, rows: list[dict], gates: dict, profi
 
 def accuracy_unreachable(choice: dict | None, fallback: dict | None, gate: str, control_n: int | None) -> str:
     """The accuracy gate `gate` failed: which decision left it failing, and what to try."""
-    bits = []
+    bits, met = [], 0
     if choice and choice.get("candidates"):
         meeting = [r for r in choice["candidates"] if r.get("meets_accuracy")]
+        met = len(meeting)
         bits.append(f"{len(meeting)} of {len(choice['candidates'])} INT8 candidates met the accuracy gates on the "
                     "control split" + (f" (the chosen {choice['chosen']!r} did not)" if meeting and not next(
                         (r for r in choice["candidates"] if r["chosen"]), {}).get("meets_accuracy") else ""))
@@ -65,9 +67,9 @@ def accuracy_unreachable(choice: dict | None, fallback: dict | None, gate: str, 
     elif fallback is None:
         bits.append("the accuracy fallback did not run (--no-fallback, or no control split)")
     more = f"--control {max(2000, 2 * (control_n or 1000))}" if control_n else "--control N"
-    bits.append(f"what you can do: a larger control split ({more}) if the control and evaluation figures disagree; "
-                "--recipe NAME for a candidate that met the gates; --fallback-max-layers N to float more layers; or "
-                f"relax {gate} in the gate file")
+    bits.append(f"what you can do: a larger control split ({more}, up to half the evaluation images) if the control "
+                "and evaluation figures disagree; " + ("--recipe NAME for a candidate that met the gates; " if met else "")
+                + f"--fallback-max-layers N to float more layers; or relax {gate} in the gate file")
     return "; ".join(bits)
 
 

@@ -144,4 +144,19 @@ def test_an_accuracy_miss_names_the_decision_and_the_options():
     fallback = {"triggered": True, "message": "fallback stopped (no progress) after 2 layers in float"}
     text = reasons.accuracy_unreachable(choice, fallback, "min_agreement", 100)
     assert "0 of 2 INT8 candidates met the accuracy gates" in text and "no progress" in text
-    assert "--control 2000" in text and "--recipe NAME" in text and "min_agreement" in text
+    assert "--control 2000" in text and "min_agreement" in text
+    assert "--recipe NAME" not in text  # none met the gates: no candidate to name
+    choice["candidates"][1]["meets_accuracy"] = True
+    assert "--recipe NAME" in reasons.accuracy_unreachable(choice, fallback, "min_agreement", 100)
+
+
+def test_a_failed_repair_falls_back_to_the_candidate_meeting_every_gate():
+    from pipeline.stages.decide import _unrepaired
+
+    choice = {"candidates": [{"recipe": "fast", "chosen": True, "meets_accuracy": False},
+                             {"recipe": "accurate", "chosen": False, "meets_accuracy": True}], "backup": "accurate"}
+    assert _unrepaired(choice, None)  # no fallback to repair it: take the backup
+    assert _unrepaired(choice, {"triggered": True, "met": False})
+    assert _unrepaired(choice, {"triggered": True, "met": True, "speed_after": {"meets_speed": False}})
+    assert not _unrepaired(choice, {"triggered": True, "met": True, "speed_after": {"meets_speed": True}})
+    assert not _unrepaired(choice, {"triggered": False})  # the latency-aware step's artifact met the gates already

@@ -23,6 +23,9 @@ from pipeline.stages.export import Source
 from targets.base import Artifact, LabelledData, Runner
 
 MORE_CONTROL_MIB = 512  # the largest extended control split held in memory (float images)
+# images × H × W the fallback's sensitivity ranking runs on (one pass per quantized layer): 256 images at 32 px as
+# before, 64 at 224 px, where 256 images made ConvNeXt-T's 59 passes take about nine minutes
+SENSITIVITY_PIXELS = 64 * 224 * 224
 
 
 @dataclass
@@ -108,11 +111,11 @@ def decide(ctx: Context, built: Built) -> Decision:
     fallback, final = _fallback(ctx, chosen, built, ev)
     steps["fallback"] = time.monotonic() - t0
     backup = (choice or {}).get("backup")
-    if fallback is not None and backup and not (fallback.get("met") and (fallback.get("speed_after") or {}).get(
-            "meets_speed", True)):  # the repair failed: the fastest candidate meeting every gate as it is
-        fallback["instead"] = (f"the repair of {choice['chosen']!r} did not meet every gate; deploying {backup!r}, "
-                               "which meets them all as built")
-        ctx.log(f"fallback: {fallback['instead']}")
+    if backup and _unrepaired(choice, fallback):  # the fastest candidate meeting every gate as it was built
+        why = (f"{choice['chosen']!r} misses the accuracy gates" + (" and the fallback did not repair it within every "
+               "gate" if fallback is not None else " (no fallback)") + f"; deploying {backup!r}, which meets them all")
+        ctx.log(f"decide: {why}")
+        choice["instead"] = why
         choice["chosen"], chosen, final = backup, built.recipes[backup], None
         for r in choice["candidates"]:
             r["chosen"] = r["recipe"] == backup
@@ -124,6 +127,14 @@ def decide(ctx: Context, built: Built) -> Decision:
     if chosen is not built.recipes[DEFAULT]:
         return Decision(choice, fallback, chosen.artifact, chosen.runner, control=control, steps_s=steps)
     return Decision(choice, fallback, control=control, steps_s=steps)
+
+
+def _unrepaired(choice: dict, fallback: dict | None) -> bool:
+    """The chosen candidate still misses a gate after the decisions that could repair it."""
+    if fallback is None:
+        return not next(r for r in choice["candidates"] if r["chosen"])["meets_accuracy"]
+    return bool(fallback["triggered"]) and not (fallback.get("met") and (fallback.get("speed_after") or {}).get(
+        "meets_speed", True))
 
 
 def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
@@ -148,7 +159,9 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
     if target.layer_probe is None:
         raise UserError(f"the INT8 artifact misses the accuracy gates on the control split and {target.name} "
                         "has no per-layer sensitivity to rank layers by; pass --no-fallback")
-    out["sensitivity"] = sensitivity(ctx, chosen.source, built, min(max(cfg.sensitivity, 256), len(ctx.split.calibration)))
+    size = ctx.ck.preprocessing.input_size
+    n = cfg.sensitivity or max(32, min(256, SENSITIVITY_PIXELS // (size * size)))
+    out["sensitivity"] = sensitivity(ctx, chosen.source, built, min(n, len(ctx.split.calibration)))
 
     def rebuild(layers: list[str]) -> tuple[Artifact, Runner]:
         art = build_one(ctx, chosen.source, "int8", mixed.with_float(chosen.options, layers))  # latency-aware ones stay
