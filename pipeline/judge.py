@@ -79,21 +79,14 @@ class Judged:
                 "control_agreement_low": agree_low, "control_agreement_high": agree_high}
 
 
-def predictions(runner: Runner, data: LabelledData) -> np.ndarray:
-    batch = inference_batch(data.images.shape[-1])
-    return np.concatenate([runner.run(data.images[i:i + batch]).argmax(1) for i in range(0, len(data.images), batch)])
-
-
 def judge(runner: Runner, data: LabelledData, reference: Judged | None = None) -> Judged:
     """The one control-split comparison: every decision (recipe choice, fallback rounds, accuracy control) uses it."""
-    return judge_preds(predictions(runner, data), data.labels, reference)
-
-
-def judge_preds(preds: np.ndarray, labels: np.ndarray, reference: Judged | None = None) -> Judged:
-    right = preds == labels
+    batch = inference_batch(data.images.shape[-1])
+    preds = np.concatenate([runner.run(data.images[i:i + batch]).argmax(1) for i in range(0, len(data.images), batch)])
+    right = preds == data.labels
     if reference is None:
         return Judged(preds, len(preds), int(right.sum()))
-    ref_right = reference.preds == labels
+    ref_right = reference.preds == data.labels
     return Judged(preds, len(preds), int(right.sum()), int(ref_right.sum()), int((preds == reference.preds).sum()),
                   int((ref_right & ~right).sum()), int((~ref_right & right).sum()))
 
@@ -204,14 +197,8 @@ RULE = ("each accuracy gate is held on its one-sided 95 % bounds in counts of im
         "1,000 images allows 3)")
 
 
-def assess(runner: Runner, evidence: Evidence, gates: AccuracyGates, preds: np.ndarray | None = None) -> Assessment:
-    """`preds`: the runner's predictions on the control split, where already known."""
-    base = judge_preds(preds if preds is not None else predictions(runner, evidence.control), evidence.control.labels,
-                       evidence.reference_on(False))
-    return _assess(base, runner, evidence, gates)
-
-
-def _assess(base: Judged, runner: Runner, evidence: Evidence, gates: AccuracyGates) -> Assessment:
+def assess(runner: Runner, evidence: Evidence, gates: AccuracyGates) -> Assessment:
+    base = judge(runner, evidence.control, evidence.reference_on(False))
     states = gate_states(gates, base)
     if not _boundary(states):
         return Assessment(_passes(states), "bounds", base, states)
@@ -238,17 +225,8 @@ def _counts_pass(states: dict) -> bool:
     return all(s["state"] == "pass" or (s["state"] == "boundary" and s["count_passes"]) for s in states.values())
 
 
-def control_size_needed(margin_pp: float, discordance: float = 0.005, z: float = Z) -> int:
-    """Control images needed for the drop's bound to sit within `margin_pp` of the point figure at a given
-    rate of images whose prediction INT8 changes: n ≥ z²·d / margin²."""
-    return int(np.ceil(z * z * discordance / (margin_pp / 100.0) ** 2))
-
-
 def figures_text(j: Judged) -> str:
-    return figures_text_of(j.figures())
-
-
-def figures_text_of(f: dict) -> str:
+    f = j.figures()
     n = f["control_n"]
     return (f"top-1 drop {f['control_drop_images']} of {n:,} images ({f['control_drop_pp']:+.2f} pp, 95 % "
             f"[{f['control_drop_low_pp']:+.2f}, {f['control_drop_high_pp']:+.2f}]), agreement {n - f['control_disagreements']:,}"

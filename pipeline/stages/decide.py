@@ -94,8 +94,9 @@ def decide(ctx: Context, built: Built) -> Decision:
     if choice is not None and choice["mode"] == "auto":  # layers INT8 does not pay for on this CPU, back in float
         t0 = time.monotonic()
         choice["mixed"], faster = mixed.mix(ctx, built, chosen)
-        if faster is not None and ev is not None and AccuracyGates.of(ctx.gates).any:
-            a = assess(faster.runner, ev, AccuracyGates.of(ctx.gates))
+        acc_gates = AccuracyGates.of(ctx.gates)
+        if faster is not None and ev is not None and acc_gates.any:
+            a = assess(faster.runner, ev, acc_gates)
             before = next(r for r in choice["candidates"] if r["chosen"])["meets_accuracy"]
             choice["mixed"]["accuracy"] = a.to_dict()
             if before and not a.passed:  # faster, but it would lose a gate the all-INT8 one met
