@@ -42,7 +42,7 @@ deploy:
 	$(CLI) deploy --target $(TARGET) --variant $(VARIANT) --recipe "$(RECIPE)"
 
 bench:
-	$(BIN)/python -m pipeline.bench
+	$(BIN)/python -m convnext_deploy.pipeline.bench
 
 # One table (Markdown + HTML) of every deploy report under runs/, e.g. the CI deploy matrix's downloaded reports.
 matrix:

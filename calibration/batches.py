@@ -6,9 +6,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from calibration.preprocess import preprocess
-from calibration.split import Source
-from pipeline.variants import Preprocessing
+from convnext_deploy.calibration.preprocess import preprocess
+from convnext_deploy.calibration.split import Source
+from convnext_deploy.pipeline.models.variants import Preprocessing
 
 
 def progress(iterable, total: int, desc: str):

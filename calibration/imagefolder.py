@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from calibration.imagenet import CLASSES_FILE, NUM_CLASSES, imagenet_1k, is_wnid
-from pipeline.errors import UserError
+from convnext_deploy.calibration.imagenet import CLASSES_FILE, NUM_CLASSES, imagenet_1k, is_wnid
+from convnext_deploy.pipeline.core.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 WNID_RULE = "ImageNet-1k wnids"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from calibration.imagefolder import IMAGE_SUFFIXES, ImageFolder, read_image
-from pipeline.errors import UserError
+from convnext_deploy.calibration.imagefolder import IMAGE_SUFFIXES, ImageFolder, read_image
+from convnext_deploy.pipeline.core.errors import UserError
 
 UNLABELLED = -1
 ACCEPTED = ("an ImageFolder tree (root/<class>/<image>), a flat folder of images, or a text file listing image "

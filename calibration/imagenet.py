@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.errors import UserError
+from convnext_deploy.pipeline.core.errors import UserError
 
 CLASSES_FILE = Path(__file__).with_name("imagenet1k_classes.tsv")
 NUM_CLASSES = 1000

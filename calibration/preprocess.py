@@ -6,7 +6,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from pipeline.variants import Preprocessing
+from convnext_deploy.pipeline.models.variants import Preprocessing
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,

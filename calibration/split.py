@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError
+from convnext_deploy.pipeline.core.errors import UserError
 
 
 class Source(Protocol):

@@ -20,25 +20,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration.batches import iter_batches
-from calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
-from pipeline.cache import key_of
-from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
-from pipeline.latency import Budget, measure, ratio
-from pipeline.memory import stage_peak
-from pipeline.machine import cpu_profile, device_label, profile_line
-from pipeline.model import create_model
-from pipeline.outliers import inject_outliers
-from pipeline.reference import reference_path
-from pipeline.stages.build import build, spread
-from pipeline.stages.context import DEFAULT, DeployConfig
-from pipeline.stages.export import export
-from pipeline.stages.prepare import prepare
-from pipeline.train import dataset_preprocessing
-from pipeline.validate import accuracy, predict_many
-from pipeline.variants import get_variant
-from targets import TARGETS, get_target
-from targets.base import inference_batch
+from convnext_deploy.calibration.batches import iter_batches
+from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
+from convnext_deploy.pipeline.core.cache import key_of
+from convnext_deploy.pipeline.decisions.outliers import inject_outliers
+from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
+from convnext_deploy.pipeline.measure.machine import cpu_profile, device_label, profile_line
+from convnext_deploy.pipeline.measure.memory import stage_peak
+from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint, load_checkpoint
+from convnext_deploy.pipeline.models.convnext import create_model
+from convnext_deploy.pipeline.models.reference import reference_path
+from convnext_deploy.pipeline.models.train import dataset_preprocessing
+from convnext_deploy.pipeline.models.variants import get_variant
+from convnext_deploy.pipeline.stages.build import build, spread
+from convnext_deploy.pipeline.stages.context import DEFAULT, DeployConfig
+from convnext_deploy.pipeline.stages.export import export
+from convnext_deploy.pipeline.stages.prepare import prepare
+from convnext_deploy.targets import TARGETS, get_target
+from convnext_deploy.targets.base import inference_batch
 
 TOLERANCE = 0.03  # rounds go on (within --budget) until every ratio's 95 % interval is within ±3 %
 INSTANCES = 4  # at least this many loads of every artifact per row: intervals carry the spread between loads
@@ -114,7 +114,7 @@ def interleave_study(target: str, variant: str, size: int, threads: int, cycles:
     (c) in blocks of 10 after one re-warm call (the harness's way), (d) in blocks of 50. The four ways take turns,
     `calls` timed calls each per cycle, so a disturbed stretch of the machine (pipeline.latency) hits them alike,
     and the disturbed ones are left out as the harness does."""
-    from pipeline.latency import _seconds_of, undisturbed
+    from convnext_deploy.pipeline.measure.latency import _seconds_of, undisturbed
 
     ck, _, _ = _checkpoint(variant)
     cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=100, n_eval=200, image_size=size,

@@ -14,11 +14,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.errors import UserError, machine_error
+from convnext_deploy.pipeline.core.errors import UserError, machine_error
 
 
 def _cmd_variants(args) -> int:
-    from pipeline.variants import VARIANTS
+    from convnext_deploy.pipeline.models.variants import VARIANTS
 
     print(f"{'name':6} {'model':15} {'depths':14} {'dims':22} {'params@1k':>12}  ImageNet-1k top-1")
     for v in VARIANTS.values():
@@ -28,8 +28,8 @@ def _cmd_variants(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.model import count_parameters
+    from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
+    from convnext_deploy.pipeline.models.convnext import count_parameters
 
     ck = load_checkpoint(args.checkpoint, args.variant)
     info = {
@@ -53,9 +53,9 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_reference(args) -> int:
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.reference import reference_path
-    from pipeline.train import recipe_for, train_reference
+    from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
+    from convnext_deploy.pipeline.models.reference import reference_path
+    from convnext_deploy.pipeline.models.train import recipe_for, train_reference
 
     out = Path(args.out) if args.out else reference_path(args.variant)
     if out.with_suffix(".safetensors").exists() and out.with_suffix(".json").exists() and not args.force:
@@ -73,7 +73,7 @@ def _cmd_reference(args) -> int:
 
 
 def _cmd_deploy(args) -> int:
-    from pipeline.deploy import EXIT_NOT_BUILT, DeployConfig, run_deploy
+    from convnext_deploy.pipeline.deploy import EXIT_NOT_BUILT, DeployConfig, run_deploy
 
     options = {}
     if args.calib_method:
@@ -122,7 +122,7 @@ def _smoothing_args(s) -> None:
 
 
 def _cmd_sensitivity(args) -> int:
-    from pipeline.deploy import DeployConfig, run_sensitivity
+    from convnext_deploy.pipeline.deploy import DeployConfig, run_sensitivity
 
     cfg = DeployConfig(target=args.target, variant=args.variant,
                        checkpoint=Path(args.checkpoint) if args.checkpoint else None, n_calib=args.calib,
@@ -138,7 +138,7 @@ def _cmd_sensitivity(args) -> int:
 
 
 def _cmd_summarize(args) -> int:
-    from reports.summary import summarize
+    from convnext_deploy.reports.summary import summarize
 
     rows, written = summarize([Path(r) for r in args.reports], Path(args.out))
     print(written["summary.md"].read_text(), end="")
@@ -147,7 +147,7 @@ def _cmd_summarize(args) -> int:
 
 
 def _cmd_bundle(args) -> int:
-    from pipeline.bundle import make_bundle
+    from convnext_deploy.pipeline.ship.bundle import make_bundle
 
     make_bundle(Path(args.run_dir), with_fp32=args.with_fp32,
                 checkpoint=Path(args.checkpoint) if args.checkpoint else None, log=lambda m: print(m, flush=True))
@@ -155,7 +155,7 @@ def _cmd_bundle(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from pipeline.bundle_check import validate_bundle
+    from convnext_deploy.pipeline.ship.verify import validate_bundle
 
     if args.runs < 0 or (args.threads is not None and args.threads < 1):
         raise UserError("--runs must be ≥ 0 (0: no latency measurement) and --threads ≥ 1")

@@ -8,17 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.bundle import after_deploy
-from pipeline.errors import UserError
-from pipeline.memory import stage_peak
-from pipeline.stages import gates
-from pipeline.stages.build import Built, build, build_one
-from pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
-from pipeline.stages.decide import decide, sensitivity
-from pipeline.stages.export import export
-from pipeline.stages.prepare import prepare
-from pipeline.stages.report import assemble, publish
-from pipeline.stages.validate import validate
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.measure.memory import stage_peak
+from convnext_deploy.pipeline.ship.bundle import after_deploy
+from convnext_deploy.pipeline.stages import gates
+from convnext_deploy.pipeline.stages.build import Built, build, build_one
+from convnext_deploy.pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
+from convnext_deploy.pipeline.stages.decide import decide, sensitivity
+from convnext_deploy.pipeline.stages.export import export
+from convnext_deploy.pipeline.stages.prepare import prepare
+from convnext_deploy.pipeline.stages.report import assemble, publish
+from convnext_deploy.pipeline.stages.validate import validate
 
 
 @dataclass
@@ -77,8 +77,8 @@ def _sensitivity(ctx, src, built: Built, decision) -> dict | None:
 def run_sensitivity(cfg: DeployConfig, n_images: int = 256, log=print) -> tuple[dict, Path]:
     """`convnext-deploy sensitivity`: the deploy's own calibration split, export and INT8 build, then the
     target's per-layer measurement on the first `n_images` calibration images."""
-    from pipeline import sensitivity as sens
-    from targets import get_target
+    from convnext_deploy.pipeline.decisions import sensitivity as sens
+    from convnext_deploy.targets import get_target
 
     target = get_target(cfg.target)
     if target.layer_probe is None:

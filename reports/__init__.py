@@ -1,2 +1,2 @@
 """Turn a deploy's results (plain data) into report.json, report.md and a self-contained report.html."""
-from reports.write import write_report  # noqa: F401
+from convnext_deploy.reports.write import write_report  # noqa: F401

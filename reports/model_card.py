@@ -2,7 +2,7 @@
 from the run's report.json (with what measured it), never one the report does not hold."""
 from __future__ import annotations
 
-from reports.render import acc_head, accuracy_rows, gate_rows
+from convnext_deploy.reports.render import acc_head, accuracy_rows, gate_rows
 
 
 def _table(head, rows) -> str:

@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.errors import UserError
-from reports.render import _html_table, _md_table
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.reports.render import _html_table, _md_table
 
 HEAD = ["variant", "target", "precision", "top-1", "top-1 drop vs reference (pp)", "agreement vs reference",
         "p50 ms (batch 1)", "speed-up vs reference", "device", "runtime", "real/proxy", "gates"]
@@ -260,7 +260,7 @@ th{{background:#f3f3f3}}ul.notes{{list-style:none;padding:0}}</style></head><bod
 def summarize(paths: list[Path], out: Path) -> tuple[list[Row], dict[str, Path]]:
     """Read every report first (one bad file: one UserError, nothing written), then publish the table as
     summary.md, summary.html and summary.json (the rows' raw figures) under `out`, each file atomically."""
-    from pipeline.cache import publish_file
+    from convnext_deploy.pipeline.core.cache import publish_file
 
     reports = [(str(file), report) for file, report in map(load_report, paths)]
     if not reports:

@@ -6,8 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.cache import publish_dir
-from reports.render import plot_png, render_html, render_markdown, sensitivity_png
+from convnext_deploy.pipeline.core.cache import publish_dir
+from convnext_deploy.reports.render import plot_png, render_html, render_markdown, sensitivity_png
 
 
 def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: str | None = None) -> Path:

@@ -4,9 +4,9 @@ The modules import their toolchains only inside their functions, so reading this
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
-from targets import coreml_apple, openvino_cpu, ort_cpu, trt_gpu
-from targets.base import Target
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.targets import coreml_apple, openvino_cpu, ort_cpu, trt_gpu
+from convnext_deploy.targets.base import Target
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     ort_cpu.TARGET,  # onnxruntime: portable CPU (reference)

@@ -226,7 +226,7 @@ class Target:
         known = {f.name for f in fields(self.options)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            from pipeline.errors import UserError
+            from convnext_deploy.pipeline.core.errors import UserError
 
             raise UserError(f"target {self.name} has no build option {unknown[0]!r} (it has: {', '.join(sorted(known))})")
         return self.options(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})

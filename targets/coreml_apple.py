@@ -34,10 +34,27 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import Artifact, Availability, BuildRequest, CalibrationData, LayerProbe, Runner, Target, requires
-from targets.coreml_proxy import (PROXY_LABEL, align_to_package, layer_precisions, load_ct, proxy_runner, quiet,
-                                  read_program, save_proxy)
-from targets.coreml_proxy import layer_probe as proxy_layer_probe
+from convnext_deploy.targets.base import (
+    Artifact,
+    Availability,
+    BuildRequest,
+    CalibrationData,
+    LayerProbe,
+    Runner,
+    Target,
+    requires,
+)
+from convnext_deploy.targets.coreml_proxy import (
+    PROXY_LABEL,
+    align_to_package,
+    layer_precisions,
+    load_ct,
+    proxy_runner,
+    quiet,
+    read_program,
+    save_proxy,
+)
+from convnext_deploy.targets.coreml_proxy import layer_probe as proxy_layer_probe
 
 NAME = "coreml"
 INSTALL_HINT = "pip install 'convnext-deploy[coreml]' (coremltools)"
@@ -158,8 +175,11 @@ def _package_model(core, info: dict):
 def calibrate_w8a8(model, calibration: CalibrationData, config: dict):
     """coremltools' torch-side quantizer used for post-training calibration: observers only, no training."""
     import torch
-    from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
-                                                         ModuleLinearQuantizerConfig)
+    from coremltools.optimize.torch.quantization import (
+        LinearQuantizer,
+        LinearQuantizerConfig,
+        ModuleLinearQuantizerConfig,
+    )
 
     dtype = {"quint8": torch.quint8, "qint8": torch.qint8}[config["activation_dtype"]]
     qcfg = LinearQuantizerConfig(global_config=ModuleLinearQuantizerConfig(
@@ -223,7 +243,7 @@ def _describe(mlmodel, info: dict, precision: str, config: dict) -> None:
 def _save_package(mlmodel, dst: Path) -> None:
     """Published whole or not at all (pipeline.cache.publish_dir). coremltools insists on the .mlpackage
     suffix, which the temporary directory lacks: the package is saved inside it and its contents moved up."""
-    from pipeline.cache import publish_dir
+    from convnext_deploy.pipeline.core.cache import publish_dir
 
     def write(tmp: Path) -> None:
         inner = tmp / dst.name
@@ -241,8 +261,8 @@ def _save_package(mlmodel, dst: Path) -> None:
 def build(request: BuildRequest) -> Artifact:
     import torch
 
-    from pipeline.export import fold_layer_scale
-    from pipeline.model import weight_layers
+    from convnext_deploy.pipeline.models.convnext import weight_layers
+    from convnext_deploy.pipeline.models.onnx_export import fold_layer_scale
 
     config = build_config(request.precision, request.options)
     info = dict(request.model_info)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.machine import device_label
-from targets.base import Artifact, LayerProbe, Runner, probe_chunks
+from convnext_deploy.pipeline.measure.machine import device_label
+from convnext_deploy.targets.base import Artifact, LayerProbe, Runner, probe_chunks
 
 PROXY_LABEL = "Core ML proxy (not executed by Core ML)"
 PROXY_FILE = "proxy_{precision}.pt"  # TorchScript of the proxy; kept beside the package, not shipped with it
@@ -170,7 +170,7 @@ def align_to_package(core, prog, precision: str) -> None:
     atto); the proxy therefore takes the weights (and W8A8 scales) read back from the package."""
     import torch
 
-    from pipeline.model import weight_layers
+    from convnext_deploy.pipeline.models.convnext import weight_layers
 
     stored = _stored_weights(prog)
     modules = [m for _, m in weight_layers(core)]
@@ -190,7 +190,7 @@ def save_proxy(core, example, precision: str, out_dir: Path) -> Path:
     """TorchScript of exactly what the accuracy figures are computed with, written atomically beside the package."""
     import torch
 
-    from pipeline.cache import publish_file
+    from convnext_deploy.pipeline.core.cache import publish_file
 
     with torch.no_grad(), quiet():
         if precision in ("fp16", "w8"):
@@ -249,7 +249,7 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model, calibr
     stay, as they are separate ops in the package."""
     import torch
 
-    from pipeline.export import fold_layer_scale
+    from convnext_deploy.pipeline.models.onnx_export import fold_layer_scale
 
     if model is None or calibration is None:
         raise ValueError("the Core ML layer probe rebuilds the W8A8 proxy: it needs the model and its calibration data")

@@ -37,8 +37,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, Int8Recipe, LayerProbe, Runner, Target, probe_chunks, requires
+from convnext_deploy.pipeline.measure.machine import device_label
+from convnext_deploy.targets.base import (
+    Artifact,
+    Availability,
+    BuildRequest,
+    Int8Recipe,
+    LayerProbe,
+    Runner,
+    Target,
+    probe_chunks,
+    requires,
+)
 
 NAME = "openvino"
 INSTALL_HINT = "pip install 'convnext-deploy[openvino]' (or `make setup`)"
@@ -119,7 +129,7 @@ WEIGHT_OPS = ("Convolution", "GroupConvolution", "MatMul")
 def layer_names_for(model, torch_model, modules: list[str]) -> list[str]:
     """OpenVINO op names of the named checkpoint layers in a float model: its Convolution/GroupConvolution/
     MatMul ops with a constant weight are the Conv/Linear layers in network order (count checked)."""
-    from pipeline.model import map_by_network_order
+    from convnext_deploy.pipeline.models.convnext import map_by_network_order
 
     ops = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in WEIGHT_OPS
            and not _is_activation(op.input_value(1).get_node())]
@@ -321,7 +331,7 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, c
     dequantized): NNCF's SmoothQuant has rescaled them with the activations, so the FP32 IR's would not fit."""
     import openvino as ov
 
-    from pipeline.model import weight_layers
+    from convnext_deploy.pipeline.models.convnext import weight_layers
 
     art = artifacts["int8"]
     core = ov.Core()

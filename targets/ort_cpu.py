@@ -22,8 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, Int8Recipe, LayerProbe, Runner, Target, requires
+from convnext_deploy.pipeline.measure.machine import device_label
+from convnext_deploy.targets.base import (
+    Artifact,
+    Availability,
+    BuildRequest,
+    Int8Recipe,
+    LayerProbe,
+    Runner,
+    Target,
+    requires,
+)
 
 NAME = "onnxruntime"
 INSTALL_HINT = "pip install 'convnext-deploy[onnxruntime]' (or `make setup`)"
@@ -76,7 +85,7 @@ def describe_environment() -> dict:
 def quantize_int8(src: Path, dst: Path, calibration, options: OrtOptions, torch_model=None) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType
 
-    from targets.ort_tools import calibration_method, quantize
+    from convnext_deploy.targets.ort_tools import calibration_method, quantize
 
     if options.recipe == PEER_DEFAULT:
         quantize(src, dst, calibration, options.float_layers, torch_model)
@@ -97,7 +106,7 @@ def op_counts(path: Path) -> dict:
     """Op types in the file as written and in the graph ORT actually executes after its fusions."""
     import onnx
 
-    from targets.ort_tools import session
+    from convnext_deploy.targets.ort_tools import session
 
     written = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     tmp = path.with_name(path.stem + ".ort-optimized.onnx")
@@ -141,7 +150,7 @@ def build(request: BuildRequest) -> Artifact:
 
 
 def load_runner(artifact: Artifact, threads: int) -> Runner:
-    from targets.ort_tools import runtime_label, session
+    from convnext_deploy.targets.ort_tools import runtime_label, session
 
     sess = session(artifact.files[0], threads)
     name = sess.get_inputs()[0].name
@@ -159,8 +168,8 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
 
 def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:
     """The INT8 graph run as this target runs it (ORT's fusions on)."""
-    from targets.ort_tools import runtime_label
-    from targets.qdq import layer_probe as qdq_probe
+    from convnext_deploy.targets.ort_tools import runtime_label
+    from convnext_deploy.targets.qdq import layer_probe as qdq_probe
 
     return qdq_probe(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=True,
                      runtime=runtime_label(), kind="real", model=model)
@@ -175,7 +184,7 @@ def profile(artifact: Artifact, threads: int, input_size: int, runs: int = 20) -
     import shutil
     import tempfile
 
-    from targets.ort_tools import session
+    from convnext_deploy.targets.ort_tools import session
 
     scratch = Path(tempfile.mkdtemp(prefix="ort-profile-"))  # never inside a verified cache entry
     try:

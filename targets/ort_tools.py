@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache import cached_dir, key_of, sha256_file
-from targets.base import CalibrationData
+from convnext_deploy.pipeline.core.cache import cached_dir, key_of, sha256_file
+from convnext_deploy.targets.base import CalibrationData
 
 
 def session(model: Path | bytes, threads: int, optimize: bool = True, optimized_out: Path | None = None,
@@ -91,7 +91,7 @@ def quantize(src: Path, dst: Path, calibration: CalibrationData, float_layers=()
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from targets.qdq import node_names_for
+    from convnext_deploy.targets.qdq import node_names_for
 
     pre = dst.with_name(dst.stem + ".preprocessed.onnx")
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import LayerProbe, probe_chunks
+from convnext_deploy.targets.base import LayerProbe, probe_chunks
 
 QUANTIZABLE = ("Conv", "MatMul", "Gemm")
 
@@ -27,7 +27,7 @@ def node_names_for(model, torch_model, modules: list[str]) -> list[str]:
     """ONNX node names of the named checkpoint layers (e.g. `stages.2.blocks.0.mlp.fc1`) in a float ONNX
     graph: its Conv/MatMul/Gemm nodes with a weight initializer are the model's Conv/Linear layers in
     network order (the export keeps that order; the count is checked)."""
-    from pipeline.model import map_by_network_order
+    from convnext_deploy.pipeline.models.convnext import map_by_network_order
 
     inits = {i.name for i in model.graph.initializer}
     nodes = [n.name for n in model.graph.node if n.op_type in QUANTIZABLE and len(n.input) > 1 and n.input[1] in inits]
@@ -94,7 +94,7 @@ def with_outputs(model, tensors: list[str]):
 
 def _stream(model, images: np.ndarray, threads: int, optimize: bool, outputs: list[str] | None = None):
     """One session, the images chunk by chunk: yields [each named output] per chunk."""
-    from targets.ort_tools import session
+    from convnext_deploy.targets.ort_tools import session
 
     sess = session(model.SerializeToString(), threads, optimize=optimize, low_memory=True)
     name = sess.get_inputs()[0].name
@@ -129,7 +129,7 @@ def layer_probe(qdq_path: Path, fp32_path: Path, images: np.ndarray, threads: in
 
     modules = None
     if model is not None:  # quantize_static keeps the export's node names: name the layers as the checkpoint does
-        from pipeline.model import weight_layers
+        from convnext_deploy.pipeline.models.convnext import weight_layers
 
         names = [n for n, _ in weight_layers(model)]
         module_of = dict(zip(node_names_for(fp32, model, names), names))

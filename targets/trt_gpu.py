@@ -25,8 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.machine import device_label
-from targets.base import Artifact, Availability, BuildRequest, CalibrationData, LayerProbe, Runner, Target, requires
+from convnext_deploy.pipeline.measure.machine import device_label
+from convnext_deploy.targets.base import (
+    Artifact,
+    Availability,
+    BuildRequest,
+    CalibrationData,
+    LayerProbe,
+    Runner,
+    Target,
+    requires,
+)
 
 NAME = "tensorrt"
 INSTALL_HINT = ("on a machine with an NVIDIA GPU and driver: pip install 'convnext-deploy[tensorrt]' "
@@ -97,7 +106,7 @@ def describe_environment() -> dict:
 
 def build_config(precision: str, options: TensorRTOptions) -> dict:
     """The settings the build really uses: the engine's for every precision, the Q/DQ recipe's for INT8."""
-    from targets.ort_tools import CALIBRATION_METHODS
+    from convnext_deploy.targets.ort_tools import CALIBRATION_METHODS
 
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"tensorrt target offers fp32, fp16 and int8, not {precision}")
@@ -118,7 +127,7 @@ def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, options: T
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType
 
-    from targets.ort_tools import calibration_method, quantize
+    from convnext_deploy.targets.ort_tools import calibration_method, quantize
 
     quantize(src, dst, calibration, options.float_layers, torch_model, optimize=False,
              quant_format=QuantFormat.QDQ,
@@ -143,7 +152,7 @@ def _float_for_other_consumers(model, quantized_ops: set[str]) -> None:
     """ORT shares one Q/DQ pair among all consumers of a tensor, so the residual Add that reads a block's
     input would read it fake-quantized. TensorRT's rule is Q/DQ on the inputs of quantizable ops only:
     every other consumer reads the float tensor the QuantizeLinear read."""
-    from targets.qdq import rewire_to_float
+    from convnext_deploy.targets.qdq import rewire_to_float
 
     rewire_to_float(model, lambda node, k, q: node.op_type not in quantized_ops
                     and node.op_type not in ("QuantizeLinear", "DequantizeLinear"))
@@ -192,7 +201,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, options: Te
     """Parse, configure and build a serialized engine; written atomically with its settings beside it."""
     import tensorrt as trt
 
-    from pipeline.cache import publish_file
+    from convnext_deploy.pipeline.core.cache import publish_file
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -268,7 +277,7 @@ def _engine_runner(engine_path: Path, precision: str) -> Runner:
 # ---------------------------------------------------------------- the target protocol
 
 def build(request: BuildRequest) -> Artifact:
-    from pipeline.cache import cache_root
+    from convnext_deploy.pipeline.core.cache import cache_root
 
     options = request.options if request.options is not None else TensorRTOptions()
     config = build_config(request.precision, options)
@@ -304,7 +313,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
         raise ValueError("no CPU proxy reproduces the FP16 engine's numerics; it needs TensorRT on a GPU")
     # The proxy: the same ONNX (Q/DQ for INT8) executed by ONNX Runtime on the CPU, with no graph
     # optimisation that could fuse the Q/DQ pairs into kernels of another arithmetic.
-    from targets.ort_tools import runtime_label, session
+    from convnext_deploy.targets.ort_tools import runtime_label, session
 
     sess = session(artifact.files[0], threads, optimize=False)
     name = sess.get_inputs()[0].name
@@ -319,7 +328,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
 
 def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:
     """The Q/DQ graph as written (the proxy's arithmetic: no fusion turns Q/DQ into other kernels)."""
-    from targets.qdq import layer_probe as qdq_probe
+    from convnext_deploy.targets.qdq import layer_probe as qdq_probe
 
     return qdq_probe(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=False,
                      runtime=PROXY_LABEL, kind="proxy", model=model)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.batches import load_array
-from calibration.fashion_mnist import FashionMNIST, default_root
-from calibration.split import make_split
-from pipeline.checkpoints import load_checkpoint
+from convnext_deploy.calibration.batches import load_array
+from convnext_deploy.calibration.fashion_mnist import FashionMNIST, default_root
+from convnext_deploy.calibration.split import make_split
+from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,8 @@ def fmnist_root() -> Path:
 @pytest.fixture(scope="session")
 def atto_reference(fmnist_root) -> Path:
     """The atto reference checkpoint: made by `make test` before pytest; trained here if missing."""
-    from pipeline.reference import reference_path
-    from pipeline.train import recipe_for, train_reference
+    from convnext_deploy.pipeline.models.reference import reference_path
+    from convnext_deploy.pipeline.models.train import recipe_for, train_reference
 
     os.chdir(REPO)
     path = reference_path("atto")
@@ -86,11 +86,11 @@ def cli_env(tmp_path_factory) -> dict:
 
 
 def run_cli(args, env: dict, code: int | None = None, timeout: int = 900):
-    """`python -m pipeline.cli ARGS` in the repo; asserts the exit code when given."""
+    """`python -m convnext_deploy ARGS` in the repo; asserts the exit code when given."""
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "convnext_deploy", *args], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=timeout)
     if code is not None:
         assert p.returncode == code, p.stdout + p.stderr

@@ -1,7 +1,7 @@
 """`make bench`: its rows and ratios, on a real one-target run (slow) and on the printing of a row."""
 import pytest
 
-from pipeline import bench
+from convnext_deploy.pipeline import bench
 
 
 def test_a_row_prints_every_timing_and_ratio(capsys):
@@ -25,7 +25,7 @@ def test_one_bench_run_times_every_row_in_one_measurement(atto_reference, cli_en
     monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
     row = bench.bench("onnxruntime", "atto", size=64, threads=2, runs=10, n_eval=300, budget_s=5,
                       log=lambda m: None)
-    from targets import get_target
+    from convnext_deploy.targets import get_target
 
     declared = {f"int8 {r.name}" for r in get_target("onnxruntime").int8_recipes}
     assert set(row["p50_ms"]) == {"fp32", "int8 ours (default)", "int8 ours without outlier smoothing"} | declared

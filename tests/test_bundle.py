@@ -18,14 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration.batches import iter_batches
-from calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
-from calibration.imagefolder import ImageFolder
-from calibration.preprocess import preprocess
+from convnext_deploy.calibration.batches import iter_batches
+from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
+from convnext_deploy.calibration.imagefolder import ImageFolder
+from convnext_deploy.calibration.preprocess import preprocess
+from convnext_deploy.pipeline.models.variants import Preprocessing
+from convnext_deploy.targets import get_target
+from convnext_deploy.targets.base import Artifact
+
 from conftest import REPO, run_cli
-from pipeline.variants import Preprocessing
-from targets import get_target
-from targets.base import Artifact
 
 PROJECT = {"torch", "pipeline", "targets", "calibration", "reports", "safetensors", "tqdm", "onnx", "nncf", "tensorrt"}
 RUNTIMES = {"onnxruntime", "openvino", "coremltools"}
@@ -274,7 +275,7 @@ def test_one_changed_byte_is_refused_in_one_line(deployed, cli_env, tmp_path, vi
 
 
 def test_a_missing_file_or_a_swapped_model_with_its_sum_is_refused(deployed, cli_env, tmp_path):
-    from pipeline.bundle import write_sums
+    from convnext_deploy.pipeline.ship.bundle import write_sums
 
     bundle = shutil.copytree(deployed[0] / "bundle", tmp_path / "bundle")
     (bundle / "labels.txt").unlink()
@@ -292,7 +293,7 @@ def test_a_missing_file_or_a_swapped_model_with_its_sum_is_refused(deployed, cli
 def test_validate_fails_when_the_model_or_the_preprocessing_disagree_here(deployed, cli_env, tmp_path):
     """Exit 1 (a check failed, like a gate), never a pass: reference outputs off by more than the tolerance, and a
     preprocessing.json whose filter no longer reproduces the reference inputs."""
-    from pipeline.bundle import write_sums
+    from convnext_deploy.pipeline.ship.bundle import write_sums
 
     bundle = shutil.copytree(deployed[0] / "bundle", tmp_path / "bundle")
     ref = dict(np.load(bundle / "reference_outputs.npz", allow_pickle=False))
@@ -338,7 +339,7 @@ def test_bundle_command_on_a_run_adds_fp32_and_refuses_a_failed_run(deployed, cl
 
 
 def test_a_deploy_that_misses_a_gate_writes_no_bundle(deployed):
-    from pipeline.bundle import after_deploy
+    from convnext_deploy.pipeline.ship.bundle import after_deploy
 
     r = json.loads((deployed[0] / "report.json").read_text())
     r["gates"]["passed"] = False
@@ -431,7 +432,7 @@ def test_coreml_predict_py_as_far_as_linux_allows(coreml_run, images):
     """Off macOS: predict.py says in one line that Core ML needs macOS (exit 3); its image preparation is the pixels the
     deploy's Core ML runner feeds MLModel.predict, and a classifier's probability dictionary comes out in labels.txt
     order (a stand-in for MLModel with its predict/get_spec)."""
-    from targets.coreml_apple import to_pixels
+    from convnext_deploy.targets.coreml_apple import to_pixels
 
     bundle = coreml_run / "bundle"
     if not get_target("coreml").available().ok:

@@ -11,8 +11,16 @@ import time
 
 import pytest
 
+from convnext_deploy.pipeline.core.cache import (
+    cache_root,
+    cached_dir,
+    code_digest,
+    entry_problem,
+    module_files,
+    publish_file,
+)
+
 from conftest import REPO
-from pipeline.cache import cache_root, cached_dir, code_digest, entry_problem, module_files, publish_file
 
 PACKAGES = ("pipeline", "targets", "calibration", "reports")
 
@@ -35,25 +43,25 @@ def test_code_digest_follows_imports_and_only_them(tmp_path):
     root = tmp_path / "src"
     for pkg in PACKAGES:
         shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    before = code_digest("targets.ort_cpu", root=root)
-    assert before == code_digest("targets.ort_cpu", root=root)
-    used = {f.relative_to(root).as_posix() for f in module_files("targets.ort_cpu", root=root)}
+    before = code_digest("convnext_deploy.targets.ort_cpu", root=root)
+    assert before == code_digest("convnext_deploy.targets.ort_cpu", root=root)
+    used = {f.relative_to(root).as_posix() for f in module_files("convnext_deploy.targets.ort_cpu", root=root)}
     # qdq and model are imported inside functions only, model two steps away (ort_cpu → qdq → model)
-    assert {"targets/ort_cpu.py", "targets/qdq.py", "pipeline/model.py"} <= used
-    assert "targets/openvino_cpu.py" not in used and "pipeline/gates.py" not in used
+    assert {"targets/ort_cpu.py", "targets/qdq.py", "pipeline/models/convnext.py"} <= used
+    assert "targets/openvino_cpu.py" not in used and "pipeline/core/gate_file.py" not in used
 
-    for helper in ("targets/qdq.py", "pipeline/model.py"):
+    for helper in ("targets/qdq.py", "pipeline/models/convnext.py"):
         with open(root / helper, "a") as f:
             f.write("\n# changed\n")
-        after = code_digest("targets.ort_cpu", root=root)
+        after = code_digest("convnext_deploy.targets.ort_cpu", root=root)
         assert after != before, helper
         before = after
-    for unrelated in ("targets/openvino_cpu.py", "pipeline/gates.py"):
+    for unrelated in ("targets/openvino_cpu.py", "pipeline/core/gate_file.py"):
         with open(root / unrelated, "a") as f:
             f.write("\n# changed\n")
-        assert code_digest("targets.ort_cpu", root=root) == before, unrelated
-    with pytest.raises(ValueError, match="targets.nonesuch"):
-        code_digest("targets.nonesuch", root=root)
+        assert code_digest("convnext_deploy.targets.ort_cpu", root=root) == before, unrelated
+    with pytest.raises(ValueError, match="convnext_deploy.targets.nonesuch"):
+        code_digest("convnext_deploy.targets.nonesuch", root=root)
 
 
 def test_code_digest_import_forms(tmp_path):
@@ -61,16 +69,16 @@ def test_code_digest_import_forms(tmp_path):
     name is taken from it."""
     pkg = tmp_path / "pipeline"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("from pipeline import table  # the package's own table\n")
+    (pkg / "__init__.py").write_text("from convnext_deploy.pipeline import table  # the package's own table\n")
     (pkg / "table.py").write_text("")
     (pkg / "a.py").write_text("def f():\n    from . import b\n    from .c import g\n")
     (pkg / "b.py").write_text("")
-    (pkg / "c.py").write_text("import pipeline.d\ng = 1\n")
+    (pkg / "c.py").write_text("import convnext_deploy.pipeline.d\ng = 1\n")
     (pkg / "d.py").write_text("import numpy\n")
-    (pkg / "e.py").write_text("from pipeline import table, something\n")
+    (pkg / "e.py").write_text("from convnext_deploy.pipeline import table, something\n")
     names = lambda m: [f.name for f in module_files(m, root=tmp_path)]  # noqa: E731
-    assert names("pipeline.a") == ["a.py", "b.py", "c.py", "d.py"]
-    assert names("pipeline.e") == ["__init__.py", "e.py", "table.py"]  # `something` comes from __init__
+    assert names("convnext_deploy.pipeline.a") == ["a.py", "b.py", "c.py", "d.py"]
+    assert names("convnext_deploy.pipeline.e") == ["__init__.py", "e.py", "table.py"]  # `something` comes from __init__
 
 
 # ---------------------------------------------------------------- verification on reuse
@@ -138,7 +146,7 @@ def test_publish_file_is_atomic(tmp_path):
 BUILDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pipeline.cache import cached_dir
+    from convnext_deploy.pipeline.core.cache import cached_dir
 
     def build(tmp):
         (tmp / "part1.bin").write_bytes(b"a" * 1000)

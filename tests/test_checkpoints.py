@@ -5,13 +5,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models import hub
+from convnext_deploy.pipeline.models.checkpoints import detect_format, load_checkpoint, save_checkpoint
+from convnext_deploy.pipeline.models.convnext import create_model
+from convnext_deploy.pipeline.models.variants import Preprocessing, get_variant
+
 from checkpoint_formats import hf_config, hf_state_dict, official_state_dict, timm_state_dict
 from conftest import randomized
-from pipeline import hub
-from pipeline.checkpoints import detect_format, load_checkpoint, save_checkpoint
-from pipeline.errors import UserError
-from pipeline.model import create_model
-from pipeline.variants import Preprocessing, get_variant
 
 X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 

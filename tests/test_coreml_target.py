@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.stages.prepare import model_info
+from convnext_deploy.targets import coreml_apple, coreml_proxy, get_target
+from convnext_deploy.targets.base import BuildRequest, CalibrationData
+
 from conftest import REPO, reference_split
-from pipeline.stages.prepare import model_info
-from pipeline.validate import accuracy, predict_many
-from targets import coreml_apple, coreml_proxy, get_target
-from targets.base import BuildRequest, CalibrationData
 
 pytest.importorskip("coremltools", reason="coremltools is not installed: pip install 'convnext-deploy[coreml]'")
 coreml = get_target("coreml")
@@ -38,7 +39,7 @@ def built(atto_reference, tmp_path_factory):
 def test_declared_entry_and_build_config_per_precision():
     assert coreml.precisions == ("fp16", "w8", "int8") and coreml.reference == "fp16"
     assert coreml.converter and coreml.layer_probe and coreml.extra_runners and coreml.int8_recipes == ()
-    assert coreml.module == "targets.coreml_apple"
+    assert coreml.module == "convnext_deploy.targets.coreml_apple"
     opts = coreml.make_options(float_layers=["stem.0"], weight_threshold=4096)
     assert coreml.build_config("fp16", opts) == {"compute_precision": "fp16", "minimum_deployment_target": "iOS16"}
     assert coreml.build_config("w8", opts) == {"compute_precision": "fp16", "mode": "linear_symmetric",
@@ -168,7 +169,7 @@ def test_pixels_round_trip_exactly(built):
 def test_deploy_without_macos_exits_3_with_an_honest_report(atto_reference, cli_env, tmp_path):
     env = cli_env  # the session's cache: the atto export and float builds are shared with the other CLI tests
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "coreml", "--variant", "atto",
+    p = subprocess.run([sys.executable, "-m", "convnext_deploy", "deploy", "--target", "coreml", "--variant", "atto",
                         "--eval", "1000", "--calib", "200", "--out", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 3, p.stdout + p.stderr

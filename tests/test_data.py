@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration.batches import iter_batches
-from calibration.fashion_mnist import CLASS_NAMES, FashionMNIST, read_idx
-from calibration.imagefolder import ImageFolder
-from calibration.preprocess import preprocess
-from pipeline.errors import UserError
-from pipeline.variants import Preprocessing, get_variant
+from convnext_deploy.calibration.batches import iter_batches
+from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST, read_idx
+from convnext_deploy.calibration.imagefolder import ImageFolder
+from convnext_deploy.calibration.preprocess import preprocess
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.variants import Preprocessing, get_variant
 
 
 def test_fashion_mnist_sizes_and_label_histograms(fmnist_root):

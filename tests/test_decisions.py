@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import gates as gates_mod
-from pipeline import reasons
-from pipeline.machine import cpu_profile, cpuinfo_fields
-from pipeline.stages.recipe import pick
+from convnext_deploy.pipeline.core import gate_file as gates_mod
+from convnext_deploy.pipeline.decisions import reasons
+from convnext_deploy.pipeline.decisions.recipe import pick
+from convnext_deploy.pipeline.measure.machine import cpu_profile, cpuinfo_fields
 
 CPUINFO = Path(__file__).parent / "data" / "cpuinfo"
 
@@ -80,7 +80,7 @@ def test_accuracy_gates_compare_counts_of_images_exactly(gate, allowed, images, 
 
 
 def test_accuracy_figures_carry_their_counts():
-    from pipeline.validate import Predictions, accuracy
+    from convnext_deploy.pipeline.measure.accuracy import Predictions, accuracy
 
     labels = np.arange(1000) % 10
     ref = Predictions(np.stack([labels] * 5, 1), labels)
@@ -151,7 +151,7 @@ def test_an_accuracy_miss_names_the_decision_and_the_options():
 
 
 def test_a_failed_repair_falls_back_to_the_candidate_meeting_every_gate():
-    from pipeline.stages.decide import _unrepaired
+    from convnext_deploy.pipeline.stages.decide import _unrepaired
 
     choice = {"candidates": [{"recipe": "fast", "chosen": True, "meets_accuracy": False},
                              {"recipe": "accurate", "chosen": False, "meets_accuracy": True}], "backup": "accurate"}

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.measure.accuracy import predict_many
+
 from conftest import REPO, run_cli
-from pipeline.errors import UserError
-from pipeline.validate import predict_many
+
 
 @pytest.fixture(scope="module")
 def env(cli_env):
@@ -49,7 +51,7 @@ def test_deploy_writes_a_complete_report(deployed):
             import hashlib
 
             assert hashlib.sha256((out / "artifacts" / f).read_bytes()).hexdigest() == digest
-    from targets import get_target
+    from convnext_deploy.targets import get_target
 
     recipes = {row["recipe"]: row for row in r["int8_recipes"]}
     declared = {x.name for x in get_target("onnxruntime").int8_recipes}
@@ -91,7 +93,7 @@ def test_rerun_resumes_from_cache(deployed, env):
 def test_deploy_on_imagefolder_trees(atto_reference, env, tmp_path):
     """The layout users have for ImageNet: root/<class>/<image>. Folder names that are not the checkpoint's
     class names map by sorted order (as ImageNet's wnid folders do)."""
-    from calibration.fashion_mnist import FashionMNIST
+    from convnext_deploy.calibration.fashion_mnist import FashionMNIST
 
     for split, per_class, root in (("train", 15, tmp_path / "train"), ("test", 20, tmp_path / "val")):
         data = FashionMNIST(split)
@@ -143,7 +145,7 @@ def test_bad_input_one_line_nonzero_nothing_written(case, atto_reference, env, t
         args += ["--calib", "0"]
         match = "calibration set is empty"
     elif case == "nan_weights":
-        from pipeline.checkpoints import load_checkpoint, save_checkpoint
+        from convnext_deploy.pipeline.models.checkpoints import load_checkpoint, save_checkpoint
 
         ck = load_checkpoint(atto_reference)
         with torch.no_grad():
@@ -189,7 +191,7 @@ def test_nan_logits_are_refused():
 
 def test_report_is_atomic(tmp_path, monkeypatch):
     """A failure while writing leaves the previous report whole and no temporary directory behind."""
-    import reports.write as w
+    import convnext_deploy.reports.write as w
 
     out = tmp_path / "report"
     out.mkdir()

@@ -5,9 +5,16 @@ import onnx
 import pytest
 import torch
 
+from convnext_deploy.pipeline.models.convnext import create_model
+from convnext_deploy.pipeline.models.onnx_export import (
+    OPSET,
+    check_parity,
+    export_cached,
+    export_onnx,
+    fold_layer_scale,
+)
+
 from conftest import randomized
-from pipeline.export import OPSET, check_parity, export_cached, export_onnx, fold_layer_scale
-from pipeline.model import create_model
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,17 @@
 import numpy as np
 import pytest
 
-from pipeline import fallback as fb
-from pipeline.judge import AccuracyGates, Evidence, assess, gate_states, judge, paired_drop_interval, wilson
-from targets.base import Artifact, LabelledData, Runner
+from convnext_deploy.pipeline.decisions import fallback as fb
+from convnext_deploy.pipeline.decisions.judge import (
+    AccuracyGates,
+    Evidence,
+    assess,
+    gate_states,
+    judge,
+    paired_drop_interval,
+    wilson,
+)
+from convnext_deploy.targets.base import Artifact, LabelledData, Runner
 
 N, CLASSES = 2000, 10
 LABELS = np.arange(N) % CLASSES
@@ -39,7 +47,7 @@ def test_judge_is_the_one_control_comparison():
 
 def test_judge_batches_by_resolution():
     """A runtime keeps its largest batch's activations: at 224 px the judge feeds 20 images at a time, not 100."""
-    from targets.base import inference_batch
+    from convnext_deploy.targets.base import inference_batch
 
     sizes = []
     inner = runner_with_errors(0).run

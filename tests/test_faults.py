@@ -8,10 +8,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from convnext_deploy.pipeline import cli
+from convnext_deploy.pipeline.core.cache import cached_dir
+from convnext_deploy.pipeline.core.errors import MachineError
+
 from conftest import REPO
-from pipeline import cli
-from pipeline.cache import cached_dir
-from pipeline.errors import MachineError
 
 
 def _error_lines(err: str) -> list[str]:
@@ -112,7 +113,7 @@ def test_deploy_on_a_full_disk_is_exit_2_not_a_gate(atto_reference, tmp_path, ro
     out = tmp_path / "report"
     with tmpfs(tmp_path / "small", size=str(size)) as small:
         env = {**os.environ, "CONVNEXT_DEPLOY_CACHE_DIR": str(small), "PYTHONPATH": str(REPO)}
-        p = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "openvino", "--variant",
+        p = subprocess.run([sys.executable, "-m", "convnext_deploy", "deploy", "--target", "openvino", "--variant",
                             "atto", "--calib", "50", "--eval", "200", "--runs", "3", "--no-alternatives",
                             "--gates", str(gates), "--out", str(out)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

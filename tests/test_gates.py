@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.gates import check, load_gates
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.core.gate_file import check, load_gates
 
 
 def _write(tmp_path, text):

@@ -8,20 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
-from calibration.batches import iter_batches, load_array
-from calibration.fashion_mnist import FashionMNIST
-from calibration.imagefolder import WNID_RULE, ImageFolder
-from calibration.imagelist import UNLABELLED, ImageList, calibration_source
-from calibration.imagenet import CLASSES_FILE, imagenet_1k
-from calibration.split import make_split
+from convnext_deploy.calibration.batches import iter_batches, load_array
+from convnext_deploy.calibration.fashion_mnist import FashionMNIST
+from convnext_deploy.calibration.imagefolder import WNID_RULE, ImageFolder
+from convnext_deploy.calibration.imagelist import UNLABELLED, ImageList, calibration_source
+from convnext_deploy.calibration.imagenet import CLASSES_FILE, imagenet_1k
+from convnext_deploy.calibration.split import make_split
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.checkpoints import imagenet_1k_names, load_checkpoint, save_checkpoint
+from convnext_deploy.pipeline.models.convnext import create_model
+from convnext_deploy.pipeline.models.variants import get_variant
+from convnext_deploy.pipeline.stages.context import DeployConfig
+from convnext_deploy.pipeline.stages.prepare import sources
+
 from checkpoint_formats import hf_config, hf_state_dict, official_state_dict, timm_state_dict
 from conftest import randomized
-from pipeline.checkpoints import imagenet_1k_names, load_checkpoint, save_checkpoint
-from pipeline.errors import UserError
-from pipeline.model import create_model
-from pipeline.stages.context import DeployConfig
-from pipeline.stages.prepare import sources
-from pipeline.variants import get_variant
 
 # ten ImageNet classes far apart in the index, one per Fashion-MNIST class: their sorted-folder positions
 # (0..9) are not their 1k indices, so a tree read by folder order would label every image wrongly
@@ -39,7 +40,7 @@ def test_the_class_list_is_imagenet_1k_in_index_order():
 
 
 def test_a_damaged_class_list_is_refused_in_one_line(tmp_path):
-    from calibration.imagenet import read_class_list
+    from convnext_deploy.calibration.imagenet import read_class_list
 
     rows = CLASSES_FILE.read_text().splitlines()
     swapped = tmp_path / "swapped.tsv"

@@ -7,13 +7,21 @@ import sys
 import pytest
 import torch
 
+from convnext_deploy.pipeline.decisions.outliers import (
+    inject_outliers,
+    migrate,
+    norm_output_ranges,
+    norm_pairs,
+    outlier_stats,
+    save_outlier_checkpoint,
+    stats_of,
+)
+from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.models.onnx_export import export_onnx
+from convnext_deploy.targets import get_target
+from convnext_deploy.targets.base import Artifact, BuildRequest, CalibrationData
+
 from conftest import REPO, reference_split
-from pipeline.export import export_onnx
-from pipeline.outliers import (inject_outliers, migrate, norm_output_ranges, norm_pairs, outlier_stats,
-                               save_outlier_checkpoint, stats_of)
-from pipeline.validate import accuracy, predict_many
-from targets import get_target
-from targets.base import Artifact, BuildRequest, CalibrationData
 
 K = 30.0  # outlier factor: ImageNet ConvNeXts show norm channels tens of times above the median
 
@@ -73,7 +81,7 @@ def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, tmp_path)
 
 
 def _cli(*args, env, timeout=900):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "convnext_deploy", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -123,8 +131,8 @@ def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, c
 def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
     import openvino as ov
 
-    from pipeline.sensitivity import rank_key, run_probe
-    from targets import openvino_cpu
+    from convnext_deploy.pipeline.decisions.sensitivity import rank_key, run_probe
+    from convnext_deploy.targets import openvino_cpu
 
     d, _, _ = data
     ovt = get_target("openvino")
@@ -155,9 +163,9 @@ def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
 
 
 def test_coreml_sensitivity_finds_the_outlier_fed_layers(outlier_checkpoint, data, tmp_path):
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.stages.prepare import model_info
-    from pipeline.sensitivity import rank_key, run_probe
+    from convnext_deploy.pipeline.decisions.sensitivity import rank_key, run_probe
+    from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
+    from convnext_deploy.pipeline.stages.prepare import model_info
 
     d, _, _ = data
     ck = load_checkpoint(outlier_checkpoint, "atto")

@@ -4,13 +4,13 @@ their values do not change the cost)."""
 import numpy as np
 import pytest
 
-from pipeline.bench import _checkpoint
-from pipeline.latency import measure, ratio
-from pipeline.memory import stage_peak
-from pipeline.stages.build import build
-from pipeline.stages.context import DeployConfig
-from pipeline.stages.export import export
-from pipeline.stages.prepare import prepare
+from convnext_deploy.pipeline.bench import _checkpoint
+from convnext_deploy.pipeline.measure.latency import measure, ratio
+from convnext_deploy.pipeline.measure.memory import stage_peak
+from convnext_deploy.pipeline.stages.build import build
+from convnext_deploy.pipeline.stages.context import DeployConfig
+from convnext_deploy.pipeline.stages.export import export
+from convnext_deploy.pipeline.stages.prepare import prepare
 
 PEAK_RSS_LIMIT_MIB = 6 * 1024  # issue 15: a T deploy with its fallback ran under 6 GiB; S has 2× T's blocks
 

@@ -4,8 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.latency import Budget, Spread, measure, ratio
-from targets.base import Runner
+from convnext_deploy.pipeline.measure.latency import Budget, Spread, measure, ratio
+from convnext_deploy.targets.base import Runner
 
 
 def sleeper(ms: float):

@@ -1,7 +1,7 @@
 """Peak memory per stage: the kernel's high-water mark, reset at each stage's start."""
 import numpy as np
 
-from pipeline.memory import peak_rss_bytes, stage_peak
+from convnext_deploy.pipeline.measure.memory import peak_rss_bytes, stage_peak
 
 
 def test_each_stage_reports_its_own_peak():

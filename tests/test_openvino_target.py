@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.models.onnx_export import export_onnx
+from convnext_deploy.targets import get_target, openvino_cpu
+from convnext_deploy.targets.base import BuildRequest, CalibrationData, LabelledData
+
 from conftest import REPO, reference_split
-from pipeline.export import export_onnx
-from pipeline.validate import accuracy, predict_many
-from pipeline.errors import UserError
-from targets import get_target, openvino_cpu
-from targets.base import BuildRequest, CalibrationData, LabelledData
 
 ov_cpu = get_target("openvino")
 
@@ -44,7 +45,7 @@ def _accuracy(setup, artifacts):
 
 def test_table_row_and_availability():
     spec = get_target("openvino")
-    assert spec.module == "targets.openvino_cpu" and spec.precisions == ("fp32", "bf16", "int8")
+    assert spec.module == "convnext_deploy.targets.openvino_cpu" and spec.precisions == ("fp32", "bf16", "int8")
     assert spec.options is openvino_cpu.OpenVINOOptions and spec.accuracy_control and spec.layer_probe is not None
     recipes = {r.name: r for r in spec.int8_recipes}
     assert spec.peer_default == openvino_cpu.PEER_DEFAULT and not recipes[spec.peer_default].smoothed

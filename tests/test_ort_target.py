@@ -1,11 +1,12 @@
 """The ONNX Runtime target on the real atto reference checkpoint and real Fashion-MNIST images."""
 import pytest
 
+from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.models.onnx_export import export_onnx
+from convnext_deploy.targets import get_target
+from convnext_deploy.targets.base import BuildRequest, CalibrationData
+
 from conftest import reference_split
-from pipeline.export import export_onnx
-from pipeline.validate import accuracy, predict_many
-from targets import get_target
-from targets.base import BuildRequest, CalibrationData
 
 ort_cpu = get_target("onnxruntime")
 
@@ -35,7 +36,7 @@ def _predict(setup, artifacts):
 
 def test_table_row_and_availability():
     spec = get_target("onnxruntime")
-    assert spec.module == "targets.ort_cpu" and spec.precisions == ("fp32", "int8")
+    assert spec.module == "convnext_deploy.targets.ort_cpu" and spec.precisions == ("fp32", "int8")
     assert ort_cpu.available().ok
 
 
@@ -81,7 +82,7 @@ def test_the_candidates_for_cpus_without_vnni_build_integer_graphs(setup, recipe
 
 
 def test_an_option_the_target_lacks_is_refused_by_name():
-    from pipeline.errors import UserError
+    from convnext_deploy.pipeline.core.errors import UserError
 
     with pytest.raises(UserError, match="no build option 'preset'"):
         ort_cpu.make_options(preset="mixed")
@@ -95,7 +96,7 @@ def test_int8_without_calibration_is_refused(setup):
 
 def test_profile_says_where_the_time_goes(setup):
     """ONNX Runtime's profiler: per-node kernel times, split into integer kernels, Q/DQ and float ops."""
-    from targets import ort_cpu as module
+    from convnext_deploy.targets import ort_cpu as module
 
     fp32, int8 = _build(setup, "fp32", float_layers=()), _build(setup, "int8", float_layers=())
     ref, q = module.profile(fp32, 2, 64, runs=5), module.profile(int8, 2, 64, runs=5)

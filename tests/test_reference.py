@@ -5,11 +5,12 @@ import sys
 
 import numpy as np
 
-from calibration.batches import load_array
-from calibration.fashion_mnist import FashionMNIST
+from convnext_deploy.calibration.batches import load_array
+from convnext_deploy.calibration.fashion_mnist import FashionMNIST
+from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
+from convnext_deploy.pipeline.models.train import Recipe, evaluate, train_reference
+
 from conftest import REPO
-from pipeline.checkpoints import load_checkpoint
-from pipeline.train import Recipe, evaluate, train_reference
 
 
 def test_atto_reference_is_a_good_classifier_on_the_test_split(atto_reference):
@@ -31,7 +32,7 @@ def test_atto_reference_is_a_good_classifier_on_the_test_split(atto_reference):
 
 def test_training_resumes_from_its_saved_state(fmnist_root, tmp_path, monkeypatch):
     """An interrupted run picks up where it stopped: epoch 1 is not trained twice."""
-    import pipeline.train as train_mod
+    import convnext_deploy.pipeline.models.train as train_mod
 
     recipe = Recipe(variant="atto", epochs=2, batch_size=256, image_size=32)
     out = tmp_path / "ref.safetensors"
@@ -68,16 +69,16 @@ def test_training_resumes_from_its_saved_state(fmnist_root, tmp_path, monkeypatc
 
 
 def test_cli_variants_and_inspect(atto_reference):
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "variants"], cwd=REPO, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "convnext_deploy", "variants"], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0
     for name in ("ConvNeXt-Atto", "ConvNeXt-T", "ConvNeXt-XL", "28,589,128", "82.1"):
         assert name in p.stdout
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", str(atto_reference)], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "convnext_deploy", "inspect", str(atto_reference)], cwd=REPO,
                        capture_output=True, text=True)
     info = json.loads(p.stdout)
     assert info["variant"] == "atto" and info["format"] == "ours" and info["num_classes"] == 10
     assert info["accuracy"]["top1"] == load_checkpoint(atto_reference).metadata["accuracy"]["top1"]
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "/nonexistent.pth"], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "convnext_deploy", "inspect", "/nonexistent.pth"], cwd=REPO,
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == "convnext-deploy: error: checkpoint not found: /nonexistent.pth"
 
@@ -87,9 +88,9 @@ def test_a_missing_reference_is_trained_by_the_deploy_unless_refused(tmp_path, m
     --no-train-reference it stops with the one line naming `make reference`."""
     import pytest
 
-    import pipeline.train as train_mod
-    from pipeline import reference
-    from pipeline.errors import UserError
+    import convnext_deploy.pipeline.models.train as train_mod
+    from convnext_deploy.pipeline.core.errors import UserError
+    from convnext_deploy.pipeline.models import reference
 
     monkeypatch.setenv("CONVNEXT_DEPLOY_REFERENCE_DIR", str(tmp_path))
     trained = []

@@ -2,7 +2,7 @@
 import copy
 import json
 
-from reports.render import plot_png, render_html, render_markdown
+from convnext_deploy.reports.render import plot_png, render_html, render_markdown
 
 
 def _report(deployed) -> dict:

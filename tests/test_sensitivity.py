@@ -7,13 +7,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from convnext_deploy.pipeline.decisions.sensitivity import rank_key, run_probe
+from convnext_deploy.pipeline.models.convnext import weight_layers
+from convnext_deploy.pipeline.models.onnx_export import export_onnx
+from convnext_deploy.targets import get_target
+from convnext_deploy.targets.base import BuildRequest, CalibrationData
+from convnext_deploy.targets.qdq import layer_probe, quantized_layers
+
 from conftest import REPO, reference_split
-from pipeline.export import export_onnx
-from pipeline.model import weight_layers
-from pipeline.sensitivity import rank_key, run_probe
-from targets import get_target
-from targets.base import BuildRequest, CalibrationData
-from targets.qdq import layer_probe, quantized_layers
 
 ort_cpu = get_target("onnxruntime")
 
@@ -68,14 +69,14 @@ def test_sensitivity_ranks_a_damaged_layer_first(qdq):
 
 def test_sensitivity_command(atto_reference, cli_env, tmp_path):
     env = cli_env  # the session's cache: the atto export and float builds are shared with the other CLI tests
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "sensitivity", "--target", "tensorrt", "--variant", "atto",
+    p = subprocess.run([sys.executable, "-m", "convnext_deploy", "sensitivity", "--target", "tensorrt", "--variant", "atto",
                         "--calib", "200", "--images", "64", "--out", str(tmp_path / "s")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     md = (tmp_path / "s" / "sensitivity.md").read_text()
     assert "proxy for the TensorRT engine" in md and md.count("| stages.") >= 30 and "| stem.0 |" in md
     assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 10_000
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "sensitivity", "--target", "onnxruntime", "--variant",
+    bad = subprocess.run([sys.executable, "-m", "convnext_deploy", "sensitivity", "--target", "onnxruntime", "--variant",
                           "atto", "--images", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--images 0" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -84,7 +85,7 @@ def test_streamed_sums_equal_the_whole_arrays(qdq):
     """The loop reduces chunk by chunk; its per-layer SQNR is the one computed on every image at once."""
     import numpy as np
 
-    from pipeline.sensitivity import sqnr_db
+    from convnext_deploy.pipeline.decisions.sensitivity import sqnr_db
 
     ck, arts, images, d = qdq
     probe = layer_probe(arts["int8"].files[0], arts["fp32"].files[0], images, 2, optimize=True, runtime="t", kind="real")
@@ -104,7 +105,7 @@ def test_probe_memory_is_one_chunk_not_every_image():
 
     import numpy as np
 
-    from targets.base import LayerProbe, probe_chunks
+    from convnext_deploy.targets.base import LayerProbe, probe_chunks
 
     images = np.zeros((200, 3, 224, 224), np.float32)
     assert [len(c) for c in probe_chunks(images)][:2] == [2, 2]  # 224 px: 2 images a chunk

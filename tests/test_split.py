@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration.fashion_mnist import FashionMNIST
-from calibration.imagefolder import ImageFolder
-from calibration.split import make_split
-from pipeline.errors import UserError
+from convnext_deploy.calibration.fashion_mnist import FashionMNIST
+from convnext_deploy.calibration.imagefolder import ImageFolder
+from convnext_deploy.calibration.split import make_split
+from convnext_deploy.pipeline.core.errors import UserError
 
 
 def test_fashion_mnist_split_is_disjoint_balanced_and_reproducible(fmnist_root):

@@ -3,13 +3,14 @@ from dataclasses import replace
 
 import pytest
 
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.stages.build import build, build_one
+from convnext_deploy.pipeline.stages.context import DeployConfig
+from convnext_deploy.pipeline.stages.decide import decide
+from convnext_deploy.pipeline.stages.export import export
+from convnext_deploy.pipeline.stages.prepare import prepare
+
 from conftest import GATES_ACCURACY_ONLY
-from pipeline.errors import UserError
-from pipeline.stages.build import build, build_one
-from pipeline.stages.context import DeployConfig
-from pipeline.stages.decide import decide
-from pipeline.stages.export import export
-from pipeline.stages.prepare import prepare
 
 
 @pytest.fixture(scope="module")

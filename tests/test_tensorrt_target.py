@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration.batches import load_array
+from convnext_deploy.calibration.batches import load_array
+from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.measure.latency import measure
+from convnext_deploy.pipeline.models.onnx_export import export_onnx
+from convnext_deploy.targets import get_target, trt_gpu
+from convnext_deploy.targets.base import Artifact, BuildRequest, CalibrationData, Runner
+
 from conftest import REPO, reference_split
-from pipeline.export import export_onnx
-from pipeline.validate import accuracy, predict_many
-from pipeline.latency import measure
-from targets import get_target, trt_gpu
-from targets.base import Artifact, BuildRequest, CalibrationData, Runner
 
 trt = get_target("tensorrt")
 AVAIL = trt.available()
@@ -39,7 +40,7 @@ def setup(atto_reference, tmp_path_factory):
 
 
 def test_table_row():
-    assert trt.module == "targets.trt_gpu" and trt.precisions == ("fp32", "int8") and trt.options is trt_gpu.TensorRTOptions
+    assert trt.module == "convnext_deploy.targets.trt_gpu" and trt.precisions == ("fp32", "int8") and trt.options is trt_gpu.TensorRTOptions
     assert trt.not_built_note == "engine not built" and trt.int8_recipes == () and not trt.accuracy_control
     assert trt.layer_probe is trt_gpu.layer_probe
     assert trt.build_config("fp32", trt.make_options(calibrate_method="entropy")) == \
@@ -120,7 +121,7 @@ def test_proxy_accuracy_matches_fp32_on_the_reference_task(setup):
 
 def test_layer_probe_is_the_qdq_graph_as_written(setup):
     """The sensitivity probe runs the proxy's arithmetic; with every layer in float it is the FP32 export."""
-    from pipeline.sensitivity import run_probe
+    from convnext_deploy.pipeline.decisions.sensitivity import run_probe
 
     ck, arts, test, split = setup
     x, _ = load_array(test, split.evaluation.indices[:32], ck.preprocessing)
@@ -137,7 +138,7 @@ def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, cli_env,
     for allow, name in ((False, "strict"), (True, "allow")):
         gates = tmp_path / f"{name}.toml"
         gates.write_text(f"[defaults]\nmax_top1_drop_pp = 0.3\nmin_int8_speedup = 1.0\nallow_proxy = {str(allow).lower()}\n")
-        p = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "tensorrt", "--variant", "atto",
+        p = subprocess.run([sys.executable, "-m", "convnext_deploy", "deploy", "--target", "tensorrt", "--variant", "atto",
                             "--eval", "1000", "--calib", "200", "--gates", str(gates), "--out", str(tmp_path / name)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 3, p.stdout + p.stderr

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.model import count_parameters, create_model
-from pipeline.variants import VARIANTS, get_variant
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.convnext import count_parameters, create_model
+from convnext_deploy.pipeline.models.variants import VARIANTS, get_variant
 
 PUBLISHED_PARAMS = {
     "t": 28_589_128, "s": 50_223_688, "b": 88_591_464, "l": 197_767_336, "xl": 350_196_968,

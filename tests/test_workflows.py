@@ -92,8 +92,8 @@ def test_every_workflow_is_read_only_bounded_and_pinned():
 
 
 def test_the_deploy_matrix_covers_every_target_on_hardware_that_measures_it():
-    from pipeline.variants import VARIANTS
-    from targets import TARGETS
+    from convnext_deploy.pipeline.models.variants import VARIANTS
+    from convnext_deploy.targets import TARGETS
 
     wf = load("deploy-matrix.yml")
     deploy = wf["jobs"]["deploy"]

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from pipeline.cache import cached_dir, code_digest, key_of, sha256_file
-from pipeline.latency import Spread
-from pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context
-from pipeline.stages.export import Source, Sources
-from pipeline.stages.prepare import model_info
-from targets.base import Artifact, BuildRequest, LabelledData, Runner
+from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of, sha256_file
+from convnext_deploy.pipeline.measure.latency import Spread
+from convnext_deploy.pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context
+from convnext_deploy.pipeline.stages.export import Source, Sources
+from convnext_deploy.pipeline.stages.prepare import model_info
+from convnext_deploy.targets.base import Artifact, BuildRequest, LabelledData, Runner
 
 
 @dataclass

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from calibration.split import Split
-from pipeline.checkpoints import LoadedCheckpoint
-from targets.base import Availability, CalibrationData, LabelledData, Runner, Target
+from convnext_deploy.calibration.split import Split
+from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint
+from convnext_deploy.targets.base import Availability, CalibrationData, LabelledData, Runner, Target
 
 # 3: the target's runtime could not run here (no GPU, not macOS); a proxy was measured and reported instead.
 # 4: an internal error (a bug): the CLI prints its traceback. 2 also covers faults of the machine (disk full).

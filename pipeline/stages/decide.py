@@ -10,17 +10,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from calibration.batches import load_array
-from calibration.split import SampleList, extend_control
-from pipeline import fallback as fb
-from pipeline.errors import UserError
-from pipeline.judge import AccuracyGates, Evidence, assess
-from pipeline.latency import measure, ratio
-from pipeline.stages import mixed, recipe
-from pipeline.stages.build import Built, Recipe, build_one, spread
-from pipeline.stages.context import DEFAULT, Context
-from pipeline.stages.export import Source
-from targets.base import Artifact, LabelledData, Runner
+from convnext_deploy.calibration.batches import load_array
+from convnext_deploy.calibration.split import SampleList, extend_control
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.decisions import fallback as fb
+from convnext_deploy.pipeline.decisions import mixed, recipe
+from convnext_deploy.pipeline.decisions.judge import AccuracyGates, Evidence, assess
+from convnext_deploy.pipeline.measure.latency import measure, ratio
+from convnext_deploy.pipeline.stages.build import Built, Recipe, build_one, spread
+from convnext_deploy.pipeline.stages.context import DEFAULT, Context
+from convnext_deploy.pipeline.stages.export import Source
+from convnext_deploy.targets.base import Artifact, LabelledData, Runner
 
 MORE_CONTROL_MIB = 512  # the largest extended control split held in memory (float images)
 # images × H × W the fallback's sensitivity ranking runs on (one pass per quantized layer): 256 images at 32 px as
@@ -70,7 +70,7 @@ def control_record(ev: Evidence | None) -> dict | None:
 
 def sensitivity(ctx: Context, src: Source, built: Built, n_images: int) -> dict:
     """Per-layer sensitivity of the INT8 artifact on the first `n_images` calibration images."""
-    from pipeline import sensitivity as sens
+    from convnext_deploy.pipeline.decisions import sensitivity as sens
 
     images, _ = load_array(ctx.calib_src, list(ctx.split.calibration.indices)[:n_images], ctx.ck.preprocessing,
                            desc="sensitivity slice")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import code_digest, key_of
-from pipeline.export import ExportResult, export_cached
-from pipeline.stages.context import Context
+from convnext_deploy.pipeline.core.cache import code_digest, key_of
+from convnext_deploy.pipeline.models.onnx_export import ExportResult, export_cached
+from convnext_deploy.pipeline.stages.context import Context
 
 
 @dataclass
@@ -45,7 +45,7 @@ def export(ctx: Context) -> Sources:
 
 def smooth(ctx: Context, alpha: float) -> tuple[Source, dict]:
     """SmoothQuant-style migration on the calibration images, and the smoothed model's export."""
-    from pipeline.outliers import migrate, stats_of
+    from convnext_deploy.pipeline.decisions.outliers import migrate, stats_of
 
     ck, calib_x = ctx.ck, ctx.calibration.images
     model, info = migrate(ck.model, calib_x, alpha)  # one pass over the images gives both statistics
@@ -56,5 +56,6 @@ def smooth(ctx: Context, alpha: float) -> tuple[Source, dict]:
             f"{after.worst_ratio:.1f} ({before.worst_layer})")
     if ctx.target.converter is not None:  # a torch-source target converts the smoothed model itself
         return Source(model, None), info
-    key = key_of("smoothed", ck.sha256, alpha, ctx.calibration.manifest_sha256, code_digest("pipeline.outliers"))
+    key = key_of("smoothed", ck.sha256, alpha, ctx.calibration.manifest_sha256,
+                 code_digest("convnext_deploy.pipeline.decisions.outliers"))
     return Source(model, export_cached(model, key, ck.variant.name, calib_x[:32]).path), info

@@ -1,13 +1,13 @@
 """Stage 6: the measured figures against the gate file's values for this target and variant."""
 from __future__ import annotations
 
-from pipeline import gates as gates_mod
-from pipeline import reasons
-from pipeline.machine import cpu_profile
-from pipeline.stages.build import Built
-from pipeline.stages.context import Context
-from pipeline.stages.decide import Decision
-from pipeline.stages.validate import Validation, p50, speedup_interval
+from convnext_deploy.pipeline.core import gate_file as gates_mod
+from convnext_deploy.pipeline.decisions import reasons
+from convnext_deploy.pipeline.measure.machine import cpu_profile
+from convnext_deploy.pipeline.stages.build import Built
+from convnext_deploy.pipeline.stages.context import Context
+from convnext_deploy.pipeline.stages.decide import Decision
+from convnext_deploy.pipeline.stages.validate import Validation, p50, speedup_interval
 
 
 def figures(ctx: Context, v: Validation) -> dict:

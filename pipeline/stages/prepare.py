@@ -6,19 +6,19 @@ from pathlib import Path
 
 import torch
 
-from calibration.batches import load_array
-from calibration.fashion_mnist import FashionMNIST
-from calibration.imagefolder import ImageFolder
-from calibration.imagelist import calibration_source
-from calibration.split import make_split
-from pipeline import gates as gates_mod
-from pipeline.checkpoints import LoadedCheckpoint, load_checkpoint
-from pipeline.errors import UserError
-from pipeline.machine import cpu_profile, profile_line
-from pipeline.reference import ensure_reference
-from pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context, DeployConfig
-from targets import get_target
-from targets.base import CalibrationData, LabelledData
+from convnext_deploy.calibration.batches import load_array
+from convnext_deploy.calibration.fashion_mnist import FashionMNIST
+from convnext_deploy.calibration.imagefolder import ImageFolder
+from convnext_deploy.calibration.imagelist import calibration_source
+from convnext_deploy.calibration.split import make_split
+from convnext_deploy.pipeline.core import gate_file as gates_mod
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.measure.machine import cpu_profile, profile_line
+from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint, load_checkpoint
+from convnext_deploy.pipeline.models.reference import ensure_reference
+from convnext_deploy.pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context, DeployConfig
+from convnext_deploy.targets import get_target
+from convnext_deploy.targets.base import CalibrationData, LabelledData
 
 _LICENSES = {"ours": "Apache-2.0 (convnext-deploy reference checkpoint, trained on Fashion-MNIST, MIT)",
              "official": "MIT (facebookresearch/ConvNeXt weights)"}

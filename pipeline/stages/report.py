@@ -5,14 +5,15 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from pipeline import machine
-from pipeline.export import parity_dict
-from pipeline.stages import gates, recipe
-from pipeline.stages.build import Built
-from pipeline.stages.context import Context
-from pipeline.stages.decide import Decision
-from pipeline.stages.export import Sources
-from pipeline.stages.validate import Validation
+from convnext_deploy.pipeline.decisions import recipe
+from convnext_deploy.pipeline.measure import machine
+from convnext_deploy.pipeline.models.onnx_export import parity_dict
+from convnext_deploy.pipeline.stages import gates
+from convnext_deploy.pipeline.stages.build import Built
+from convnext_deploy.pipeline.stages.context import Context
+from convnext_deploy.pipeline.stages.decide import Decision
+from convnext_deploy.pipeline.stages.export import Sources
+from convnext_deploy.pipeline.stages.validate import Validation
 
 
 def _data(ctx: Context) -> dict:
@@ -75,7 +76,7 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
 def publish(ctx: Context, report: dict, built: Built) -> Path:
     import json
 
-    from reports import write_report
+    from convnext_deploy.reports import write_report
 
     out = Path(ctx.cfg.out) if ctx.cfg.out else Path("runs") / f"{ctx.target.name}-{ctx.ck.variant.name}"
     manifest = ctx.split.manifest()

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from calibration.batches import iter_batches
-from pipeline.latency import measure, ratio
-from pipeline.machine import device_label
-from pipeline.stages.build import Built, spread
-from pipeline.stages.context import Context, runner_entry
-from pipeline.stages.decide import Decision
-from pipeline.validate import accuracy, predict_many
-from targets.base import Runner, inference_batch
+from convnext_deploy.calibration.batches import iter_batches
+from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.measure.latency import measure, ratio
+from convnext_deploy.pipeline.measure.machine import device_label
+from convnext_deploy.pipeline.stages.build import Built, spread
+from convnext_deploy.pipeline.stages.context import Context, runner_entry
+from convnext_deploy.pipeline.stages.decide import Decision
+from convnext_deploy.targets.base import Runner, inference_batch
 
 PLAIN_INT8 = "int8 (all layers INT8, before the fallback)"
 

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.variants import VARIANTS
-from targets import TARGETS
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.variants import VARIANTS
+from convnext_deploy.targets import TARGETS
 
 # gate name → (figure it reads, comparison, unit, description)
 GATES = {

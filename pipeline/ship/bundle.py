@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import publish_dir, sha256_file
-from pipeline.errors import UserError
+from convnext_deploy.pipeline.core.cache import publish_dir, sha256_file
+from convnext_deploy.pipeline.core.errors import UserError
 
 BUNDLE = "bundle"
 SUMS = "SHA256SUMS"
@@ -53,7 +53,7 @@ def failed_gates(report: dict) -> str:
 
 def _artifact_rows(report: dict, run_dir: Path, precisions: list[str]) -> dict[str, dict]:
     """The report's artifact rows of `precisions`, each file checked against the sha256 the report measured."""
-    from targets.base import Artifact
+    from convnext_deploy.targets.base import Artifact
 
     rows = {a["precision"]: a for a in report["artifacts"]}
     for p in precisions:
@@ -72,7 +72,7 @@ def _artifact_rows(report: dict, run_dir: Path, precisions: list[str]) -> dict[s
 
 
 def _class_names(report: dict, checkpoint: Path | None) -> list[str]:
-    from pipeline.checkpoints import load_checkpoint
+    from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
 
     m = report["model"]
     path = Path(checkpoint or m["checkpoint"])
@@ -87,8 +87,8 @@ def _class_names(report: dict, checkpoint: Path | None) -> list[str]:
 
 
 def _evaluation_source(report: dict, class_names: list[str]):
-    from calibration.fashion_mnist import FashionMNIST
-    from calibration.imagefolder import ImageFolder
+    from convnext_deploy.calibration.fashion_mnist import FashionMNIST
+    from convnext_deploy.calibration.imagefolder import ImageFolder
 
     source = report["data"]["evaluation"]["source"]
     if source.startswith("fashion-mnist/"):
@@ -115,8 +115,8 @@ def reference_images(run_dir: Path, report: dict, class_names: list[str], out: P
     from the PNGs, so a device reading the same files gets the same inputs) with labels and names."""
     from PIL import Image
 
-    from calibration.preprocess import preprocess
-    from pipeline.variants import Preprocessing
+    from convnext_deploy.calibration.preprocess import preprocess
+    from convnext_deploy.pipeline.models.variants import Preprocessing
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     indices = manifest["evaluation"]["indices"]
@@ -145,8 +145,8 @@ def _runner(report: dict, run_dir: Path, row: dict, runners: dict | None):
     """The artifact as published in the run directory, loaded by its target (the file the bundle ships is the
     file that gives the reference outputs); the deploy's own runner where that cannot load here (Core ML off
     macOS: its torch proxy lives in the build cache, not in the run)."""
-    from targets import get_target
-    from targets.base import Artifact
+    from convnext_deploy.targets import get_target
+    from convnext_deploy.targets.base import Artifact
 
     target = get_target(report["target"]["name"])
     art = Artifact(target.name, row["precision"], [run_dir / "artifacts" / f for f in row["files"]],
@@ -182,7 +182,7 @@ def runtime_config(target: str, row: dict) -> dict:
 def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int) -> dict:
     from PIL import __version__ as pillow
 
-    from pipeline.export import INPUT_NAME, OUTPUT_NAME
+    from convnext_deploy.pipeline.models.onnx_export import INPUT_NAME, OUTPUT_NAME
 
     target = report["target"]["name"]
     pp = report["model"]["preprocessing"]
@@ -234,7 +234,7 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
     """Write `run_dir/bundle/` for a run whose gates passed. `runners`: the deploy's own (precision → Runner), for
     an artifact that cannot be loaded from the run here; `with_fp32`: the target's float reference too (FP32;
     Core ML: FP16); `class_names`: the checkpoint's (else read from the checkpoint the report names)."""
-    from reports.model_card import render_model_card
+    from convnext_deploy.reports.model_card import render_model_card
 
     run_dir = Path(run_dir)
     report = read_report(run_dir)

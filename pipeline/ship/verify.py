@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bundle import REFERENCE_NPZ, SUMS
-from pipeline.cache import sha256_file
-from pipeline.errors import UserError
+from convnext_deploy.pipeline.core.cache import sha256_file
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.ship.bundle import REFERENCE_NPZ, SUMS
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_RUNTIME = 0, 1, 3
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 2e-2, "w8": 3e-2, "int8": 3e-2}
@@ -89,7 +89,7 @@ def _bundle_files(bundle: Path) -> tuple[dict, dict, list[str]]:
 
 def _artifact(bundle: Path, report: dict, precision: str):
     """The bundle's artifact of `precision`, its files checked against the sha256 the deploy measured."""
-    from targets.base import Artifact
+    from convnext_deploy.targets.base import Artifact
 
     row = next((a for a in report["artifacts"] if a["precision"] == precision), None)
     if row is None:
@@ -118,8 +118,8 @@ def _predict_module(bundle: Path):
 def check_preprocessing(bundle: Path, ref, report: dict, pp_json: dict) -> tuple[bool, str]:
     from PIL import Image
 
-    from calibration.preprocess import preprocess
-    from pipeline.variants import Preprocessing
+    from convnext_deploy.calibration.preprocess import preprocess
+    from convnext_deploy.pipeline.models.variants import Preprocessing
 
     pp = Preprocessing.from_dict(report["model"]["preprocessing"])
     predict = _predict_module(bundle)
@@ -215,7 +215,7 @@ class ListedImages:
 
 
 def labelled_source(images: Path, labels: Path | None, class_names: list[str]):
-    from calibration.imagefolder import ImageFolder
+    from convnext_deploy.calibration.imagefolder import ImageFolder
 
     if labels is not None:
         return ListedImages(images, labels, class_names)
@@ -240,8 +240,8 @@ def _card_p50(report: dict, precision: str, size: int) -> str:
 
 def validate_bundle(bundle: Path, images: Path | None = None, labels: Path | None = None, runs: int = 50,
                     threads: int | None = None, log=print) -> int:
-    from pipeline.latency import measure
-    from targets import get_target
+    from convnext_deploy.pipeline.measure.latency import measure
+    from convnext_deploy.targets import get_target
 
     bundle = Path(bundle)
     if labels is not None and images is None:
@@ -274,9 +274,9 @@ def validate_bundle(bundle: Path, images: Path | None = None, labels: Path | Non
         ok &= good
         log(line)
     if images is not None:
-        from calibration.batches import iter_batches
-        from pipeline.validate import accuracy, predict_many
-        from pipeline.variants import Preprocessing
+        from convnext_deploy.calibration.batches import iter_batches
+        from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+        from convnext_deploy.pipeline.models.variants import Preprocessing
 
         src = labelled_source(Path(images), labels, class_names)
         pp = Preprocessing.from_dict(report["model"]["preprocessing"])

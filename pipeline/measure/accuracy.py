@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from pipeline.errors import UserError
+from convnext_deploy.pipeline.core.errors import UserError
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.model import LayerNorm2d
+from convnext_deploy.pipeline.models.convnext import LayerNorm2d
 
 
 def norm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, str, nn.Module]]:
@@ -143,7 +143,7 @@ def inject_outliers(model: nn.Module, k: float = 30.0, channels: int = 2, seed: 
 def save_outlier_checkpoint(source, dst, k: float = 30.0, channels: int = 2):
     """`source` (a LoadedCheckpoint) with injected outliers, saved as a checkpoint of the same task: the
     reference task's accuracy and metadata carry over because the FP32 function is unchanged."""
-    from pipeline.checkpoints import save_checkpoint
+    from convnext_deploy.pipeline.models.checkpoints import save_checkpoint
 
     model = inject_outliers(source.model, k, channels)
     meta = source.metadata

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import cached_dir, code_digest, key_of
-from pipeline.errors import UserError
+from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
+from convnext_deploy.pipeline.core.errors import UserError
 
 OPSET = 20  # LayerNormalization since 17, Gelu since 20
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -115,7 +115,7 @@ def export_cached(model: torch.nn.Module, checkpoint_sha256: str, variant: str, 
                   tolerance: float = 1e-3, log=print) -> ExportResult:
     """Export once per (checkpoint, variant, opset, versions, code); parity is re-checked on every call's images."""
     # checkpoints too: its key mapping and model code decide what the same checkpoint file becomes
-    code = code_digest("pipeline.export", "pipeline.checkpoints")
+    code = code_digest("convnext_deploy.pipeline.models.onnx_export", "convnext_deploy.pipeline.models.checkpoints")
     key = key_of("export", checkpoint_sha256, variant, OPSET, _versions(), model.num_classes, code)
 
     def build(tmp: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.variants import get_variant
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.variants import get_variant
 
 
 def reference_dir() -> Path:
@@ -21,7 +21,7 @@ def ensure_reference(variant: str, train: bool, log=print) -> Path:
     no separate step), else one line saying how to make it."""
     path = reference_path(variant)
     if train and not (path.exists() and path.with_suffix(".json").exists()):
-        from pipeline.train import recipe_for, train_reference
+        from convnext_deploy.pipeline.models.train import recipe_for, train_reference
 
         recipe = recipe_for(variant)
         log(f"no reference checkpoint for {get_variant(variant).long_name} at {path}: training it now on "

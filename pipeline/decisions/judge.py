@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.gates import agreement_needed, drop_allowance
-from targets.base import LabelledData, Runner, inference_batch
+from convnext_deploy.pipeline.core.gate_file import agreement_needed, drop_allowance
+from convnext_deploy.targets.base import LabelledData, Runner, inference_batch
 
 Z = 1.645  # one-sided 95 %: a decision taken on the control split must hold on the evaluation split too
 

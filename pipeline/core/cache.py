@@ -20,9 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import machine_faults
+from convnext_deploy.pipeline.core.errors import machine_faults
 
-REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "convnext_deploy"
+# The folder holding the rooms: the checkout's root, or the installed package's folder in a wheel.
+REPO = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("pipeline", "targets", "calibration", "reports")
 MANIFEST = ".complete"
 
@@ -40,9 +42,10 @@ def key_of(*parts) -> str:
 # ---------------------------------------------------------------- code as part of a key
 
 def _module_file(name: str, root: Path) -> Path | None:
-    if name.split(".")[0] not in PROJECT_PACKAGES:
+    parts = name.split(".")
+    if parts[0] != PACKAGE or len(parts) < 2 or parts[1] not in PROJECT_PACKAGES:
         return None
-    base = root.joinpath(*name.split("."))
+    base = root.joinpath(*parts[1:])
     for f in (base.with_suffix(".py"), base / "__init__.py"):
         if f.is_file():
             return f
@@ -80,7 +83,7 @@ def module_files(*module_names: str, root: Path | None = None) -> list[Path]:
     for name in module_names:
         f = _module_file(name, root)
         if f is None:
-            raise ValueError(f"{name} is not a module of {', '.join(PROJECT_PACKAGES)} under {root}")
+            raise ValueError(f"{name} is not a module of {PACKAGE} ({', '.join(PROJECT_PACKAGES)}) under {root}")
         todo.append((name, f))
     while todo:
         name, f = todo.pop()

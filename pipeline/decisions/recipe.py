@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 
-from pipeline import reasons
-from pipeline.cache import cached_dir, code_digest, key_of
-from pipeline.errors import UserError
-from pipeline.judge import AccuracyGates, Evidence, assess
-from pipeline.latency import Budget, measure, ratio, ratio_of_rounds
-from pipeline.machine import cpu_profile
-from pipeline.stages.build import Built, spread
-from pipeline.stages.context import DEFAULT, Context
+from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.decisions import reasons
+from convnext_deploy.pipeline.decisions.judge import AccuracyGates, Evidence, assess
+from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio, ratio_of_rounds
+from convnext_deploy.pipeline.measure.machine import cpu_profile
+from convnext_deploy.pipeline.stages.build import Built, spread
+from convnext_deploy.pipeline.stages.context import DEFAULT, Context
 
 BUDGET_S = 60.0  # extra interleaved rounds until every candidate's speed-up is within ±3 % (95 % interval)
 
@@ -50,7 +50,7 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
 def _cached_measure(ctx: Context, built: Built) -> tuple[list[dict], bool]:
     # the runners' code and the harness shape the figures as much as the artifacts do
     key = key_of("recipe-timing", cpu_profile(), ctx.cfg.threads, ctx.cfg.image_size, ctx.cfg.latency_runs,
-                 code_digest(ctx.target.module, "pipeline.latency", __name__),
+                 code_digest(ctx.target.module, "convnext_deploy.pipeline.measure.latency", __name__),
                  {n: r.artifact.sha256() for n, r in built.recipes.items()},
                  built.artifacts[ctx.target.reference].sha256())
 

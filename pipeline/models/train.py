@@ -18,12 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibration.batches import load_array, progress
-from calibration.fashion_mnist import FashionMNIST
-from pipeline.checkpoints import atomic_write, save_checkpoint
-from pipeline.model import ConvNeXt, create_model
-from pipeline.variants import Preprocessing, get_variant
-
+from convnext_deploy.calibration.batches import load_array, progress
+from convnext_deploy.calibration.fashion_mnist import FashionMNIST
+from convnext_deploy.pipeline.models.checkpoints import atomic_write, save_checkpoint
+from convnext_deploy.pipeline.models.convnext import ConvNeXt, create_model
+from convnext_deploy.pipeline.models.variants import Preprocessing, get_variant
 
 PROGRESS_EVERY_S = 60.0
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import publish_file, sha256_file
-from pipeline.errors import UserError
-from pipeline.model import ConvNeXt, create_model
-from pipeline.variants import Preprocessing, Variant, get_variant, variant_from_dims
+from convnext_deploy.pipeline.core.cache import publish_file, sha256_file
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.convnext import ConvNeXt, create_model
+from convnext_deploy.pipeline.models.variants import Preprocessing, Variant, get_variant, variant_from_dims
 
 FORMAT_TAG = "convnext-deploy/checkpoint-v1"
 SIDECAR_SUFFIX = ".json"
@@ -281,7 +281,7 @@ def load_checkpoint(path: Path | str, variant: str | None = None) -> LoadedCheck
 
 # ImageNet-1k's class list, `wnid<TAB>name` in output order; calibration/imagenet.py reads and checks it for the
 # data side (wnid folders). Read here with the standard library: the checkpoint code imports only torch.
-IMAGENET_1K_FILE = Path(__file__).resolve().parents[1] / "calibration" / "imagenet1k_classes.tsv"
+IMAGENET_1K_FILE = Path(__file__).resolve().parents[2] / "calibration" / "imagenet1k_classes.tsv"
 IMAGENET_22K_CLASSES = 21841  # the fb_in22k heads (official, timm, Hugging Face)
 
 

@@ -10,8 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.checkpoints import LoadedCheckpoint, atomic_write, load_checkpoint
-from pipeline.errors import UserError
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint, atomic_write, load_checkpoint
 
 _FB = "https://dl.fbaipublicfiles.com/convnext/"
 _TIMM_RSB = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"

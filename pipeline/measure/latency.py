@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from targets.base import Runner
+from convnext_deploy.targets.base import Runner
 
 DISTURBED = 0.10  # slower than the runner's usual round by this much, with a neighbour in time as slow: disturbed
 BOOTSTRAP = 2000

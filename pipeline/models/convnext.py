@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.variants import Variant, get_variant
+from convnext_deploy.pipeline.models.variants import Variant, get_variant
 
 LN_EPS = 1e-6
 

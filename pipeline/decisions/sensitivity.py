@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import publish_file
-from pipeline.model import weight_layers
+from convnext_deploy.pipeline.core.cache import publish_file
+from convnext_deploy.pipeline.models.convnext import weight_layers
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _stage(module: str) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    from reports.render import sensitivity_markdown, sensitivity_png
+    from convnext_deploy.reports.render import sensitivity_markdown, sensitivity_png
 
     out.mkdir(parents=True, exist_ok=True)
     png = sensitivity_png(result)

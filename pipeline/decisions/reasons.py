@@ -5,7 +5,6 @@ Every text names the decision that caused the miss and reads the CPU's real INT8
 """
 from __future__ import annotations
 
-
 FLOAT_OPS = ("what stays slow are the float ops around them (depthwise convolutions, LayerNorm, GELU, layout "
              "changes): see where the time goes")
 

@@ -14,12 +14,12 @@ import json
 from dataclasses import replace
 from functools import partial
 
-from pipeline.cache import cached_dir, code_digest, key_of
-from pipeline.latency import Budget, measure, ratio
-from pipeline.machine import cpu_profile
-from pipeline.model import weight_layers
-from pipeline.stages.build import Built, Recipe, build_one, spread
-from pipeline.stages.context import Context
+from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
+from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
+from convnext_deploy.pipeline.measure.machine import cpu_profile
+from convnext_deploy.pipeline.models.convnext import weight_layers
+from convnext_deploy.pipeline.stages.build import Built, Recipe, build_one, spread
+from convnext_deploy.pipeline.stages.context import Context
 
 
 def layer_times(ctx: Context, built: Built, chosen: Recipe) -> dict:
@@ -57,7 +57,7 @@ def mix(ctx: Context, built: Built, chosen: Recipe) -> tuple[dict | None, Recipe
     if target.profile is None or not chosen.runner.timed or "float_layers" not in vars(chosen.options):
         return None, None
     key = key_of("latency-aware-mixed", cpu_profile(), cfg.threads, cfg.image_size, cfg.latency_runs,
-                 code_digest(target.module, "pipeline.latency", __name__), chosen.artifact.sha256(),
+                 code_digest(target.module, "convnext_deploy.pipeline.measure.latency", __name__), chosen.artifact.sha256(),
                  built.artifacts[target.reference].sha256())
     directory, cached = cached_dir("mixed", key, lambda tmp: (tmp / "mixed.json").write_text(
         json.dumps(_measure(ctx, built, chosen), indent=1)), log=ctx.log)

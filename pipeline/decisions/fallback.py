@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.judge import AccuracyGates, Assessment, Evidence, assess, figures_text
-from targets.base import Artifact, Runner
+from convnext_deploy.pipeline.decisions.judge import AccuracyGates, Assessment, Evidence, assess, figures_text
+from convnext_deploy.targets.base import Artifact, Runner
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.errors import UserError
+from convnext_deploy.pipeline.core.errors import UserError
 
 # ImageNet statistics used by every published ConvNeXt checkpoint.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
