@@ -40,3 +40,21 @@ def test_configurable_classes_channels_and_stochastic_depth():
     model.eval()
     x = torch.randn(2, 1, 64, 64)
     assert torch.equal(model(x), model(x))
+
+
+def test_head_init_scale_scales_the_initialised_head_only():
+    """The official fine-tuning recipe scales the fresh head (weights and bias) by head_init_scale; building with it
+    must not raise (an in-place scale of a leaf that requires grad) and must leave the rest of the model as it is."""
+    from convnext_deploy.pipeline.models.convnext import ConvNeXt
+
+    def build(scale):
+        torch.manual_seed(0)
+        return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=5, head_init_scale=scale)
+
+    plain, scaled = build(1.0), build(0.25)
+    torch.testing.assert_close(scaled.head.fc.weight, plain.head.fc.weight * 0.25)
+    torch.testing.assert_close(scaled.head.fc.bias, plain.head.fc.bias * 0.25)
+    assert scaled.head.fc.weight.requires_grad and scaled.head.fc.bias.requires_grad
+    for (name, a), (_, b) in zip(plain.named_parameters(), scaled.named_parameters()):
+        if not name.startswith("head.fc"):
+            torch.testing.assert_close(a, b, msg=name)

@@ -134,7 +134,7 @@ class ConvNeXt(nn.Module):
         if head_init_scale != 1.0:
             with torch.no_grad():
                 self.head.fc.weight.mul_(head_init_scale)
-            self.head.fc.bias.mul_(head_init_scale)
+                self.head.fc.bias.mul_(head_init_scale)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
