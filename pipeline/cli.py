@@ -9,7 +9,6 @@ printed); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -17,59 +16,27 @@ from pathlib import Path
 from convnext_deploy.pipeline.core.errors import UserError, machine_error
 
 
-def _cmd_variants(args) -> int:
-    from convnext_deploy.pipeline.models.variants import VARIANTS
+def _zoo(command: str):
+    """A zoo command, imported when it runs (the CLI starts without torch)."""
+    def run(args) -> int:
+        from convnext_deploy.pipeline.models import zoo_commands
 
-    print(f"{'name':6} {'model':15} {'depths':14} {'dims':22} {'params@1k':>12}  ImageNet-1k top-1")
-    for v in VARIANTS.values():
-        top1 = f"{v.imagenet_top1:.1f}" if v.imagenet_top1 is not None else "—"
-        print(f"{v.name:6} {v.long_name:15} {str(v.depths):14} {str(v.dims):22} {v.params_1k:>12,}  {top1} ({v.imagenet_note})")
-    return 0
-
-
-def _cmd_inspect(args) -> int:
-    from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
-    from convnext_deploy.pipeline.models.convnext import count_parameters
-
-    ck = load_checkpoint(args.checkpoint, args.variant)
-    info = {
-        "path": str(ck.path),
-        "format": ck.source_format,
-        "variant": ck.variant.name,
-        "model": ck.variant.long_name,
-        "num_classes": ck.num_classes,
-        "class_names": list(ck.class_names[:10]) + (["…"] if ck.num_classes > 10 else []),
-        "parameters": count_parameters(ck.model),
-        "preprocessing": ck.preprocessing.to_dict(),
-        "sha256": ck.sha256,
-    }
-    for key in ("dataset", "accuracy"):
-        if ck.metadata.get(key):
-            info[key] = ck.metadata[key]
-    if ck.labels_note:
-        info["labels_note"] = ck.labels_note
-    print(json.dumps(info, indent=2))
-    return 0
+        return getattr(zoo_commands, command)(args)
+    return run
 
 
-def _cmd_reference(args) -> int:
-    from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
-    from convnext_deploy.pipeline.models.reference import reference_path
-    from convnext_deploy.pipeline.models.train import recipe_for, train_reference
+def _timing_budget(given: str | None) -> float:
+    import os
 
-    out = Path(args.out) if args.out else reference_path(args.variant)
-    if out.with_suffix(".safetensors").exists() and out.with_suffix(".json").exists() and not args.force:
-        ck = load_checkpoint(out, args.variant)
-        acc = ck.metadata.get("accuracy", {}).get("top1")
-        print(f"{out} exists (test top-1 {acc * 100:.2f}%); --force retrains")
-        return 0
-    recipe = recipe_for(args.variant, **{k: v for k, v in (("epochs", args.epochs), ("image_size", args.image_size),
-                                                           ("lr", args.lr)) if v is not None})
-    path = train_reference(recipe, out, log=lambda m: print(m, flush=True))
-    ck = load_checkpoint(path)
-    print(f"saved {path}: {ck.variant.long_name}, Fashion-MNIST test top-1 "
-          f"{ck.metadata['accuracy']['top1'] * 100:.2f}% at {recipe.image_size}px")
-    return 0
+    raw = given if given is not None else os.environ.get("CONVNEXT_DEPLOY_TIMING_BUDGET_S", "60")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        where = "--timing-budget" if given is not None else "CONVNEXT_DEPLOY_TIMING_BUDGET_S"
+        raise UserError(f"{where} {raw!r} must be a number of seconds > 0 (the most one decision adds timing rounds for)")
+    return seconds
 
 
 def _cmd_deploy(args) -> int:
@@ -88,7 +55,7 @@ def _cmd_deploy(args) -> int:
         alternatives=not args.no_alternatives, recipe=args.recipe, accuracy_control=args.accuracy_control,
         sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
         fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
-        n_control=args.control,
+        n_control=args.control, timing_budget_s=_timing_budget(args.timing_budget),
     )
     if args.control is not None and args.control < 0:
         raise UserError(f"--control {args.control} must be ≥ 0 (labelled images held out for decisions; 0: none)")
@@ -169,12 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("variants", help="list the ConvNeXt variants")
-    s.set_defaults(func=_cmd_variants)
+    s.set_defaults(func=_zoo("variants"))
 
     s = sub.add_parser("inspect", help="describe a checkpoint (official, timm, Hugging Face or ours)")
     s.add_argument("checkpoint")
     s.add_argument("--variant", help="fail unless the checkpoint is this variant")
-    s.set_defaults(func=_cmd_inspect)
+    s.set_defaults(func=_zoo("inspect"))
 
     s = sub.add_parser("reference", help="train a reference checkpoint on Fashion-MNIST (resumable)")
     s.add_argument("--variant", required=True)
@@ -183,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float)
     s.add_argument("--out", help="checkpoint path (default: reference/convnext_<variant>_fashion-mnist.safetensors)")
     s.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
-    s.set_defaults(func=_cmd_reference)
+    s.set_defaults(func=_zoo("reference"))
 
     s = sub.add_parser("deploy", help="export, quantize, build, validate and gate one target")
     s.add_argument("--target", required=True)
@@ -198,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="report directory (default runs/<target>-<variant>)")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--runs", type=int, default=100, help="timed runs at batch 1 (default 100)")
+    s.add_argument("--timing-budget", metavar="SECONDS",
+                   help="most seconds one decision (recipe choice, latency-aware step) adds timing rounds for, until "
+                        "its speed ratios are within ±3 %% (default 60, or $CONVNEXT_DEPLOY_TIMING_BUDGET_S)")
     s.add_argument("--calib-data", help="images to calibrate on, no labels needed: an ImageFolder tree (e.g. ImageNet "
                                         "train), a flat folder of images, or a text file of image paths, one a line")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
@@ -271,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convnext-deploy: interrupted; finished stages are cached, re-run to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `convnext-deploy variants | head`: the reader left, nothing is wrong
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
+        return 0
     except Exception as e:
         err = machine_error(e) if isinstance(e, OSError) else None
         if err is not None:

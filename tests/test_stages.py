@@ -8,9 +8,12 @@ from convnext_deploy.pipeline.stages.build import build, build_one
 from convnext_deploy.pipeline.stages.context import DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide
 from convnext_deploy.pipeline.stages.export import export
+from convnext_deploy.pipeline.stages import gates
 from convnext_deploy.pipeline.stages.prepare import prepare
+from convnext_deploy.pipeline.stages.report import assemble, publish
+from convnext_deploy.pipeline.stages.validate import validate
 
-from conftest import GATES_ACCURACY_ONLY
+from conftest import GATES_ACCURACY_ONLY, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,8 @@ def staged(atto_reference, cli_env, tmp_path_factory):
     gates = tmp_path_factory.mktemp("gates") / "gates.toml"
     gates.write_text(GATES_ACCURACY_ONLY)
     lines = []
-    cfg = DeployConfig("onnxruntime", "atto", n_calib=300, n_eval=1000, gates=gates, alternatives=False, latency_runs=5)
+    cfg = DeployConfig("onnxruntime", "atto", n_calib=300, n_eval=1000, gates=gates, alternatives=False, latency_runs=5,
+                       timing_budget_s=10)
     ctx = prepare(cfg, lines.append)
     src = export(ctx)
     built = build(ctx, src)
@@ -86,3 +90,47 @@ def test_decide_keeps_plain_int8_when_it_meets_the_gates(staged):
 def test_decide_does_nothing_without_an_accuracy_gate(staged, tmp_path):
     ctx, src, built, _ = staged
     assert decide(replace(ctx, fallback_on=False), built).fallback is None
+
+
+@pytest.fixture(scope="module")
+def validated(staged):
+    ctx, src, built, _ = staged
+    decision = decide(ctx, built)
+    if decision.int8 is not None:  # as the deploy does: the decision's artifact replaces the default INT8
+        built = replace(built, artifacts={**built.artifacts, "int8": decision.int8},
+                        runners={**built.runners, "int8": decision.int8_runner})
+    return ctx, src, built, decision, validate(ctx, built, decision)
+
+
+def test_validate_measures_every_precision_on_the_evaluation_split(validated):
+    ctx, _, built, _, v = validated
+    int8 = v.accuracy["int8"]
+    assert int8["n"] == len(ctx.split.evaluation) == 1000
+    assert int8["correct"] == round(int8["top1"] * int8["n"])
+    assert 0 <= int8["agree"] <= int8["n"] and int8["drop_images"] == v.accuracy["fp32"]["correct"] - int8["correct"]
+    keys = {(r["precision"], r["role"], r["batch"]) for r in v.latency}
+    assert {("fp32", "deployment", 1), ("int8", "deployment", 1)} <= keys
+    for row in v.latency:
+        lo, hi = row["p50_ci_ms"]
+        assert 0 < lo <= row["p50_ms"] <= hi
+
+
+def test_gates_judge_the_figures_and_the_report_carries_them(validated, tmp_path):
+    ctx, src, built, decision, v = validated
+    measured, verdicts = gates.check(ctx, built, v, decision)
+    assert {x.gate for x in verdicts} == {"max_top1_drop_pp", "min_agreement"}  # the accuracy-only gate file
+    drop = next(x for x in verdicts if x.gate == "max_top1_drop_pp")
+    assert drop.passed == (measured["top1_drop_pp"] <= 1.0) and drop.allowed == 1.0
+    report = assemble(ctx, src, built, decision, v, None, (measured, verdicts))
+    assert report["gates"]["passed"] == all(x.passed for x in verdicts)
+    assert report["accuracy"] is v.accuracy and report["latency"] is v.latency
+    assert report["machine"]["cpu"] and report["target"]["name"] == "onnxruntime"
+    out = publish(replace(ctx, cfg=replace(ctx.cfg, out=tmp_path / "run")), report, built)
+    assert {"report.json", "report.md", "report.html"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("args, env, named", [(["--timing-budget", "0"], {}, "--timing-budget '0' "),
+                                               ([], {"CONVNEXT_DEPLOY_TIMING_BUDGET_S": "soon"}, "_S 'soon' ")])
+def test_a_timing_budget_that_is_not_seconds_is_refused_in_one_line(cli_env, args, env, named):
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", *args], {**cli_env, **env}, code=2)
+    assert named in p.stderr and "must be a number of seconds > 0" in p.stderr and "Traceback" not in p.stderr

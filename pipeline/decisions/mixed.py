@@ -86,7 +86,7 @@ def _measure(ctx: Context, built: Built, chosen: Recipe) -> dict:
     artifact = build_one(ctx, chosen.source, "int8", with_float(chosen.options, slower))
     runner = target.load_runner(artifact, cfg.threads)
     lat = measure({"all int8": chosen.runner, "mixed": runner}, batch=1, input_size=cfg.image_size,
-                  runs=max(20, cfg.latency_runs), warmup=5, rounds=12, budget=Budget(60),
+                  runs=max(20, cfg.latency_runs), warmup=5, rounds=12, budget=Budget(cfg.timing_budget_s),
                   spread=spread(ctx, {"all int8": chosen.artifact, "mixed": artifact}))
     gain = ratio(lat["all int8"], lat["mixed"])
     record.update(gain=gain.to_dict(), all_int8_p50_ms=lat["all int8"].p50_ms, mixed_p50_ms=lat["mixed"].p50_ms,

@@ -22,9 +22,6 @@ from convnext_deploy.pipeline.measure.machine import cpu_profile
 from convnext_deploy.pipeline.stages.build import Built, spread
 from convnext_deploy.pipeline.stages.context import DEFAULT, Context
 
-BUDGET_S = 60.0  # extra interleaved rounds until every candidate's speed-up is within ±3 % (95 % interval)
-
-
 def _measure(ctx: Context, built: Built) -> list[dict]:
     """p50 of every candidate and the reference in one interleaved measurement."""
     ref = built.runners[ctx.target.reference]
@@ -32,7 +29,7 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
     loads = spread(ctx, {"reference": built.artifacts[ctx.target.reference],
                          **{n: r.artifact for n, r in built.recipes.items()}})
     lat = measure({"reference": ref, **{n: r.runner for n, r in built.recipes.items()}}, batch=1,
-                  input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=12, budget=Budget(BUDGET_S),
+                  input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=12, budget=Budget(ctx.cfg.timing_budget_s),
                   spread=loads)
     for r in built.recipes.values():
         r.release()  # judged one at a time next; the default stays loaded (built.runners holds it)

@@ -32,6 +32,8 @@ class DeployConfig:
     threads: int = 2
     batch_sizes: tuple[int, ...] = (1, 8)
     latency_runs: int = 100
+    # the most seconds one decision's timing may add rounds for, until its ratios are within ±3 % (95 % interval)
+    timing_budget_s: float = 60.0
     calib_data: Path | None = None  # ImageFolder roots; default: the checkpoint's own dataset
     eval_data: Path | None = None
     options: dict = field(default_factory=dict)  # overrides of the target's typed build options
