@@ -119,7 +119,7 @@ def test_missed_gate_exits_1_naming_it(atto_reference, env, tmp_path):
     gates = tmp_path / "g.toml"
     gates.write_text("[defaults]\nmax_p50_ms = 0.0001\nmax_top1_drop_pp = 5\n")
     p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "300", "--calib", "100",
-             "--runs", "5", "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=1)
+             "--runs", "5", "--no-alternatives", "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=1)
     assert "FAIL max_p50_ms: fail" in p.stdout and "max_p50_ms fail" in p.stderr
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     assert not r["gates"]["passed"]

@@ -109,8 +109,8 @@ def measure(target, reference, int8, images: np.ndarray, model, calibration=None
 def rank_key(r: dict):
     """Most sensitive first: how much cleaner the logits get with the layer alone in float (continuous), then the
     top-1 agreement that regains, then the layer's own SQNR. Agreement regained is a count of a handful of images
-    on a 256-image slice: ranked first, it put the stem and a depthwise conv above the outlier-fed layers of atto
-    with 30× outliers (5 of the top 8 fed); the logit gain ranks 7 of the top 8 fed (AMD EPYC, AVX-512 VNNI)."""
+    on a small slice, too coarse to rank by first: it puts layers that flip one image above the outlier-fed layers
+    that the logit gain finds."""
     return (-r.get("logit_sqnr_gain_db", 0.0), -r["agreement_regained_pp"], r["sqnr_db"])
 
 

@@ -2,9 +2,8 @@
 
 Recipe (recorded in the checkpoint sidecar): AdamW with decoupled weight decay (none on norms, biases and
 layer-scale), linear warm-up then cosine decay, label smoothing. Stochastic depth, flips and shifts are
-available but off by default: measured here, a few-epoch schedule fits better without them (atto, 32 px,
-4 epochs: 87.3% with flips/shifts/stochastic depth 0.05, 89.7% without). Images are upsampled from 28 to `image_size` (32 by default: the smallest size at which the
-four /2 stages of a 4×4-patch stem keep a 1×1 map). Resumable: a training state is saved after every
+available but off by default: a few-epoch schedule fits better without them. Images are upsampled from 28
+to `image_size` (32 by default: the smallest size at which the four /2 stages of a 4×4-patch stem keep a 1×1 map). Resumable: a training state is saved after every
 epoch and picked up by the next run with the same recipe.
 """
 from __future__ import annotations
@@ -47,11 +46,9 @@ class Recipe:
 
 def recipe_for(variant: str, **overrides) -> Recipe:
     """The recorded recipe of a variant's reference: T and larger get half the learning rate of the small
-    members (deeper residual stacks; 4e-3 is what atto was measured with) and 2 epochs, so that a first deploy
-    of T on a fresh two-core machine trains its reference in about 10 minutes (6 epochs took 32 minutes for
-    91.07 %; `make reference VARIANT=t EPOCHS=6` trains the longer recipe). The small members train 4 epochs:
-    `make test` trains atto from a fresh clone, and 6 epochs bought 0.9 pp (90.61 % vs 89.7 %) for 1.8 more
-    minutes on a Zen 4 core pair, ~4.7 on a Zen 3 one."""
+    members (deeper residual stacks) and 2 epochs, so that a first deploy of T on a fresh two-core machine trains
+    its reference in minutes, not half an hour (`make reference VARIANT=t EPOCHS=6` trains the longer recipe).
+    The small members train 4 epochs: `make test` trains atto from a fresh clone, so its length is the suite's."""
     v = get_variant(variant)
     large = v.dims[0] >= 96
     return Recipe(variant=v.name, **{"lr": 2e-3 if large else 4e-3, "epochs": 2 if large else 4, **overrides})

@@ -13,8 +13,7 @@ Exit 0 when every check passed, 1 when the model or the preprocessing disagrees 
 Tolerance: max |Δ output| ≤ r × max |reference output| (logits; Core ML: probabilities), r by precision:
 fp32 1e-3 (another CPU's kernels change the float summation order: ~1e-5 of the range); fp16/bf16 2e-2 (one
 half-precision rounding, 2^-11, compounding over the network); int8/w8 3e-2: ONNX Runtime's integer kernels
-against the same graph run as float Q/DQ arithmetic differ by 0.8 % of the range (atto, 500 test images), so 3 %
-allows another ISA's kernels (VNNI, AVX2, ARM dot-product, AMX) while a saturating INT8 path or a wrong
+against the same graph run as float Q/DQ arithmetic differ by a small part of the range, so 3 % allows another ISA's kernels (VNNI, AVX2, ARM dot-product, AMX) while a saturating INT8 path or a wrong
 runtime setting, which move outputs by a large part of the range, fail. Reference outputs made by a proxy (the
 TensorRT Q/DQ graph on ONNX Runtime, the Core ML torch proxy) are compared at r = 0.1 at least, and say so.
 """

@@ -65,7 +65,7 @@ def _cause(ctx: Context, verdict, decision: Decision) -> str:
 
 def recommend(ctx: Context, v: Validation) -> dict | None:
     """The fastest precision measured here (batch 1, deployment size) whose evaluation-split accuracy meets the
-    accuracy gates: INT8 is not always it (OpenVINO atto on a CPU with native BF16: BF16 7.75 ms, INT8 8.5 ms)."""
+    accuracy gates: INT8 is not always it (on a CPU with native BF16, a small model's BF16 can beat its INT8)."""
     size, rows = ctx.cfg.image_size, []
     for precision, acc in v.accuracy.items():
         ms = p50(v.latency, precision, size)

@@ -120,7 +120,7 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
 
 def native_precisions(target, notes: list[str], log) -> tuple[str, ...]:
     """The target's precisions less BF16 on a CPU without native BF16: emulated, it converts every op to FP32
-    and back (ConvNeXt-T on OpenVINO: 1,988 ms vs 61 ms FP32), a figure that says nothing about BF16."""
+    and back, many times slower than FP32: a figure that says nothing about BF16."""
     prof = cpu_profile()
     if "bf16" not in target.precisions or prof["bf16_native"]:
         return target.precisions
