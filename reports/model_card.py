@@ -2,7 +2,8 @@
 from the run's report.json (with what measured it), never one the report does not hold."""
 from __future__ import annotations
 
-from convnext_deploy.reports.render import acc_head, accuracy_rows, gate_rows
+from convnext_deploy.reports.glance import hardware_class
+from convnext_deploy.reports.tables import acc_head, accuracy_rows, gate_rows
 
 
 def _table(head, rows) -> str:
@@ -73,7 +74,7 @@ def render_model_card(report: dict, bundle: dict) -> str:
             f"- Preprocessing: {m['preprocessing']['input_size']} px, crop_pct {m['preprocessing']['crop_pct']}, "
             f"{m['preprocessing']['interpolation']}, mean {m['preprocessing']['mean']}, std {m['preprocessing']['std']} "
             "(preprocessing.json)",
-            f"- Target: {t['name']} ({t['hardware']}); reference precision {t['reference']}", ""]
+            f"- Target: {t['name']} ({hardware_class(report)}); reference precision {t['reference']}", ""]
     out += ["## Accuracy", "",
             f"{d['task']}: {d['evaluation']['n']} images of `{d['evaluation']['source']}` at {d['accuracy_resolution']} px; "
             f"INT8 calibrated on {d['calibration']['n']} images of `{d['calibration']['source']}` (disjoint).", "",

@@ -54,3 +54,11 @@ def test_a_fallback_is_reported_round_by_round(deployed):
                          latency={"plain_p50_ms": 10.0, "final_p50_ms": 11.0, "cost": 1.1, "input_size": 224, "batch": 1})
     md = render_markdown(r)
     assert "stages.2.blocks.0.mlp.fc1" in md and "| 1 | +0.10 pp |" in md and "**1.10×**" in md and "**+0.05 pp**" in md
+
+
+def test_markdown_puts_the_verdict_and_the_artifact_first(deployed):
+    r = _report(deployed)
+    md = render_markdown(r)
+    verdict, deployed_at, details = md.index("**Gates: PASSED"), md.index("- Deployed: "), md.index("## Accuracy")
+    assert verdict < deployed_at < details
+    assert f"why: {r['recommended_precision']['line']}" in md

@@ -1,0 +1,77 @@
+"""How one figure is written in a table cell, and the tables themselves, shared by every rendering of a report."""
+from __future__ import annotations
+
+import html
+import math
+from collections import Counter
+
+
+def pct(x):
+    return "—" if x is None else f"{x * 100:.2f}%"
+
+
+def pp(x):
+    return "—" if x is None else f"{x:+.2f} pp"
+
+
+def ms(x):
+    return "—" if x is None else f"{x:.2f}"
+
+
+def interval(value: str, ci) -> str:
+    return value if not ci else f"{value} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def md_table(head, rows) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def html_table(head, rows, caption: str = "") -> str:
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{cap}<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion: stays inside [0, 1] and is honest near 100 %, unlike the normal one."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def measured_by(entries: dict[str, dict]) -> str:
+    """Runtime and device named once for a whole table (the strings run to ~60 characters: repeated per row they
+    drown the figures): the value most rows share, then the rows that differ, by name."""
+    parts = []
+    for key, label in (("runtime", "Runtime"), ("device", "device")):
+        values = {name: e[key] for name, e in entries.items() if e.get(key)}
+        if not values:
+            continue
+        main = Counter(values.values()).most_common(1)[0][0]
+        others = [f"{name}: {v}" for name, v in values.items() if v != main]
+        parts.append(f"{label}: {main}" + (f" ({'; '.join(others)})" if others else ""))
+    return "; ".join(parts) + "." if parts else ""
+
+
+def count_pp(r: dict) -> str:
+    """A control-split drop as images lost of n, beside its percentage points."""
+    if r.get("control_n") is None:
+        return pp(r.get("control_drop_pp"))
+    return f"{r['control_drop_images']} of {r['control_n']:,} ({pp(r['control_drop_pp'])})"
+
+
+def count_pct(r: dict) -> str:
+    if r.get("control_n") is None:
+        return pct(r.get("control_agreement"))
+    return f"{r['control_n'] - r['control_disagreements']:,} of {r['control_n']:,} ({pct(r['control_agreement'])})"
+
+
+def counts(r: dict) -> str:
+    if r.get("control_n") is None:
+        return "not judged"
+    return (f"top-1 drop {count_pp(r)} [95 % {pp(r['control_drop_low_pp'])}, {pp(r['control_drop_high_pp'])}], "
+            f"agreement {count_pct(r)} [95 % {pct(r['control_agreement_low'])}, {pct(r['control_agreement_high'])}]")
