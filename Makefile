@@ -11,13 +11,13 @@ CLI      := $(BIN)/convnext-deploy
 FMNIST   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup apt venv reference test test-all deploy bench matrix clean
+.PHONY: setup apt venv reference test test-all deploy bench bench-full benchmarks matrix clean
 
 setup: apt venv
 
 apt:
-	@if [ ! -f $(FMNIST) ]; then \
-		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	@if [ ! -f $(FMNIST) ] || ! command -v chromium >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium; \
 	fi
 
 venv:
@@ -41,8 +41,19 @@ test-all:
 deploy:
 	$(CLI) deploy --target $(TARGET) --variant $(VARIANT) --recipe "$(RECIPE)"
 
+# Speed ratios on this CPU, bounded to minutes (bench-full: the whole grid, much longer); each writes its result
+# under benchmarks/<cpu>-<date>/ and regenerates BENCHMARKS.md from every result there.
 bench:
 	$(BIN)/python -m convnext_deploy.pipeline.bench
+	$(MAKE) --no-print-directory benchmarks
+
+bench-full:
+	$(BIN)/python -m convnext_deploy.pipeline.bench --full
+	$(MAKE) --no-print-directory benchmarks
+
+# BENCHMARKS.md from the committed results benchmarks/*/*.json (tests/test_benchmarks_doc.py keeps them equal).
+benchmarks:
+	$(BIN)/python -m convnext_deploy.reports.benchmarks
 
 # One table (Markdown + HTML) of every deploy report under runs/, e.g. the CI deploy matrix's downloaded reports.
 matrix:

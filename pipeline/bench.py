@@ -1,12 +1,17 @@
 """`make bench`: speed ratios measured in one run, medians of interleaved rounds, on the CPU it runs on.
 
-Per target, at 224 px, batch 1, 2 threads, for atto, T and atto with injected channel outliers: the reference
-precision, the target's other float precisions the CPU runs natively (BF16 without AVX-512 BF16 or AMX is emulated
-and skipped, with the reason), and every INT8 candidate the target declares (ours, ours without outlier smoothing,
-the peer's default and the other settings: what `--recipe auto` chooses among) are timed in one interleaved
-measurement, so their ratios are honest; each row's top-1 drop is against the first row on the same images.
-Proxy targets (TensorRT, Core ML off their device) give accuracy only. The CPU's INT8 and BF16 paths head the
-output: every ratio belongs to that CPU.
+Per target, at 224 px, batch 1, 2 threads: the reference precision, the target's other float precisions the CPU
+runs natively (BF16 without AVX-512 BF16 or AMX is emulated and skipped, with the reason), and every INT8 candidate
+the target declares (ours, ours without outlier smoothing, the peer's default and the other settings: what
+`--recipe auto` chooses among) are timed in one interleaved measurement, so their ratios are honest; each row's
+top-1 drop is against the first row on the same images. Proxy targets (TensorRT, Core ML off their device) give
+accuracy only. The CPU's INT8 and BF16 paths head the output: every ratio belongs to that CPU.
+
+Two modes (pipeline/measure/bench_rows.py): the default is bounded to end within minutes on two cores (ONNX Runtime
+and OpenVINO, atto and T, a deadline the rows' timing shares are cut to); `--full` is the whole grid (every target,
+atto+outliers too, longer timing per row, the whole test split). A progress line is printed as each row ends.
+The result goes to benchmarks/<cpu>-<date>/bench.json (bench-full.json for --full) with the date, the CPU's
+identity and ISA, and the library versions; `make benchmarks` turns those files into BENCHMARKS.md.
 Each one's top-1 on the reference task is printed where a reference checkpoint exists; a variant without one
 is timed with its weights as initialised (the values do not change the cost) and no accuracy is printed.
 """
@@ -14,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +33,17 @@ from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
 from convnext_deploy.pipeline.core.cache import key_of
 from convnext_deploy.pipeline.decisions.outliers import inject_outliers
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.measure.bench_rows import (
+    BOUNDED,
+    FORMAT,
+    FULL,
+    Clock,
+    default_out,
+    machine_record,
+    print_rows,
+    progress,
+    versions,
+)
 from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
 from convnext_deploy.pipeline.measure.machine import cpu_profile, device_label, profile_line
 from convnext_deploy.pipeline.measure.memory import stage_peak
@@ -66,8 +85,10 @@ def _checkpoint(variant: str) -> tuple[LoadedCheckpoint, str, bool]:
     return ck, weights, ref.exists()
 
 
-def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, budget_s: float,
+def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, budget_s,
           log=print) -> dict:
+    """One row. `budget_s`: seconds of timing (rounds go on until every ratio is resolved or it ends), or a
+    function giving them when the timing starts (the bounded mode's share of what is left)."""
     ck, weights, has_reference = _checkpoint(variant)
     cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=500, n_eval=n_eval, image_size=size,
                        threads=threads, fallback=False)
@@ -78,8 +99,10 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     timed = {k: r for k, r in runners.items() if r.timed}
     loads = spread(ctx, {**{p: built.artifacts[p] for p in runners if p in built.artifacts},
                          **{f"int8 {name}": r.artifact for name, r in built.recipes.items()}}, INSTANCES)
+    seconds, t0 = (budget_s() if callable(budget_s) else budget_s), time.monotonic()
     lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=3 * INSTANCES,
-                  budget=Budget(budget_s, TOLERANCE), spread=loads) if timed else {}
+                  budget=Budget(seconds, TOLERANCE), spread=loads) if timed else {}
+    timing = {"budget_s": round(seconds, 1), "seconds": round(time.monotonic() - t0, 1)}
     first, any_lat = next(iter(runners)), next(iter(lat.values()), None)  # one measurement: the same rounds for all
     ratios = {f"{k} vs {first}": ratio(lat[first], lat[k], TOLERANCE).to_dict() for k in lat if k != first}
     peer = f"int8 {ctx.target.peer_default}"
@@ -91,7 +114,8 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
            "p50_ms": {k: (lat[k].p50_ms if k in lat else None) for k in runners},
            "p50_ci_ms": {k: lat[k].p50_ci_ms for k in lat},
            **{k: getattr(any_lat, k) if any_lat else 0 for k in ("rounds", "instances", "disturbed_rounds")},
-           "executed": {k: r.precision for k, r in runners.items()}, "ratios": ratios, "skipped": list(ctx.notes)}
+           "executed": {k: r.precision for k, r in runners.items()}, "ratios": ratios, "skipped": list(ctx.notes),
+           "timing": timing}
     if has_reference:
         preds = predict_many({k: r.run for k, r in runners.items()},
                              iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ck.preprocessing,
@@ -112,8 +136,8 @@ def interleave_study(target: str, variant: str, size: int, threads: int, cycles:
     """What interleaving granularity and cache warmth do to the figures: the reference and the default INT8
     artifact timed (a) alternating on every call, (b) alternating on every call after one untimed re-warm call,
     (c) in blocks of 10 after one re-warm call (the harness's way), (d) in blocks of 50. The four ways take turns,
-    `calls` timed calls each per cycle, so a disturbed stretch of the machine (pipeline.latency) hits them alike,
-    and the disturbed ones are left out as the harness does."""
+    `calls` timed calls each per cycle, so a disturbed stretch of the machine (pipeline/measure/latency.py) hits
+    them alike, and the disturbed ones are left out as the harness does."""
     from convnext_deploy.pipeline.measure.latency import _seconds_of, undisturbed
 
     ck, _, _ = _checkpoint(variant)
@@ -150,71 +174,83 @@ def interleave_study(target: str, variant: str, size: int, threads: int, cycles:
     return rows
 
 
-def print_rows(rows: list[dict]) -> None:
-    for r in rows:
-        print(f"\n{r['target']} · {r['variant']} · {r['input_size']} px · batch 1 · {r['device']} · {r['runtime']}")
-        acc_note = (f"top-1 on {r['eval']['split']} ({r['eval']['n']} images, {r['eval']['input_size']} px)"
-                    if "top1" in r else f"top-1 not measured: weights {r['weights']}")
-        print(f"  {'':52} {'p50 ms':>8}  {acc_note}, drop vs {next(iter(r['p50_ms']))}")
-        for k, ms in r["p50_ms"].items():
-            acc = f"{r['top1'][k] * 100:.2f}%  {r['drop_pp'][k]:+.2f} pp" if "top1" in r else "—"
-            print(f"  {k:52} {(f'{ms:8.2f}' if ms is not None else '  proxy'):>8}  {acc}")
-        for name, q in r["ratios"].items():
-            unresolved = "" if q["resolved"] else ", unresolved: the time budget ended first"
-            print(f"  speed-up {name}: {q['value']:.2f}× [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}] "
-                  f"({q['verdict']}{unresolved})")
-        if r.get("rounds"):
-            print(f"  {r['rounds']} undisturbed rounds over {r['instances']} loads of every artifact"
-                  + (f"; {r['disturbed_rounds']} disturbed rounds left out (the whole machine slower)"
-                     if r.get("disturbed_rounds") else ""))
-        if r.get("peak_rss_mib"):
-            print(f"  peak RSS of this row (build, time, evaluate): {r['peak_rss_mib']:.0f} MiB")
-        for note in r.get("skipped", []):
-            print(f"  note: {note}")
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
-    ap.add_argument("--targets", default=",".join(TARGETS))
-    ap.add_argument("--variants", default="atto,t,atto+outliers",
-                    help="comma-separated; VARIANT+outliers injects 30x norm-channel outliers (same FP32 function)")
+    ap = argparse.ArgumentParser(prog="python -m convnext_deploy.pipeline.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true",
+                    help="the whole grid: every target, atto,t,atto+outliers, 200 runs, 240 s of timing a row, the "
+                         "whole test split, no deadline (options given still apply)")
+    ap.add_argument("--targets", help=f"comma-separated (default {BOUNDED['targets']}; --full: all)")
+    ap.add_argument("--variants", help=f"comma-separated (default {BOUNDED['variants']}; --full: {FULL['variants']}); "
+                                       "VARIANT+outliers injects 30x norm-channel outliers (same FP32 function)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--eval", type=int, default=None)
-    ap.add_argument("--budget", type=float, default=240.0,
-                    help="seconds of extra interleaved rounds per target and variant until every ratio's 95%% "
-                         f"interval is within ±{TOLERANCE:.0%} (default 240)")
-    ap.add_argument("--out", default="runs/bench/bench.json")
+    ap.add_argument("--runs", type=int, help=f"timed calls per runner before the budget's extra rounds "
+                                             f"(default {BOUNDED['runs']}; --full: {FULL['runs']})")
+    ap.add_argument("--eval", type=int, help=f"test images for top-1 (default {BOUNDED['eval']}; --full: all)")
+    ap.add_argument("--budget", type=float,
+                    help="at most this many seconds of interleaved rounds per row, until every ratio's 95%% interval "
+                         f"is within ±{TOLERANCE * 100:.0f}%% (default {BOUNDED['budget']:g}; --full: {FULL['budget']:g})")
+    ap.add_argument("--minutes", type=float,
+                    help=f"end the run within about this many minutes: the rows' timing shares are cut to it; 0: no "
+                         f"bound (default {BOUNDED['minutes']:g}; --full: none)")
+    ap.add_argument("--out", help="result JSON (default benchmarks/<cpu>-<date>/bench.json; --full: bench-full.json)")
     ap.add_argument("--interleave-study", action="store_true",
                     help="instead: time the reference and INT8 of each target and variant at four interleaving granularities")
     args = ap.parse_args(argv)
+    mode = FULL if args.full else BOUNDED
+    given = [k for k in mode if getattr(args, k) is not None]
+    for key, value in mode.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value if key != "targets" or value else ",".join(TARGETS))
     torch.set_num_threads(args.threads)
-    print(profile_line())
+    print(profile_line(), flush=True)
     if args.interleave_study:
         for target in args.targets.split(","):
             for v in args.variants.split(","):
                 print(f"\n{target} · {v} · {args.image_size} px · batch 1 · {args.threads} threads")
                 interleave_study(target, v, args.image_size, args.threads)
         return 0
-    rows = []
+    plan, environments = [], {}
     for target in args.targets.split(","):
         avail = get_target(target).available()
         if not avail.ok and not avail.proxy:
-            print(f"{target}: skipped ({avail.reason})")
+            print(f"{target}: skipped ({avail.reason})", flush=True)
             continue
-        for v in args.variants.split(","):
-            memory: list[dict] = []
-            with stage_peak(f"{target} {v}", memory):
-                row = bench(target, v, args.image_size, args.threads, args.runs, args.eval, args.budget)
-            rows.append({**row, "peak_rss_mib": memory[0]["peak_rss_mib"]})
+        environments[target] = get_target(target).describe_environment() if avail.ok else {}
+        plan += [(target, v) for v in args.variants.split(",")]
+    clock = Clock(len(plan), args.minutes, args.budget)
+    print(f"plan: {clock.estimate()}", flush=True)
+    rows = []
+    for i, (target, v) in enumerate(plan):
+        print(f"[{i + 1}/{len(plan)}] {target} · {v}: building and timing", flush=True)
+        memory: list[dict] = []
+        t0 = time.monotonic()
+        with stage_peak(f"{target} {v}", memory):
+            row = bench(target, v, args.image_size, args.threads, args.runs, args.eval,
+                        lambda i=i: clock.share(i, [w for _, w in plan[i + 1:]]), log=_log)
+        seconds = time.monotonic() - t0
+        clock.fixed[v] = max(clock.fixed.get(v, 0.0), seconds - row["timing"]["seconds"])
+        rows.append({**row, "peak_rss_mib": memory[0]["peak_rss_mib"]})
+        print(progress(i + 1, clock, row, seconds), flush=True)
     print_rows(rows)
     print("\nspeed-up A vs B = p50(B) / p50(A), from one interleaved measurement per target and variant; [low, high]: "
           "95 % bootstrap interval over the loads of the artifacts and the paired rounds within each.")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(f"written: {args.out}")
+    today, machine = date.today().isoformat(), machine_record(args.threads)
+    out = Path(args.out or default_out(machine, today, args.full))
+    result = {"format": FORMAT, "date": today, "mode": ("full" if args.full else "default") + (" with " + ", ".join(f"--{k}" for k in given) if given else ""),
+              "command": " ".join(["python -m convnext_deploy.pipeline.bench", *(sys.argv[1:] if argv is None else argv)]),
+              "minutes": round(clock.elapsed() / 60, 1), "machine": machine, "versions": versions(environments),
+              "settings": {k: getattr(args, k) for k in ("targets", "variants", "image_size", "threads", "runs", "eval",
+                                                         "budget", "minutes")}, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written: {out} ({clock.elapsed() / 60:.1f} minutes); `make benchmarks` renders it into BENCHMARKS.md")
     return 0
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from convnext_deploy.pipeline.core.errors import UserError
-from convnext_deploy.reports.render import _html_table, _md_table
+from convnext_deploy.reports.cells import html_table as _html_table
+from convnext_deploy.reports.cells import md_table as _md_table
 
 HEAD = ["variant", "target", "precision", "top-1", "top-1 drop vs reference (pp)", "agreement vs reference",
         "p50 ms (batch 1)", "speed-up vs reference", "device", "runtime", "real/proxy", "gates"]

@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 from convnext_deploy.pipeline.core.cache import publish_dir
-from convnext_deploy.reports.render import plot_png, render_html, render_markdown, sensitivity_png
+from convnext_deploy.reports.html_page import render_html
+from convnext_deploy.reports.markdown_page import render_markdown
+from convnext_deploy.reports.plots import plot_png, sensitivity_png
 
 
 def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: str | None = None) -> Path:

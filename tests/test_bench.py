@@ -1,7 +1,13 @@
-"""`make bench`: its rows and ratios, on a real one-target run (slow) and on the printing of a row."""
+"""`make bench`: its rows and ratios, on a real one-target run (slow) and on the printing of a row; its bounded
+default mode against `--full`, the time shared among rows, the progress line per row and the result file."""
+import json
+import time
+
 import pytest
 
 from convnext_deploy.pipeline import bench
+from convnext_deploy.pipeline.measure import bench_rows
+from convnext_deploy.pipeline.measure.bench_rows import BOUNDED, FULL, Clock
 
 
 def test_a_row_prints_every_timing_and_ratio(capsys):
@@ -48,3 +54,99 @@ def test_the_interleaving_study_times_four_ways_in_turns(atto_reference, cli_env
         assert r["speedup"] == pytest.approx(r["p50_ms"]["fp32"] / r["p50_ms"]["int8"])
         assert 2 <= r["cycles"] <= 3
     assert any("cycles of 10 timed calls" in line for line in lines)
+
+
+def a_row(target: str, variant: str) -> dict:
+    return {"target": target, "variant": variant, "weights": "w", "input_size": 224, "threads": 2, "batch": 1,
+            "device": "cpu, 2 threads", "runtime": "onnxruntime 1.32.0", "kind": "real",
+            "p50_ms": {"fp32": 10.0, "int8 ours (default)": 5.0}, "p50_ci_ms": {"fp32": [9.9, 10.1], "int8 ours (default)": [4.9, 5.1]},
+            "executed": {}, "rounds": 12, "instances": 4, "disturbed_rounds": 0, "skipped": [],
+            "ratios": {"int8 ours (default) vs fp32": {"value": 2.0, "ci95": [1.9, 2.1], "rounds": 12, "resolved": True,
+                                                       "verdict": "faster"}},
+            "timing": {"budget_s": 1.0, "seconds": 0.5}}
+
+
+def test_the_default_is_bounded_and_full_is_the_whole_grid():
+    from convnext_deploy.targets import TARGETS, get_target
+
+    assert BOUNDED["minutes"] > 0 and BOUNDED["minutes"] <= 10 and FULL["minutes"] == 0  # a deadline; full: none
+    assert set(BOUNDED["targets"].split(",")) == {"onnxruntime", "openvino"}
+    assert all(not get_target(t).available().proxy for t in BOUNDED["targets"].split(","))  # real timings only
+    assert "+outliers" not in BOUNDED["variants"] and "atto+outliers" in FULL["variants"].split(",")
+    assert FULL["targets"] is None  # every target of the table, the proxies for accuracy
+    assert set(TARGETS) >= set(BOUNDED["targets"].split(","))
+    assert BOUNDED["runs"] < FULL["runs"] and BOUNDED["budget"] < FULL["budget"] and BOUNDED["eval"] is not None
+
+
+def test_the_rows_share_what_is_left_to_the_deadline():
+    clock = Clock(rows=4, minutes=8, budget=120)
+    assert clock.share(0, ["t", "atto", "t"]) <= min(120, 8 * 60 / 4)  # no row takes more than its part
+    clock.fixed = {"atto": 60.0, "t": 100.0}  # what rows spent building, loading and evaluating
+    clock.start = time.monotonic() - 5 * 60  # five minutes gone
+    left = 3 * 60 - 60 - 100  # three left, less what the two rows to come spend outside their timing
+    assert clock.share(1, ["atto", "t"]) == pytest.approx(left / 3, abs=1)
+    clock.start = time.monotonic() - 9 * 60  # past the deadline: no more timing than the minimum rounds
+    assert clock.share(2, ["t"]) == 0.0
+    assert Clock(rows=9, minutes=0, budget=240).share(3, ["t"] * 5) == 240  # --full: the budget per row, no deadline
+    assert "8 minutes" in Clock(4, 8, 120).estimate() and "minutes or more" in Clock(9, 0, 240).estimate()
+
+
+def stub_bench(monkeypatch, budgets: list) -> None:
+    def fake_bench(target, variant, size, threads, runs, n_eval, budget_s, log=print):
+        budgets.append(budget_s())
+        return a_row(target, variant)
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+
+
+def test_a_progress_line_is_printed_and_flushed_as_each_row_ends(monkeypatch, tmp_path):
+    """Rows run through main() with the measuring stubbed: a plan line up front, a start and an end line per row,
+    each flushed, then the result file with the machine, versions and date."""
+    printed, budgets = [], []
+    stub_bench(monkeypatch, budgets)
+    monkeypatch.setattr(bench, "print", lambda *a, **k: printed.append((" ".join(map(str, a)), k.get("flush"))),
+                        raising=False)
+    monkeypatch.setattr(bench_rows, "print", lambda *a, **k: printed.append((" ".join(map(str, a)), k.get("flush"))),
+                        raising=False)
+    out = tmp_path / "b" / "bench.json"
+    assert bench.main(["--targets", "onnxruntime", "--variants", "atto,t", "--out", str(out)]) == 0
+    lines = [line for line, _ in printed]
+    plan = next(i for i, line in enumerate(lines) if line.startswith("plan: 2 rows"))
+    ends = [i for i, line in enumerate(lines) if line.startswith(("[1/2] onnxruntime · atto: 2 runners",
+                                                                  "[2/2] onnxruntime · t: 2 runners"))]
+    assert len(ends) == 2 and plan < ends[0] and all(printed[i][1] for i in [plan, *ends])
+    assert "int8 ours (default) vs fp32 2.00× [1.90, 2.10]" in lines[ends[0]] and "of ~8 min" in lines[ends[0]]
+    assert ends[1] < next(i for i, line in enumerate(lines) if line.startswith("\nonnxruntime · atto"))  # before the tables
+    assert all(0 <= b <= BOUNDED["budget"] for b in budgets)
+    result = json.loads(out.read_text())
+    assert result["mode"] == "default with --targets, --variants" and result["settings"]["runs"] == BOUNDED["runs"]
+    assert result["machine"]["int8_path"] and "cpu_family" in result["machine"] and result["versions"]["onnxruntime"]
+    assert len(result["date"]) == 10 and [r["variant"] for r in result["rows"]] == ["atto", "t"]
+
+
+def test_full_mode_takes_the_whole_grid_unless_told_otherwise(monkeypatch, tmp_path, capsys):
+    budgets = []
+    stub_bench(monkeypatch, budgets)
+    out = tmp_path / "full.json"
+    assert bench.main(["--full", "--targets", "onnxruntime", "--variants", "atto", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "full with --targets, --variants" and budgets == [FULL["budget"]]
+    assert {k: result["settings"][k] for k in ("runs", "eval", "minutes")} == {"runs": FULL["runs"], "eval": None,
+                                                                                "minutes": 0}
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    assert "--full" in capsys.readouterr().out
+
+
+CPUINFO = """vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9R14 96-Core Processor
+stepping\t: 1\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16\n"""
+
+
+def test_the_result_goes_to_a_folder_per_cpu_and_date():
+    ident = bench_rows.cpu_identity(CPUINFO)
+    assert ident == {"vendor": "AuthenticAMD", "cpu_family": 25, "cpu_model": 17, "stepping": 1, "generation": "Zen 4"}
+    machine = {"cpu": "AMD EPYC 9R14 96-Core Processor", **ident}
+    assert bench_rows.default_out(machine, "2026-12-02", False) == "benchmarks/amd-epyc-9r14-zen4-2026-12-02/bench.json"
+    intel = {"cpu": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "cpu_family": 6, "cpu_model": 106}
+    assert bench_rows.default_out(intel, "2026-12-02", True) == \
+        "benchmarks/intel-xeon-platinum-8375c-f6m106-2026-12-02/bench-full.json"

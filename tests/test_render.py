@@ -2,7 +2,9 @@
 import copy
 import json
 
-from convnext_deploy.reports.render import plot_png, render_html, render_markdown
+from convnext_deploy.reports.html_page import render_html
+from convnext_deploy.reports.markdown_page import render_markdown
+from convnext_deploy.reports.plots import plot_png
 
 
 def _report(deployed) -> dict:

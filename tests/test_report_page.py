@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from convnext_deploy.reports.render import plot_png, render_html
+from convnext_deploy.reports.html_page import render_html
+from convnext_deploy.reports.plots import plot_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists() and not shutil.which("chromium"),

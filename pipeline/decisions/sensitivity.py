@@ -122,7 +122,8 @@ def _stage(module: str) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    from convnext_deploy.reports.render import sensitivity_markdown, sensitivity_png
+    from convnext_deploy.reports.markdown_page import sensitivity_markdown
+    from convnext_deploy.reports.plots import sensitivity_png
 
     out.mkdir(parents=True, exist_ok=True)
     png = sensitivity_png(result)

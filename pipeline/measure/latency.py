@@ -6,19 +6,19 @@ in interleaved rounds (A, B, A, B, …), so drift in machine load hits all of th
 
 Each round times a block of consecutive calls of one runner after one untimed call: a deployed model runs warm,
 call after call, and the untimed call re-warms the caches the other runners of the round evicted (alternating
-runners on every call made every ConvNeXt-T file as slow as FP32 on an Intel Xeon: issue 15).
+runners on every call can make every runner look as slow as the slowest, which a deployed model never sees).
 
-What two runs of the same comparison disagreed on (issue 15, measured on a 2-core AMD EPYC VM) and how it is met:
-- The machine has a disturbed state, seconds to a minute long, that slows both cores at once with no steal time
-  reported (a 512×512 matmul pinned to either core: +22 %; a co-tenant on the host, presumably): ConvNeXt-T
-  OpenVINO FP32 +22 %, INT8 +45 %, so the INT8 speed-up fell from 2.33× to 1.96× while it lasted. A runner's
-  round more than `DISTURBED` slower than its usual round, next in time to another slow one, ran on a disturbed
-  machine: the round is counted (`disturbed_rounds`) and left out of every figure of every runner, so p50s and
-  their ratios come from the same rounds. One runner slow on its own (a slow load of it) is not a disturbed
-  machine: its neighbours in time ran at their usual speed.
-- Two freshly loaded instances of the same artifacts gave ratios ~3 % apart (2.26× and 2.35×, each ±0.01).
-  Given a `Spread`, the rounds are spread over its loads, and intervals bootstrap over loads and then over the
-  rounds within each (hierarchical), so they carry that spread as well.
+What makes two runs of the same comparison disagree, and how it is met:
+- A shared machine (a VM with a co-tenant) has disturbed stretches, seconds to a minute long, that slow every
+  core at once, often with no steal time reported, and slow some runners more than others, so a ratio measured
+  while one lasts is off too. A runner's round more than `DISTURBED` slower than its usual round, next in time to
+  another slow one, ran on a disturbed machine: the round is counted (`disturbed_rounds`) and left out of every
+  figure of every runner, so p50s and their ratios come from the same rounds. One runner slow on its own (a slow
+  load of it) is not a disturbed machine: its neighbours in time ran at their usual speed. A run disturbed from
+  start to end cannot tell: its usual round is the slow one.
+- Two freshly loaded instances of the same artifacts can give ratios apart by more than either's interval (a
+  compiled model's placement in memory). Given a `Spread`, the rounds are spread over its loads, and intervals
+  bootstrap over loads and then over the rounds within each (hierarchical), so they carry that spread as well.
 A ratio's interval pairs the rounds (the same round's machine state hits both). With a time budget, rounds (or
 instances) go on until every ratio's 95 % interval is within `tolerance` of it, or the budget ends: unresolved.
 """

@@ -19,8 +19,8 @@ from convnext_deploy.targets.base import Artifact, BuildRequest, LabelledData, R
 @dataclass
 class Recipe:
     """One INT8 candidate: what it was built from and with, and the result. Its runner is loaded when first asked
-    for and can be released: eight ConvNeXt-T sessions held at once (and their fresh loads for timing) are what
-    pushed a deploy past 8 GiB."""
+    for and can be released: every candidate's session of a large variant held at once (and their fresh loads for
+    timing) would multiply the deploy's memory by the number of candidates."""
 
     source: Source
     options: object  # the target's typed options

@@ -1,0 +1,160 @@
+"""What `make bench` needs beside the measuring itself: its two modes, the time a run may take and how it is
+shared among rows, the record of the machine and software every figure belongs to, where the result goes, and the
+printing of rows and progress.
+
+A result file is what `reports/benchmarks.py` turns into BENCHMARKS.md, so it carries, beside the rows, the date,
+the CPU (model name, family/model, the ISA extensions that decide the INT8 and BF16 kernels) and the library
+versions: a figure without them cannot be compared with another machine's.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+from convnext_deploy.pipeline.measure.machine import cpu_profile
+
+# The two modes. The default is bounded so that it ends in minutes on two cores: the real targets only, the two
+# variants whose INT8 speed-ups differ most, fewer timed calls, part of the test split, and a deadline that the
+# rows' timing shares are cut to. `--full` is the whole grid: every target (proxies give accuracy only), outliers,
+# more calls, the whole test split and a longer timing budget per row, with no deadline.
+BOUNDED = {"targets": "onnxruntime,openvino", "variants": "atto,t", "runs": 100, "eval": 2000, "budget": 120.0,
+           "minutes": 8.0}
+FULL = {"targets": None, "variants": "atto,t,atto+outliers", "runs": 200, "eval": None, "budget": 240.0,
+        "minutes": 0.0}
+FORMAT = "convnext-deploy bench 2"  # what reports/benchmarks.py reads
+
+
+# AMD names its cores' generations by family and model; Intel's family 6 models are too many to name here.
+AMD_GENERATIONS = ((23, range(0x30), "Zen"), (23, range(0x30, 0x100), "Zen 2"), (25, range(0x10), "Zen 3"),
+                   (25, range(0x20, 0x60), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"), (25, range(0x60, 0x100), "Zen 4"),
+                   (26, range(0x100), "Zen 5"))
+
+
+def cpu_identity(text: str | None = None) -> dict:
+    """Vendor, family, model and stepping of a /proc/cpuinfo text (this machine's by default); None where the
+    kernel does not say (ARM has implementer and part instead, named in the model name)."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+
+    def number(key):
+        v = fields.get(key, "")
+        return int(v, 0) if v.isdigit() or v.startswith("0x") else None
+
+    vendor, family, model = fields.get("vendor_id"), number("cpu family"), number("model")
+    generation = next((g for fam, models, g in AMD_GENERATIONS if vendor == "AuthenticAMD" and family == fam
+                       and model in models), None)
+    return {"vendor": vendor, "cpu_family": family, "cpu_model": model, "stepping": number("stepping"),
+            "generation": generation}
+
+
+def machine_record(threads: int) -> dict:
+    """The CPU a result belongs to: its name, family/model, the INT8/BF16 ISA flags and kernel paths."""
+    return {**cpu_profile(), **cpu_identity(), "cores": os.cpu_count(), "threads": threads, "os": platform.platform()}
+
+
+def versions(environments: dict[str, dict]) -> dict[str, str]:
+    """python, torch, numpy and every toolchain version the targets report (`describe_environment`)."""
+    import numpy
+    import torch
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__}
+    for env in environments.values():
+        out.update({k: v for k, v in env.items() if isinstance(v, str)})
+    return out
+
+
+def slug(machine: dict) -> str:
+    """A folder name for a CPU: its model name, and its generation (or family/model) so that two CPUs sold
+    under one name ("AMD EPYC" on a VM) keep apart."""
+    import re
+
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\d+-core", " ", machine["cpu"].lower())
+    parts = [re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"]
+    if machine.get("generation"):
+        parts.append(re.sub(r"[^a-z0-9]+", "", machine["generation"].lower()))
+    elif machine.get("cpu_family") is not None:
+        parts.append(f"f{machine['cpu_family']}m{machine['cpu_model']}")
+    return "-".join(parts)
+
+
+def default_out(machine: dict, date: str, full: bool) -> str:
+    return f"benchmarks/{slug(machine)}-{date}/{'bench-full' if full else 'bench'}.json"
+
+
+@dataclass
+class Clock:
+    """The run's time: a deadline (`minutes`, 0: none) shared among the rows' timing, each share capped at
+    `budget` seconds. A row's timing share is fixed when its timing starts: what is left to the deadline, less
+    what the rows still to come will spend outside their timing (building, loading, evaluating: as the rows so far
+    did, the same variant's if one ran), divided among this row and those to come."""
+
+    rows: int
+    minutes: float
+    budget: float
+    start: float = field(default_factory=time.monotonic)
+    fixed: dict[str, float] = field(default_factory=dict)  # variant → seconds a row spent outside its timing
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def share(self, done: int, variants_to_come: list[str]) -> float:
+        """Seconds of timing for row `done` (0-based); `variants_to_come`: the variants of the rows after it."""
+        if not self.minutes:
+            return self.budget
+        usual = max(self.fixed.values(), default=0.0)
+        later = sum(self.fixed.get(v, usual) for v in variants_to_come)
+        left = self.minutes * 60 - self.elapsed() - later
+        return max(0.0, min(self.budget, left / (1 + len(variants_to_come))))
+
+    def estimate(self) -> str:
+        if self.minutes:
+            return (f"{self.rows} rows, timing shared to end within about {self.minutes:g} minutes (at most "
+                    f"{self.budget:g} s of timing a row); a first run on an empty .cache/ builds every artifact first "
+                    "and takes longer")
+        return (f"{self.rows} rows, up to {self.budget:g} s of timing each plus building and evaluating: about "
+                f"{self.rows * (self.budget / 60 + 2):.0f} minutes or more")
+
+
+def progress(i: int, clock: Clock, row: dict, seconds: float) -> str:
+    """The line printed when row `i` (1-based) is done: what it measured, the headline ratio, the time."""
+    ratios = row.get("ratios", {})
+    head = next((k for k in ratios if k.startswith("int8 ours (default) vs")), next(iter(ratios), None))
+    figure = (f"{head} {ratios[head]['value']:.2f}× [{ratios[head]['ci95'][0]:.2f}, {ratios[head]['ci95'][1]:.2f}]"
+              if head else "accuracy only (proxy)")
+    bound = f" of ~{clock.minutes:g}" if clock.minutes else ""
+    return (f"[{i}/{clock.rows}] {row['target']} · {row['variant']}: {len(row['p50_ms'])} runners, "
+            f"{row.get('rounds', 0)} rounds; {figure}; {seconds:.0f} s, {clock.elapsed() / 60:.1f}{bound} min elapsed")
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"\n{r['target']} · {r['variant']} · {r['input_size']} px · batch 1 · {r['device']} · {r['runtime']}")
+        acc_note = (f"top-1 on {r['eval']['split']} ({r['eval']['n']} images, {r['eval']['input_size']} px)"
+                    if "top1" in r else f"top-1 not measured: weights {r['weights']}")
+        print(f"  {'':52} {'p50 ms':>8}  {acc_note}, drop vs {next(iter(r['p50_ms']))}")
+        for k, ms in r["p50_ms"].items():
+            acc = f"{r['top1'][k] * 100:.2f}%  {r['drop_pp'][k]:+.2f} pp" if "top1" in r else "—"
+            print(f"  {k:52} {(f'{ms:8.2f}' if ms is not None else '  proxy'):>8}  {acc}")
+        for name, q in r["ratios"].items():
+            unresolved = "" if q["resolved"] else ", unresolved: the time budget ended first"
+            print(f"  speed-up {name}: {q['value']:.2f}× [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}] "
+                  f"({q['verdict']}{unresolved})")
+        if r.get("rounds"):
+            print(f"  {r['rounds']} undisturbed rounds over {r['instances']} loads of every artifact"
+                  + (f"; {r['disturbed_rounds']} disturbed rounds left out (the whole machine slower)"
+                     if r.get("disturbed_rounds") else ""))
+        if r.get("peak_rss_mib"):
+            print(f"  peak RSS of this row (build, time, evaluate): {r['peak_rss_mib']:.0f} MiB")
+        for note in r.get("skipped", []):
+            print(f"  note: {note}")
