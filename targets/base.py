@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -55,6 +55,21 @@ class CalibrationData:
         it would silently calibrate on fewer images than the manifest says."""
         n = len(self.images)
         return self.batches(max(d for d in range(1, min(max_batch, n) + 1) if n % d == 0))
+
+
+def calibration_record(calibration: CalibrationData | None, what: str = "INT8") -> dict:
+    """What an INT8 build records of the images it was calibrated on (their manifest ties the artifact to them);
+    a build with none is refused rather than quantized on ranges from nowhere."""
+    if calibration is None or len(calibration.images) == 0:
+        raise ValueError(f"{what} needs calibration data")
+    return {"images": len(calibration.images), "manifest_sha256": calibration.manifest_sha256}
+
+
+def options_config(options, names: tuple[str, ...] | None = None) -> dict:
+    """A target's frozen options as a build config: the `names` fields (all by default) in that order, tuples as
+    lists, so the config reads back from report.json and artifact.json as it was keyed."""
+    values = asdict(options) if names is None else {k: getattr(options, k) for k in names}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 @dataclass
@@ -151,9 +166,8 @@ INFERENCE_BATCH_PIXELS = 1 << 20  # images × H × W per inference batch: 100 at
 
 
 def inference_batch(size: int, cap: int = 100) -> int:
-    """Images per batch when a runner predicts many at `size` px. A runtime's arena keeps the largest batch's
-    activations for the session's life: ConvNeXt-T's FP32 and INT8 sessions judged 100 images at a time at 224 px
-    held ~4 GB between them."""
+    """Images per batch when a runner predicts many at `size` px, bounded by pixels: a runtime's arena keeps the
+    largest batch's activations for the session's life, so a fixed image count would hold gigabytes at 224 px."""
     return max(1, min(cap, INFERENCE_BATCH_PIXELS // (size * size)))
 
 
@@ -173,8 +187,8 @@ class LayerProbe:
 
     `run(floated, tapped)` runs the probe images through the artifact with the `floated` layers back in float
     and yields, chunk by chunk (`probe_chunks`), [logits, output of each `tapped` layer]: the loop reduces each
-    chunk to sums before the next, so memory holds one chunk of activations, never every layer's for every image
-    (ConvNeXt-T at 224 px: ~55 MB of tapped activations per image). `layers` are in network order."""
+    chunk to sums before the next, so memory holds one chunk of activations, never every layer's for every image.
+    `layers` are in network order."""
 
     layers: list[str]
     run: Callable[[set, list], Iterator[list]]

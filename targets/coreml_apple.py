@@ -2,10 +2,10 @@
 
 Conversion and quantization run anywhere coremltools installs; `MLModel.predict` runs only on macOS.
 
-- Route (coremltools 9.0 with torch 2.13, which coremltools warns it has not tested; measured to work):
-  layer-scale folded into fc2 (as for ONNX) → `torch.jit.trace` → `ct.convert(convert_to="mlprogram")`.
-  `torch.export` also converts the float model, but not the quantized one (below), so every precision
-  takes the one traced route. The torch pin is not changed for Core ML.
+- Route (targets.coreml_convert): layer-scale folded into fc2 (as for ONNX) → `torch.jit.trace` →
+  `ct.convert(convert_to="mlprogram")`. `torch.export` also converts the float model, but not the quantized one
+  (below), so every precision takes the one traced route. The torch pin is not changed for Core ML, though
+  coremltools warns it has not tested that torch: the tests convert and check every precision.
 - Input: an image (`ct.ImageType`, RGB, one enumerated shape per size the package is run at). When the
   checkpoint's std is the same on every channel, its normalisation is exactly Core ML's `scale`/`bias`
   pre-processing; otherwise the image is scaled to [0, 1] and the per-channel mean/std is a first layer of
@@ -26,11 +26,9 @@ Conversion and quantization run anywhere coremltools installs; `MLModel.predict`
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -38,11 +36,20 @@ from convnext_deploy.targets.base import (
     Artifact,
     Availability,
     BuildRequest,
-    CalibrationData,
     LayerProbe,
     Runner,
     Target,
+    calibration_record,
+    options_config,
     requires,
+)
+from convnext_deploy.targets.coreml_convert import (
+    calibrate_w8a8,
+    convert,
+    describe,
+    input_layers,
+    package_model,
+    save_package,
 )
 from convnext_deploy.targets.coreml_proxy import (
     PROXY_LABEL,
@@ -125,138 +132,9 @@ def build_config(precision: str, options: CoreMLOptions | None) -> dict:
     if precision not in PRECISION_OPTIONS:
         raise ValueError(f"coreml target offers {', '.join(PRECISION_OPTIONS)}, not {precision}")
     options = options if options is not None else CoreMLOptions()
-    cfg = {k: getattr(options, k) for k in PRECISION_OPTIONS[precision]}
-    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-    return {**cfg, "minimum_deployment_target": DEPLOYMENT_TARGET[precision]}
+    return {**options_config(options, PRECISION_OPTIONS[precision]),
+            "minimum_deployment_target": DEPLOYMENT_TARGET[precision]}
 
-
-# ---------------------------------------------------------------- conversion (torch side)
-
-def _input_layers(info: dict):
-    """(ImageType kwargs, torch prefix module or None): exact normalisation either way (see module doc)."""
-    import torch
-
-    pp = info["preprocessing"]
-    mean, std = np.asarray(pp["mean"], np.float64), np.asarray(pp["std"], np.float64)
-    if np.allclose(std, std[0]):
-        return {"scale": float(1.0 / (255.0 * std[0])), "bias": [float(-m / std[0]) for m in mean]}, None
-
-    class Normalize(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-        def forward(self, x):
-            return (x - self.mean) / self.std
-
-    return {"scale": 1.0 / 255.0, "bias": [0.0, 0.0, 0.0]}, Normalize()
-
-
-def _package_model(core, info: dict):
-    """What is converted: [normalisation] → the (quantized) network → softmax. The proxy is `core` alone:
-    it takes normalised input and its logits rank classes exactly as the probabilities do."""
-    import torch
-
-    _, prefix = _input_layers(info)
-
-    class Packaged(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.prefix = prefix if prefix is not None else torch.nn.Identity()
-            self.core = core
-
-        def forward(self, x):
-            return torch.softmax(self.core(self.prefix(x)), dim=1)
-
-    return Packaged().eval()
-
-
-def calibrate_w8a8(model, calibration: CalibrationData, config: dict):
-    """coremltools' torch-side quantizer used for post-training calibration: observers only, no training."""
-    import torch
-    from coremltools.optimize.torch.quantization import (
-        LinearQuantizer,
-        LinearQuantizerConfig,
-        ModuleLinearQuantizerConfig,
-    )
-
-    dtype = {"quint8": torch.quint8, "qint8": torch.qint8}[config["activation_dtype"]]
-    qcfg = LinearQuantizerConfig(global_config=ModuleLinearQuantizerConfig(
-        quantization_scheme=config["scheme"], activation_dtype=dtype, weight_dtype=torch.qint8,
-        weight_per_channel=config["weight_per_channel"], activation_observer=config["observer"],
-        weight_observer=config["observer"],
-        milestones=[0, 0, 2 ** 31 - 1, 0]),  # observe and fake-quantize from the start; never freeze observers early
-        module_name_configs={name: None for name in config.get("float_layers") or []})  # None: left in float
-    quantizer = LinearQuantizer(model, qcfg)
-    example = torch.from_numpy(calibration.images[:2])
-    prepared = quantizer.prepare(example_inputs=(example,), inplace=False)
-    prepared.eval()
-    quantizer.step()
-    with torch.no_grad():
-        for batch in calibration.batches(int(config["calib_batch"])):
-            prepared(torch.from_numpy(batch))
-    return quantizer.finalize(inplace=False).eval()
-
-
-def _convert(packaged, example, info: dict, precision: str, config: dict, sizes: tuple[int, ...]):
-    import torch
-
-    ct = load_ct()
-    image_kw, _ = _input_layers(info)
-    shapes = [(1, 3, s, s) for s in sorted(set(sizes))]
-    default = (1, 3, sizes[-1], sizes[-1])
-    shape = shapes[0] if len(shapes) == 1 else ct.EnumeratedShapes(shapes=shapes, default=default)
-    with torch.no_grad():
-        traced = torch.jit.trace(packaged, example)
-    return ct.convert(
-        traced,
-        inputs=[ct.ImageType(name="image", shape=shape, color_layout=ct.colorlayout.RGB, **image_kw)],
-        classifier_config=ct.ClassifierConfig(list(info["class_names"])),
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT16 if config["compute_precision"] == "fp16" else ct.precision.FLOAT32,
-        minimum_deployment_target=getattr(ct.target, config["minimum_deployment_target"]),
-    )
-
-
-def _describe(mlmodel, info: dict, precision: str, config: dict) -> None:
-    """The package's own metadata: what it is, where it came from, how good the checkpoint was, where the report is."""
-    ref = info.get("reference_accuracy") or {}
-    mlmodel.author = "convnext-deploy 0.1.0"
-    mlmodel.license = info.get("license") or "see the checkpoint's licence"
-    mlmodel.version = (info.get("checkpoint_sha256") or "")[:12]
-    mlmodel.short_description = (f"{info.get('name', 'ConvNeXt')} image classifier, {len(info['class_names'])} classes, "
-                                 f"{precision.upper()} ({'W8A8' if precision == 'int8' else precision.upper()})")
-    md = mlmodel.user_defined_metadata
-    md["convnext_deploy.variant"] = str(info.get("variant", ""))
-    md["convnext_deploy.precision"] = precision
-    md["convnext_deploy.minimum_deployment_target"] = config["minimum_deployment_target"]
-    md["convnext_deploy.checkpoint_sha256"] = str(info.get("checkpoint_sha256", ""))
-    md["convnext_deploy.preprocessing"] = json.dumps(info["preprocessing"])
-    md["convnext_deploy.class_names"] = json.dumps(list(info["class_names"]))
-    if ref.get("top1") is not None:
-        md["convnext_deploy.checkpoint_top1"] = f"{ref['top1']:.4f} on {ref.get('dataset', 'its test split')} (FP32 checkpoint)"
-    md["convnext_deploy.report"] = "report.html / report.json of the deploy that built this package (accuracy of this package)"
-    mlmodel.input_description["image"] = f"RGB image, {', '.join(str(s) for s in info.get('sizes', ()))} px square"
-
-
-def _save_package(mlmodel, dst: Path) -> None:
-    """Published whole or not at all (pipeline.cache.publish_dir). coremltools insists on the .mlpackage
-    suffix, which the temporary directory lacks: the package is saved inside it and its contents moved up."""
-    from convnext_deploy.pipeline.core.cache import publish_dir
-
-    def write(tmp: Path) -> None:
-        inner = tmp / dst.name
-        with quiet():
-            mlmodel.save(str(inner))
-        for part in inner.iterdir():
-            os.replace(part, tmp / part.name)
-        inner.rmdir()
-
-    publish_dir(dst, write)
-
-
-# ---------------------------------------------------------------- the target
 
 def build(request: BuildRequest) -> Artifact:
     import torch
@@ -274,23 +152,21 @@ def build(request: BuildRequest) -> Artifact:
     names = [n for n, _ in weight_layers(core)]
     example = torch.zeros(1, 3, sizes[-1], sizes[-1])
     package = request.out_dir / PACKAGE.format(precision=request.precision)
-    meta: dict = {"build": config, "input": _input_layers(info)[0], "sizes": info["sizes"]}
+    meta: dict = {"build": config, "input": input_layers(info)[0], "sizes": info["sizes"]}
     with quiet():
         if request.precision == "int8":
-            if request.calibration is None or len(request.calibration.images) == 0:
-                raise ValueError("W8A8 needs calibration data")
+            calibration = calibration_record(request.calibration, "W8A8")
             core = calibrate_w8a8(core, request.calibration, config)
-            meta["calibration"] = {"images": len(request.calibration.images),
-                                   "manifest_sha256": request.calibration.manifest_sha256}
-        mlmodel = _convert(_package_model(core, info), example, info, request.precision, config, sizes)
+            meta["calibration"] = calibration
+        mlmodel = convert(package_model(core, info), example, info, request.precision, config, sizes)
         if request.precision == "w8":
             import coremltools.optimize as cto
 
             op_cfg = cto.coreml.OpLinearQuantizerConfig(mode=config["mode"], dtype="int8",
                                                         weight_threshold=int(config["weight_threshold"]))
             mlmodel = cto.coreml.linear_quantize_weights(mlmodel, cto.coreml.OptimizationConfig(global_config=op_cfg))
-    _describe(mlmodel, info, request.precision, config)
-    _save_package(mlmodel, package)
+    describe(mlmodel, info, request.precision, config)
+    save_package(mlmodel, package)
 
     prog, _ = read_program(package)  # read back once: proxy numbers and per-layer precision come from it
     if request.precision in ("w8", "int8"):

@@ -166,8 +166,8 @@ def package_activation_scales(package: Path) -> list[tuple[float, int]]:
 
 def align_to_package(core, prog, precision: str) -> None:
     """Give the proxy the package's own numbers. The converter casts weights to FP16 before quantizing and
-    stores scales in FP16, so ~3% of INT8 weights land one step away from torch's own rounding (measured on
-    atto); the proxy therefore takes the weights (and W8A8 scales) read back from the package."""
+    stores scales in FP16, so some INT8 weights land one step away from torch's own rounding; the proxy therefore
+    takes the weights (and W8A8 scales) read back from the package."""
     import torch
 
     from convnext_deploy.pipeline.models.convnext import weight_layers

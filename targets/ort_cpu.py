@@ -1,28 +1,27 @@
 """ONNX Runtime on the CPU: the portable reference target. FP32, and INT8 W8A8 by static QDQ quantization.
 
-INT8 recipe (default), and why — measured on this project's CPU, figures in the README and report:
+INT8 recipe (default), and why (the figures are in the README and each deploy's report, not here):
 - Only Conv and MatMul/Gemm are quantized. LayerNorm, GELU, Transpose and the residual Adds stay float:
   quantizing every op (quantize_static's default) puts Q/DQ pairs around them that block ORT's fusions
   and run slower than FP32, for no accuracy gain.
 - Activations uint8 (asymmetric), weights int8 per output channel (symmetric): on x86 this is the pair
-  ORT turns into QLinearConv / QLinearMatMul-class integer kernels; int8 activations left Conv in float.
+  ORT turns into QLinearConv / QLinearMatMul-class integer kernels; int8 activations leave Conv in float.
 - MatMul outputs are left in float (`OpTypesToExcludeOutputQuantization`): ORT then runs
   MatMulIntegerToFloat, which writes float directly for the bias+GELU / residual that follow, instead of
-  QLinearMatMul followed by a DequantizeLinear. ConvNeXt-T, 224 px, batch 1, 2 threads: 21.6 ms vs 24.6 ms
-  (FP32 41.6 ms), and one quantization point fewer per layer.
+  QLinearMatMul followed by a DequantizeLinear: faster, and one quantization point fewer per layer.
 - Calibration on our calibration split (never random tensors), method selectable: minmax, percentile, entropy.
 - ORT's pre-processing (symbolic shape inference + graph optimisation) runs first, as its docs require.
+- Each deploy builds the other recipes (INT8_RECIPES) beside this one and keeps the fastest that meets the gates.
 """
 from __future__ import annotations
 
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from convnext_deploy.pipeline.measure.machine import device_label
 from convnext_deploy.targets.base import (
     Artifact,
     Availability,
@@ -31,6 +30,8 @@ from convnext_deploy.targets.base import (
     LayerProbe,
     Runner,
     Target,
+    calibration_record,
+    options_config,
     requires,
 )
 
@@ -126,7 +127,7 @@ def build_config(precision: str, options: OrtOptions) -> dict:
     if precision == "int8":
         if options.recipe == PEER_DEFAULT:
             return {"recipe": PEER_DEFAULT, "float_layers": list(options.float_layers)}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()}
+        return options_config(options)
     if precision == "fp32":
         return {}
     raise ValueError(f"onnxruntime target offers fp32 and int8, not {precision}")
@@ -139,31 +140,23 @@ def build(request: BuildRequest) -> Artifact:
         shutil.copyfile(request.onnx_path, dst)
         return Artifact(NAME, "fp32", [dst], {"ops": op_counts(dst)})
     if request.precision == "int8":
-        if request.calibration is None or len(request.calibration.images) == 0:
-            raise ValueError("INT8 needs calibration data")
+        calibration = calibration_record(request.calibration)
         dst = out / "model_int8.onnx"
         quantize_int8(request.onnx_path, dst, request.calibration, request.options, request.torch_model)
         return Artifact(NAME, "int8", [dst], {"quantization": build_config("int8", request.options), "ops": op_counts(dst),
-                                              "calibration": {"images": len(request.calibration.images),
-                                                              "manifest_sha256": request.calibration.manifest_sha256}})
+                                              "calibration": calibration})
     raise ValueError(f"onnxruntime target offers fp32 and int8, not {request.precision}")
 
 
 def load_runner(artifact: Artifact, threads: int) -> Runner:
-    from convnext_deploy.targets.ort_tools import runtime_label, session
-
-    sess = session(artifact.files[0], threads)
-    name = sess.get_inputs()[0].name
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    from convnext_deploy.targets.ort_tools import runner
 
     ops = artifact.metadata.get("ops", {})
     executed = "fp32"
     if artifact.precision == "int8":
         executed = f"int8 ({ops.get('integer_kernel_count', 0)} integer kernels, " \
                    f"{ops.get('float_conv_matmul_left', 0)} float Conv/MatMul left)"
-    return Runner(run, runtime_label(), device_label(threads), executed, threads)
+    return runner(artifact.files[0], threads, executed)
 
 
 def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:

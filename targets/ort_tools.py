@@ -1,4 +1,5 @@
-"""ONNX Runtime as a tool the targets share: one session factory, one calibration reader, one quantize_static.
+"""ONNX Runtime as a tool the targets share: one session factory, one runner, one calibration reader, one
+quantize_static.
 
 Not a target. ONNX Runtime runs the portable target, the TensorRT Q/DQ proxy and the per-layer probes of
 both; ORT's static quantizer writes the Q/DQ graphs of both.
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from convnext_deploy.pipeline.core.cache import cached_dir, key_of, sha256_file
-from convnext_deploy.targets.base import CalibrationData
+from convnext_deploy.pipeline.measure.machine import device_label
+from convnext_deploy.targets.base import CalibrationData, Runner
 
 
 def session(model: Path | bytes, threads: int, optimize: bool = True, optimized_out: Path | None = None,
@@ -16,7 +20,7 @@ def session(model: Path | bytes, threads: int, optimize: bool = True, optimized_
     """A CPU session with `threads` intra-op threads, run sequentially. `optimize=False` runs the graph as
     written (the TensorRT proxy: no fusion may turn Q/DQ arithmetic into other kernels). `low_memory`: no arena
     and no memory pattern, so what a run allocated is returned (the per-layer probes, whose graphs output every
-    layer's activation: two such sessions of ConvNeXt-T held 3.2 GB with the arena)."""
+    layer's activation, would otherwise keep the largest of them for the session's life)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # its warning on saving an NCHWc-optimized graph is expected here
@@ -48,13 +52,24 @@ def runtime_label() -> str:
     return f"onnxruntime {ort.__version__} CPUExecutionProvider"
 
 
+def runner(model: Path, threads: int, executed: str, optimize: bool = True, proxy: str | None = None) -> Runner:
+    """An ONNX file run by a CPU session; `executed` says what precision really ran. A `proxy` (a stand-in for
+    another runtime) is left untimed: its latency would say nothing about the runtime it stands for."""
+    sess = session(model, threads, optimize=optimize)
+    name = sess.get_inputs()[0].name
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return sess.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    return Runner(run, runtime_label(), device_label(threads), executed, threads, proxy=proxy, timed=proxy is None)
+
+
 class CalibrationReader:
     """onnxruntime's CalibrationDataReader over our calibration images, in equal-size batches."""
 
     def __init__(self, calibration: CalibrationData, input_name: str):
         h, w = calibration.images.shape[2:]
-        # the calibration session's memory grows with the batch, not the image count: ConvNeXt-T at 224 px peaked
-        # at 8.0 GB RSS in batches of 30 (the 300 images of the deploy), 3.4 GB in batches of 10
+        # the calibration session's memory grows with the batch, not the image count: batches bounded by pixels
         self._batches = list(calibration.equal_batches(max(1, min(32, CALIBRATION_BATCH_PIXELS // (h * w)))))
         self._name = input_name
         self._it = iter(self._batches)

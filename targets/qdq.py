@@ -1,5 +1,5 @@
-"""Q/DQ ONNX graphs (ONNX Runtime's INT8 and the TensorRT proxy share this form): which layers are quantized,
-how a tensor is taken back to float, and the per-layer probe the sensitivity loop runs.
+"""Q/DQ ONNX graphs (ONNX Runtime's INT8 and the TensorRT proxy share this form): one index of a graph's tensors,
+which layers are quantized, how a tensor is taken back to float, and the per-layer probe the sensitivity loop runs.
 
 Not a target: a tool the Q/DQ targets call. "Left in float" means a layer reads its activation before
 QuantizeLinear, its weight and bias are the FP32 export's own initializers (quantize_static names a quantized
@@ -8,6 +8,7 @@ weight `<name>_quantized`), and its output, where it was quantized, reaches its 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,39 @@ from convnext_deploy.targets.base import LayerProbe, probe_chunks
 QUANTIZABLE = ("Conv", "MatMul", "Gemm")
 
 
-def quantized_layers(model) -> list:
-    producers = {o: n for n in model.graph.node for o in n.output}
+@dataclass
+class GraphIndex:
+    """Each tensor of an ONNX graph by the node that produces it and the nodes that read it. Every Q/DQ rule asks
+    "is this input dequantized, and from which QuantizeLinear?": one index answers it for all of them. Rewiring
+    node inputs leaves it valid (no node's outputs change)."""
+
+    producer: dict
+    consumers: dict
+
+    def dequantize_of(self, tensor: str):
+        """The DequantizeLinear node that produces `tensor`, or None."""
+        node = self.producer.get(tensor)
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    def quantize_of(self, dq):
+        """The QuantizeLinear node a DequantizeLinear reads (a Q/DQ pair on an activation), or None (a weight)."""
+        node = self.producer.get(dq.input[0])
+        return node if node is not None and node.op_type == "QuantizeLinear" else None
+
+
+def graph_index(graph) -> GraphIndex:
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return GraphIndex({o: n for n in graph.node for o in n.output}, consumers)
+
+
+def quantized_layers(model, index: GraphIndex | None = None) -> list:
+    """The Conv/MatMul/Gemm nodes whose activation and weight both come through DequantizeLinear."""
+    index = index or graph_index(model.graph)
     return [n for n in model.graph.node if n.op_type in QUANTIZABLE
-            and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input[:2])]
+            and all(index.dequantize_of(i) is not None for i in n.input[:2])]
 
 
 def node_names_for(model, torch_model, modules: list[str]) -> list[str]:
@@ -34,17 +64,15 @@ def node_names_for(model, torch_model, modules: list[str]) -> list[str]:
     return map_by_network_order(nodes, torch_model, modules, "ONNX graph")
 
 
-def rewire_to_float(model, pick) -> None:
+def rewire_to_float(model, pick, index: GraphIndex | None = None) -> None:
     """Where `pick(node, k, quantize_node)` says so, input k of a node that reads DequantizeLinear(QuantizeLinear(x))
     reads x instead: the one way this project takes a tensor out of INT8 in a Q/DQ graph."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    index = index or graph_index(model.graph)
     for node in model.graph.node:
         for k, name in enumerate(node.input):
-            dq = producers.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producers.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear" and pick(node, k, q):
+            dq = index.dequantize_of(name)
+            q = index.quantize_of(dq) if dq is not None else None
+            if q is not None and pick(node, k, q):
                 node.input[k] = q.input[0]
 
 
@@ -53,15 +81,15 @@ def float_layers(model, names: set[str], fp32_inits: dict):
     from onnx import numpy_helper
 
     model = copy.deepcopy(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    index = graph_index(model.graph)
     inits = {i.name for i in model.graph.initializer}
     added: set[str] = set()
     for node in model.graph.node:  # weights and biases: the FP32 export's own (quantize_static adds `_quantized`)
         if node.name not in names:
             continue
         for k, name in enumerate(node.input):
-            dq = producers.get(name)
-            src = dq.input[0] if dq is not None and dq.op_type == "DequantizeLinear" else None
+            dq = index.dequantize_of(name)
+            src = dq.input[0] if dq is not None else None
             if src in inits and src.endswith("_quantized") and src[:-len("_quantized")] in fp32_inits:
                 orig = src[:-len("_quantized")]
                 name_f = f"{orig}_fp32"  # the DQ output often carries the original name already (biases)
@@ -72,12 +100,12 @@ def float_layers(model, names: set[str], fp32_inits: dict):
     # The layer's activation before quantization; its quantized output (ONNX Runtime quantizes Conv outputs)
     # reaches its consumers in float, and so does its quantized input where other ops read it too (ORT shares one
     # Q/DQ pair: the residual Add reads the same dequantized block input as the depthwise conv).
-    layer_ops = {n.name for n in quantized_layers(model)}
+    layer_ops = {n.name for n in quantized_layers(model, index)}
     shared_inputs = {n.input[0] for n in model.graph.node if n.name in names
-                     and n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear"}
+                     and index.dequantize_of(n.input[0]) is not None}
     floated = {n.output[0] for n in model.graph.node if n.name in names}
     rewire_to_float(model, lambda node, k, q: node.name in names or q.input[0] in floated
-                    or (node.input[k] in shared_inputs and node.name not in layer_ops))
+                    or (node.input[k] in shared_inputs and node.name not in layer_ops), index)
     return model
 
 

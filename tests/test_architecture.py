@@ -11,6 +11,18 @@ STDLIB_OK = {"__future__", "dataclasses", "hashlib", "json", "os", "pickle", "re
              "math", "copy"}
 PKG = "convnext_deploy"
 SHARED_TARGET_TOOLS = {f"{PKG}.targets.{m}" for m in ("base", "qdq", "ort_tools", "coreml_proxy")} | {f"{PKG}.targets"}
+
+
+def family(stem: str) -> str:
+    """A target's helper is named after it: `openvino_nncf.py` belongs to `openvino_cpu.py` (family `openvino`)."""
+    return stem.split("_")[0]
+
+
+def target_modules() -> set[str]:
+    """The stems of the modules that declare a table row (`TARGET = ...` at module level)."""
+    return {f.stem for f in (REPO / "targets").glob("*.py")
+            if any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "TARGET" for t in n.targets)
+                   for n in ast.parse(f.read_text()).body)}
 # what a target may take from pipeline/: the core (errors, cache), the models and the machine profile
 PIPELINE_LEAVES = {f"{PKG}.pipeline.core", f"{PKG}.pipeline.models", f"{PKG}.pipeline.measure.machine"}
 # pipeline/'s rooms, each a job (ARCHITECTURE.md names each one)
@@ -74,10 +86,16 @@ def test_calibration_and_reports_import_no_toolchain_and_no_target(room):
 
 
 def test_targets_import_no_other_target_and_only_pipeline_leaves():
+    """A target imports shared tools and its own helpers (`<family>_*.py`, never another row), nothing else."""
     modules = {f"{PKG}.targets.{f.stem}" for f in (REPO / "targets").glob("*.py")}
+    rows = target_modules()
+    families = [family(t) for t in rows]
     for f in (REPO / "targets").glob("*.py"):
+        if f.stem != "__init__" and f"{PKG}.targets.{f.stem}" not in SHARED_TARGET_TOOLS and f.stem not in rows:
+            assert families.count(family(f.stem)) == 1, f"{f.name} is neither a target, a shared tool nor one target's helper"
         names = imports(f)
-        others = {n for n in names if n in modules and n not in SHARED_TARGET_TOOLS}
+        own_helpers = {n for n in names if n.split(".")[-1] not in rows and family(n.split(".")[-1]) == family(f.stem)}
+        others = {n for n in names if n in modules and n not in SHARED_TARGET_TOOLS | own_helpers}
         if f.name != "__init__.py":  # the table imports every target; nothing else may
             assert not others, f"{f.name} imports {others}"
         orchestration = {n for n in names if n.startswith(f"{PKG}.pipeline") and n not in PIPELINE_LEAVES

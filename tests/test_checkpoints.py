@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.models import hub
-from convnext_deploy.pipeline.models.checkpoints import detect_format, load_checkpoint, save_checkpoint
+from convnext_deploy.pipeline.models.checkpoint_layouts import detect_format
+from convnext_deploy.pipeline.models.checkpoints import load_checkpoint, save_checkpoint
 from convnext_deploy.pipeline.models.convnext import create_model
 from convnext_deploy.pipeline.models.variants import Preprocessing, get_variant
 

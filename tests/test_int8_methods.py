@@ -132,7 +132,7 @@ def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
     import openvino as ov
 
     from convnext_deploy.pipeline.decisions.sensitivity import rank_key, run_probe
-    from convnext_deploy.targets import openvino_cpu
+    from convnext_deploy.targets.openvino_nncf import quantized_layers
 
     d, _, _ = data
     ovt = get_target("openvino")
@@ -141,7 +141,7 @@ def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
     art = ovt.build(BuildRequest("int8", tmp_path / "m.onnx", d.ck.model, tmp_path / "q",
                                  CalibrationData(d.calib_x[:200], "m", "t"), options=ovt.make_options()))
     model = ov.Core().read_model(str(art.files[0]))
-    names = openvino_cpu.quantized_layers(model)
+    names = quantized_layers(model)
     victim = next(op for op in model.get_ordered_ops() if op.get_friendly_name() == names[len(names) // 2])
     fq = victim.input_value(0).get_node()
     for port in (1, 2, 3, 4):  # crush the quantization range ×0.02: the layer's activation saturates

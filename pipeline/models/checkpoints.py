@@ -1,11 +1,6 @@
-"""Checkpoints: detect the layout a state dict is in, map it onto our model, load strictly, save ours.
+"""Checkpoints: read a file, map its layout onto our model (pipeline.models.checkpoint_layouts: official,
+timm, Hugging Face), load strictly, save ours.
 
-Layouts users actually have:
-- official  facebookresearch/ConvNeXt `.pth`: {"model": sd}, `downsample_layers.*`, `stages.i.j.dwconv`, `head`
-- timm      `stem.*`, `stages.i.downsample.*`, `stages.i.blocks.j.conv_dw`, `mlp.fc1`, `gamma`, `head.fc`
-            (atto…nano use 1×1-conv MLPs there: 4-D fc weights, reshaped here)
-- hf        Hugging Face `ConvNextForImageClassification`: `convnext.embeddings.*`,
-            `convnext.encoder.stages.*.layers.*`, `layer_scale_parameter`, `classifier`
 - ours      safetensors + JSON sidecar (variant, classes, preprocessing, recipe, accuracy, sha256)
 Only torch and safetensors are imported here.
 """
@@ -21,77 +16,22 @@ import torch
 
 from convnext_deploy.pipeline.core.cache import publish_file, sha256_file
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.checkpoint_layouts import detect_format, rename_to_ours
 from convnext_deploy.pipeline.models.convnext import ConvNeXt, create_model
 from convnext_deploy.pipeline.models.variants import Preprocessing, Variant, get_variant, variant_from_dims
 
 FORMAT_TAG = "convnext-deploy/checkpoint-v1"
 SIDECAR_SUFFIX = ".json"
 
-# (pattern, replacement) pairs, applied in order, that rename a foreign key to ours.
-_OFFICIAL_RULES = [
-    (r"^downsample_layers\.0\.0\.", "stem.0."),
-    (r"^downsample_layers\.0\.1\.", "stem.1."),
-    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
-    (r"^stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"^stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
-    (r"^stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
-    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),  # .norm.*, .gamma
-    (r"^norm\.", "head.norm."),
-    (r"^head\.(weight|bias)$", r"head.fc.\1"),
-]
-_HF_RULES = [
-    (r"^convnext\.embeddings\.patch_embeddings\.", "stem.0."),
-    (r"^convnext\.embeddings\.layernorm\.", "stem.1."),
-    (r"^convnext\.encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
-    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.blocks.\2.norm."),
-    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
-    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
-    (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.blocks.\2.gamma"),
-    (r"^convnext\.layernorm\.", "head.norm."),
-    (r"^classifier\.", "head.fc."),
-]
-
-
-def detect_format(sd: dict) -> str:
-    """Name the layout by its marker keys: 'official', 'timm', 'hf' or 'unknown'."""
-    keys = sd.keys()
-    if any(k.startswith("downsample_layers.") for k in keys) and any(".dwconv." in k for k in keys):
-        return "official"
-    if any(k.startswith("convnext.embeddings.") or k.startswith("convnext.encoder.") for k in keys):
-        return "hf"
-    if any(k.startswith("stem.") for k in keys) and any(".conv_dw." in k for k in keys):
-        return "timm"
-    return "unknown"
-
-
-def _rename(sd: dict, rules) -> dict:
-    out = {}
-    for k, v in sd.items():
-        new = k
-        for pat, rep in rules:
-            new, n = re.subn(pat, rep, new)
-            if n:
-                break
-        out[new] = v
-    return out
-
-
 def to_our_keys(sd: dict) -> tuple[dict, str]:
     """The checkpoint filter: map any known layout onto our parameter names."""
     fmt = detect_format(sd)
-    if fmt == "official":
-        sd = _rename(sd, _OFFICIAL_RULES)
-    elif fmt == "hf":
-        sd = _rename(sd, _HF_RULES)
-    elif fmt == "unknown":
+    if fmt == "unknown":
         sample = ", ".join(list(sd)[:4])
         raise UserError(
             f"not a ConvNeXt checkpoint in any known layout (official, timm, Hugging Face); first keys: {sample}"
         )
-    # 1×1-conv MLP weights (timm's conv_mlp variants) are the same numbers as Linear weights.
-    sd = {k: (v.flatten(1) if re.search(r"\.mlp\.fc[12]\.weight$", k) and v.ndim == 4 else v) for k, v in sd.items()}
-    return sd, fmt
+    return rename_to_ours(sd, fmt), fmt
 
 
 @dataclass
