@@ -44,7 +44,7 @@ def test_a_passing_deploy_writes_a_bundle_that_sha256sum_verifies(deployed):
     assert check.returncode == 0, check.stdout + check.stderr
     assert listed_files(bundle) == all_files(bundle)  # every other file, nothing left out
     assert (bundle / "model_int8.onnx").read_bytes() == (out / "artifacts" / "model_int8.onnx").read_bytes()
-    assert (bundle / "predict.py").read_bytes() == (REPO / "pipeline" / "bundle_files" / "predict.py").read_bytes()
+    assert (bundle / "predict.py").read_bytes() == (REPO / "pipeline" / "ship" / "bundle_files" / "predict.py").read_bytes()
     assert (bundle / "labels.txt").read_text().splitlines() == list(CLASS_NAMES)
     r = json.loads((out / "report.json").read_text())
     assert json.loads((bundle / "report.json").read_text()) == r

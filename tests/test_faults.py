@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from convnext_deploy.pipeline import cli
+from convnext_deploy.pipeline.models import zoo_commands
 from convnext_deploy.pipeline.core.cache import cached_dir
 from convnext_deploy.pipeline.core.errors import MachineError
 
@@ -39,7 +40,7 @@ def test_oserror_from_a_command_is_one_line_exit_2(tmp_path, monkeypatch, capsys
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(cli, "_cmd_variants", full)
+    monkeypatch.setattr(zoo_commands, "variants", full)
     assert cli.main(["variants"]) == 2
     err = capsys.readouterr().err
     lines = _error_lines(err)
@@ -52,7 +53,7 @@ def test_a_bug_is_a_traceback_and_exit_4(monkeypatch, capsys):
     def bug(args):
         raise RuntimeError("unexpected state")
 
-    monkeypatch.setattr(cli, "_cmd_variants", bug)
+    monkeypatch.setattr(zoo_commands, "variants", bug)
     assert cli.main(["variants"]) == 4
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: unexpected state" in err
@@ -95,7 +96,7 @@ def test_read_only_cache_is_exit_2(tmp_path, monkeypatch, capsys):
             cached_dir("export", "k", lambda tmp: (tmp / "model.onnx").write_bytes(b"x"))
             return 0
 
-        monkeypatch.setattr(cli, "_cmd_variants", stage)
+        monkeypatch.setattr(zoo_commands, "variants", stage)
         assert cli.main(["variants"]) == 2
     err = capsys.readouterr().err
     lines = _error_lines(err)
