@@ -115,7 +115,7 @@ def test_a_progress_line_is_printed_and_flushed_as_each_row_ends(monkeypatch, tm
     ends = [i for i, line in enumerate(lines) if line.startswith(("[1/2] onnxruntime · atto: 2 runners",
                                                                   "[2/2] onnxruntime · t: 2 runners"))]
     assert len(ends) == 2 and plan < ends[0] and all(printed[i][1] for i in [plan, *ends])
-    assert "int8 ours (default) vs fp32 2.00× [1.90, 2.10]" in lines[ends[0]] and "of ~8 min" in lines[ends[0]]
+    assert "int8 ours (default) vs fp32 2.00× [1.90, 2.10]" in lines[ends[0]] and f"of ~{BOUNDED['minutes']:g} min" in lines[ends[0]]
     assert ends[1] < next(i for i, line in enumerate(lines) if line.startswith("\nonnxruntime · atto"))  # before the tables
     assert all(0 <= b <= BOUNDED["budget"] for b in budgets)
     result = json.loads(out.read_text())

@@ -21,7 +21,7 @@ from convnext_deploy.pipeline.measure.machine import cpu_profile
 # rows' timing shares are cut to. `--full` is the whole grid: every target (proxies give accuracy only), outliers,
 # more calls, the whole test split and a longer timing budget per row, with no deadline.
 BOUNDED = {"targets": "onnxruntime,openvino", "variants": "atto,t", "runs": 100, "eval": 2000, "budget": 120.0,
-           "minutes": 8.0}
+           "minutes": 6.5}  # a first run on an empty cache overran 8 by two minutes of builds
 FULL = {"targets": None, "variants": "atto,t,atto+outliers", "runs": 200, "eval": None, "budget": 240.0,
         "minutes": 0.0}
 FORMAT = "convnext-deploy bench 2"  # what reports/benchmarks.py reads
