@@ -86,7 +86,7 @@ def test_deploy_writes_a_complete_report(deployed):
 def test_rerun_resumes_from_cache(deployed, env):
     out, _, gates = deployed
     p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "500", "--calib", "300",
-             "--runs", "5", "--gates", str(gates), "--out", str(out)], env, code=0)
+             "--runs", "5", "--no-alternatives", "--gates", str(gates), "--out", str(out)], env, code=0)
     assert "onnxruntime int8: cached" in p.stdout and "(cached)" in p.stdout
 
 
