@@ -30,7 +30,7 @@ import torch
 
 from convnext_deploy.calibration.batches import iter_batches
 from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
-from convnext_deploy.pipeline.core.cache import key_of
+from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.decisions.outliers import inject_outliers
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
 from convnext_deploy.pipeline.measure.bench_rows import (
@@ -57,7 +57,7 @@ from convnext_deploy.pipeline.stages.context import DEFAULT, DeployConfig
 from convnext_deploy.pipeline.stages.export import export
 from convnext_deploy.pipeline.stages.prepare import prepare
 from convnext_deploy.targets import TARGETS, get_target
-from convnext_deploy.targets.base import inference_batch
+from convnext_deploy.targets.base import Artifact, BuildRequest, inference_batch
 
 TOLERANCE = 0.03  # rounds go on (within --budget) until every ratio's 95 % interval is within ±3 %
 INSTANCES = 4  # at least this many loads of every artifact per row: intervals carry the spread between loads
@@ -96,9 +96,11 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     built = build(ctx, export(ctx))
     runners = {p: r for p, r in built.runners.items() if p != "int8"}
     runners.update({f"int8 {name}": r.runner for name, r in built.recipes.items()})
+    peers = _user_paths(ctx, log) if "int8" in built.artifacts else {}
+    runners.update({label: ctx.target.load_runner(a, threads) for label, a in peers.items()})
     timed = {k: r for k, r in runners.items() if r.timed}
     loads = spread(ctx, {**{p: built.artifacts[p] for p in runners if p in built.artifacts},
-                         **{f"int8 {name}": r.artifact for name, r in built.recipes.items()}}, INSTANCES)
+                         **{f"int8 {name}": r.artifact for name, r in built.recipes.items()}, **peers}, INSTANCES)
     seconds, t0 = (budget_s() if callable(budget_s) else budget_s), time.monotonic()
     lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=3 * INSTANCES,
                   budget=Budget(seconds, TOLERANCE), spread=loads) if timed else {}
@@ -106,8 +108,9 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     first, any_lat = next(iter(runners)), next(iter(lat.values()), None)  # one measurement: the same rounds for all
     ratios = {f"{k} vs {first}": ratio(lat[first], lat[k], TOLERANCE).to_dict() for k in lat if k != first}
     peer = f"int8 {ctx.target.peer_default}"
-    if peer in lat and f"int8 {DEFAULT}" in lat:
-        ratios[f"int8 {DEFAULT} vs {peer}"] = ratio(lat[peer], lat[f"int8 {DEFAULT}"], TOLERANCE).to_dict()
+    for other in (peer, *peers):  # ours against the peer's default recipe on our ONNX and its users' own paths
+        if other in lat and f"int8 {DEFAULT}" in lat:
+            ratios[f"int8 {DEFAULT} vs {other}"] = ratio(lat[other], lat[f"int8 {DEFAULT}"], TOLERANCE).to_dict()
     row = {"target": target, "variant": variant, "weights": weights, "input_size": size, "threads": threads,
            "batch": 1, "device": device_label(threads), "cpu_profile": cpu_profile(), "runtime": runners[first].runtime,
            "kind": "proxy" if runners[first].proxy else "real",
@@ -125,6 +128,26 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
         row["drop_pp"] = {k: accuracy(p, preds[first])["top1_drop_pp"] for k, p in preds.items()}
         row["eval"] = {"split": ctx.eval_src.name, "n": len(ctx.split.evaluation), "input_size": ck.preprocessing.input_size}
     return row
+
+
+def _user_paths(ctx, log) -> dict:
+    """The target's users' own INT8 paths (Target.user_paths) from the checkpoint's torch module, on the row's
+    calibration images, built once per checkpoint, images, toolchain and code (label → artifact)."""
+    make = ctx.target.user_paths
+    if make is None:
+        return {}
+    key = key_of("user-paths", ctx.target.name, ctx.ck.sha256, ctx.calibration.manifest_sha256,
+                 ctx.target.describe_environment(), code_digest(make.__module__))
+
+    def build_into(tmp: Path) -> None:
+        arts = make(BuildRequest("int8", None, ctx.ck.model, tmp, ctx.calibration))
+        (tmp / "paths.json").write_text(json.dumps({k: {"files": [f.name for f in a.files], "metadata": a.metadata}
+                                                    for k, a in arts.items()}))
+
+    where, was_cached = cached_dir("user-paths", key, build_into, log)
+    log(f"{ctx.target.name} users' own INT8 paths: {'cached' if was_cached else 'built'} ({where})")
+    index = json.loads((where / "paths.json").read_text())
+    return {k: Artifact(ctx.target.name, "int8", [where / f for f in v["files"]], v["metadata"]) for k, v in index.items()}
 
 
 STUDY = (("alternate every call", 1, False), ("alternate every call, 1 re-warm call", 1, True),

@@ -223,6 +223,8 @@ class Target:
     layer_probe: Callable[..., LayerProbe] | None = None  # (artifacts, images, threads, model, calibration)
     profile: Callable[[Artifact, int, int], dict] | None = None  # (artifact, threads, size) → where the time goes
     not_built_note: str = "not run on the target runtime"  # shown when only a proxy runs here
+    # the INT8 paths the runtime's own users take (the bench's peers): a build request → label → INT8 artifact
+    user_paths: Callable[[BuildRequest], dict] | None = None
 
     @property
     def reference(self) -> str:

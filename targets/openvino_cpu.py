@@ -1,6 +1,6 @@
 """OpenVINO on an x86 CPU: FP32, BF16 and INT8 (NNCF post-training quantization) IRs.
 
-The measured figures behind these choices are in the README and each deploy's report; this says what and why.
+The measured figures behind these choices are in BENCHMARKS.md and each deploy's report; this says what and why.
 
 - Conversion: `openvino.convert_model` from the exported ONNX. Converting the torch model directly gives the
   same graph, so the one checked ONNX file serves every target. Opset 20 brings LayerNorm and GELU as single
@@ -42,6 +42,8 @@ from convnext_deploy.targets.openvino_nncf import (
     PEER_DEFAULT,
     quantize_int8,
 )
+from convnext_deploy.targets.openvino_peer import PATHS as PEER_PATHS
+from convnext_deploy.targets.openvino_peer import user_paths
 from convnext_deploy.targets.openvino_runtime import (
     compile_config,
     executed_precisions,
@@ -169,4 +171,5 @@ TARGET = Target(
     options=OpenVINOOptions, available=available, describe_environment=describe_environment,
     build_config=build_config, build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES,
     peer_default=PEER_DEFAULT, accuracy_control=True, layer_probe=layer_probe, profile=profile,
+    user_paths=user_paths,
 )

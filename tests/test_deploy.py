@@ -83,10 +83,11 @@ def test_deploy_writes_a_complete_report(deployed):
     assert not set(manifest["calibration"]["indices"]) & set() and manifest["evaluation"]["source"] == "fashion-mnist/test"
 
 
-def test_rerun_resumes_from_cache(deployed, env):
-    out, _, gates = deployed
+def test_rerun_resumes_from_cache(deployed, env, tmp_path):
+    _, _, gates = deployed  # a report of its own: the shared deploy's report is read by other tests
     p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "500", "--calib", "300",
-             "--runs", "5", "--no-alternatives", "--gates", str(gates), "--out", str(out)], env, code=0)
+             "--runs", "5", "--no-alternatives", "--control", "0", "--gates", str(gates), "--out", str(tmp_path / "again")],
+            env, code=0)
     assert "onnxruntime int8: cached" in p.stdout and "(cached)" in p.stdout
 
 
@@ -118,7 +119,8 @@ def test_deploy_on_imagefolder_trees(atto_reference, env, tmp_path):
 def test_missed_gate_exits_1_naming_it(atto_reference, env, tmp_path):
     gates = tmp_path / "g.toml"
     gates.write_text("[defaults]\nmax_p50_ms = 0.0001\nmax_top1_drop_pp = 5\n")
-    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "300", "--calib", "100",
+    # --calib 300: the shared deploy's calibration, so its builds come from the session's cache
+    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "300", "--calib", "300",
              "--runs", "5", "--no-alternatives", "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=1)
     assert "FAIL max_p50_ms: fail" in p.stdout and "max_p50_ms fail" in p.stderr
     r = json.loads((tmp_path / "r" / "report.json").read_text())

@@ -146,3 +146,23 @@ def test_missing_openvino_says_which_extra_and_the_rest_still_works():
     assert "openvino is not installed: pip install 'convnext-deploy[openvino]'" in p.stderr
     p = subprocess.run([sys.executable, "-c", block, "variants"], cwd=REPO, env=env, capture_output=True, text=True)
     assert p.returncode == 0 and "ConvNeXt-T" in p.stdout
+
+
+def test_the_users_own_paths_convert_the_torch_module_and_run_int8(setup, tmp_path):
+    """The bench's peers: ov.convert_model of the torch module, nncf.quantize defaults (and TRANSFORMER), compiled
+    by the target's own load_runner; each is a real INT8 model of the same network, not our IR under another name."""
+    import openvino as ov
+
+    ck, _, calib, *_ = setup
+    paths = ov_cpu.user_paths(BuildRequest("int8", None, ck.model, tmp_path, calib))
+    assert set(paths) == {label for label, _ in openvino_cpu.PEER_PATHS}
+    for label, art in paths.items():
+        assert art.metadata["converted_from"].startswith("torch") and all(f.exists() for f in art.files)
+        ops = {op.get_type_name() for op in ov.Core().read_model(str(art.files[0])).get_ops()}
+        assert "FakeQuantize" in ops, label  # quantized by NNCF, not a float model
+    runners, preds = _accuracy(setup, {"fp32": _build(setup, "fp32"), **paths})
+    for label in paths:
+        ints, total = map(int, re.search(r"(\d+)/(\d+) compute layers in int8", runners[label].precision).groups())
+        assert ints >= total // 2, runners[label].precision  # the integer kernels really run
+        acc = accuracy(preds[label], preds["fp32"])
+        assert acc["agreement"] >= 0.97, (label, acc)
