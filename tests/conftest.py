@@ -77,7 +77,7 @@ def reference_split(checkpoint: Path, n_calib: int, n_eval: int | None, n_contro
     return ReferenceSplit(ck, train, test, split, calib_x)
 
 
-TEST_TIMING_BUDGET_S = "10"
+TEST_TIMING_BUDGET_S = "4"
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +85,7 @@ def cli_env(tmp_path_factory) -> dict:
     """One build cache for every CLI test of the session: the atto export and its builds are made once and
     reused (a re-run with the same inputs is itself a behaviour under test: 'cached')."""
     cache = tmp_path_factory.mktemp("cache")
-    # a decision's extra timing rounds capped at 10 s: tests check what is decided, not how finely it is timed
+    # a decision's extra timing rounds capped at 4 s: tests check what is decided, not how finely it is timed
     return {**os.environ, "CONVNEXT_DEPLOY_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO),
             "CONVNEXT_DEPLOY_TIMING_BUDGET_S": TEST_TIMING_BUDGET_S}
 

@@ -85,8 +85,8 @@ def test_deploy_writes_a_complete_report(deployed):
 
 def test_rerun_resumes_from_cache(deployed, env, tmp_path):
     _, _, gates = deployed  # a report of its own: the shared deploy's report is read by other tests
-    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "500", "--calib", "300",
-             "--runs", "5", "--no-alternatives", "--control", "0", "--gates", str(gates), "--out", str(tmp_path / "again")],
+    p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "200", "--calib", "300",
+             "--runs", "3", "--no-alternatives", "--control", "0", "--gates", str(gates), "--out", str(tmp_path / "again")],
             env, code=0)
     assert "onnxruntime int8: cached" in p.stdout and "(cached)" in p.stdout
 

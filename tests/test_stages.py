@@ -13,7 +13,7 @@ from convnext_deploy.pipeline.stages.prepare import prepare
 from convnext_deploy.pipeline.stages.report import assemble, publish
 from convnext_deploy.pipeline.stages.validate import validate
 
-from conftest import GATES_ACCURACY_ONLY, run_cli
+from conftest import GATES_ACCURACY_ONLY, TEST_TIMING_BUDGET_S, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def staged(atto_reference, cli_env, tmp_path_factory):
     gates.write_text(GATES_ACCURACY_ONLY)
     lines = []
     cfg = DeployConfig("onnxruntime", "atto", n_calib=300, n_eval=1000, gates=gates, alternatives=False, latency_runs=5,
-                       timing_budget_s=10)
+                       timing_budget_s=float(TEST_TIMING_BUDGET_S))
     ctx = prepare(cfg, lines.append)
     src = export(ctx)
     built = build(ctx, src)
