@@ -29,7 +29,7 @@ class DeployResult:
 
 
 def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
-    memory: list[dict] = []  # peak RSS of each stage (pipeline.memory)
+    memory: list[dict] = []  # peak RSS of each stage (pipeline.measure.memory)
 
     def stage(name: str, fn, *args):
         with stage_peak(name, memory, log):

@@ -59,7 +59,7 @@ def _speedup(e: dict) -> str:
 
 def _rounds(e: dict) -> str:
     """How much measuring stands behind a latency row: undisturbed rounds, the loads they were spread over, and
-    the rounds left out because the whole machine ran slower (pipeline.latency)."""
+    the rounds left out because the whole machine ran slower (pipeline.measure.latency)."""
     text = f"{e.get('rounds', 1)} ({e.get('instances', 1)} loads"
     return text + (f"; {e['disturbed_rounds']} left out)" if e.get("disturbed_rounds") else ")")
 

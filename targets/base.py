@@ -183,7 +183,7 @@ def probe_chunks(images: np.ndarray):
 
 @dataclass
 class LayerProbe:
-    """A target's view of its INT8 artifact for the one per-layer sensitivity loop (pipeline.sensitivity).
+    """A target's view of its INT8 artifact for the one per-layer sensitivity loop (pipeline.decisions.sensitivity).
 
     `run(floated, tapped)` runs the probe images through the artifact with the `floated` layers back in float
     and yields, chunk by chunk (`probe_chunks`), [logits, output of each `tapped` layer]: the loop reduces each

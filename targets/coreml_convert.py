@@ -127,7 +127,7 @@ def describe(mlmodel, info: dict, precision: str, config: dict) -> None:
 
 
 def save_package(mlmodel, dst: Path) -> None:
-    """Published whole or not at all (pipeline.cache.publish_dir). coremltools insists on the .mlpackage
+    """Published whole or not at all (pipeline.core.cache.publish_dir). coremltools insists on the .mlpackage
     suffix, which the temporary directory lacks: the package is saved inside it and its contents moved up."""
     from convnext_deploy.pipeline.core.cache import publish_dir
 

@@ -1,5 +1,5 @@
 """Accuracy-bounded mixed precision: return INT8 layers to float, most sensitive first, until the candidate meets
-the accuracy gates on the labelled control split (pipeline.judge: counts, bounds, more evidence at a boundary), or
+the accuracy gates on the labelled control split (pipeline.decisions.judge: counts, bounds, more evidence at a boundary), or
 the budget is spent, or floating more layers stops helping.
 
 Decisions are made on the control split only (held out of the evaluation side, disjoint from calibration

@@ -2,7 +2,7 @@
 
 Every candidate the target declares (ours, the peer's default, the other settings, ours without outlier
 smoothing) is timed at the deployment size, batch 1, interleaved with the reference precision, and judged on
-every gate that applies at once: the accuracy gates on the control split (pipeline.judge: counts, bounds, more
+every gate that applies at once: the accuracy gates on the control split (pipeline.decisions.judge: counts, bounds, more
 evidence at a boundary) and the speed gates (min_int8_speedup, max_p50_ms) on the interleaved measurement. `auto`
 keeps the fastest candidate meeting them all. Where none does, speed comes first: a candidate slower than the
 reference is never taken while a faster one exists; the fastest candidates that miss only accuracy go to the

@@ -249,11 +249,6 @@ def published_class_names(names: tuple[str, ...]) -> tuple[tuple[str, ...], str]
 
 # ---------------------------------------------------------------- our format
 
-def atomic_write(path: Path, write) -> None:
-    """Kept for callers not yet on pipeline.cache.publish_file, which it is."""
-    publish_file(Path(path), write)
-
-
 def save_checkpoint(
     model: ConvNeXt,
     path: Path | str,

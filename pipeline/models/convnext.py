@@ -1,7 +1,7 @@
 """ConvNeXt ("A ConvNet for the 2020s", Liu et al. 2022) in plain PyTorch.
 
 Parameter names follow timm's layout (stem, stages.i.downsample, stages.i.blocks.j, head), which is
-the format the other checkpoint layouts are mapped onto in `pipeline.checkpoints`.
+the format the other checkpoint layouts are mapped onto in `pipeline.models.checkpoints`.
 Only torch is imported here.
 """
 from __future__ import annotations

@@ -10,8 +10,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from convnext_deploy.pipeline.core.cache import publish_file
 from convnext_deploy.pipeline.core.errors import UserError
-from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint, atomic_write, load_checkpoint
+from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint, load_checkpoint
 
 _FB = "https://dl.fbaipublicfiles.com/convnext/"
 _TIMM_RSB = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"
@@ -82,7 +83,7 @@ def download(name: str, root: Path | None = None) -> Path:
             except OSError as e:
                 raise UserError(f"download of {url} failed ({e}); check the network or pass a local --checkpoint") from None
 
-        atomic_write(dest, fetch)
+        publish_file(dest, fetch)
     return target if pub.layout == "hf" else target / pub.files[0][0]
 
 

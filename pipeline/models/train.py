@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from convnext_deploy.calibration.batches import load_array, progress
 from convnext_deploy.calibration.fashion_mnist import FashionMNIST
-from convnext_deploy.pipeline.models.checkpoints import atomic_write, save_checkpoint
+from convnext_deploy.pipeline.core.cache import publish_file
+from convnext_deploy.pipeline.models.checkpoints import save_checkpoint
 from convnext_deploy.pipeline.models.convnext import ConvNeXt, create_model
 from convnext_deploy.pipeline.models.variants import Preprocessing, get_variant
 
@@ -161,7 +162,7 @@ def train_reference(recipe: Recipe, out: Path, log=print) -> Path:
         state = {"recipe": asdict(recipe), "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
                  "history": history}
-        atomic_write(state_path, lambda p: torch.save(state, p))
+        publish_file(state_path, lambda p: torch.save(state, p))
 
     model.eval()
     top1 = evaluate(model, x_test, y_test)

@@ -95,7 +95,7 @@ def build(ctx: Context, src: Sources) -> Built:
     return Built(artifacts, runners, recipes)
 
 
-INSTANCES = 3  # loads of every timed artifact a deploy's latency is spread over (pipeline.latency: why)
+INSTANCES = 3  # loads of every timed artifact a deploy's latency is spread over (pipeline.measure.latency: why)
 
 
 def spread(ctx: Context, artifacts: dict[str, Artifact], instances: int = INSTANCES) -> Spread:

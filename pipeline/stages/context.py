@@ -43,7 +43,7 @@ class DeployConfig:
     accuracy_control: bool = False  # INT8 bounded by the gate's max_top1_drop_pp (targets that offer it)
     n_control: int | None = None  # labelled images held out of the evaluation side for decisions (None: 1,000, ≤ a tenth)
     sensitivity: int = 0  # >0: per-layer INT8 sensitivity on that many calibration images, into the report
-    smoothing: float | None = 0.5  # SmoothQuant α for the INT8 builds (pipeline.outliers); None: off
+    smoothing: float | None = 0.5  # SmoothQuant α for the INT8 builds (pipeline.decisions.outliers); None: off
     fallback: bool = True  # INT8 missing max_top1_drop_pp on the control split → layers back to float
     fallback_max_layers: int = 8
     fallback_max_minutes: float = 30.0

@@ -1,10 +1,10 @@
 """Stage 4: decisions taken on the control split, never on the evaluation split, each judging a candidate on every
 gate that applies at once. First the INT8 recipe, by measured speed on this CPU and control-split accuracy
-(stages.recipe); then the layers INT8 does not pay for (stages.mixed), kept only when faster and still accurate.
+(decisions.recipe); then the layers INT8 does not pay for (decisions.mixed), kept only when faster and still accurate.
 When the chosen candidate misses the accuracy gates, layers go back to float by measured sensitivity
-(pipeline.fallback), and the repaired artifact's speed is measured against the speed gates; on a target with its own
+(pipeline.decisions.fallback), and the repaired artifact's speed is measured against the speed gates; on a target with its own
 accuracy control (OpenVINO: nncf.quantize_with_accuracy_control) that is built too, and the faster of those meeting
-the gates is kept. Accuracy is decided in counts of images with more evidence at a boundary (pipeline.judge)."""
+the gates is kept. Accuracy is decided in counts of images with more evidence at a boundary (pipeline.decisions.judge)."""
 from __future__ import annotations
 
 import time
@@ -36,7 +36,7 @@ class Decision:
     int8_runner: Runner | None = None
     plain_runner: Runner | None = None  # the all-INT8 runner, when the decision changed it: measured beside the final
     plain: Artifact | None = None  # its artifact
-    control: dict | None = None  # what the accuracy decisions rested on (pipeline.judge.Evidence.describe)
+    control: dict | None = None  # what the accuracy decisions rested on (pipeline.decisions.judge.Evidence.describe)
     steps_s: dict | None = None  # seconds per decision step (recipe choice, latency-aware step, fallback)
 
 

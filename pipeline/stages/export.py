@@ -1,5 +1,5 @@
 """Stage 2: what the builds start from. The checkpoint's checked ONNX export (none for a target that converts
-from torch) and, for INT8, the model with its norm-channel outliers migrated (pipeline.outliers) and its export."""
+from torch) and, for INT8, the model with its norm-channel outliers migrated (pipeline.decisions.outliers) and its export."""
 from __future__ import annotations
 
 from dataclasses import dataclass
