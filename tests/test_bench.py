@@ -8,6 +8,7 @@ import pytest
 from convnext_deploy.pipeline import bench
 from convnext_deploy.pipeline.measure import bench_rows
 from convnext_deploy.pipeline.measure.bench_rows import BOUNDED, FULL, Clock
+from convnext_deploy.pipeline.measure.machine import cpu_identity
 
 
 def test_a_row_prints_every_timing_and_ratio(capsys):
@@ -143,7 +144,7 @@ stepping\t: 1\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16\n"""
 
 
 def test_the_result_goes_to_a_folder_per_cpu_and_date():
-    ident = bench_rows.cpu_identity(CPUINFO)
+    ident = cpu_identity(CPUINFO)
     assert ident == {"vendor": "AuthenticAMD", "cpu_family": 25, "cpu_model": 17, "stepping": 1, "generation": "Zen 4"}
     machine = {"cpu": "AMD EPYC 9R14 96-Core Processor", **ident}
     assert bench_rows.default_out(machine, "2026-12-02", False) == "benchmarks/amd-epyc-9r14-zen4-2026-12-02/bench.json"

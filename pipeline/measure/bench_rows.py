@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from convnext_deploy.pipeline.measure.machine import cpu_profile
+from convnext_deploy.pipeline.measure.machine import cpu_identity, cpu_profile
 
 # The two modes. The default is bounded so that it ends in minutes on two cores: the real targets only, the two
 # variants whose INT8 speed-ups differ most, fewer timed calls, part of the test split, and a deadline that the
@@ -25,37 +25,6 @@ BOUNDED = {"targets": "onnxruntime,openvino", "variants": "atto,t", "runs": 100,
 FULL = {"targets": None, "variants": "atto,t,atto+outliers", "runs": 200, "eval": None, "budget": 240.0,
         "minutes": 0.0}
 FORMAT = "convnext-deploy bench 2"  # what reports/benchmarks.py reads
-
-
-# AMD names its cores' generations by family and model; Intel's family 6 models are too many to name here.
-AMD_GENERATIONS = ((23, range(0x30), "Zen"), (23, range(0x30, 0x100), "Zen 2"), (25, range(0x10), "Zen 3"),
-                   (25, range(0x20, 0x60), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"), (25, range(0x60, 0x100), "Zen 4"),
-                   (26, range(0x100), "Zen 5"))
-
-
-def cpu_identity(text: str | None = None) -> dict:
-    """Vendor, family, model and stepping of a /proc/cpuinfo text (this machine's by default); None where the
-    kernel does not say (ARM has implementer and part instead, named in the model name)."""
-    if text is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                text = f.read()
-        except OSError:
-            text = ""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-
-    def number(key):
-        v = fields.get(key, "")
-        return int(v, 0) if v.isdigit() or v.startswith("0x") else None
-
-    vendor, family, model = fields.get("vendor_id"), number("cpu family"), number("model")
-    generation = next((g for fam, models, g in AMD_GENERATIONS if vendor == "AuthenticAMD" and family == fam
-                       and model in models), None)
-    return {"vendor": vendor, "cpu_family": family, "cpu_model": model, "stepping": number("stepping"),
-            "generation": generation}
 
 
 def machine_record(threads: int) -> dict:

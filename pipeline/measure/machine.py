@@ -6,13 +6,25 @@ import platform
 import sys
 
 
-def cpu_name() -> str:
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            name = cpuinfo_fields(f.read())[0]
+            return f.read()
     except OSError:
-        name = ""
-    return name or platform.processor() or platform.machine()
+        return ""
+
+
+def _fields(text: str) -> dict[str, str]:
+    """The first value of each `key : value` line of a /proc/cpuinfo text (the first CPU's)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_name() -> str:
+    return cpuinfo_fields(_cpuinfo())[0] or platform.processor() or platform.machine()
 
 
 # ARM kernels name a core only by its implementer's part number (Arm Ltd, implementer 0x41)
@@ -23,10 +35,7 @@ ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72"
 def cpuinfo_fields(text: str) -> tuple[str, set[str]]:
     """(model name, flags) of a /proc/cpuinfo text. x86 has "model name"; ARM boards a "Model" line, ARM servers
     only the core's part number."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = _fields(text)
     part = fields.get("CPU part", "").lower()
     arm = (f"ARM {ARM_PARTS.get(part, 'core ' + part)}" if fields.get("CPU implementer", "").lower() == "0x41"
            and part else "")
@@ -35,20 +44,35 @@ def cpuinfo_fields(text: str) -> tuple[str, set[str]]:
     return name, set((fields.get("flags") or fields.get("Features") or "").split())
 
 
+# AMD names its cores' generations by family and model; Intel's family 6 models are too many to name here.
+AMD_GENERATIONS = ((23, range(0x30), "Zen"), (23, range(0x30, 0x100), "Zen 2"), (25, range(0x10), "Zen 3"),
+                   (25, range(0x20, 0x60), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"), (25, range(0x60, 0x100), "Zen 4"),
+                   (26, range(0x100), "Zen 5"))
+
+
+def cpu_identity(text: str | None = None) -> dict:
+    """Vendor, family, model and stepping of a /proc/cpuinfo text (this machine's by default); None where the
+    kernel does not say (ARM has implementer and part instead, named in the model name)."""
+    fields = _fields(_cpuinfo() if text is None else text)
+
+    def number(key):
+        v = fields.get(key, "")
+        return int(v, 0) if v.isdigit() or v.startswith("0x") else None
+
+    vendor, family, model = fields.get("vendor_id"), number("cpu family"), number("model")
+    generation = next((g for fam, models, g in AMD_GENERATIONS if vendor == "AuthenticAMD" and family == fam
+                       and model in models), None)
+    return {"vendor": vendor, "cpu_family": family, "cpu_model": model, "stepping": number("stepping"),
+            "generation": generation}
+
+
 # The ISA extensions that decide INT8/BF16 kernel choice (x86 flags; on ARM the `Features` names).
 INT8_BF16_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
                    "asimd", "asimddp", "i8mm", "bf16")
 
 
 def _all_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return cpuinfo_fields(_cpuinfo())[1]
 
 
 def cpu_flags(flags: set[str] | None = None) -> list[str]:
