@@ -11,8 +11,9 @@ CPU_VENDORS = ("Intel", "AMD")  # x86 CPU classes only: "Apple" or "NVIDIA" name
 
 
 def hardware_class(report: dict) -> str:
-    """The target's generic hardware class, without a CPU vendor the measured CPU contradicts: a target row says
-    "x86 CPU (Intel)" for OpenVINO, and an AMD EPYC run must not read as measured on Intel."""
+    """The target's generic hardware class, without a CPU vendor the measured CPU contradicts. The rows name no
+    vendor now (the measured machine does), but report files written before said "x86 CPU (Intel)" for OpenVINO,
+    and an AMD EPYC run read back by `summarize` must not read as measured on Intel."""
     text, cpu = report["target"]["hardware"], report["machine"].get("cpu", "").lower()
     for vendor in CPU_VENDORS:
         if vendor in text and vendor.lower() not in cpu:

@@ -167,7 +167,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
 
 
 TARGET = Target(
-    name=NAME, hardware="x86 CPU (Intel)", precisions=("fp32", "bf16", "int8"), extra="openvino",
+    name=NAME, hardware="x86 CPU", precisions=("fp32", "bf16", "int8"), extra="openvino",
     options=OpenVINOOptions, available=available, describe_environment=describe_environment,
     build_config=build_config, build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES,
     peer_default=PEER_DEFAULT, accuracy_control=True, layer_probe=layer_probe, profile=profile,
