@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -29,16 +28,16 @@ import numpy as np
 import torch
 
 from convnext_deploy.calibration.batches import iter_batches
-from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
-from convnext_deploy.pipeline.decisions.outliers import inject_outliers
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
 from convnext_deploy.pipeline.measure.bench_rows import (
     BOUNDED,
     FORMAT,
     FULL,
     Clock,
+    bench_checkpoint,
     default_out,
+    distance_and_streams,
     machine_record,
     print_rows,
     progress,
@@ -47,59 +46,35 @@ from convnext_deploy.pipeline.measure.bench_rows import (
 from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
 from convnext_deploy.pipeline.measure.machine import cpu_profile, device_label, profile_line
 from convnext_deploy.pipeline.measure.memory import stage_peak
-from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint, load_checkpoint
-from convnext_deploy.pipeline.models.convnext import create_model
-from convnext_deploy.pipeline.models.reference import reference_path
-from convnext_deploy.pipeline.models.train import dataset_preprocessing
-from convnext_deploy.pipeline.models.variants import get_variant
-from convnext_deploy.pipeline.stages.build import build, spread
+from convnext_deploy.pipeline.stages.build import build, build_one, spread
 from convnext_deploy.pipeline.stages.context import DEFAULT, DeployConfig
-from convnext_deploy.pipeline.stages.export import export
+from convnext_deploy.pipeline.stages.export import export, formed
 from convnext_deploy.pipeline.stages.prepare import prepare
 from convnext_deploy.targets import TARGETS, get_target
 from convnext_deploy.targets.base import Artifact, BuildRequest, inference_batch
 
 TOLERANCE = 0.03  # rounds go on (within --budget) until every ratio's 95 % interval is within ±3 %
 INSTANCES = 4  # at least this many loads of every artifact per row: intervals carry the spread between loads
-OUTLIER_K = 30.0  # "<variant>+outliers": the checkpoint with injected 30× norm-channel outliers (same FP32 function)
-
-
-def _checkpoint(variant: str) -> tuple[LoadedCheckpoint, str, bool]:
-    """(checkpoint, how its weights were made, whether it has a reference accuracy) for `variant[+outliers]`."""
-    base, _, extra = variant.partition("+")
-    if extra not in ("", "outliers"):
-        raise SystemExit(f"unknown bench variant {variant!r}: use a variant name, optionally with +outliers")
-    ref = reference_path(base)
-    if ref.exists():
-        ck, weights = load_checkpoint(ref, base), f"reference {ref}"
-    else:
-        torch.manual_seed(0)
-        model = create_model(base, num_classes=10).eval()
-        pp = dataset_preprocessing(FashionMNIST("train"), 32)
-        ck = LoadedCheckpoint(model, get_variant(base), "ours", 10, tuple(CLASS_NAMES), pp, Path(f"<{base} as initialised>"),
-                              key_of("init", base), {"dataset": {"name": "fashion-mnist"}})
-        weights = "as initialised (no reference checkpoint)"
-    if extra:
-        ck = replace(ck, model=inject_outliers(ck.model, OUTLIER_K), sha256=key_of("outliers", ck.sha256, OUTLIER_K))
-        weights += f", {OUTLIER_K:g}× channel outliers injected"
-    return ck, weights, ref.exists()
 
 
 def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval: int | None, budget_s,
           log=print) -> dict:
     """One row. `budget_s`: seconds of timing (rounds go on until every ratio is resolved or it ends), or a
     function giving them when the timing starts (the bounded mode's share of what is left)."""
-    ck, weights, has_reference = _checkpoint(variant)
+    ck, weights, has_reference = bench_checkpoint(variant)
     cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=500, n_eval=n_eval, image_size=size,
                        threads=threads, fallback=False)
     ctx = prepare(cfg, log, checkpoint=ck, decisions=False)  # the deploy's own split, calibration, sources, builds
-    built = build(ctx, export(ctx))
+    sources = export(ctx)
+    built = build(ctx, sources)
     runners = {p: r for p, r in built.runners.items() if p != "int8"}
+    floats = _float_forms(ctx, sources)  # the reference in every other graph form a recipe starts from
+    runners.update({label: ctx.target.load_runner(a, threads) for label, a in floats.items()})
     runners.update({f"int8 {name}": r.runner for name, r in built.recipes.items()})
-    peers = _user_paths(ctx, log) if "int8" in built.artifacts else {}
+    peers = _user_paths(ctx, sources.plain.onnx_path, log) if "int8" in built.artifacts else {}
     runners.update({label: ctx.target.load_runner(a, threads) for label, a in peers.items()})
     timed = {k: r for k, r in runners.items() if r.timed}
-    loads = spread(ctx, {**{p: built.artifacts[p] for p in runners if p in built.artifacts},
+    loads = spread(ctx, {**{p: built.artifacts[p] for p in runners if p in built.artifacts}, **floats,
                          **{f"int8 {name}": r.artifact for name, r in built.recipes.items()}, **peers}, INSTANCES)
     seconds, t0 = (budget_s() if callable(budget_s) else budget_s), time.monotonic()
     lat = measure(timed, batch=1, input_size=size, runs=runs, warmup=10, rounds=3 * INSTANCES,
@@ -107,6 +82,11 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     timing = {"budget_s": round(seconds, 1), "seconds": round(time.monotonic() - t0, 1)}
     first, any_lat = next(iter(runners)), next(iter(lat.values()), None)  # one measurement: the same rounds for all
     ratios = {f"{k} vs {first}": ratio(lat[first], lat[k], TOLERANCE).to_dict() for k in lat if k != first}
+    refs = [k for k in (ctx.target.reference, *floats) if k in lat]
+    if len(refs) > 1 and f"int8 {DEFAULT}" in lat:  # INT8 against the fastest float form, not only the default one
+        fastest = min(refs, key=lambda k: lat[k].p50_ms)
+        ratios[f"int8 {DEFAULT} vs the fastest {ctx.target.reference} form ({fastest})"] = ratio(
+            lat[fastest], lat[f"int8 {DEFAULT}"], TOLERANCE).to_dict()
     peer = f"int8 {ctx.target.peer_default}"
     for other in (peer, *peers):  # ours against the peer's default recipe on our ONNX and its users' own paths
         if other in lat and f"int8 {DEFAULT}" in lat:
@@ -119,6 +99,10 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
            **{k: getattr(any_lat, k) if any_lat else 0 for k in ("rounds", "instances", "disturbed_rounds")},
            "executed": {k: r.precision for k, r in runners.items()}, "ratios": ratios, "skipped": list(ctx.notes),
            "timing": timing}
+    if lat:
+        arts = {ctx.target.reference: built.artifacts[ctx.target.reference],
+                **({f"int8 {DEFAULT}": built.recipes[DEFAULT].artifact} if built.recipes else {})}
+        row.update(distance_and_streams(ctx.target, ctx.ck.model, runners, arts, lat, size, threads, log))
     if has_reference:
         preds = predict_many({k: r.run for k, r in runners.items()},
                              iter_batches(ctx.eval_src, ctx.split.evaluation.indices, ck.preprocessing,
@@ -130,9 +114,18 @@ def bench(target: str, variant: str, size: int, threads: int, runs: int, n_eval:
     return row
 
 
-def _user_paths(ctx, log) -> dict:
-    """The target's users' own INT8 paths (Target.user_paths) from the checkpoint's torch module, on the row's
-    calibration images, built once per checkpoint, images, toolchain and code (label → artifact)."""
+def _float_forms(ctx, sources) -> dict:
+    """label → the reference precision built from each other graph form the target's recipes start from."""
+    ref, forms = ctx.target.reference, {r.form for r in ctx.target.int8_recipes} - {sources.plain.form, None}
+    if sources.plain.onnx_path is None:
+        return {}
+    return {f"{ref} {form}": build_one(ctx, formed(ctx, sources.plain, form), ref, ctx.options) for form in sorted(forms)}
+
+
+def _user_paths(ctx, onnx_path: Path | None, log) -> dict:
+    """The target's users' own INT8 paths (Target.user_paths) from the checkpoint's torch module or its FP32 export
+    (`onnx_path`), on the row's calibration images, built once per checkpoint, images, toolchain and code
+    (label → artifact)."""
     make = ctx.target.user_paths
     if make is None:
         return {}
@@ -140,7 +133,7 @@ def _user_paths(ctx, log) -> dict:
                  ctx.target.describe_environment(), code_digest(make.__module__))
 
     def build_into(tmp: Path) -> None:
-        arts = make(BuildRequest("int8", None, ctx.ck.model, tmp, ctx.calibration))
+        arts = make(BuildRequest("int8", onnx_path, ctx.ck.model, tmp, ctx.calibration))
         (tmp / "paths.json").write_text(json.dumps({k: {"files": [f.name for f in a.files], "metadata": a.metadata}
                                                     for k, a in arts.items()}))
 
@@ -163,7 +156,7 @@ def interleave_study(target: str, variant: str, size: int, threads: int, cycles:
     them alike, and the disturbed ones are left out as the harness does."""
     from convnext_deploy.pipeline.measure.latency import _seconds_of, undisturbed
 
-    ck, _, _ = _checkpoint(variant)
+    ck, _, _ = bench_checkpoint(variant)
     cfg = DeployConfig(target=target, variant=ck.variant.name, n_calib=100, n_eval=200, image_size=size,
                        threads=threads, fallback=False, alternatives=False)
     ctx = prepare(cfg, log, checkpoint=ck, decisions=False)

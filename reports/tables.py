@@ -73,7 +73,22 @@ def latency_rows(report: dict) -> list[list[str]]:
 
 def latency_caption(report: dict) -> str:
     named = {f"{e['precision']} {e['input_size']} px batch {e['batch']}": e for e in report["latency"]}
-    return f"Interleaved rounds of warm blocks; speed-up = reference p50 / p50 over paired rounds. {measured_by(named)}"
+    return (f"Interleaved rounds of warm blocks; speed-up = reference p50 / p50 over paired rounds. {measured_by(named)}"
+            + peak_sentence(report))
+
+
+def peak_sentence(report: dict) -> str:
+    """The distance to the limit: each batch-1 row's multiply-accumulates per second against the runtime's own GEMM
+    peak of that precision, both measured on this machine."""
+    rated = [e for e in report["latency"] if e.get("mac_rate")]
+    if not rated:
+        return ""
+    r0 = rated[0]["mac_rate"]
+    return (f" Distance to the runtime's peak ({r0['macs'] / 1e9:.2f} G multiply-accumulates an image at "
+            f"{rated[0]['input_size']} px; peak: {r0['peak']}): "
+            + "; ".join(f"{e['precision']} {e['mac_rate']['gmacs']:.0f} G/s = {e['mac_rate']['fraction'] * 100:.0f} % "
+                        f"of its {e['mac_rate']['of'].upper()} peak ({e['mac_rate']['peak_gmacs']:.0f} G/s)"
+                        for e in rated) + ".")
 
 
 GATE_HEAD = ["gate", "what", "measured", "allowed", "status"]

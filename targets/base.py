@@ -155,11 +155,13 @@ class Runner:
 @dataclass(frozen=True)
 class Int8Recipe:
     """An INT8 recipe a deploy builds and measures beside the target's default: overrides of the target's
-    options, and whether it starts from the outlier-smoothed weights (the peer's default never does)."""
+    options, whether it starts from the outlier-smoothed weights (the peer's default never does), and the graph
+    form of the export it starts from (pipeline.models.graph_forms; ONNX targets)."""
 
     name: str
     options: dict = field(default_factory=dict)
     smoothed: bool = True
+    form: str | None = None  # None: the target's own form (Target.form)
 
 
 INFERENCE_BATCH_PIXELS = 1 << 20  # images × H × W per inference batch: 100 at ≤ 100 px, 20 at 224 px
@@ -225,6 +227,12 @@ class Target:
     not_built_note: str = "not run on the target runtime"  # shown when only a proxy runs here
     # the INT8 paths the runtime's own users take (the bench's peers): a build request → label → INT8 artifact
     user_paths: Callable[[BuildRequest], dict] | None = None
+    # the runtime's own way to a stream's throughput: (artifact, threads, input size) → run_many(images) → logits
+    stream_runner: Callable[[Artifact, int, int], Callable[[np.ndarray], np.ndarray]] | None = None
+    # the graph form (pipeline.models.graph_forms) its artifacts start from unless a recipe names another: the one
+    # its runtime runs fastest, by measurement (the recipe choice keeps measuring the others)
+    form: str = "channels_last"
+    gemm_peak: bool = False  # its load_runner runs a one-GEMM ONNX (gemm_onnx) as an artifact: its peak is measurable
 
     @property
     def reference(self) -> str:
@@ -246,3 +254,29 @@ class Target:
 
             raise UserError(f"target {self.name} has no build option {unknown[0]!r} (it has: {', '.join(sorted(known))})")
         return self.options(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def gemm_onnx(path: Path, int8: bool, n: int) -> None:
+    """A one-GEMM ONNX graph every runtime here reads like an artifact (a runtime's peak: pipeline.measure.peak):
+    y = x·W, x [n, n] a float input, W [n, n] a constant; INT8 as Q/DQ, u8 activations and s8 weights, per tensor."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+    if int8:
+        inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w_q"),
+                 numpy_helper.from_array(np.array(1 / 255, np.float32), "x_scale"),
+                 numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
+                 numpy_helper.from_array(np.array(1 / 127, np.float32), "w_scale"),
+                 numpy_helper.from_array(np.array(0, np.int8), "w_zero")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
+                 helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
+                 helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"]),
+                 helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"])]
+    else:
+        inits = [numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "w")]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "gemm_peak", [x], [y], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))

@@ -1,7 +1,8 @@
 """OpenVINO's own INT8 path, the way its users take it: the torch module converted by `openvino.convert_model`
 (not our ONNX), quantized by `nncf.quantize` with its defaults, and with `ModelType.TRANSFORMER`, on the same
 calibration images as ours. The bench times these beside our artifacts; they are saved as IRs that the target's
-own `load_runner` compiles with the same settings (static shape, latency hint, threads, FP32 float layers), so a
+own `load_runner` compiles with the same settings (static shape, latency hint, threads) and, as its users compile,
+no precision hint (the plugin's own choice for the float layers: BF16 on a CPU with AVX-512 BF16 or AMX), so a
 ratio compares the graphs and their quantization, not the way they were run.
 """
 from __future__ import annotations
@@ -32,6 +33,6 @@ def user_paths(request: BuildRequest) -> dict[str, Artifact]:
         xml = request.out_dir / f"peer_{i}_int8.xml"
         ov.save_model(quantized, str(xml), compress_to_fp16=False)
         out[label] = Artifact(NAME, "int8", [xml, xml.with_suffix(".bin")],
-                              {"build": {"float_precision": "f32"}, "converted_from": "torch (openvino.convert_model)",
+                              {"build": {"float_precision": None}, "converted_from": "torch (openvino.convert_model)",
                                "path": label, "nncf": {"model_type": model_type or "default", "subset_size": "default"}})
     return out

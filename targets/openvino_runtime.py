@@ -13,11 +13,11 @@ from convnext_deploy.targets.base import Artifact, LayerProbe, probe_chunks
 from convnext_deploy.targets.openvino_nncf import weight_ops
 
 
-def compile_config(precision: str, threads: int) -> dict:
-    """One stream at the latency hint, and the float precision stated: left unset, the plugin picks BF16 wherever
-    the CPU has it."""
+def compile_config(precision: str | None, threads: int) -> dict:
+    """One stream at the latency hint, and the float precision stated: left unset (None, as OpenVINO's users
+    compile), the plugin picks BF16 wherever the CPU has it."""
     return {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-            "INFERENCE_PRECISION_HINT": precision}
+            **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
 
 
 COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
@@ -144,3 +144,30 @@ def profile(artifact: Artifact, threads: int, input_size: int, runs: int = 20) -
             "top_nodes": [{"node": n, "op": f"{op} ({et})", "ms": ms} for n, (op, et, ms) in top], "runs": runs,
             "input_size": input_size, "batch": 1, "threads": threads,
             "source": "OpenVINO CPU plugin performance counters (PERF_COUNT): real time per executed node"}
+
+
+def stream_runner(artifact: Artifact, threads: int, input_size: int):
+    """OpenVINO's way to a stream's throughput: the CPU plugin compiled with the THROUGHPUT hint (its own number
+    of streams over `threads`) and an AsyncInferQueue of its optimal number of requests, one image (batch 1) each.
+    Returns run_many(images) → their logits, in order."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(artifact.files[0]))
+    model.reshape({model.inputs[0]: [1, 3, input_size, input_size]})
+    config = {**compile_config(artifact.metadata["build"].get("float_precision", "f32"), threads),
+              "PERFORMANCE_HINT": "THROUGHPUT"}
+    config.pop("NUM_STREAMS")
+    compiled = core.compile_model(model, "CPU", config)
+    queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    results: dict[int, np.ndarray] = {}
+    queue.set_callback(lambda request, i: results.__setitem__(i, request.get_output_tensor(0).data[0].copy()))
+
+    def run_many(images: np.ndarray) -> np.ndarray:
+        results.clear()
+        for i in range(len(images)):
+            queue.start_async({0: np.ascontiguousarray(images[i:i + 1], dtype=np.float32)}, i)
+        queue.wait_all()
+        return np.stack([results[i] for i in range(len(images))])
+
+    return run_many

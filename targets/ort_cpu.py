@@ -34,6 +34,7 @@ from convnext_deploy.targets.base import (
     options_config,
     requires,
 )
+from convnext_deploy.targets.ort_peer import user_paths
 
 NAME = "onnxruntime"
 INSTALL_HINT = "pip install 'convnext-deploy[onnxruntime]' (or `make setup`)"
@@ -69,6 +70,8 @@ INT8_RECIPES = (
     Int8Recipe("ours with int8 activations (S8S8)", {"activation_type": "QInt8"}),
     Int8Recipe("ours with reduce_range (U8S8, 7-bit weights)", {"reduce_range": True}),
     Int8Recipe("ours with uint8 weights (U8U8)", {"weight_type": "QUInt8"}),
+    # ORT fuses LayerNorm only over the last axis: on the channels-first form the norms run as float op chains
+    Int8Recipe("ours on the channels-first graph", {}, form="channels_first"),
 )
 
 
@@ -159,6 +162,13 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
     return runner(artifact.files[0], threads, executed)
 
 
+def stream_runner(artifact: Artifact, threads: int, input_size: int):
+    """Parallel single-threaded sessions, one per thread (targets.ort_tools.stream_runner)."""
+    from convnext_deploy.targets.ort_tools import stream_runner as parallel_sessions
+
+    return parallel_sessions(artifact.files[0], threads)
+
+
 def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:
     """The INT8 graph run as this target runs it (ORT's fusions on)."""
     from convnext_deploy.targets.ort_tools import runtime_label
@@ -241,5 +251,5 @@ TARGET = Target(
     name=NAME, hardware="portable CPU (reference)", precisions=("fp32", "int8"), extra="onnxruntime",
     options=OrtOptions, available=available, describe_environment=describe_environment, build_config=build_config,
     build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES, peer_default=PEER_DEFAULT,
-    layer_probe=layer_probe, profile=profile,
+    layer_probe=layer_probe, profile=profile, user_paths=user_paths, stream_runner=stream_runner, gemm_peak=True,
 )

@@ -5,7 +5,8 @@ import onnx
 import pytest
 import torch
 
-from convnext_deploy.pipeline.models.convnext import create_model
+from convnext_deploy.pipeline.models.convnext import create_model, weight_layers
+from convnext_deploy.pipeline.models.graph_forms import DEFAULT_FORM, to_form
 from convnext_deploy.pipeline.models.onnx_export import (
     OPSET,
     check_parity,
@@ -81,3 +82,28 @@ def test_export_is_cached_by_checkpoint_key(tmp_path, monkeypatch):
     assert not first.cached and again.cached and not other.cached
     assert first.path == again.path != other.path
     assert first.parity.max_abs_diff < 1e-4 and first.parity.top1_agreement == 1.0
+
+
+def test_channels_first_form_is_the_same_function_without_block_transposes(tmp_path, monkeypatch):
+    """The second graph form: same logits as the model as defined (γ folded, norms as mean/variance over channels),
+    the checkpoint's layer names in the same network order, and an export with no Transpose and no MatMul in the
+    blocks (1×1 convolutions), checked for parity against the model as defined."""
+    monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    model = randomized(create_model("atto", num_classes=10)).eval()
+    cf = to_form(model, "channels_first")
+    assert to_form(model, DEFAULT_FORM) is model
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        diff = (cf(x) - model(x)).abs().max().item()
+    assert diff < 1e-4 * model(x).abs().max().item()
+    assert [n for n, _ in weight_layers(cf)] == [n for n, _ in weight_layers(model)]
+    images = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    default = export_cached(model, "a" * 64, "atto", images)
+    first = export_cached(model, "a" * 64, "atto", images, form="channels_first")
+    assert first.form == "channels_first" and first.path != default.path
+    assert first.parity.max_abs_diff < 1e-3 and first.parity.top1_agreement == 1.0
+    ops = Counter(n.op_type for n in onnx.load(str(first.path)).graph.node)
+    assert ops["Transpose"] == 0 and ops["LayerNormalization"] == 1  # the head's norm: over features, not NCHW
+    assert ops["MatMul"] + ops["Gemm"] == 1 and ops["Conv"] == 1 + 3 + 12 * 3  # stem, downsamplings, blocks
+    with pytest.raises(ValueError, match="unknown graph form"):
+        to_form(model, "nhwc")

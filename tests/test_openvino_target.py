@@ -1,6 +1,7 @@
 """The OpenVINO target on the real atto reference checkpoint and real Fashion-MNIST images."""
 import os
 import re
+from collections import Counter
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
 from convnext_deploy.pipeline.models.onnx_export import export_onnx
 from convnext_deploy.targets import get_target, openvino_cpu
 from convnext_deploy.targets.base import BuildRequest, CalibrationData, LabelledData
+from convnext_deploy.targets.openvino_peer import PATHS as PEER_PATHS
 
 from conftest import REPO, reference_split
 
@@ -49,8 +51,9 @@ def test_table_row_and_availability():
     assert spec.options is openvino_cpu.OpenVINOOptions and spec.accuracy_control and spec.layer_probe is not None
     recipes = {r.name: r for r in spec.int8_recipes}
     assert spec.peer_default == openvino_cpu.PEER_DEFAULT and not recipes[spec.peer_default].smoothed
-    for r in spec.int8_recipes:  # every recipe is a valid set of options with its own build settings
-        assert spec.build_config("int8", spec.make_options(**r.options)) != spec.build_config("int8", spec.make_options())
+    for r in spec.int8_recipes:  # every recipe is a valid set of options with its own build settings or graph form
+        assert ((r.form or spec.form, spec.build_config("int8", spec.make_options(**r.options)))
+                != (spec.form, spec.build_config("int8", spec.make_options())))
     assert ov_cpu.available().ok
 
 
@@ -155,7 +158,7 @@ def test_the_users_own_paths_convert_the_torch_module_and_run_int8(setup, tmp_pa
 
     ck, _, calib, *_ = setup
     paths = ov_cpu.user_paths(BuildRequest("int8", None, ck.model, tmp_path, calib))
-    assert set(paths) == {label for label, _ in openvino_cpu.PEER_PATHS}
+    assert set(paths) == {label for label, _ in PEER_PATHS}
     for label, art in paths.items():
         assert art.metadata["converted_from"].startswith("torch") and all(f.exists() for f in art.files)
         ops = {op.get_type_name() for op in ov.Core().read_model(str(art.files[0])).get_ops()}
@@ -166,3 +169,33 @@ def test_the_users_own_paths_convert_the_torch_module_and_run_int8(setup, tmp_pa
         assert ints >= total // 2, runners[label].precision  # the integer kernels really run
         acc = accuracy(preds[label], preds["fp32"])
         assert acc["agreement"] >= 0.97, (label, acc)
+
+
+def test_the_channels_first_form_becomes_mvn_and_quantizes_like_the_default(setup, tmp_path):
+    """The channels-first graph form: OpenVINO's converter fuses every channel norm written as mean/variance into
+    one MVN op, no Transpose is left, and our INT8 recipe on it runs integer kernels and keeps the predictions."""
+    import openvino as ov
+
+    from convnext_deploy.pipeline.models.graph_forms import to_form
+
+    ck, d, calib, *_ = setup
+    export_onnx(to_form(ck.model, "channels_first"), tmp_path / "cf.onnx")
+    ops = Counter(op.get_type_name() for op in ov.convert_model(str(tmp_path / "cf.onnx")).get_ops())
+    assert ops["MVN"] == 17 and ops["Transpose"] == 0 and ops["ReduceMean"] == 1  # the head's average pool
+    out = tmp_path / "int8"
+    out.mkdir()
+    int8 = ov_cpu.build(BuildRequest("int8", tmp_path / "cf.onnx", ck.model, out, calib, options=ov_cpu.make_options()))
+    runners, preds = _accuracy(setup, {"fp32": _build(setup, "fp32"), "int8 channels-first": int8})
+    ints, total = map(int, re.search(r"(\d+)/(\d+) compute layers in int8", runners["int8 channels-first"].precision).groups())
+    assert ints >= total // 2, runners["int8 channels-first"].precision
+    assert accuracy(preds["int8 channels-first"], preds["fp32"])["agreement"] >= 0.97
+
+
+def test_the_throughput_mode_gives_each_image_its_logits(setup):
+    """OpenVINO's THROUGHPUT hint with an async queue: every image once, in order, the latency runner's logits."""
+    import numpy as np
+
+    *_, x, _ = setup
+    art = _build(setup, "fp32")
+    got = ov_cpu.stream_runner(art, 2, x.shape[-1])(x[:9])
+    assert np.allclose(got, ov_cpu.load_runner(art, 2).run(x[:9]), atol=1e-4)

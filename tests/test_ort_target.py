@@ -110,3 +110,48 @@ def test_profile_says_where_the_time_goes(setup):
     assert len(ref["layers"]) == len(q["layers"]) == 41
     assert q["layers"][0]["op"] == "QLinearConv" and ref["layers"][-1]["op"] in ("Gemm", "FusedGemm")
     assert all(r["ms"] > 0 and 0 <= r["input_quantize_ms"] <= r["ms"] for r in q["layers"])
+
+
+def test_the_users_own_paths_are_optimums_static_configs(setup, tmp_path):
+    """The bench's peers for ONNX Runtime: Optimum's avx512_vnni and avx2 static settings on our FP32 ONNX: Q/DQ on
+    the MatMuls (and Adds) only, so every convolution stays float; s8 weights for VNNI, u8 for AVX2; per-channel."""
+    import onnx
+
+    from convnext_deploy.targets.ort_peer import PATHS
+
+    ck, d, calib, *_ = setup
+    paths = ort_cpu.user_paths(BuildRequest("int8", d / "model.onnx", ck.model, tmp_path, calib))
+    assert list(paths) == [label for label, _ in PATHS]
+    for (label, weight_type), art in zip(PATHS, paths.values()):
+        g = onnx.load(str(art.files[0])).graph
+        producers = {o: n for n in g.node for o in n.output}
+        inits = {i.name: i for i in g.initializer}
+        int8_weights = {n.op_type for n in g.node if n.op_type in ("Conv", "MatMul") and len(n.input) > 1
+                        and producers.get(n.input[1]) is not None and producers[n.input[1]].op_type == "DequantizeLinear"}
+        assert int8_weights == {"MatMul"}, label  # every convolution keeps float weights
+        weight_zero_points = [inits[n.input[2]] for n in g.node if n.op_type == "DequantizeLinear"
+                              and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+        assert weight_zero_points and all(len(z.dims) == 1 for z in weight_zero_points)  # per channel
+        dtype = {"QInt8": onnx.TensorProto.INT8, "QUInt8": onnx.TensorProto.UINT8}[weight_type]
+        assert {z.data_type for z in weight_zero_points} == {dtype}, label
+    (tmp_path / "fp32").mkdir()
+    fp32 = ort_cpu.build(BuildRequest("fp32", d / "model.onnx", ck.model, tmp_path / "fp32"))
+    preds = _predict(setup, {"fp32": fp32, **paths})
+    for label in paths:
+        assert accuracy(preds[label], preds["fp32"])["agreement"] >= 0.97, label
+
+
+def test_parallel_sessions_classify_a_stream_like_one_session(setup, tmp_path):
+    """ONNX Runtime's throughput mode: sessions side by side, each image once and in order, the same logits as the
+    latency runner."""
+    import numpy as np
+
+    from convnext_deploy.pipeline.measure.throughput import throughput
+
+    ck, d, _, x, _ = setup
+    art = ort_cpu.build(BuildRequest("fp32", d / "model.onnx", ck.model, tmp_path))
+    run_many = ort_cpu.stream_runner(art, 2, x.shape[-1])
+    got = run_many(x[:7])  # an odd count: the sessions take unequal shares
+    assert np.allclose(got, ort_cpu.load_runner(art, 2).run(x[:7]), atol=1e-4)
+    figures = throughput({"streams": run_many}, x.shape[-1], seconds=0.2)
+    assert figures["streams"]["images_per_s"] > 0 and figures["streams"]["rounds"] >= 3

@@ -64,7 +64,9 @@ def test_sensitivity_ranks_a_damaged_layer_first(qdq):
           f"(clean {clean['layers'][victim]['sqnr_db']:.1f} dB), ranked {ranked.index(victim) + 1} of 41")
     assert ranked[0] == victim
     assert hurt["layers"][victim]["sqnr_db"] < clean["layers"][victim]["sqnr_db"] - 10
-    assert hurt["int8_agreement"] < clean["int8_agreement"]
+    # the whole model's logits are noisier for it (top-1 agreement on 128 images may not move: a count of a few)
+    assert hurt["logit_sqnr_db"] < clean["logit_sqnr_db"] - 3 and hurt["int8_agreement"] <= clean["int8_agreement"]
+    assert hurt["layers"][victim]["logit_sqnr_gain_db"] > 3
 
 
 def test_sensitivity_command(atto_reference, cli_env, tmp_path):

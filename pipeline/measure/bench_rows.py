@@ -106,6 +106,67 @@ def progress(i: int, clock: Clock, row: dict, seconds: float) -> str:
             f"{row.get('rounds', 0)} rounds; {figure}; {seconds:.0f} s, {clock.elapsed() / 60:.1f}{bound} min elapsed")
 
 
+OUTLIER_K = 30.0  # "<variant>+outliers": the checkpoint with injected 30× norm-channel outliers (same FP32 function)
+
+
+def bench_checkpoint(variant: str) -> tuple:
+    """(checkpoint, how its weights were made, whether it has a reference accuracy) for `variant[+outliers]`."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
+    from convnext_deploy.pipeline.core.cache import key_of
+    from convnext_deploy.pipeline.decisions.outliers import inject_outliers
+    from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint, load_checkpoint
+    from convnext_deploy.pipeline.models.convnext import create_model
+    from convnext_deploy.pipeline.models.reference import reference_path
+    from convnext_deploy.pipeline.models.train import dataset_preprocessing
+    from convnext_deploy.pipeline.models.variants import get_variant
+
+    base, _, extra = variant.partition("+")
+    if extra not in ("", "outliers"):
+        raise SystemExit(f"unknown bench variant {variant!r}: use a variant name, optionally with +outliers")
+    ref = reference_path(base)
+    if ref.exists():
+        ck, weights = load_checkpoint(ref, base), f"reference {ref}"
+    else:
+        torch.manual_seed(0)
+        model = create_model(base, num_classes=10).eval()
+        pp = dataset_preprocessing(FashionMNIST("train"), 32)
+        ck = LoadedCheckpoint(model, get_variant(base), "ours", 10, tuple(CLASS_NAMES), pp, Path(f"<{base} as initialised>"),
+                              key_of("init", base), {"dataset": {"name": "fashion-mnist"}})
+        weights = "as initialised (no reference checkpoint)"
+    if extra:
+        ck = replace(ck, model=inject_outliers(ck.model, OUTLIER_K), sha256=key_of("outliers", ck.sha256, OUTLIER_K))
+        weights += f", {OUTLIER_K:g}× channel outliers injected"
+    return ck, weights, ref.exists()
+
+
+def distance_and_streams(target, model, runners: dict, artifacts: dict, lat: dict, size: int, threads: int,
+                         log) -> dict:
+    """Each timed runner's effective MAC rate against the runtime's GEMM peak of the precision it executes
+    (pipeline.measure.peak), and the throughput of `artifacts` (label → artifact; `runners` has a runner of each
+    label) at batch 8 and in the runtime's own throughput mode (pipeline.measure.throughput)."""
+    from convnext_deploy.pipeline.measure.peak import fraction, model_macs, runtime_peak
+    from convnext_deploy.pipeline.measure.throughput import BATCH, batched, throughput
+
+    peak = runtime_peak(target, threads, log)
+    macs = model_macs(model, size)
+    rates = {k: fraction(macs, lat[k].p50_ms, peak, runners[k].precision.split()[0].rstrip(":")) for k in lat}
+    ways = {f"{k} · batch {BATCH}": batched(runners[k].run) for k in artifacts if k in lat}
+    if target.stream_runner is not None:
+        ways.update({f"{k} · {STREAM_MODE.get(target.name, 'streams')}": target.stream_runner(a, threads, size)
+                     for k, a in artifacts.items() if k in lat})
+    return {"macs": macs, "peak": peak, "mac_rate": {k: v for k, v in rates.items() if v},
+            "throughput": throughput(ways, size, STREAM_SECONDS) if ways else {}}
+
+
+STREAM_MODE = {"openvino": "THROUGHPUT hint, async requests", "onnxruntime": "parallel 1-thread sessions"}
+STREAM_SECONDS = 6.0
+
+
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         print(f"\n{r['target']} · {r['variant']} · {r['input_size']} px · batch 1 · {r['device']} · {r['runtime']}")

@@ -9,6 +9,8 @@ Choices that decide how fast the graph runs once quantized (measured; see README
   tensor of every block.
 - layer-scale folded into the second pointwise layer (γ·(Wx + b) = (γW)x + γb): one float Mul less per block,
   and per-channel weight quantization absorbs γ exactly.
+- the graph form (pipeline.models.graph_forms): channels-last blocks (the model as defined) or channels-first ones;
+  either is checked against the model as defined, so a form is an equivalent graph, never a different model.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.graph_forms import DEFAULT_FORM, to_form
 
 OPSET = 20  # LayerNormalization since 17, Gelu since 20
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -44,6 +47,7 @@ class ExportResult:
     parity: Parity
     cached: bool
     key: str
+    form: str = DEFAULT_FORM
 
 
 def _versions() -> dict:
@@ -112,21 +116,22 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, to
 
 
 def export_cached(model: torch.nn.Module, checkpoint_sha256: str, variant: str, images: np.ndarray,
-                  tolerance: float = 1e-3, log=print) -> ExportResult:
-    """Export once per (checkpoint, variant, opset, versions, code); parity is re-checked on every call's images."""
+                  tolerance: float = 1e-3, log=print, form: str = DEFAULT_FORM) -> ExportResult:
+    """Export `model` in graph `form` once per (checkpoint, variant, form, opset, versions, code); parity against
+    `model` itself is re-checked on every call's images."""
     # checkpoints too: its key mapping and model code decide what the same checkpoint file becomes
     code = code_digest("convnext_deploy.pipeline.models.onnx_export", "convnext_deploy.pipeline.models.checkpoints")
-    key = key_of("export", checkpoint_sha256, variant, OPSET, _versions(), model.num_classes, code)
+    key = key_of("export", checkpoint_sha256, variant, form, OPSET, _versions(), model.num_classes, code)
 
     def build(tmp: Path) -> None:
-        export_onnx(model, tmp / "model.onnx")
-        (tmp / "export.json").write_text(json.dumps({"opset": OPSET, "versions": _versions(),
+        export_onnx(to_form(model, form), tmp / "model.onnx")
+        (tmp / "export.json").write_text(json.dumps({"opset": OPSET, "versions": _versions(), "form": form,
                                                      "checkpoint_sha256": checkpoint_sha256, "variant": variant}))
 
     directory, cached = cached_dir("export", key, build, log=log)
     path = directory / "model.onnx"
     parity = check_parity(model, path, images, tolerance)
-    return ExportResult(path, OPSET, parity, cached, key)
+    return ExportResult(path, OPSET, parity, cached, key, form)
 
 
 def parity_dict(p: Parity) -> dict:

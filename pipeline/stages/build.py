@@ -4,14 +4,14 @@ samples, the toolchain versions, this project's code the build imports, the inpu
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of, sha256_file
 from convnext_deploy.pipeline.measure.latency import Spread
 from convnext_deploy.pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context
-from convnext_deploy.pipeline.stages.export import Source, Sources
+from convnext_deploy.pipeline.stages.export import Source, Sources, formed
 from convnext_deploy.pipeline.stages.prepare import model_info
 from convnext_deploy.targets.base import Artifact, BuildRequest, LabelledData, Runner
 
@@ -66,6 +66,8 @@ def build_one(ctx: Context, source: Source, precision: str, options, validation:
     def build(tmp) -> None:
         art = target.build(BuildRequest(precision, source.onnx_path, source.model, tmp,
                                         ctx.calibration if int8 else None, validation, ctx.sizes, options, info))
+        if source.onnx_path is not None:
+            art.metadata["graph_form"] = source.form
         art.save_metadata(tmp)
 
     directory, cached = cached_dir(f"artifacts/{target.name}", key, build, log=ctx.log)
@@ -85,11 +87,12 @@ def build(ctx: Context, src: Sources) -> Built:
         return Built(artifacts, runners, {})
     load = partial(target.load_runner, threads=cfg.threads)
     recipes = {DEFAULT: Recipe(src.int8, ctx.options, artifacts["int8"], partial(load, artifacts["int8"]), runners["int8"])}
-    inputs = [(r.name, src.int8 if r.smoothed else src.plain, target.make_options(**{**cfg.options, **r.options}))
+    inputs = [(r.name, src.int8 if r.smoothed else src.plain, r.form, target.make_options(**{**cfg.options, **r.options}))
               for r in target.int8_recipes]
     if src.smoothing is not None:  # smoothing is one candidate among the others: kept where accuracy needs it
-        inputs.append((SMOOTHING_OFF, src.plain, target.make_options(**cfg.options)))
-    for name, source, options in [i for i in inputs if cfg.alternatives or i[0] == cfg.recipe]:
+        inputs.append((SMOOTHING_OFF, src.plain, src.plain.form, target.make_options(**cfg.options)))
+    for name, source, form, options in [i for i in inputs if cfg.alternatives or i[0] == cfg.recipe]:
+        source = formed(ctx, source, form)
         art = build_one(ctx, source, "int8", options)
         recipes[name] = Recipe(source, options, art, partial(load, art))
     return Built(artifacts, runners, recipes)

@@ -1,9 +1,9 @@
 """What every stage of a deploy reads: the user's configuration and the prepared context."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from convnext_deploy.calibration.split import Split
 from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint

@@ -1,5 +1,7 @@
 """Stage 2: what the builds start from. The checkpoint's checked ONNX export (none for a target that converts
-from torch) and, for INT8, the model with its norm-channel outliers migrated (pipeline.decisions.outliers) and its export."""
+from torch) and, for INT8, the model with its norm-channel outliers migrated (pipeline.decisions.outliers) and its export;
+a recipe starting from another graph form (pipeline.models.graph_forms) gets that form's checked export of the same
+model (`formed`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +10,7 @@ from pathlib import Path
 import torch
 
 from convnext_deploy.pipeline.core.cache import code_digest, key_of
+from convnext_deploy.pipeline.models.graph_forms import DEFAULT_FORM
 from convnext_deploy.pipeline.models.onnx_export import ExportResult, export_cached
 from convnext_deploy.pipeline.stages.context import Context
 
@@ -18,6 +21,8 @@ class Source:
 
     model: torch.nn.Module
     onnx_path: Path | None
+    key: str = ""  # what its exports are keyed by: the checkpoint's sha256, or the smoothing's key
+    form: str = DEFAULT_FORM
 
 
 @dataclass
@@ -33,10 +38,10 @@ def export(ctx: Context) -> Sources:
     calib_x = ctx.calibration.images
     result = None
     if ctx.target.converter is None:
-        result = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32])
-        log(f"export: opset {result.opset}, parity max |Δlogit| {result.parity.max_abs_diff:.2e}, "
+        result = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32], form=ctx.target.form)
+        log(f"export ({result.form}): opset {result.opset}, parity max |Δlogit| {result.parity.max_abs_diff:.2e}, "
             f"agreement {result.parity.top1_agreement:.3f} ({'cached' if result.cached else 'exported'})")
-    plain = Source(ck.model, result.path if result else None)
+    plain = Source(ck.model, result.path if result else None, ck.sha256, ctx.target.form)
     if not ctx.has_int8 or not ctx.cfg.smoothing:
         return Sources(result, plain, plain if ctx.has_int8 else None, None)
     smoothed, info = smooth(ctx, ctx.cfg.smoothing)
@@ -58,4 +63,16 @@ def smooth(ctx: Context, alpha: float) -> tuple[Source, dict]:
         return Source(model, None), info
     key = key_of("smoothed", ck.sha256, alpha, ctx.calibration.manifest_sha256,
                  code_digest("convnext_deploy.pipeline.decisions.outliers"))
-    return Source(model, export_cached(model, key, ck.variant.name, calib_x[:32]).path), info
+    exported = export_cached(model, key, ck.variant.name, calib_x[:32], form=ctx.target.form)
+    return Source(model, exported.path, key, ctx.target.form), info
+
+
+def formed(ctx: Context, source: Source, form: str | None) -> Source:
+    """`source` exported in graph `form` (checked against the same torch model); itself where the form is its own
+    (or None) or the target converts from torch."""
+    if form is None or form == source.form or source.onnx_path is None:
+        return source
+    result = export_cached(source.model, source.key, ctx.ck.variant.name, ctx.calibration.images[:32], form=form)
+    ctx.log(f"export ({form}): parity max |Δlogit| {result.parity.max_abs_diff:.2e} "
+            f"({'cached' if result.cached else 'exported'})")
+    return Source(source.model, result.path, source.key, form)

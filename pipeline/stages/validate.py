@@ -153,7 +153,25 @@ def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
                 ctx.log(f"latency {k} {size}px b{batch}: p50 {lat.p50_ms:.2f} ms [{lat.p50_ci_ms[0]:.2f}, "
                         f"{lat.p50_ci_ms[1]:.2f}], {lat.images_per_s:.1f} img/s"
                         + (f", {vs.text()} vs {target.reference}" if vs else ""))
+    if rows and target.gemm_peak:
+        _distance_to_peak(ctx, rows)
     return rows
+
+
+def _distance_to_peak(ctx: Context, rows: list[dict]) -> None:
+    """Each batch-1 deployment row's effective MAC rate as a fraction of the runtime's GEMM peak of the precision
+    it executes (pipeline.measure.peak: measured once per CPU, threads and runtime)."""
+    from convnext_deploy.pipeline.measure.peak import fraction, model_macs, runtime_peak
+
+    peak = runtime_peak(ctx.target, ctx.cfg.threads, ctx.log)
+    macs = model_macs(ctx.ck.model, ctx.cfg.image_size)
+    for row in rows:
+        if row["batch"] == 1 and row["role"] == "deployment":
+            f = fraction(macs, row["p50_ms"], peak, row["precision"].split()[0])
+            if f:
+                row["mac_rate"] = {**f, "macs": macs}
+                ctx.log(f"{row['precision']}: {f['gmacs']:.0f} G multiply-accumulates/s, {f['fraction'] * 100:.0f} % "
+                        f"of the runtime's {f['of'].upper()} peak ({f['peak_gmacs']:.0f} G/s, {f['peak']})")
 
 
 def _others(built: Built) -> dict:
