@@ -32,7 +32,7 @@ reference:
 # The atto reference is the fixture every later stage uses, so the test run makes it first (cached).
 test:
 	$(CLI) reference --variant atto
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-all:
 	$(CLI) reference --variant atto

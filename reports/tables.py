@@ -85,7 +85,7 @@ def peak_sentence(report: dict) -> str:
         return ""
     r0 = rated[0]["mac_rate"]
     return (f" Distance to the runtime's peak ({r0['macs'] / 1e9:.2f} G multiply-accumulates an image at "
-            f"{rated[0]['input_size']} px; peak: {r0['peak']}): "
+            f"{rated[0]['input_size']} px; peak: {r0['peak']} through the same runtime): "
             + "; ".join(f"{e['precision']} {e['mac_rate']['gmacs']:.0f} G/s = {e['mac_rate']['fraction'] * 100:.0f} % "
                         f"of its {e['mac_rate']['of'].upper()} peak ({e['mac_rate']['peak_gmacs']:.0f} G/s)"
                         for e in rated) + ".")

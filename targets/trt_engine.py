@@ -1,15 +1,41 @@
 """The TensorRT target's engine: building a serialized engine and running it. Needs the tensorrt package and a
-CUDA device; the rest of the target (its Q/DQ ONNX and the CPU proxy) lives in targets.trt_gpu, which alone calls
-this module.
+CUDA device; the rest of the target (its ONNX, Q/DQ and FP16, and the CPU proxy) lives in targets.trt_gpu, which
+alone calls this module.
+
+The network is strongly typed: every tensor's type comes from the ONNX (FP16 float parts, INT8 from the Q/DQ
+nodes), never from builder flags. TensorRT 11 removed the weak-typing flags (`BuilderFlag.FP16`, `INT8`, ...)
+and builds nothing else; 10.12 deprecated them. `tests/test_trt_api.py` checks every `tensorrt` name used here
+against the Python API documented for the supported range.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from convnext_deploy.targets.base import Runner
+
+# pyproject.toml's `tensorrt` extra and constraints.txt pin the same range (tests/test_trt_api.py keeps them equal):
+# from 10.12, where NVIDIA made strong typing the build mode (weak typing deprecated), through 11.x, where it is the
+# only one; 12 may drop what 11 only deprecated.
+SUPPORTED_TENSORRT = "tensorrt>=10.12,<12"
+_LOWEST, _BEYOND = (10, 12), (12, 0)
+
+
+def supported(version: str) -> bool:
+    """Whether a tensorrt version string lies in SUPPORTED_TENSORRT."""
+    major_minor = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    return _LOWEST <= major_minor < _BEYOND
+
+
+def network_flags(trt) -> int:
+    """create_network's flags for a strongly typed network: 10.x builds one only when the creation flag asks;
+    11.x builds nothing else and keeps the flag only as a deprecated no-op, so it is not passed there."""
+    if int(trt.__version__.split(".")[0]) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def cuda_device() -> str | None:
@@ -30,7 +56,8 @@ def cuda_device() -> str | None:
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, options,
                  sizes: tuple[int, ...], timing_cache: Path) -> dict:
-    """Parse, configure and build a serialized engine from the ONNX (Q/DQ for INT8); written atomically with its
+    """Parse, configure and build a serialized engine from the strongly typed ONNX (FP16 float parts and INT8 Q/DQ
+    for INT8, FP16 for fp16, FP32 for fp32: the engine runs the types the graph states); written atomically with its
     settings beside it. `options`: the target's TensorRTOptions (workspace and batch profile)."""
     import tensorrt as trt
 
@@ -38,17 +65,13 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, options,
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     cfg = builder.create_builder_config()
     cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mib) << 20)
-    if precision in ("fp16", "int8"):
-        cfg.set_flag(trt.BuilderFlag.FP16)  # float ops (LayerNorm, GELU, Adds) fall back to FP16
-    if precision == "int8":
-        cfg.set_flag(trt.BuilderFlag.INT8)  # honour the Q/DQ nodes (explicit quantization)
     name = network.get_input(0).name
     profile = builder.create_optimization_profile()
     # one profile covers every size the artifact runs at; tuned for the last one (the deployment size)
@@ -64,11 +87,12 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, options,
     engine_bytes, cache_bytes = bytes(serialized), bytes(cfg.get_timing_cache().serialize())
     publish_file(engine_path, lambda p: p.write_bytes(engine_bytes))
     publish_file(timing_cache, lambda p: p.write_bytes(cache_bytes))  # shared by builds: never half-written
-    settings = {"precision": precision, "flags": ["FP16"] * (precision != "fp32") + ["INT8"] * (precision == "int8"),
+    settings = {"precision": precision, "network": "strongly typed", "onnx": onnx_path.name,
                 "profile": {"min": mins, "opt": opts, "max": maxs},
                 "workspace_mib": int(options.workspace_mib), "tensorrt": trt.__version__,
                 "device": cuda_device(), "timing_cache": str(timing_cache)}
-    engine_path.with_suffix(".json").write_text(json.dumps(settings, indent=1))
+    text = json.dumps(settings, indent=1)
+    publish_file(engine_path.with_suffix(".json"), lambda p: p.write_text(text))
     return settings
 
 

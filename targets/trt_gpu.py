@@ -1,20 +1,29 @@
 """TensorRT on an NVIDIA GPU: explicitly quantized (Q/DQ) INT8 engine, FP16/FP32 engines as the reference.
 
-The INT8 path follows TensorRT 10's explicit quantization (implicit INT8 calibration is deprecated):
-- A Q/DQ ONNX is made with ONNX Runtime's quantizer in TensorRT-compatible settings: symmetric INT8
-  (zero point 0) for activations and weights, per-output-channel weight scales (Conv axis 0, MatMul axis 1),
-  per-tensor activation scales from our calibration split, Q/DQ only on the *inputs* of Conv and MatMul/Gemm
-  (outputs left float) so TensorRT fuses each DQ→Conv/MatMul into an INT8 kernel; LayerNorm, GELU and the
-  residual Adds get no Q/DQ and run in FP16 (the builder's FP16 flag is the fallback for float ops).
-- The engine (targets.trt_engine) is built with the `tensorrt` Python API: ONNX parser, INT8 + FP16 flags, one
-  optimisation profile for batch 1..max at the requested size, a workspace limit, a timing cache on disk, and
-  the serialized engine written through a temporary file and a rename, with its build settings beside it.
+The engine's network is strongly typed (TensorRT 10.12 deprecated weak typing, 11 removed it with the FP16 and INT8
+builder flags): every tensor's type is the one the ONNX gives it. So the ONNX handed to TensorRT carries the
+precision itself:
+- The INT8 Q/DQ graph is made with ONNX Runtime's quantizer in TensorRT's explicit-quantization form: symmetric
+  INT8 (zero point 0) for activations and weights, per-output-channel weight scales (Conv axis 0, MatMul axis 1),
+  per-tensor activation scales from our calibration split, biases left float (TensorRT folds them into the INT8
+  kernel), Q/DQ on the inputs of Conv and MatMul/Gemm, and on the input of every LayerNormalization a Conv feeds
+  (Conv → Transpose → LayerNorm: TensorRT then picks INT8-in/INT8-out Conv kernels, ModelOpt PR #1117). Other
+  outputs stay unquantized; GELU, the residual Adds and LayerNorm itself run float.
+- Its float parts are then made FP16 in the graph (targets.trt_onnx, the form of ModelOpt AutoCast): FP16
+  initializers and Q/DQ scales, LayerNorm statistics in FP32, the graph's input and output FP32. The fp16 engine
+  is built from the export converted the same way; the fp32 engine from the export as it is.
+- The engine (targets.trt_engine) is built with the `tensorrt` Python API: a strongly typed network (the creation
+  flag on 10.x, the only kind on 11.x), ONNX parser, one optimisation profile for batch 1..max at the requested
+  size, a workspace limit, a timing cache on disk, and the serialized engine and its build settings beside it,
+  each written through a temporary file and a rename.
 - The runner executes the engine with `execute_async_v3`; its `device_ms` returns the engine's own GPU time
   from CUDA events, which the shared latency harness uses for p50/p90/p99 (copies excluded).
 
-Where TensorRT or a CUDA device is missing, the Q/DQ ONNX is still built and
-its numerics are run by ONNX Runtime on the CPU: a real, runnable proxy of the engine's INT8 arithmetic,
-labelled "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)". No latency is reported for it.
+Where TensorRT or a CUDA device is missing, the ONNX handed to TensorRT is still built and its numerics are run by
+ONNX Runtime on the CPU: a real, runnable proxy of the engine's INT8 arithmetic on FP16 tensors (ONNX Runtime
+computes ops it has no FP16 kernel for in FP32 between FP16 tensors), labelled "Q/DQ ONNX on ONNX Runtime CPU
+(proxy for the TensorRT engine)". No latency is reported for it. The per-layer probe runs the FP32 Q/DQ graph the
+quantizer wrote (kept beside as `model_int8_qdq_fp32.onnx`): its layers put back in float must equal the FP32 export.
 """
 from __future__ import annotations
 
@@ -36,11 +45,12 @@ from convnext_deploy.targets.base import (
     options_config,
     requires,
 )
-from convnext_deploy.targets.trt_engine import build_engine, cuda_device, engine_runner
+from convnext_deploy.targets.trt_engine import SUPPORTED_TENSORRT, build_engine, cuda_device, engine_runner, supported
+from convnext_deploy.targets.trt_onnx import QDQ_FP32_FILE, to_fp16
 
 NAME = "tensorrt"
 INSTALL_HINT = ("on a machine with an NVIDIA GPU and driver: pip install 'convnext-deploy[tensorrt]' "
-                "(tensorrt ≥ 10, cuda-python)")
+                f"({SUPPORTED_TENSORRT}, cuda-python)")
 PROXY_LABEL = "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)"
 NOT_BUILT_NOTE = "engine not built"
 ENGINE_FILE = "model_{precision}.engine"
@@ -49,12 +59,13 @@ RECIPE = "tensorrt explicit Q/DQ"
 
 @dataclass(frozen=True)
 class TensorRTOptions:
-    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")  # Q/DQ on these ops' inputs only
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")  # Q/DQ on these ops' inputs (and Conv → LayerNorm)
     calibrate_method: str = "minmax"  # minmax | percentile | entropy (activation scales, per tensor)
+    layernorm_inputs: bool = True  # Q/DQ on the LayerNorm inputs a Conv feeds: INT8-out Conv kernels in TensorRT
     max_batch: int = 32  # the optimisation profile: batch 1..max_batch, tuned for opt_batch
     opt_batch: int = 1
     workspace_mib: int = 4096
-    float_layers: tuple[str, ...] = ()  # checkpoint layer names left without Q/DQ (the accuracy fallback): FP16/FP32 in the engine
+    float_layers: tuple[str, ...] = ()  # checkpoint layer names left without Q/DQ (the accuracy fallback): FP16 in the engine
 
 
 _ENGINE_FIELDS = ("max_batch", "opt_batch", "workspace_mib")
@@ -65,6 +76,11 @@ def available() -> Availability:
     have = requires("tensorrt", hint=INSTALL_HINT)
     if not have.ok:
         return Availability(False, have.reason, proxy=_proxy_ok())
+    import tensorrt as trt
+
+    if not supported(trt.__version__):
+        return Availability(False, f"tensorrt {trt.__version__} is installed; this project builds with "
+                                   f"{SUPPORTED_TENSORRT}: pip install 'convnext-deploy[tensorrt]'", proxy=_proxy_ok())
     gpu = cuda_device()
     if gpu is None:
         return Availability(False, "no CUDA device is visible (nvidia-smi / CUDA driver): the engine needs an NVIDIA GPU",
@@ -108,13 +124,17 @@ def build_config(precision: str, options: TensorRTOptions) -> dict:
 # ---------------------------------------------------------------- Q/DQ ONNX (runs anywhere)
 
 def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, options: TensorRTOptions, torch_model=None) -> None:
-    """ONNX Runtime's static quantizer, set to TensorRT's explicit-quantization rules. Shape inference only
-    before it (`optimize=False`): ORT's graph optimisations could emit ORT-only contrib ops TensorRT cannot parse."""
+    """ONNX Runtime's static quantizer, set to TensorRT's explicit-quantization rules; the graph stays FP32 (build
+    converts it). Shape inference only before it (`optimize=False`): ORT's graph optimisations could emit ORT-only
+    contrib ops TensorRT cannot parse."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType
 
     from convnext_deploy.targets.ort_tools import calibration_method, quantize
+    from convnext_deploy.targets.trt_onnx import tensorrt_placement
 
+    # ORT puts Q/DQ on a Conv's output for every consumer; tensorrt_placement keeps only the LayerNorm-bound ones
+    unquantized_outputs = [op for op in options.op_types if not (options.layernorm_inputs and op == "Conv")]
     quantize(src, dst, calibration, options.float_layers, torch_model, optimize=False,
              quant_format=QuantFormat.QDQ,
              op_types_to_quantize=list(options.op_types),
@@ -125,23 +145,16 @@ def make_qdq_onnx(src: Path, dst: Path, calibration: CalibrationData, options: T
              extra_options={
                  "ActivationSymmetric": True,  # zero point 0: TensorRT supports symmetric INT8 only
                  "WeightSymmetric": True,
-                 "OpTypesToExcludeOutputQuantization": list(options.op_types),  # Q/DQ on inputs only
+                 # TensorRT takes float biases into its INT8 kernels (ModelOpt quantizes none); an INT32 bias's
+                 # scale (input × weight scale) would also fall below FP16's range
+                 "QuantizeBias": False,
+                 "OpTypesToExcludeOutputQuantization": unquantized_outputs,
                  "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # MatMul weight (K, N): N is the output channel
              })
     model = onnx.load(str(dst))
-    _float_for_other_consumers(model, set(options.op_types))
+    tensorrt_placement(model, set(options.op_types))
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
-
-
-def _float_for_other_consumers(model, quantized_ops: set[str]) -> None:
-    """ORT shares one Q/DQ pair among all consumers of a tensor, so the residual Add that reads a block's
-    input would read it fake-quantized. TensorRT's rule is Q/DQ on the inputs of quantizable ops only:
-    every other consumer reads the float tensor the QuantizeLinear read."""
-    from convnext_deploy.targets.qdq import rewire_to_float
-
-    rewire_to_float(model, lambda node, k, q: node.op_type not in quantized_ops
-                    and node.op_type not in ("QuantizeLinear", "DequantizeLinear"))
 
 
 def qdq_report(path: Path) -> dict:
@@ -186,16 +199,20 @@ def build(request: BuildRequest) -> Artifact:
     options = request.options if request.options is not None else TensorRTOptions()
     config = build_config(request.precision, options)
     out = request.out_dir
-    onnx_path = out / f"model_{request.precision}.onnx"
+    onnx_path = out / f"model_{request.precision}.onnx"  # what TensorRT parses, typed as the engine runs
     meta: dict = {"build": config}
+    files = [onnx_path]
     if request.precision == "int8":
         calibration = calibration_record(request.calibration)
-        make_qdq_onnx(request.onnx_path, onnx_path, request.calibration, options, request.torch_model)
+        make_qdq_onnx(request.onnx_path, out / QDQ_FP32_FILE, request.calibration, options, request.torch_model)
+        meta["onnx_types"] = to_fp16(out / QDQ_FP32_FILE, onnx_path)
         meta["qdq"] = qdq_report(onnx_path)
         meta["calibration"] = calibration
+        files.append(out / QDQ_FP32_FILE)
+    elif request.precision == "fp16":
+        meta["onnx_types"] = to_fp16(request.onnx_path, onnx_path)
     else:
         shutil.copyfile(request.onnx_path, onnx_path)
-    files = [onnx_path]
     avail = available()
     if avail.ok:
         engine = out / ENGINE_FILE.format(precision=request.precision)
@@ -213,20 +230,24 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
         return engine_runner(engines[0], artifact.precision)
     if artifact.precision == "fp16":
         raise ValueError("no CPU proxy reproduces the FP16 engine's numerics; it needs TensorRT on a GPU")
-    # The proxy: the same ONNX (Q/DQ for INT8) executed by ONNX Runtime on the CPU, with no graph
-    # optimisation that could fuse the Q/DQ pairs into kernels of another arithmetic.
+    # The proxy: the ONNX TensorRT parses (FP16 with Q/DQ for INT8) executed by ONNX Runtime on the CPU, with no
+    # graph optimisation that could fuse the Q/DQ pairs into kernels of another arithmetic.
     from convnext_deploy.targets.ort_tools import runner
 
-    executed = {"int8": "int8 Q/DQ (fake-quantized: float arithmetic on int8-rounded values)",
+    executed = {"int8": "int8 Q/DQ on fp16 tensors (fake-quantized: float arithmetic on int8-rounded values)",
                 "fp32": "fp32"}[artifact.precision]
     return runner(artifact.files[0], threads, executed, optimize=False, proxy=PROXY_LABEL)
 
 
 def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, calibration=None) -> LayerProbe:
-    """The Q/DQ graph as written (the proxy's arithmetic: no fusion turns Q/DQ into other kernels)."""
+    """The quantizer's FP32 Q/DQ graph as written (no fusion turns Q/DQ into other kernels): a layer put back in
+    float reads the FP32 export's weights, which an FP16 graph could not take, and all of them give the export."""
     from convnext_deploy.targets.qdq import layer_probe as qdq_probe
 
-    return qdq_probe(artifacts["int8"].files[0], artifacts["fp32"].files[0], images, threads, optimize=False,
+    qdq = next((f for f in artifacts["int8"].files if f.name == QDQ_FP32_FILE), None)
+    if qdq is None:
+        raise ValueError(f"the TensorRT INT8 artifact has no {QDQ_FP32_FILE} (built by an older version): rebuild it")
+    return qdq_probe(qdq, artifacts["fp32"].files[0], images, threads, optimize=False,
                      runtime=PROXY_LABEL, kind="proxy", model=model)
 
 

@@ -4,7 +4,7 @@ their values do not change the cost)."""
 import numpy as np
 import pytest
 
-from convnext_deploy.pipeline.bench import _checkpoint
+from convnext_deploy.pipeline.measure.bench_rows import bench_checkpoint
 from convnext_deploy.pipeline.measure.latency import measure, ratio
 from convnext_deploy.pipeline.measure.memory import stage_peak
 from convnext_deploy.pipeline.stages.build import build
@@ -18,7 +18,7 @@ PEAK_RSS_LIMIT_MIB = 6 * 1024  # issue 15: a T deploy with its fallback ran unde
 @pytest.mark.slow
 def test_convnext_s_builds_and_runs_at_224_px_in_bounded_memory(cli_env, monkeypatch, capsys):
     monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
-    ck, weights, _ = _checkpoint("s")
+    ck, weights, _ = bench_checkpoint("s")
     cfg = DeployConfig(target="onnxruntime", variant="s", n_calib=64, n_eval=200, image_size=224, alternatives=False,
                        fallback=False)
     memory: list[dict] = []

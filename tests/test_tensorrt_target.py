@@ -101,26 +101,98 @@ def test_qdq_graph_follows_tensorrt_rules(setup):
         expected = dims[0] if n.op_type == "Conv" else dims[1] if n.op_type == "MatMul" else dims[0]
         assert scales in (expected, 1), f"{n.name}: {scales} scales for {expected} output channels"
         per_channel += scales == expected
+        assert len(n.input) < 3 or n.input[2] in inits  # biases stay float: TensorRT folds them into the kernel
     assert per_channel >= 40  # per output channel everywhere the quantizer offers it
-    # no Q/DQ around LayerNorm, GELU, Add: dequantized tensors feed only Conv/MatMul/Gemm
-    assert set(q["dq_consumers"]) <= {"Conv", "MatMul", "Gemm"}
+    # no Q/DQ around GELU or Add: dequantized tensors feed Conv/MatMul/Gemm, and the Transpose from each Conv to its
+    # LayerNorm (stem + 12 blocks of atto: ModelOpt's Conv → LayerNorm placement, INT8-out Conv kernels in TensorRT)
+    assert set(q["dq_consumers"]) <= {"Conv", "MatMul", "Gemm", "Transpose"}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    ln_qdq = 0
+    for ln in (n for n in model.graph.node if n.op_type == "LayerNormalization"):
+        t = producer[ln.input[0]]
+        assert t.op_type in ("Transpose", "ReduceMean")
+        if t.op_type == "Transpose" and producer[t.input[0]].op_type == "DequantizeLinear":
+            qn = producer[producer[t.input[0]].input[0]]
+            assert qn.op_type == "QuantizeLinear" and producer[qn.input[0]].op_type == "Conv"
+            ln_qdq += 1
+    assert ln_qdq == 13
+    for n in model.graph.node:  # every other reader of a quantized tensor reads it in float (the residual Adds)
+        if n.op_type == "DequantizeLinear" and n.input[0] not in inits:
+            assert {c.op_type for c in consumers[n.output[0]]} <= {"Conv", "MatMul", "Gemm", "Transpose"}
+
+
+def test_the_onnx_handed_to_tensorrt_is_strongly_typed_fp16_with_int8_qdq(setup):
+    """TensorRT 11 takes every type from the ONNX: float parts FP16 (scales too, so each DequantizeLinear gives
+    FP16), INT8 Q/DQ with zero point 0, the graph's input and output FP32; the fp32 artifact stays FP32."""
+    from onnx import TensorProto, numpy_helper
+
+    from convnext_deploy.targets.trt_onnx import QDQ_FP32_FILE, float_types
+
+    _, arts, *_ = setup
+    model = onnx.load(str(arts["int8"].files[0]))
+    g = model.graph
+    assert [f.name for f in arts["int8"].files[:2]] == ["model_int8.onnx", QDQ_FP32_FILE]
+    assert float_types(model)["fp32"] == [] and float_types(model)["fp16"] > 100
+    assert TensorProto.FLOAT not in {i.data_type for i in g.initializer}
+    assert [(v.name, v.type.tensor_type.elem_type) for v in (*g.input, *g.output)] == \
+        [("input", TensorProto.FLOAT), ("logits", TensorProto.FLOAT)]
+    inits = {i.name: i for i in g.initializer}
+    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) > 100
+    for n in qdq:
+        assert inits[n.input[1]].data_type == TensorProto.FLOAT16, n.name
+        zp = inits[n.input[2]]  # an absent zero point would mean UINT8
+        assert zp.data_type == TensorProto.INT8 and not numpy_helper.to_array(zp).any(), n.name
+    assert all(a.i == 1 for n in g.node if n.op_type == "LayerNormalization" for a in n.attribute
+               if a.name == "stash_type")  # FP32 statistics
+    assert arts["int8"].metadata["onnx_types"]["float"] == "fp16"
+    assert TensorProto.FLOAT16 not in {i.data_type for i in onnx.load(str(arts["fp32"].files[0])).graph.initializer}
+
+
+def test_the_fp16_engine_onnx_computes_the_fp32_export(setup, tmp_path):
+    """The fp16 engine's ONNX is the export with its float parts in FP16: on ONNX Runtime it gives the export's
+    logits to FP16 precision."""
+    from convnext_deploy.targets.ort_tools import runner
+    from convnext_deploy.targets.trt_onnx import float_types
+
+    ck, arts, test, split = setup
+    art = trt.build(BuildRequest("fp16", arts["fp32"].files[0], ck.model, tmp_path, None, input_sizes=(32, 224),
+                                 options=trt.make_options()))
+    assert float_types(onnx.load(str(art.files[0])))["fp32"] == [] and art.metadata["onnx_types"]["io"] == "fp32"
+    x, _ = load_array(test, split.evaluation.indices[:256], ck.preprocessing)
+    half, full = (runner(a.files[0], 2, p, optimize=False).run(x) for a, p in ((art, "fp16"), (arts["fp32"], "fp32")))
+    assert np.abs(half - full).max() < 0.05 * np.abs(full).max() and (half.argmax(1) == full.argmax(1)).mean() >= 0.99
 
 
 def test_proxy_accuracy_matches_fp32_on_the_reference_task(setup):
+    """The ONNX TensorRT parses (FP16 float parts, INT8 Q/DQ), run by ONNX Runtime: within 0.3 pp of FP32 on the
+    10,000 test images; the quantizer's FP32 Q/DQ graph is printed beside it, to show what FP16 adds."""
+    from convnext_deploy.targets.ort_tools import runner
+
     ck, arts, test, split = setup
     runners = {p: trt.load_runner(a, 2) for p, a in arts.items()}
     assert all(r.proxy == trt_gpu.PROXY_LABEL and not r.timed and r.device_ms is None for r in runners.values())
+    assert "fp16" in runners["int8"].precision
+    qdq_fp32 = runner(arts["int8"].files[1], 2, "int8 Q/DQ fp32", optimize=False)
     x, y = load_array(test, split.evaluation.indices, ck.preprocessing)
-    preds = predict_many({p: r.run for p, r in runners.items()},
+    preds = predict_many({**{p: r.run for p, r in runners.items()}, "qdq_fp32": qdq_fp32.run},
                          ((x[i:i + 500], y[i:i + 500]) for i in range(0, len(x), 500)))
-    acc = accuracy(preds["int8"], preds["fp32"])
-    print(f"\n{trt_gpu.PROXY_LABEL}: atto INT8 top-1 {acc['top1'] * 100:.2f}% on 10,000 test images, "
-          f"drop {acc['top1_drop_pp']:+.2f} pp vs FP32, agreement {acc['agreement'] * 100:.2f}%")
+    acc, acc32 = accuracy(preds["int8"], preds["fp32"]), accuracy(preds["qdq_fp32"], preds["fp32"])
+    ref = accuracy(preds["fp32"])
+    print(f"\n{trt_gpu.PROXY_LABEL}: atto FP32 top-1 {ref['top1'] * 100:.2f}%, INT8 (FP16 float parts) "
+          f"{acc['top1'] * 100:.2f}% on 10,000 test images, drop {acc['top1_drop_pp']:+.2f} pp, agreement "
+          f"{acc['agreement'] * 100:.2f}%; the FP32 Q/DQ graph {acc32['top1'] * 100:.2f}% "
+          f"(drop {acc32['top1_drop_pp']:+.2f} pp)")
     assert acc["top1_drop_pp"] <= 0.3 and acc["agreement"] >= 0.98
 
 
 def test_layer_probe_is_the_qdq_graph_as_written(setup):
-    """The sensitivity probe runs the proxy's arithmetic; with every layer in float it is the FP32 export."""
+    """The sensitivity probe runs the quantizer's FP32 Q/DQ graph as written (the FP16 one could not take a floated
+    layer's FP32 weights); with every layer in float it is the FP32 export."""
     from convnext_deploy.pipeline.decisions.sensitivity import run_probe
 
     ck, arts, test, split = setup
@@ -154,7 +226,8 @@ def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, cli_env,
         assert status["max_top1_drop_pp"] == ("pass" if allow else "proxy not allowed")
         md = (tmp_path / name / "report.md").read_text()
         assert "engine not built" in md and "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)" in md
-        assert {f.name for f in (tmp_path / name / "artifacts").iterdir()} == {"model_fp32.onnx", "model_int8.onnx"}
+        assert {f.name for f in (tmp_path / name / "artifacts").iterdir()} == \
+            {"model_fp32.onnx", "model_int8.onnx", "model_int8_qdq_fp32.onnx"}
 
 
 @pytest.mark.gpu
@@ -176,4 +249,40 @@ def test_engine_builds_and_matches_its_proxy(setup, tmp_path):
     assert acc["agreement"] >= 0.98 and abs(acc["top1_drop_pp"]) <= 0.5
     assert engine.device_ms(x[:1]) > 0  # the engine's own GPU time
     settings = json.loads(next(f for f in arts["int8"].files if f.suffix == ".json").read_text())
-    assert settings["flags"] == ["FP16", "INT8"] and settings["profile"]["max"][2] == 224
+    assert settings["network"] == "strongly typed" and settings["profile"]["max"][2] == 224
+
+
+def test_fp16_conversion_regrids_weight_channels_whose_scale_fp16_cannot_state(tmp_path):
+    """A channel of tiny weights (a layer-scale γ near 0 folded in) has a per-channel scale below FP16's normal
+    range: it is moved onto the grid of its scale rounded up to FP16, every weight within half a step, none
+    clipped; the converted graph runs on ONNX Runtime and computes what the FP32 Q/DQ graph computes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from convnext_deploy.targets.ort_tools import runner
+    from convnext_deploy.targets.trt_onnx import to_fp16
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, size=(4, 3, 3, 3)).astype(np.int8)
+    w_scale = np.array([0.01, 0.002, 3e-7, 2e-8], np.float32)  # the last two: subnormal, and 0, in FP16
+    arrays = {"w_q": w, "w_scale": w_scale, "w_zp": np.zeros(4, np.int8), "x_scale": np.array(0.02, np.float32),
+              "x_zp": np.array(0, np.int8), "b": rng.normal(size=4).astype(np.float32)}
+    inits = [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(tmp_path / "q.onnx"))
+    summary = to_fp16(tmp_path / "q.onnx", tmp_path / "h.onnx")
+    assert summary["weight_channels_regridded"] == 2
+    h = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "h.onnx")).graph.initializer}
+    assert h["w_scale"].dtype == np.float16 and (h["w_scale"] > 0).all()
+    assert (h["w_scale"][:2] == w_scale[:2].astype(np.float16)).all() and (h["w_q"][:2] == w[:2]).all()
+    before = w.astype(np.float32) * w_scale[:, None, None, None]
+    after = h["w_q"].astype(np.float32) * h["w_scale"].astype(np.float32)[:, None, None, None]
+    step = h["w_scale"].astype(np.float32)[2:, None, None, None]
+    assert (np.abs(after[2:] - before[2:]) <= step / 2 + 1e-12).all()
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    y32, y16 = (runner(tmp_path / f, 1, "t", optimize=False).run(x) for f in ("q.onnx", "h.onnx"))
+    assert y16.dtype == np.float32 and np.abs(y16 - y32).max() < 2e-2 * np.abs(y32).max()

@@ -171,7 +171,7 @@ def _distance_to_peak(ctx: Context, rows: list[dict]) -> None:
             if f:
                 row["mac_rate"] = {**f, "macs": macs}
                 ctx.log(f"{row['precision']}: {f['gmacs']:.0f} G multiply-accumulates/s, {f['fraction'] * 100:.0f} % "
-                        f"of the runtime's {f['of'].upper()} peak ({f['peak_gmacs']:.0f} G/s, {f['peak']})")
+                        f"of the runtime's {f['of'].upper()} peak ({f['peak_gmacs']:.0f} G/s: {f['peak']})")
 
 
 def _others(built: Built) -> dict:
