@@ -125,26 +125,26 @@ def render_row(row: dict, result: dict) -> list[str]:
     rounds = (f"{row['rounds']} undisturbed rounds over {row['instances']} loads of every artifact, "
               f"{row.get('disturbed_rounds', 0)} disturbed rounds left out" if row.get("rounds") else "not timed")
     out.append(f"- {acc}; {rounds}" + (f"; peak RSS {row['peak_rss_mib']:.0f} MiB" if row.get("peak_rss_mib") else ""))
-    out += _distance(row) + _streams(row)
+    out += distance_lines(row) + stream_lines(row)
     out += [f"- note: {n}" for n in row.get("skipped", [])]
     return out + [""]
 
 
-def _distance(row: dict) -> list[str]:
+def distance_lines(row: dict) -> list[str]:
     """Each runner's effective MAC rate (the model's multiply-accumulates at batch 1 over its p50) as a fraction of
     the runtime's own GEMM peak of that precision, measured in the same run."""
     if not row.get("mac_rate"):
         return []
     peak = row["peak"]
     head = (f"- distance to the runtime's peak ({row['macs'] / 1e9:.2f} G multiply-accumulates an image; peak: "
-            f"a {peak.get('gemm', 'large')} GEMM through {peak.get('runtime', row['runtime'])}, "
+            f"{peak['gemm']} through {peak.get('runtime', row['runtime'])}, "
             + ", ".join(f"{p.upper()} {peak[p]['gmacs']:.0f} G/s" for p in ("fp32", "int8") if p in peak) + "):")
     return [head] + [f"  - {k}: {v['gmacs']:.0f} G/s = {v['fraction'] * 100:.0f} % of the "
                      f"{v['of'].upper()} peak"
                      for k, v in row["mac_rate"].items()]
 
 
-def _streams(row: dict) -> list[str]:
+def stream_lines(row: dict) -> list[str]:
     if not row.get("throughput"):
         return []
     return ["- throughput (images/s, median of interleaved rounds [lowest, highest]): " + "; ".join(

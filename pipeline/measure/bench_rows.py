@@ -168,6 +168,8 @@ STREAM_SECONDS = 6.0
 
 
 def print_rows(rows: list[dict]) -> None:
+    from convnext_deploy.reports.benchmarks import distance_lines, stream_lines
+
     for r in rows:
         print(f"\n{r['target']} · {r['variant']} · {r['input_size']} px · batch 1 · {r['device']} · {r['runtime']}")
         acc_note = (f"top-1 on {r['eval']['split']} ({r['eval']['n']} images, {r['eval']['input_size']} px)"
@@ -184,6 +186,8 @@ def print_rows(rows: list[dict]) -> None:
             print(f"  {r['rounds']} undisturbed rounds over {r['instances']} loads of every artifact"
                   + (f"; {r['disturbed_rounds']} disturbed rounds left out (the whole machine slower)"
                      if r.get("disturbed_rounds") else ""))
+        for line in distance_lines(r) + stream_lines(r):  # the distance to the runtime's peak, the throughput
+            print("  " + line.removeprefix("- "))
         if r.get("peak_rss_mib"):
             print(f"  peak RSS of this row (build, time, evaluate): {r['peak_rss_mib']:.0f} MiB")
         for note in r.get("skipped", []):
