@@ -129,7 +129,7 @@ def test_missed_gate_exits_1_naming_it(atto_reference, env, tmp_path):
 
 @pytest.mark.parametrize("case", ["target", "variant", "wrong_variant", "bad_checkpoint", "empty_calib",
                                   "nan_weights", "no_reference", "image_size", "recipe"])
-def test_bad_input_one_line_nonzero_nothing_written(case, atto_reference, env, tmp_path):
+def test_bad_input_one_line_nonzero_nothing_written(case, atto_reference, env, tmp_path, monkeypatch, capsys):
     args = ["deploy", "--target", "onnxruntime", "--variant", "atto", "--out", str(tmp_path / "out")]
     e = dict(env)
     if case == "target":
@@ -166,9 +166,27 @@ def test_bad_input_one_line_nonzero_nothing_written(case, atto_reference, env, t
     else:
         args += ["--image-size", "200"]
         match = "not a multiple of 32"
-    p = cli(args, e, code=2)
+    p = _cli_here(args, e, monkeypatch, capsys)  # each case stops before any build: a subprocess would be imports
+    assert p.returncode == 2, p.stdout + p.stderr
     assert match in _one_clear_line(p)
     assert not (tmp_path / "out").exists()
+
+
+def _cli_here(args, env, monkeypatch, capsys):
+    """`convnext-deploy ARGS` in this process, with the environment's CONVNEXT_DEPLOY_* settings."""
+    from types import SimpleNamespace
+
+    from convnext_deploy.pipeline.cli import main
+
+    for k, v in env.items():
+        if k.startswith("CONVNEXT_DEPLOY_"):
+            monkeypatch.setenv(k, v)
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def test_missing_toolchain_says_which_extra_and_the_rest_still_works(env):

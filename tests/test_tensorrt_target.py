@@ -211,7 +211,7 @@ def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, cli_env,
         gates = tmp_path / f"{name}.toml"
         gates.write_text(f"[defaults]\nmax_top1_drop_pp = 0.3\nmin_int8_speedup = 1.0\nallow_proxy = {str(allow).lower()}\n")
         p = subprocess.run([sys.executable, "-m", "convnext_deploy", "deploy", "--target", "tensorrt", "--variant", "atto",
-                            "--eval", "1000", "--calib", "200", "--no-alternatives", "--gates", str(gates),
+                            "--eval", "500", "--calib", "200", "--no-alternatives", "--gates", str(gates),
                             "--out", str(tmp_path / name)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 3, p.stdout + p.stderr
