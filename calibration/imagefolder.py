@@ -1,7 +1,10 @@
 """An ImageFolder tree (`root/<class>/<image>`), the layout of ImageNet val for users who have it.
 
 Only the file list is held in memory; images are opened one at a time as they are read, so a
-50,000-image tree streams in bounded memory.
+50,000-image tree streams in bounded memory. Files are images by their suffix; what operating systems drop into
+folders (hidden files, macOS `._name.jpg` companions, `Thumbs.db`, `desktop.ini`, `__MACOSX/`) is skipped unread.
+An image file that cannot be decoded stops the run with one line naming it: an empty one when the tree is listed,
+a truncated or corrupt one when it is read.
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from convnext_deploy.calibration.imagenet import CLASSES_FILE, NUM_CLASSES, imagenet_1k, is_wnid
 from convnext_deploy.pipeline.core.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm",
+                  ".pbm", ".pnm")
+SKIPPED_DIRS = ("__MACOSX",)  # a macOS zip's folder of AppleDouble companions, never a class
 WNID_RULE = "ImageNet-1k wnids"
 
 
@@ -21,7 +26,8 @@ class ImageFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"image folder not found: {self.root}; pass a directory laid out as root/<class>/<image>")
-        dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        dirs = sorted(p for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and p.name not in SKIPPED_DIRS)
         if not dirs:
             raise UserError(
                 f"{self.root} holds no class folders; lay images out as {self.root}/<class>/<image>.jpg"
@@ -36,7 +42,7 @@ class ImageFolder:
             index = {n: i for i, n in enumerate(names)}
         self.samples: list[tuple[Path, int]] = []
         for d in dirs:
-            files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = image_files(d)
             if not files:
                 raise UserError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images or remove it")
             self.samples.extend((p, index[d.name]) for p in files)
@@ -77,11 +83,26 @@ class ImageFolder:
         return str(self.samples[i][0].resolve())
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The images of one folder, sorted: files with an image suffix (Pillow reads them by content, so a PNG named
+    .jpg is read as the PNG it is). Names starting with "." are skipped: .DS_Store and the `._photo.jpg`
+    AppleDouble files macOS writes beside each image on foreign disks, which carry the image's suffix but hold
+    no image; `Thumbs.db`, `desktop.ini` and any other file without an image suffix are skipped too. An empty
+    image file (a download that broke off before its first byte) is refused here, naming it, before anything runs."""
+    files = sorted(p for p in folder.iterdir()
+                   if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for p in files:
+        if p.stat().st_size == 0:
+            raise UserError(f"empty image file {p} (0 bytes); replace or delete it")
+    return files
+
+
 def read_image(path: Path) -> Image.Image:
-    """One image, decoded now, or a one-line UserError naming the file."""
+    """One image, decoded now, or a one-line UserError naming the file (truncated, corrupt, not an image, or
+    larger than Pillow's decompression-bomb limit)."""
     try:
         with Image.open(path) as im:
             im.load()
             return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise UserError(f"corrupt or unreadable image {path} ({e}); replace or delete it") from None

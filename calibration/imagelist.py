@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from convnext_deploy.calibration.imagefolder import IMAGE_SUFFIXES, ImageFolder, read_image
+from convnext_deploy.calibration.imagefolder import IMAGE_SUFFIXES, ImageFolder, image_files, read_image
 from convnext_deploy.pipeline.core.errors import UserError
 
 UNLABELLED = -1
@@ -38,7 +38,7 @@ class ImageList:
 
 
 def flat_folder(root: Path) -> ImageList:
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)  # the same rule as a tree's class folders: junk skipped, empty files named
     if not files:
         raise UserError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no class folders; pass {ACCEPTED}")
     return ImageList(files, root)

@@ -22,15 +22,24 @@ def resize_size(pp: Preprocessing, input_size: int | None = None) -> int:
     return int(math.floor(size / pp.crop_pct))
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB with Pillow's convert, after a 16-bit grey image (PNG/TIFF mode I;16, or I as older
+    Pillow opens 16-bit PNGs) is scaled to 8 bits by its top byte: convert clips such values at 255, which turns
+    nearly every pixel white."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        img = Image.fromarray(np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def preprocess(img: Image.Image, pp: Preprocessing, input_size: int | None = None) -> np.ndarray:
-    """Grey/RGBA → RGB, resize shorter side, centre crop, scale to [0, 1], normalise; returns CHW float32.
+    """Any mode → RGB (`to_rgb`), resize shorter side, centre crop, scale to [0, 1], normalise; returns CHW float32.
 
     `input_size` overrides the checkpoint's size (a deployment resolution) keeping its crop ratio.
     """
     size = input_size or pp.input_size
     if pp.interpolation not in _INTERPOLATION:
         raise ValueError(f"unsupported interpolation {pp.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
-    img = img.convert("RGB")
+    img = to_rgb(img)
     short = resize_size(pp, size)
     w, h = img.size
     if w <= h:

@@ -193,7 +193,8 @@ def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int) -> d
         "input_size": size, "crop_pct": pp["crop_pct"], "interpolation": pp["interpolation"],
         "mean": pp["mean"], "std": pp["std"],
         "colour_mode": "RGB: every image is converted with Pillow's Image.convert('RGB') before anything else "
-                       "(a grey image becomes three equal channels; alpha is dropped, not composited)",
+                       "(a grey image becomes three equal channels; alpha is dropped, not composited; 16-bit grey is "
+                       "first scaled to 8 bits by its top byte, where convert would clip it)",
         "resize": f"shorter side to floor(input_size / crop_pct) = {short} px, the other side to "
                   f"max({short}, round(side × {short} / shorter side)), Pillow Image.resize with "
                   f"{pp['interpolation']} (skipped when the image already has that size)",

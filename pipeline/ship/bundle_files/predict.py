@@ -6,11 +6,12 @@
 Needs only numpy, Pillow and the bundle's runtime (preprocessing.json names it: onnxruntime, openvino, or
 coremltools on macOS); not convnext-deploy, not torch. Reads preprocessing.json and labels.txt beside this file.
 
-An image of any size and mode (grey, RGB, RGBA, palette) is converted to RGB first (grey becomes three equal
-channels; alpha is dropped), its shorter side resized to floor(input_size / crop_pct) px with the recorded
-filter, centre-cropped to input_size, scaled to [0, 1] and normalised with the recorded mean/std (a Core ML
-package takes the cropped RGB image and normalises inside). The rule is convnext-deploy's
-calibration/preprocess.py, line for line: the same top-1 as the deploy's own evaluation.
+An image of any size and mode (grey, 16-bit grey, RGB, RGBA, palette, CMYK) is converted to RGB first (grey
+becomes three equal channels; 16-bit grey is first scaled to 8 bits by its top byte; alpha is dropped), its shorter
+side resized to floor(input_size / crop_pct) px with the recorded filter, centre-cropped to input_size, scaled to
+[0, 1] and normalised with the recorded mean/std (a Core ML package takes the cropped RGB image and normalises
+inside). The rule is convnext-deploy's calibration/preprocess.py, line for line: the same top-1 as the deploy's
+own evaluation.
 
 Prints one line per image: the top-5 class names with their probabilities (softmax of the logits; a Core ML
 classifier gives probabilities itself). --json prints one JSON object per line instead.
@@ -57,6 +58,8 @@ def load_bundle(bundle: Path = HERE) -> tuple[dict, list[str]]:
 def resize_crop(img: Image.Image, pp: dict) -> Image.Image:
     """RGB, shorter side resized, centre crop: the input_size × input_size RGB image the model sees."""
     size = int(pp["input_size"])
+    if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grey: convert would clip it at 255
+        img = Image.fromarray(np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
     img = img.convert("RGB")
     short = int(math.floor(size / float(pp["crop_pct"])))
     w, h = img.size
