@@ -34,13 +34,28 @@ def test_one_bench_run_times_every_row_in_one_measurement(atto_reference, cli_en
                       log=lambda m: None)
     from convnext_deploy.targets import get_target
 
+    from convnext_deploy.targets.ort_peer import PATHS
+
     declared = {f"int8 {r.name}" for r in get_target("onnxruntime").int8_recipes}
-    assert set(row["p50_ms"]) == {"fp32", "int8 ours (default)", "int8 ours without outlier smoothing"} | declared
+    peers = {label for label, _ in PATHS}  # the users' own paths, and FP32 in the other graph form a recipe uses
+    assert set(row["p50_ms"]) == ({"fp32", "fp32 channels_first", "int8 ours (default)",
+                                   "int8 ours without outlier smoothing"} | declared | peers)
     assert all(ms > 0 for ms in row["p50_ms"].values()) and row["cpu_profile"]["int8_path"]
     for name, ratio in row["ratios"].items():  # A vs B = p50(B) / p50(A), from the same run
-        a, b = name.split(" vs ")  # every candidate against the reference, and ours against the peer
+        a, b = name.split(" vs ")  # every candidate against the reference, ours against the peers
+        if b.startswith("the fastest "):  # "the fastest fp32 form (LABEL)"
+            b = b.split(" form (", 1)[1][:-1]
         assert ratio["value"] == pytest.approx(row["p50_ms"][b] / row["p50_ms"][a])
         assert ratio["ci95"][0] <= ratio["value"] <= ratio["ci95"][1]
+    fastest = min(("fp32", "fp32 channels_first"), key=row["p50_ms"].get)
+    assert f"int8 ours (default) vs the fastest fp32 form ({fastest})" in row["ratios"]
+    for label, rate in row["mac_rate"].items():  # MACs over p50, against the runtime's peak of that precision
+        assert rate["gmacs"] == pytest.approx(row["macs"] / (row["p50_ms"][label] / 1e3) / 1e9, rel=1e-2, abs=0.1)
+        assert rate["fraction"] == pytest.approx(rate["gmacs"] / row["peak"][rate["of"]]["gmacs"], rel=1e-2, abs=1e-3)
+    assert {rate["of"] for rate in row["mac_rate"].values()} == {"fp32", "int8"}
+    assert set(row["throughput"]) == {f"{k} · {way}" for k in ("fp32", "int8 ours (default)")
+                                      for way in ("batch 8", "parallel 1-thread sessions")}
+    assert all(t["images_per_s"] > 0 for t in row["throughput"].values())
     assert row["eval"]["n"] == 300 and row["drop_pp"]["fp32"] == 0.0 and 0.8 < row["top1"]["fp32"] <= 1.0
     assert row["instances"] >= 4 and row["rounds"] >= 2  # spread over fresh loads of every artifact
 
