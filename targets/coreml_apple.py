@@ -140,7 +140,7 @@ def build(request: BuildRequest) -> Artifact:
     import torch
 
     from convnext_deploy.pipeline.models.convnext import weight_layers
-    from convnext_deploy.pipeline.models.onnx_export import fold_layer_scale
+    from convnext_deploy.pipeline.models.convnext import fold_layer_scale
 
     config = build_config(request.precision, request.options)
     info = dict(request.model_info)

@@ -249,7 +249,7 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model, calibr
     stay, as they are separate ops in the package."""
     import torch
 
-    from convnext_deploy.pipeline.models.onnx_export import fold_layer_scale
+    from convnext_deploy.pipeline.models.convnext import fold_layer_scale
 
     if model is None or calibration is None:
         raise ValueError("the Core ML layer probe rebuilds the W8A8 proxy: it needs the model and its calibration data")

@@ -173,5 +173,21 @@ def map_by_network_order(nodes: list[str], model: nn.Module, modules: list[str],
     return [by_module[m] for m in modules]
 
 
+def fold_layer_scale(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every block's γ multiplied into mlp.fc2 (γ·(Wx + b) = (γW)x + γb: same function, one
+    op less; the export and every graph form start from it)."""
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for stage in folded.stages:
+            for block in stage.blocks:
+                if block.gamma is not None:
+                    block.mlp.fc2.weight.mul_(block.gamma[:, None])
+                    block.mlp.fc2.bias.mul_(block.gamma)
+                    block.gamma = None
+    return folded
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import nn
 
-from convnext_deploy.pipeline.models.convnext import Block, LayerNorm2d
+from convnext_deploy.pipeline.models.convnext import Block, LayerNorm2d, fold_layer_scale
 
 DEFAULT_FORM = "channels_last"
 FORMS = ("channels_last", "channels_first")
@@ -54,16 +54,12 @@ class ChannelsFirstBlock(nn.Module):
 
     def __init__(self, block: Block):
         super().__init__()
-        gamma = block.gamma.detach() if block.gamma is not None else None
+        assert block.gamma is None, "fold the layer-scale first (fold_layer_scale)"
         self.conv_dw = copy.deepcopy(block.conv_dw)
         self.norm = ChannelNorm(block.norm)
         self.mlp = nn.Sequential()
         self.mlp.fc1, self.mlp.act, self.mlp.fc2 = _pointwise(block.mlp.fc1), nn.GELU(), _pointwise(block.mlp.fc2)
-        if gamma is not None:
-            with torch.no_grad():
-                self.mlp.fc2.weight.mul_(gamma[:, None, None, None])
-                self.mlp.fc2.bias.mul_(gamma)
-        self.gamma = None  # folded: the export's own folding finds nothing left to fold
+        self.gamma = None  # folded into fc2: the export's own folding finds nothing left to fold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(self.conv_dw(x)))
@@ -76,7 +72,7 @@ def to_form(model: nn.Module, form: str) -> nn.Module:
         return model
     if form != "channels_first":
         raise ValueError(f"unknown graph form {form!r}: use one of {', '.join(FORMS)}")
-    out = copy.deepcopy(model).eval()
+    out = fold_layer_scale(model)  # a copy
     for parent in list(out.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Block):

@@ -24,6 +24,7 @@ import torch
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.models.convnext import fold_layer_scale
 from convnext_deploy.pipeline.models.graph_forms import DEFAULT_FORM, to_form
 
 OPSET = 20  # LayerNormalization since 17, Gelu since 20
@@ -54,21 +55,6 @@ def _versions() -> dict:
     import onnx
 
     return {"torch": torch.__version__, "onnx": onnx.__version__}
-
-
-def fold_layer_scale(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` with every block's γ multiplied into mlp.fc2 (same function, one op less)."""
-    import copy
-
-    folded = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for stage in folded.stages:
-            for block in stage.blocks:
-                if block.gamma is not None:
-                    block.mlp.fc2.weight.mul_(block.gamma[:, None])
-                    block.mlp.fc2.bias.mul_(block.gamma)
-                    block.gamma = None
-    return folded
 
 
 def export_onnx(model: torch.nn.Module, out: Path, example_size: int = 64) -> None:
