@@ -1,4 +1,5 @@
-"""Image → normalised CHW float tensor, driven only by a checkpoint's `Preprocessing` record."""
+"""Image → the cropped uint8 pixels, and the normalised CHW float tensor made from them, driven only by a checkpoint's
+`Preprocessing` record."""
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def preprocess(img: Image.Image, pp: Preprocessing, input_size: int | None = None) -> np.ndarray:
-    """Any mode → RGB (`to_rgb`), resize shorter side, centre crop, scale to [0, 1], normalise; returns CHW float32.
+def pixels(img: Image.Image, pp: Preprocessing, input_size: int | None = None) -> np.ndarray:
+    """Any mode → RGB (`to_rgb`), resize shorter side, centre crop; returns the HWC uint8 pixels (what an
+    image-input artifact takes, and what every float input is made from).
 
     `input_size` overrides the checkpoint's size (a deployment resolution) keeping its crop ratio.
     """
@@ -49,7 +51,11 @@ def preprocess(img: Image.Image, pp: Preprocessing, input_size: int | None = Non
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _INTERPOLATION[pp.interpolation])
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def preprocess(img: Image.Image, pp: Preprocessing, input_size: int | None = None) -> np.ndarray:
+    """`pixels`, scaled to [0, 1] and normalised with the checkpoint's mean/std; returns CHW float32."""
+    x = pixels(img, pp, input_size).astype(np.float32) / 255.0
     x = (x - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))

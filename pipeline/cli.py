@@ -55,7 +55,7 @@ def _cmd_deploy(args) -> int:
         alternatives=not args.no_alternatives, recipe=args.recipe, accuracy_control=args.accuracy_control,
         sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
         fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
-        n_control=args.control, timing_budget_s=_timing_budget(args.timing_budget),
+        n_control=args.control, timing_budget_s=_timing_budget(args.timing_budget), input=args.input,
     )
     if args.control is not None and args.control < 0:
         raise UserError(f"--control {args.control} must be ≥ 0 (labelled images held out for decisions; 0: none)")
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "train), a flat folder of images, or a text file of image paths, one a line")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
     s.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"])
+    s.add_argument("--input", choices=["image", "tensor"], default="image",
+                   help="what the shipped artifacts take: image (default: uint8 RGB pixels, NHWC, of the resized and "
+                        "cropped image; mean/std inside the model) or tensor (float32 NCHW, normalised)")
     s.add_argument("--recipe", default="auto",
                    help="INT8 recipe: auto (default: the fastest candidate that meets the accuracy gates on the "
                         "control split, measured on this CPU) or a candidate's name as the report lists it")

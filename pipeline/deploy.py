@@ -1,4 +1,4 @@
-"""One deploy, as the sequence of its stages (pipeline/stages/): prepare → export → build → decide → validate →
+"""One deploy, as the sequence of its stages (pipeline/stages/): prepare → export → build → decide → finish → validate →
 gates → report → publish, then the bundle when every gate passed (pipeline/bundle.py). Each stage is a plain function
 of the prepared context returning plain data; export and builds are cached under keys of their inputs, so a re-run
 resumes, and the report directory is published atomically.
@@ -16,6 +16,7 @@ from convnext_deploy.pipeline.stages.build import Built, build, build_one
 from convnext_deploy.pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide, sensitivity
 from convnext_deploy.pipeline.stages.export import export
+from convnext_deploy.pipeline.stages.finish import finish
 from convnext_deploy.pipeline.stages.prepare import prepare
 from convnext_deploy.pipeline.stages.report import assemble, publish
 from convnext_deploy.pipeline.stages.validate import validate
@@ -42,8 +43,9 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     if decision.int8 is not None:  # the recipe choice or the fallback replaced the default INT8 artifact
         built = replace(built, artifacts={**built.artifacts, "int8": decision.int8},
                         runners={**built.runners, "int8": decision.int8_runner})
+    layers = stage("sensitivity", _sensitivity, ctx, src, built, decision)  # on the INT8 graph as built
+    built = stage("finish", finish, ctx, built)  # from here on: the artifacts as shipped
     validation = stage("validate", validate, ctx, built, decision)
-    layers = stage("sensitivity", _sensitivity, ctx, src, built, decision)
     gated = gates.check(ctx, built, validation, decision)
     report = assemble(ctx, src, built, decision, validation, layers, gated)
     report["memory"] = {"stages": memory, "peak_rss_mib": max(r["peak_rss_mib"] for r in memory),

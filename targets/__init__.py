@@ -7,6 +7,7 @@ from __future__ import annotations
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.targets import coreml_apple, openvino_cpu, ort_cpu, trt_gpu
 from convnext_deploy.targets.base import Target
+from convnext_deploy.targets.image_input import INPUTS, Finish, takes_image
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     ort_cpu.TARGET,  # onnxruntime: portable CPU (reference)
@@ -14,6 +15,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     trt_gpu.TARGET,  # tensorrt: NVIDIA GPU (Q/DQ ONNX proxy where no GPU)
     coreml_apple.TARGET,  # coreml: Apple (torch proxy off macOS)
 )}
+
+
+__all__ = ["INPUTS", "TARGETS", "Finish", "Target", "get_target", "takes_image"]
 
 
 def get_target(name: str) -> Target:

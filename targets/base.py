@@ -150,6 +150,10 @@ class Runner:
     # a device with its own clock (TensorRT: CUDA events around the engine): batch → milliseconds on that clock,
     # without host↔device copies; the latency harness times the host clock otherwise
     device_ms: Callable[[np.ndarray], float] | None = None
+    # an artifact whose own input is not the float batch (targets.image_input): float batch → its input, and the
+    # call on that input (a latency is timed on it, the conversion outside the clock)
+    feed: Callable[[np.ndarray], np.ndarray] | None = None
+    native: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,9 @@ class Target:
     # the graph form (pipeline.models.graph_forms) its artifacts start from unless a recipe names another: the one
     # its runtime runs fastest, by measurement (the recipe choice keeps measuring the others)
     form: str = "channels_last"
+    # the last step before validation (targets.image_input): (artifact, Finish, an empty directory) → the artifact a
+    # device runs as it is: its input (an image, or the float tensor), labels and preprocessing inside the model file
+    finish: Callable[[Artifact, Any, Path], Artifact] | None = None
     gemm_peak: bool = False  # its load_runner runs a one-GEMM ONNX (gemm_onnx) as an artifact: its peak is measurable
 
     @property

@@ -41,6 +41,7 @@ from convnext_deploy.targets.base import (
     options_config,
     requires,
 )
+from convnext_deploy.targets.image_input import IMAGE, META_PREFIX, fed, input_shape, takes_image
 from convnext_deploy.targets.openvino_nncf import (
     PEER_DEFAULT,
     quantize_int8,
@@ -160,15 +161,41 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
             compiled_by_shape[shape] = core.compile_model(m, "CPU", config)
         return compiled_by_shape[shape]
 
+    dtype = np.uint8 if takes_image(artifact) else np.float32
+
     def run(batch: np.ndarray) -> np.ndarray:
         c = compiled_for(tuple(batch.shape))
-        return c(np.ascontiguousarray(batch, dtype=np.float32))[c.output(0)]
+        return c(np.ascontiguousarray(batch, dtype=dtype))[c.output(0)]
 
     shape = model.inputs[0].get_partial_shape()  # a graph with a static input (the runtime's GEMM peak) keeps it
-    probe = compiled_for(tuple(shape.to_shape()) if shape.is_static else (1, 3, 64, 64))
+    probe = compiled_for(tuple(shape.to_shape()) if shape.is_static else tuple(input_shape(artifact, 1, 64)))
     hint = str(probe.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: ", "").rstrip(">").strip("'")
     executed = executed_summary(artifact.precision, hint, executed_precisions(probe))
-    return Runner(run, f"openvino {ov.__version__} CPU plugin", device_label(threads), executed, threads)
+    return fed(Runner(run, f"openvino {ov.__version__} CPU plugin", device_label(threads), executed, threads), artifact)
+
+
+def finish(artifact: Artifact, spec, out_dir) -> Artifact:
+    """The IR with its input (an image: uint8 NHWC through OpenVINO's PrePostProcessor, mean/std as its
+    mean/scale steps) and its labels and input record in rt_info under `convnext_deploy`."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    model = ov.Core().read_model(str(artifact.files[0]))
+    record = spec.record()
+    if spec.input == IMAGE:
+        ppp = PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        ppp.input().preprocess().convert_element_type(ov.Type.f32) \
+            .mean([255.0 * m for m in record["mean"]]).scale([255.0 * s for s in record["std"]])
+        model = ppp.build()
+        record["normalisation"] = "OpenVINO PrePostProcessor steps (convert, mean, scale) inside the IR"
+    for k, v in spec.metadata(record).items():
+        model.set_rt_info(v, [META_PREFIX.rstrip("."), k])
+    xml = out_dir / artifact.files[0].name
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return Artifact(NAME, artifact.precision, [xml, xml.with_suffix(".bin")], {**artifact.metadata, "input": record},
+                    artifact.proxy)
 
 
 TARGET = Target(
@@ -176,5 +203,5 @@ TARGET = Target(
     options=OpenVINOOptions, available=available, describe_environment=describe_environment,
     build_config=build_config, build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES,
     peer_default=PEER_DEFAULT, accuracy_control=True, layer_probe=layer_probe, profile=profile,
-    user_paths=user_paths, stream_runner=stream_runner, gemm_peak=True, form="channels_first",
+    user_paths=user_paths, stream_runner=stream_runner, gemm_peak=True, form="channels_first", finish=finish,
 )

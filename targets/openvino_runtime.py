@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 
 from convnext_deploy.targets.base import Artifact, LayerProbe, probe_chunks
+from convnext_deploy.targets.image_input import example_input, input_shape
 from convnext_deploy.targets.openvino_nncf import weight_ops
 
 
@@ -113,10 +114,10 @@ def profile(artifact: Artifact, threads: int, input_size: int, runs: int = 20) -
 
     core = ov.Core()
     model = core.read_model(str(artifact.files[0]))
-    model.reshape({model.inputs[0]: [1, 3, input_size, input_size]})
+    model.reshape({model.inputs[0]: input_shape(artifact, 1, input_size)})
     config = {**compile_config(artifact.metadata["build"].get("float_precision", "f32"), threads), "PERF_COUNT": True}
     request = core.compile_model(model, "CPU", config).create_infer_request()
-    x = np.random.default_rng(0).standard_normal((1, 3, input_size, input_size)).astype(np.float32)
+    x = example_input(artifact, 1, input_size)
     for _ in range(3):
         request.infer({0: x})
     per_node: dict[str, list] = {}

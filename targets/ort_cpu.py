@@ -34,6 +34,7 @@ from convnext_deploy.targets.base import (
     options_config,
     requires,
 )
+from convnext_deploy.targets.image_input import example_input, fed, finish_onnx
 from convnext_deploy.targets.ort_peer import user_paths
 
 NAME = "onnxruntime"
@@ -159,7 +160,15 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
     if artifact.precision == "int8":
         executed = f"int8 ({ops.get('integer_kernel_count', 0)} integer kernels, " \
                    f"{ops.get('float_conv_matmul_left', 0)} float Conv/MatMul left)"
-    return runner(artifact.files[0], threads, executed)
+    return fed(runner(artifact.files[0], threads, executed), artifact)
+
+
+def finish(artifact: Artifact, spec, out_dir: Path) -> Artifact:
+    """The ONNX with its input (targets.image_input) and its labels and preprocessing in metadata_props."""
+    dst = out_dir / artifact.files[0].name
+    record = finish_onnx(artifact.files[0], dst, spec)
+    return Artifact(NAME, artifact.precision, [dst], {**artifact.metadata, "input": record, "ops": op_counts(dst)},
+                    artifact.proxy)
 
 
 def stream_runner(artifact: Artifact, threads: int, input_size: int):
@@ -192,15 +201,15 @@ def profile(artifact: Artifact, threads: int, input_size: int, runs: int = 20) -
     scratch = Path(tempfile.mkdtemp(prefix="ort-profile-"))  # never inside a verified cache entry
     try:
         sess = session(artifact.files[0], threads, profile_prefix=scratch / "profile")
-        return _profiled(sess, input_size, runs, threads)
+        return _profiled(sess, example_input(artifact, 1, input_size), runs, threads)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _profiled(sess, input_size: int, runs: int, threads: int) -> dict:
+def _profiled(sess, image: np.ndarray, runs: int, threads: int) -> dict:
     import json
 
-    x = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, input_size, input_size)).astype(np.float32)}
+    x = {sess.get_inputs()[0].name: image}
     for _ in range(3 + runs):
         sess.run(None, x)
     events = json.loads(Path(sess.end_profiling()).read_text())
@@ -224,7 +233,7 @@ def _profiled(sess, input_size: int, runs: int, threads: int) -> dict:
     return {"total_ms": sum(kinds.values()), "by_kind_ms": kinds, "layers": _layer_times(last_run, per_node),
             "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
             "top_nodes": [{"node": n, "op": op, "ms": ms} for n, (op, ms) in top], "runs": runs,
-            "input_size": input_size, "batch": 1, "threads": threads,
+            "input_size": int(image.shape[1 if image.dtype == np.uint8 else 2]), "batch": 1, "threads": threads,
             "source": "onnxruntime profiler: kernel time per node (excludes the session's own overhead)"}
 
 
@@ -252,4 +261,5 @@ TARGET = Target(
     options=OrtOptions, available=available, describe_environment=describe_environment, build_config=build_config,
     build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES, peer_default=PEER_DEFAULT,
     layer_probe=layer_probe, profile=profile, user_paths=user_paths, stream_runner=stream_runner, gemm_peak=True,
+    finish=finish,
 )

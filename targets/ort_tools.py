@@ -56,10 +56,11 @@ def runner(model: Path, threads: int, executed: str, optimize: bool = True, prox
     """An ONNX file run by a CPU session; `executed` says what precision really ran. A `proxy` (a stand-in for
     another runtime) is left untimed: its latency would say nothing about the runtime it stands for."""
     sess = session(model, threads, optimize=optimize)
-    name = sess.get_inputs()[0].name
+    first = sess.get_inputs()[0]
+    name, dtype = first.name, np.uint8 if first.type == "tensor(uint8)" else np.float32  # an image-input model
 
     def run(batch: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return sess.run(None, {name: np.ascontiguousarray(batch, dtype=dtype)})[0]
 
     return Runner(run, runtime_label(), device_label(threads), executed, threads, proxy=proxy, timed=proxy is None)
 

@@ -55,10 +55,11 @@ def cuda_device() -> str | None:
 
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, options,
-                 sizes: tuple[int, ...], timing_cache: Path) -> dict:
+                 sizes: tuple[int, ...], timing_cache: Path, image: bool = False) -> dict:
     """Parse, configure and build a serialized engine from the strongly typed ONNX (FP16 float parts and INT8 Q/DQ
     for INT8, FP16 for fp16, FP32 for fp32: the engine runs the types the graph states); written atomically with its
-    settings beside it. `options`: the target's TensorRTOptions (workspace and batch profile)."""
+    settings beside it. `options`: the target's TensorRTOptions (workspace and batch profile); `image`: the input is
+    uint8 NHWC pixels (targets.image_input), else a float NCHW tensor."""
     import tensorrt as trt
 
     from convnext_deploy.pipeline.core.cache import publish_file
@@ -76,7 +77,8 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, options,
     profile = builder.create_optimization_profile()
     # one profile covers every size the artifact runs at; tuned for the last one (the deployment size)
     lo, hi, opt = min(sizes), max(sizes), sizes[-1]
-    mins, opts, maxs = (1, 3, lo, lo), (int(options.opt_batch), 3, opt, opt), (int(options.max_batch), 3, hi, hi)
+    shape = (lambda b, s: (b, s, s, 3)) if image else (lambda b, s: (b, 3, s, s))
+    mins, opts, maxs = shape(1, lo), shape(int(options.opt_batch), opt), shape(int(options.max_batch), hi)
     profile.set_shape(name, mins, opts, maxs)
     cfg.add_optimization_profile(profile)
     cache = cfg.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
@@ -109,12 +111,13 @@ def engine_runner(engine_path: Path, precision: str) -> Runner:
     inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
     out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
     stream = torch.cuda.Stream()
+    dtype = np.uint8 if engine.get_tensor_dtype(inp) == trt.DataType.UINT8 else np.float32  # an image-input engine
 
     def execute(batch: np.ndarray) -> tuple[np.ndarray, float]:
         """Logits, and the GPU time of the engine alone (CUDA events around it, without the copies)."""
         # Copies and the engine share one stream, so the engine never reads a half-copied input.
         with torch.cuda.stream(stream):
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to("cuda", non_blocking=False)
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=dtype)).to("cuda", non_blocking=False)
             context.set_input_shape(inp, tuple(x.shape))
             y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
             context.set_tensor_address(inp, x.data_ptr())

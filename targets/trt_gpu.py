@@ -45,6 +45,7 @@ from convnext_deploy.targets.base import (
     options_config,
     requires,
 )
+from convnext_deploy.targets.image_input import IMAGE, fed, finish_onnx
 from convnext_deploy.targets.trt_engine import SUPPORTED_TENSORRT, build_engine, cuda_device, engine_runner, supported
 from convnext_deploy.targets.trt_onnx import QDQ_FP32_FILE, to_fp16
 
@@ -224,7 +225,32 @@ def build(request: BuildRequest) -> Artifact:
     return Artifact(NAME, request.precision, files, meta, proxy=PROXY_LABEL)
 
 
+def finish(artifact: Artifact, spec, out_dir: Path) -> Artifact:
+    """Every ONNX of the artifact with its input (targets.image_input), labels and preprocessing; the engine is
+    built again from the finished ONNX, since TensorRT bakes the input into it."""
+    from convnext_deploy.pipeline.core.cache import cache_root
+
+    onnx_files = [f for f in artifact.files if f.suffix == ".onnx"]
+    meta, files = dict(artifact.metadata), []
+    for f in onnx_files:
+        meta["input"] = finish_onnx(f, out_dir / f.name, spec)
+        files.append(out_dir / f.name)
+    if not any(f.suffix == ".engine" for f in artifact.files):
+        return Artifact(NAME, artifact.precision, files, meta, artifact.proxy)
+    engine = out_dir / ENGINE_FILE.format(precision=artifact.precision)
+    settings = artifact.metadata["engine"]
+    sizes = tuple(settings["profile"][k][2] for k in ("min", "max", "opt"))  # the source engine's NCHW profile
+    options = TensorRTOptions(**{k: artifact.metadata["build"][k] for k in _ENGINE_FIELDS if k in artifact.metadata["build"]})
+    meta["engine"] = build_engine(files[0], engine, artifact.precision, options, sizes,
+                                  cache_root() / "tensorrt" / "timing.cache", image=spec.input == IMAGE)
+    return Artifact(NAME, artifact.precision, files + [engine, engine.with_suffix(".json")], meta)
+
+
 def load_runner(artifact: Artifact, threads: int) -> Runner:
+    return fed(_runner(artifact, threads), artifact)
+
+
+def _runner(artifact: Artifact, threads: int) -> Runner:
     engines = [f for f in artifact.files if f.suffix == ".engine"]
     if engines and available().ok:
         return engine_runner(engines[0], artifact.precision)
@@ -254,5 +280,5 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model=None, c
 TARGET = Target(
     name=NAME, hardware="NVIDIA GPU", precisions=("fp32", "int8"), extra="tensorrt", options=TensorRTOptions,
     available=available, describe_environment=describe_environment, build_config=build_config, build=build,
-    load_runner=load_runner, layer_probe=layer_probe, not_built_note=NOT_BUILT_NOTE,
+    load_runner=load_runner, layer_probe=layer_probe, not_built_note=NOT_BUILT_NOTE, finish=finish,
 )

@@ -10,7 +10,7 @@ TOOLCHAINS = {"onnxruntime", "onnx", "openvino", "nncf", "tensorrt", "coremltool
 STDLIB_OK = {"__future__", "dataclasses", "hashlib", "json", "os", "pickle", "re", "tempfile", "pathlib", "typing",
              "math", "copy"}
 PKG = "convnext_deploy"
-SHARED_TARGET_TOOLS = {f"{PKG}.targets.{m}" for m in ("base", "qdq", "ort_tools", "coreml_proxy")} | {f"{PKG}.targets"}
+SHARED_TARGET_TOOLS = {f"{PKG}.targets.{m}" for m in ("base", "qdq", "ort_tools", "coreml_proxy", "image_input")} | {f"{PKG}.targets"}
 
 
 def family(stem: str) -> str:
@@ -53,7 +53,7 @@ def py_files(*rooms):
 
 def test_the_document_is_in_the_project_and_names_the_stages():
     doc = (REPO / "ARCHITECTURE.md").read_text()
-    for stage in ("prepare", "export", "build", "decide", "validate", "gates", "report"):
+    for stage in ("prepare", "export", "build", "decide", "finish", "validate", "gates", "report"):
         assert f"stages/{stage}.py" in doc and (REPO / "pipeline" / "stages" / f"{stage}.py").exists()
 
 
@@ -107,7 +107,7 @@ def test_pipeline_reaches_targets_only_through_the_table_and_the_contract():
     """No handle on a target module, so no capability can be discovered by getattr on one."""
     for f in py_files("pipeline"):
         reach = {n for n in imports(f) if n.startswith(f"{PKG}.targets")}
-        assert reach <= {f"{PKG}.targets{x}" for x in ("", ".base", ".TARGETS", ".get_target")} | {
+        assert reach <= {f"{PKG}.targets{x}" for x in ("", ".base", ".TARGETS", ".get_target", ".Finish", ".takes_image")} | {
             f"{PKG}.targets.base.{x}" for x in ("Artifact", "Availability", "BuildRequest", "CalibrationData",
                                            "LabelledData", "Runner", "Target", "Int8Recipe", "LayerProbe",
                                            "inference_batch", "gemm_onnx")}, \

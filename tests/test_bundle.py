@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
-from convnext_deploy.calibration.preprocess import preprocess
+from convnext_deploy.calibration.preprocess import pixels, preprocess
 from convnext_deploy.targets import get_target
 
 from bundle_helpers import (
@@ -50,7 +50,8 @@ def test_a_passing_deploy_writes_a_bundle_that_sha256sum_verifies(deployed):
     assert json.loads((bundle / "report.json").read_text()) == r
     pp = json.loads((bundle / "preprocessing.json").read_text())
     assert {k: pp[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std")} == r["model"]["preprocessing"]
-    assert pp["layout"] == "NCHW" and pp["dtype"] == "float32" and pp["runtime"] == "onnxruntime"
+    assert pp["layout"] == "NHWC" and pp["dtype"] == "uint8" and pp["runtime"] == "onnxruntime"  # the image itself
+    assert pp["input"]["type"] == "image" and pp["input"]["shape"] == ["batch", 32, 32, 3]
     assert pp["input"]["name"] == "input" and pp["output"] == {**pp["output"], "name": "logits", "kind": "logits"}
     assert "convert('RGB')" in pp["colour_mode"] and pp["models"]["int8"]["file"] == "model_int8.onnx"
 
@@ -61,9 +62,11 @@ def test_the_reference_outputs_are_the_deployed_artifacts(deployed):
     runner, pp = deploy_runner(out)
     files = [out / "bundle" / str(f) for f in ref["images"]]
     assert len(files) == 16 and len(set(ref["labels"].tolist())) == 10  # the reference spans the classes
-    x = np.stack([preprocess(Image.open(f), pp) for f in files])
+    x = np.stack([pixels(Image.open(f), pp) for f in files])  # the model's own input: the cropped uint8 pixels
     np.testing.assert_array_equal(x, ref["inputs"])
-    np.testing.assert_array_equal(runner.run(x), ref["outputs_int8"])
+    np.testing.assert_array_equal(runner.native(x), ref["outputs_int8"])
+    floats = np.stack([preprocess(Image.open(f), pp) for f in files])  # the deploy's batches give the same pixels
+    np.testing.assert_array_equal(runner.run(floats), ref["outputs_int8"])
     test = FashionMNIST("test")
     for i, y, f in zip(ref["indices"], ref["labels"], files):  # evaluation images, as the source holds them
         assert test[int(i)][1] == y
@@ -233,7 +236,8 @@ def test_coreml_predict_py_as_far_as_linux_allows(coreml_run, images):
         p = run_predict(bundle, "coremltools", images.files[0])
         assert p.returncode == 3 and "predict.py: error: Core ML prediction needs macOS" in p.stderr and not p.stdout
     predict = load_module(bundle / "predict.py")
-    pp, labels = predict.load_bundle(bundle)
+    pp = json.loads((bundle / "report.json").read_text())["model"]["preprocessing"]  # what the package's metadata holds
+    labels = (bundle / "labels.txt").read_text().splitlines()
     ref = np.load(bundle / "reference_outputs.npz")
     for name, x in zip(ref["images"], to_pixels(ref["inputs"], json.loads((bundle / "report.json").read_text())
                                                 ["model"]["preprocessing"])):
@@ -243,7 +247,8 @@ def test_coreml_predict_py_as_far_as_linux_allows(coreml_run, images):
 
     class FakeMLModel:  # what predict.py reads of an MLModel: the probabilities' name, and predict
         def get_spec(self):
-            return SimpleNamespace(description=SimpleNamespace(predictedProbabilitiesName="classLabel_probs"))
+            return SimpleNamespace(description=SimpleNamespace(predictedProbabilitiesName="classLabel_probs",
+                                                               input=[SimpleNamespace(name="image")]))
 
         def predict(self, inputs):
             fed.append(inputs["image"])
@@ -253,7 +258,7 @@ def test_coreml_predict_py_as_far_as_linux_allows(coreml_run, images):
     scores = run([Image.open(images.files[0]), Image.open(images.files[-1])])
     assert [im.size for im in fed] == [(32, 32), (32, 32)] and fed[0].mode == "RGB"
     np.testing.assert_allclose(scores[0], ref["outputs_int8"][0][::-1], rtol=1e-6)
-    top = predict.top_k(scores, labels, 5, pp["output"]["kind"])[0]
+    top = predict.top_k(scores, labels, 5, "probabilities")[0]
     best = int(np.argmax(ref["outputs_int8"][0][::-1]))
     assert top[0] == {"index": best, "label": labels[best], "probability": pytest.approx(float(scores[0][best]))}
 

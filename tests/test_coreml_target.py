@@ -104,6 +104,15 @@ def test_quantized_packages_hold_int8_weights_and_activations(built):
     assert sum(op.op_type == "quantize" for op in ops) >= 41
     muls = [op for op in ops if op.op_type == "mul"]  # only the image input's scale; no γ multiply left
     assert len(muls) == 1 and muls[0].x.name == "image"
+    # the package's own image preprocessing, read from its program (not from our record of it), is the deploy's
+    # normalisation: pixel × 1/(255·std) + (−mean/std), per channel
+    pp = built[0].preprocessing
+    (add,) = muls[0].outputs[0].child_ops
+    assert add.op_type == "add"
+    scale = np.broadcast_to(np.asarray(muls[0].y.val, np.float64).reshape(-1), (3,))
+    bias = np.broadcast_to(np.asarray(add.y.val, np.float64).reshape(-1), (3,))
+    np.testing.assert_allclose(scale, [1 / (255 * s) for s in pp.std], rtol=1e-3)
+    np.testing.assert_allclose(bias, [-m / s for m, s in zip(pp.mean, pp.std)], rtol=1e-3)
 
 
 def test_proxies_read_back_what_the_package_holds(built):

@@ -258,7 +258,7 @@ def test_report_has_memory_intervals_and_the_latency_aware_step(deployed):
     out, _, _ = deployed
     report = json.loads((out / "report.json").read_text())
     stages = [r["stage"] for r in report["memory"]["stages"]]
-    assert stages == ["prepare", "export", "build", "decide", "validate", "sensitivity"]
+    assert stages == ["prepare", "export", "build", "decide", "sensitivity", "finish", "validate"]
     assert all(r["peak_rss_mib"] > 50 for r in report["memory"]["stages"])
     assert report["memory"]["peak_rss_mib"] == max(r["peak_rss_mib"] for r in report["memory"]["stages"])
     for row in report["latency"]:

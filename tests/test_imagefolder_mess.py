@@ -7,16 +7,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from PIL import Image
+from test_deploy import _cli_here, _one_clear_line
 
 from convnext_deploy.calibration.fashion_mnist import FashionMNIST
 from convnext_deploy.calibration.imagefolder import ImageFolder, read_image
-from convnext_deploy.calibration.preprocess import preprocess
+from convnext_deploy.calibration.preprocess import pixels, preprocess
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.models.variants import get_variant
 
 from bundle_helpers import load_module
 from conftest import REPO
-from test_deploy import _cli_here, _one_clear_line
 
 PREDICT = REPO / "pipeline" / "ship" / "bundle_files" / "predict.py"
 JUNK = {".DS_Store": b"\x00\x00\x00\x01Bud1" + b"\x00" * 64, "Thumbs.db": b"\xd0\xcf\x11\xe0" + b"\x00" * 60,
@@ -101,8 +101,8 @@ def test_junk_is_skipped_and_every_readable_image_counts_with_the_bundles_pixels
             img, y = src[i]
             assert y == label
             ours = preprocess(img, pp)
-            theirs = predict.to_input(predict._open(str(path)), pp_json)
-            np.testing.assert_array_equal(ours, theirs, err_msg=path.name)
+            theirs = predict.to_input(predict._open(str(path)), pp_json)  # the pixels an image-input model takes
+            np.testing.assert_array_equal(pixels(img, pp), theirs, err_msg=path.name)
             if expected[path] is not None:  # the L picture it was made from, to the pixel
                 np.testing.assert_array_equal(ours, preprocess(expected[path], pp), err_msg=path.name)
             assert np.ptp(ours) > 1, path.name  # a picture, not a white (clipped) or black field

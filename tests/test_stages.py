@@ -4,14 +4,16 @@ from dataclasses import replace
 import pytest
 
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.stages import gates
 from convnext_deploy.pipeline.stages.build import build, build_one
 from convnext_deploy.pipeline.stages.context import DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide
 from convnext_deploy.pipeline.stages.export import export
-from convnext_deploy.pipeline.stages import gates
+from convnext_deploy.pipeline.stages.finish import finish
 from convnext_deploy.pipeline.stages.prepare import prepare
 from convnext_deploy.pipeline.stages.report import assemble, publish
 from convnext_deploy.pipeline.stages.validate import validate
+from convnext_deploy.targets import takes_image
 
 from conftest import GATES_ACCURACY_ONLY, TEST_TIMING_BUDGET_S, run_cli
 
@@ -99,7 +101,22 @@ def validated(staged):
     if decision.int8 is not None:  # as the deploy does: the decision's artifact replaces the default INT8
         built = replace(built, artifacts={**built.artifacts, "int8": decision.int8},
                         runners={**built.runners, "int8": decision.int8_runner})
-    return ctx, src, built, decision, validate(ctx, built, decision)
+    shipped = finish(ctx, built)
+    return ctx, src, shipped, decision, validate(ctx, shipped, decision)
+
+
+def test_finish_ships_image_input_by_default_and_the_tensor_when_asked(staged):
+    ctx, _, built, _ = staged
+    shipped = finish(ctx, built)
+    assert set(shipped.artifacts) == set(built.artifacts) and shipped.finished_from == built.artifacts
+    for p, art in shipped.artifacts.items():
+        assert takes_image(art) and not takes_image(built.artifacts[p])
+        assert art.metadata["input"]["layout"] == "NHWC" and shipped.runners[p].feed is not None
+        assert shipped.runners[p].run(ctx.control.images[:2]).shape == (2, 10)  # still fed the deploy's batches
+    tensor = finish(replace(ctx, cfg=replace(ctx.cfg, input="tensor")), built)
+    for art in tensor.artifacts.values():
+        assert not takes_image(art) and art.metadata["input"]["layout"] == "NCHW"
+        assert art.files[0].parent != built.artifacts[art.precision].files[0].parent  # labels written into a copy
 
 
 def test_validate_measures_every_precision_on_the_evaluation_split(validated):

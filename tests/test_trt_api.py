@@ -108,6 +108,7 @@ DOCUMENTED = {
         set_tensor_address set_tensor_debug_state temporary_allocator unfused_tensors_debug_state
         update_device_memory_size_for_shapes""",
     "TensorIOMode": """INPUT NONE OUTPUT""",
+    "DataType": """BF16 BOOL E8M0 FLOAT FP4 FP8 HALF INT32 INT4 INT64 INT8 UINT8 itemsize""",
     "MemoryPoolType": """DLA_GLOBAL_DRAM DLA_LOCAL_DRAM DLA_MANAGED_SRAM TACTIC_DRAM TACTIC_SHARED_MEMORY
         WORKSPACE""",
     "NetworkDefinitionCreationFlag": """PREFER_AOT_PYTHON_PLUGINS PREFER_JIT_PYTHON_PLUGINS STRONGLY_TYPED""",

@@ -17,6 +17,13 @@ import numpy as np
 
 from convnext_deploy.pipeline.core.cache import publish_dir, sha256_file
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.ship.bundle_index import (
+    PIL_INPUT,
+    PROBABILITIES,
+    image_input,
+    output_kind,
+    preprocessing_json,
+)
 
 BUNDLE = "bundle"
 SUMS = "SHA256SUMS"
@@ -26,12 +33,6 @@ N_REFERENCE = 16
 TEMPLATES = Path(__file__).resolve().parent / "bundle_files"
 # What the template and validate must know of a runtime, by target name (the Target contract does not say):
 PREDICT = {"onnxruntime", "openvino", "coreml"}  # predict.py runs these; a TensorRT engine needs the device's build
-IMAGE_INPUT = {"coreml"}  # an RGB image in (Core ML ImageType: normalisation inside the package) ...
-PROBABILITIES = {"coreml"}  # ... and a classifier's softmax probabilities out (the others give logits)
-
-
-def output_kind(target: str) -> str:
-    return "probabilities" if target in PROBABILITIES else "logits"
 
 
 def read_report(run_dir: Path) -> dict:
@@ -110,12 +111,13 @@ def _pick(labels: list[int], n: int) -> list[int]:
     return sorted(picked)
 
 
-def reference_images(run_dir: Path, report: dict, class_names: list[str], out: Path) -> dict:
-    """Save `N_REFERENCE` evaluation images as PNG under `out` and return their preprocessed inputs (read back
-    from the PNGs, so a device reading the same files gets the same inputs) with labels and names."""
+def reference_images(run_dir: Path, report: dict, class_names: list[str], out: Path, image_in: bool) -> dict:
+    """Save `N_REFERENCE` evaluation images as PNG under `out` and return the model's inputs made from them (read
+    back from the PNGs, so a device reading the same files gets the same inputs): the uint8 NHWC pixels of an
+    image-input model (`image_in`), else the normalised float tensors; with labels and names."""
     from PIL import Image
 
-    from convnext_deploy.calibration.preprocess import preprocess
+    from convnext_deploy.calibration.preprocess import pixels, preprocess
     from convnext_deploy.pipeline.models.variants import Preprocessing
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -134,7 +136,7 @@ def reference_images(run_dir: Path, report: dict, class_names: list[str], out: P
         name = f"{k:02d}_label{y}.png"
         img.save(out / name, format="PNG")
         with Image.open(out / name) as back:
-            inputs.append(preprocess(back, pp))
+            inputs.append(pixels(back, pp) if image_in else preprocess(back, pp))
         names.append(f"{REFERENCE_IMAGES}/{name}")
         labels.append(y)
     return {"inputs": np.stack(inputs), "labels": np.asarray(labels, np.int64), "images": np.asarray(names),
@@ -167,59 +169,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-# ---------------------------------------------------------------- preprocessing.json
-
-def runtime_config(target: str, row: dict) -> dict:
-    """Settings the runtime must be given to compute what the deploy measured."""
-    if target == "openvino":  # without the hint the CPU plugin picks BF16 where the CPU has it
-        return {"INFERENCE_PRECISION_HINT": (row["metadata"].get("build") or {}).get("float_precision", "f32"),
-                "PERFORMANCE_HINT": "LATENCY"}
-    if target == "onnxruntime":
-        return {"graph_optimization_level": "ORT_ENABLE_ALL", "providers": ["CPUExecutionProvider"]}
-    return {}
-
-
-def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int) -> dict:
-    from PIL import __version__ as pillow
-
-    from convnext_deploy.pipeline.models.onnx_export import INPUT_NAME, OUTPUT_NAME
-
-    target = report["target"]["name"]
-    pp = report["model"]["preprocessing"]
-    size, short = pp["input_size"], int(pp["input_size"] // pp["crop_pct"])
-    image_in = target in IMAGE_INPUT
-    return {
-        "format": "convnext-deploy bundle preprocessing 1",
-        "input_size": size, "crop_pct": pp["crop_pct"], "interpolation": pp["interpolation"],
-        "mean": pp["mean"], "std": pp["std"],
-        "colour_mode": "RGB: every image is converted with Pillow's Image.convert('RGB') before anything else "
-                       "(a grey image becomes three equal channels; alpha is dropped, not composited; 16-bit grey is "
-                       "first scaled to 8 bits by its top byte, where convert would clip it)",
-        "resize": f"shorter side to floor(input_size / crop_pct) = {short} px, the other side to "
-                  f"max({short}, round(side × {short} / shorter side)), Pillow Image.resize with "
-                  f"{pp['interpolation']} (skipped when the image already has that size)",
-        "crop": f"centre {size}×{size}: left = (width − {size}) // 2, top = (height − {size}) // 2",
-        "normalise": ("inside the model (Core ML ImageType scale/bias): feed the cropped RGB image"
-                      if image_in else "x / 255, then (x − mean) / std per channel (R, G, B)"),
-        "layout": "image (H×W RGB, uint8)" if image_in else "NCHW",
-        "dtype": "uint8 image" if image_in else "float32",
-        "input": ({"name": "image", "type": "image", "shape": [size, size, 3]} if image_in else
-                  {"name": INPUT_NAME, "type": "tensor", "shape": ["batch", 3, size, size],
-                   "note": "batch and spatial size are dynamic (multiples of 32); accuracy was measured at "
-                           f"{size} px"}),
-        "output": {"name": None if image_in else OUTPUT_NAME, "kind": output_kind(target),
-                   "shape": ["batch", n_classes], "classes": "labels.txt, one name a line, in output order",
-                   **({"note": "the classifier's probability dictionary, keyed by class name "
-                               "(spec.description.predictedProbabilitiesName)"} if image_in else {})},
-        "runtime": target,
-        "default_model": "int8",
-        "models": {p: {"file": r["files"][0], "files": r["files"], "precision": p, "sha256": r["sha256"],
-                       "config": runtime_config(target, r)} for p, r in rows.items()},
-        "trained_on": report["model"].get("trained_on") or {},
-        "reference_made_with": {"pillow": pillow},
-    }
-
-
 # ---------------------------------------------------------------- the bundle
 
 def write_sums(directory: Path) -> int:
@@ -250,12 +199,15 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
         raise UserError(f"{len(names)} class names for a {report['model']['num_classes']}-class model")
     made_by, outputs = {}, {}
     staged: dict = {}
+    image_in = image_input(rows["int8"])
+    # predict.py reads its labels and input rule from the model: an image-input artifact, or a Core ML package
+    predict = target in PREDICT and (image_in or target in PIL_INPUT)
 
     def build(tmp: Path) -> None:
-        ref = reference_images(run_dir, report, names, tmp / REFERENCE_IMAGES)
+        ref = reference_images(run_dir, report, names, tmp / REFERENCE_IMAGES, image_in)
         for p, row in rows.items():
             r = _runner(report, run_dir, row, runners)
-            y = np.asarray(r.run(ref["inputs"]), np.float32)
+            y = np.asarray((r.native or r.run)(ref["inputs"]), np.float32)  # the model's own input
             if target in PROBABILITIES and r.proxy:  # the proxy gives the logits the package's softmax reads
                 y = _softmax(y)
             outputs[f"outputs_{p}"] = y
@@ -271,10 +223,10 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
         pp["reference_made_by"] = made_by
         (tmp / "preprocessing.json").write_text(json.dumps(pp, indent=1) + "\n")
         shutil.copy2(run_dir / "report.json", tmp / "report.json")
-        if target in PREDICT:
+        if predict:
             shutil.copy2(TEMPLATES / "predict.py", tmp / "predict.py")
         info = {"precisions": precisions, "files": {p: r["files"] for p, r in rows.items()},
-                "predict": target in PREDICT,
+                "predict": predict, "image_input": image_in,
                 "reference": {"n": len(ref["labels"]), "source": report["data"]["evaluation"]["source"],
                               "made_by": made_by}}
         (tmp / "MODEL_CARD.md").write_text(render_model_card(report, info))

@@ -117,22 +117,26 @@ def _predict_module(bundle: Path):
 def check_preprocessing(bundle: Path, ref, report: dict, pp_json: dict) -> tuple[bool, str]:
     from PIL import Image
 
-    from convnext_deploy.calibration.preprocess import preprocess
+    from convnext_deploy.calibration.preprocess import pixels, preprocess
     from convnext_deploy.pipeline.models.variants import Preprocessing
 
     pp = Preprocessing.from_dict(report["model"]["preprocessing"])
     predict = _predict_module(bundle)
+    image_in = ref["inputs"].dtype == np.uint8  # the model takes the pixels themselves
+    mean, std = np.asarray(pp.mean, np.float32), np.asarray(pp.std, np.float32)
     ours, theirs = [], []
     for name in ref["images"]:
         with Image.open(bundle / str(name)) as im:
             im.load()
-            ours.append(preprocess(im, pp))
-            if predict is not None:
-                theirs.append(predict.to_input(im, pp_json))
-    level = 1.0 / (255.0 * min(pp.std)) + 1e-6  # one grey level, normalised
-    diffs = {"calibration.preprocess": float(np.abs(np.stack(ours) - ref["inputs"]).max())}
+            ours.append(pixels(im, pp) if image_in else preprocess(im, pp))
+            if predict is not None:  # predict.py crops; a float reference (Core ML's proxy) is normalised here
+                crop = predict.to_input(im, pp_json)
+                theirs.append(crop if image_in else ((crop / np.float32(255) - mean) / std).transpose(2, 0, 1))
+    level = 1.0 if image_in else 1.0 / (255.0 * min(pp.std)) + 1e-6  # one grey level
+    ref = {**ref, "inputs": ref["inputs"].astype(np.float32)}
+    diffs = {"calibration.preprocess": float(np.abs(np.stack(ours).astype(np.float32) - ref["inputs"]).max())}
     if predict is not None:
-        diffs["predict.py"] = float(np.abs(np.stack(theirs) - ref["inputs"]).max())
+        diffs["predict.py"] = float(np.abs(np.stack(theirs).astype(np.float32) - ref["inputs"]).max())
     ok = all(d <= level for d in diffs.values())
     made = (pp_json.get("reference_made_with") or {}).get("pillow", "?")
     from PIL import __version__ as pillow
@@ -151,7 +155,7 @@ def tolerance(precision: str, reference: np.ndarray, proxy: bool) -> float:
 
 def check_outputs(precision: str, runner, ref, made_by: dict) -> tuple[bool, str]:
     expected = ref[f"outputs_{precision}"]
-    got = np.asarray(runner.run(ref["inputs"]), np.float32)
+    got = np.asarray((runner.native or runner.run)(ref["inputs"]), np.float32)  # the inputs are the model's own
     if got.shape != expected.shape:
         return False, f"reference outputs {precision}: shape {got.shape} here, {expected.shape} in the bundle: FAIL"
     proxy = bool(made_by.get("proxy"))

@@ -43,6 +43,8 @@ class Built:
     artifacts: dict[str, Artifact]  # precision → artifact ("int8": the default recipe until `decide` chooses)
     runners: dict[str, Runner]
     recipes: dict[str, Recipe]  # every INT8 candidate, the default (DEFAULT) first; empty without INT8
+    # precision → the artifact as built, where `artifacts` holds it finished for the device (pipeline.stages.finish)
+    finished_from: dict[str, Artifact] = field(default_factory=dict)
 
 
 def _content_digest(source: Source) -> str:

@@ -47,6 +47,7 @@ class DeployConfig:
     fallback: bool = True  # INT8 missing max_top1_drop_pp on the control split → layers back to float
     fallback_max_layers: int = 8
     fallback_max_minutes: float = 30.0
+    input: str = "image"  # what the shipped artifacts take: "image" (uint8 NHWC pixels) or "tensor" (float NCHW)
 
 
 @dataclass

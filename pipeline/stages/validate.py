@@ -176,7 +176,7 @@ def _distance_to_peak(ctx: Context, rows: list[dict]) -> None:
 
 def _others(built: Built) -> dict:
     """The INT8 candidates other than the one deployed as "int8"."""
-    final = built.artifacts.get("int8")
+    final = built.finished_from.get("int8", built.artifacts.get("int8"))
     return {n: r for n, r in built.recipes.items() if final is None or r.artifact.files != final.files}
 
 

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""Classify images with the model in this bundle, preprocessed exactly as convnext-deploy validated it.
+"""Classify images with the model in this bundle, read and cropped exactly as convnext-deploy validated it.
 
     python predict.py IMAGE [IMAGE ...] [--json] [--precision int8] [--top 5]
 
 Needs only numpy, Pillow and the bundle's runtime (preprocessing.json names it: onnxruntime, openvino, or
-coremltools on macOS); not convnext-deploy, not torch. Reads preprocessing.json and labels.txt beside this file.
+coremltools on macOS); not convnext-deploy, not torch. The model file carries its own labels and input rule (ONNX
+metadata_props, OpenVINO rt_info, Core ML metadata, keys `convnext_deploy.*`); preprocessing.json says which file is
+which model.
 
-An image of any size and mode (grey, 16-bit grey, RGB, RGBA, palette, CMYK) is converted to RGB first (grey
-becomes three equal channels; 16-bit grey is first scaled to 8 bits by its top byte; alpha is dropped), its shorter
-side resized to floor(input_size / crop_pct) px with the recorded filter, centre-cropped to input_size, scaled to
-[0, 1] and normalised with the recorded mean/std (a Core ML package takes the cropped RGB image and normalises
-inside). The rule is convnext-deploy's calibration/preprocess.py, line for line: the same top-1 as the deploy's
-own evaluation.
+The model takes the image itself: an image of any size and mode (grey, 16-bit grey, RGB, RGBA, palette, CMYK) is
+converted to RGB (grey becomes three equal channels; 16-bit grey is first scaled to 8 bits by its top byte; alpha is
+dropped), its shorter side resized to floor(input_size / crop_pct) px with the recorded filter and centre-cropped to
+input_size; those uint8 pixels (batch, height, width, RGB) go in, and mean/std are applied inside the model (a Core
+ML package takes the cropped PIL image). The rule is convnext-deploy's calibration/preprocess.py, line for line: the
+same top-1 as the deploy's own evaluation.
 
 Prints one line per image: the top-5 class names with their probabilities (softmax of the logits; a Core ML
 classifier gives probabilities itself). --json prints one JSON object per line instead.
@@ -44,15 +46,13 @@ class BundleError(Exception):
         self.code = code
 
 
-def load_bundle(bundle: Path = HERE) -> tuple[dict, list[str]]:
-    """(preprocessing.json, the class names of labels.txt in output order)."""
+def load_bundle(bundle: Path = HERE) -> dict:
+    """preprocessing.json: the runtime, the model files and the default precision."""
     try:
-        pp = json.loads((bundle / "preprocessing.json").read_text(encoding="utf-8"))
-        labels = (bundle / "labels.txt").read_text(encoding="utf-8").splitlines()
+        return json.loads((bundle / "preprocessing.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise BundleError(f"cannot read the bundle's preprocessing.json / labels.txt in {bundle} ({e}); "
+        raise BundleError(f"cannot read the bundle's preprocessing.json in {bundle} ({e}); "
                           "keep predict.py inside its bundle") from None
-    return pp, labels
 
 
 def resize_crop(img: Image.Image, pp: dict) -> Image.Image:
@@ -74,37 +74,45 @@ def resize_crop(img: Image.Image, pp: dict) -> Image.Image:
 
 
 def to_input(img: Image.Image, pp: dict) -> np.ndarray:
-    """The normalised CHW float32 tensor of one image (what an ONNX Runtime or OpenVINO model takes)."""
-    x = np.asarray(resize_crop(img, pp), dtype=np.float32) / 255.0
-    x = (x - np.asarray(pp["mean"], np.float32)) / np.asarray(pp["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    """The uint8 pixels (height, width, RGB) of one image, as the model takes them."""
+    return np.asarray(resize_crop(img, pp), dtype=np.uint8)
 
 
-def _batch(images: list, pp: dict) -> np.ndarray:
-    return np.stack([to_input(im, pp) for im in images])
+def _inside(meta: dict, where: str) -> tuple[dict, list[str]]:
+    """(input rule, labels) from the model file's `convnext_deploy.*` metadata."""
+    try:
+        return json.loads(meta["preprocessing"]), json.loads(meta["labels"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"the model file {where} carries no convnext_deploy labels/preprocessing ({e}); "
+                          "it is not a model this bundle's deploy wrote") from None
 
 
-# ---------------------------------------------------------------- one function per runtime: images → scores
+# ---------------------------------------------------------------- one function per runtime: (images → scores, rule, labels)
 
-def onnxruntime_scores(path: Path, model: dict, pp: dict, labels: list[str]):
+def onnxruntime_scores(path: Path, model: dict):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as the deploy measured it
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    name = pp["input"]["name"]
-    return lambda images: sess.run(None, {name: _batch(images, pp)})[0]
+    meta = sess.get_modelmeta().custom_metadata_map
+    pp, labels = _inside({k.split(".", 1)[-1]: v for k, v in meta.items() if k.startswith("convnext_deploy.")}, path.name)
+    name = sess.get_inputs()[0].name
+    return (lambda images: sess.run(None, {name: np.stack([to_input(im, pp) for im in images])})[0]), pp, labels
 
 
-def openvino_scores(path: Path, model: dict, pp: dict, labels: list[str]):
+def openvino_scores(path: Path, model: dict):
     import openvino as ov
 
     core = ov.Core()
     network = core.read_model(str(path))
+    meta = {k: network.get_rt_info(["convnext_deploy", k]).astype(str)
+            for k in ("preprocessing", "labels") if network.has_rt_info(["convnext_deploy", k])}
+    pp, labels = _inside(meta, path.name)
     compiled: dict = {}
 
     def run(images):
-        x = _batch(images, pp)
+        x = np.stack([to_input(im, pp) for im in images])
         if x.shape not in compiled:  # a static shape per batch, compiled with the deploy's precision hint
             m = network.clone()
             m.reshape({m.inputs[0]: list(x.shape)})
@@ -112,14 +120,14 @@ def openvino_scores(path: Path, model: dict, pp: dict, labels: list[str]):
         c = compiled[x.shape]
         return c(x)[c.output(0)]
 
-    return run
+    return run, pp, labels
 
 
 def coreml_predictor(mlmodel, pp: dict, labels: list[str]):
     """A Core ML classifier (MLModel or anything with its predict/get_spec): images → probabilities in the
-    order of labels.txt (the package's own dictionary is keyed by class name)."""
-    probs = mlmodel.get_spec().description.predictedProbabilitiesName
-    name = pp["input"]["name"]
+    order of `labels` (the package's own dictionary is keyed by class name)."""
+    spec = mlmodel.get_spec()
+    probs, name = spec.description.predictedProbabilitiesName, spec.description.input[0].name
 
     def run(images):
         rows = []
@@ -131,31 +139,36 @@ def coreml_predictor(mlmodel, pp: dict, labels: list[str]):
     return run
 
 
-def coreml_scores(path: Path, model: dict, pp: dict, labels: list[str]):
+def coreml_scores(path: Path, model: dict):
     if sys.platform != "darwin":
         raise BundleError(f"Core ML prediction needs macOS (coremltools' MLModel.predict); this is {sys.platform}",
                           EXIT_NO_RUNTIME)
     import coremltools as ct
 
-    return coreml_predictor(ct.models.MLModel(str(path)), pp, labels)
+    mlmodel = ct.models.MLModel(str(path))
+    md = mlmodel.user_defined_metadata
+    pp, labels = _inside({"preprocessing": md.get("convnext_deploy.preprocessing"),
+                          "labels": md.get("convnext_deploy.class_names")}, path.name)
+    return coreml_predictor(mlmodel, pp, labels), pp, labels
 
 
 RUNTIMES = {"onnxruntime": (onnxruntime_scores, "onnxruntime"), "openvino": (openvino_scores, "openvino"),
             "coreml": (coreml_scores, "coremltools")}
 
 
-def load_model(bundle: Path, pp: dict, labels: list[str], precision: str | None = None):
-    """images → scores (N, classes) for the bundle's model of `precision` (default: the one the gates passed)."""
-    runtime = pp["runtime"]
-    precision = precision or pp["default_model"]
-    if precision not in pp["models"]:
-        raise BundleError(f"this bundle has no {precision} model (it has: {', '.join(pp['models'])})")
+def load_model(bundle: Path, index: dict, precision: str | None = None):
+    """(images → scores (N, classes), the model's input rule, its labels) for the bundle's model of `precision`
+    (default: the one the gates passed)."""
+    runtime = index["runtime"]
+    precision = precision or index["default_model"]
+    if precision not in index["models"]:
+        raise BundleError(f"this bundle has no {precision} model (it has: {', '.join(index['models'])})")
     if runtime not in RUNTIMES:
         raise BundleError(f"predict.py does not run {runtime} models", EXIT_NO_RUNTIME)
     make, package = RUNTIMES[runtime]
-    model = pp["models"][precision]
+    model = index["models"][precision]
     try:
-        return make(bundle / model["file"], model, pp, labels)
+        return make(bundle / model["file"], model)
     except ImportError as e:
         raise BundleError(f"this bundle runs on {runtime}, which is not installed here ({e}): "
                           f"pip install {package} numpy pillow", EXIT_NO_RUNTIME) from None
@@ -191,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     code = EXIT_OK
     try:
-        pp, labels = load_bundle()
-        predict = load_model(HERE, pp, labels, args.precision)
+        pp = load_bundle()
+        predict, _, labels = load_model(HERE, pp, args.precision)
     except BundleError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return e.code
