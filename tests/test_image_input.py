@@ -133,3 +133,31 @@ def test_bundle_script_has_no_normalisation_code():
     docstring = next(t for t in tokens if t.type == tokenize.STRING)
     code = [t.string for t in tokens if t.type in (tokenize.NAME, tokenize.STRING) and t is not docstring]
     assert not [c for c in code if re.search(r"\b(mean|std)\b", c)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target_name", ["onnxruntime", "openvino"])
+def test_convnext_t_artifacts_take_the_image_alike(tmp_path, target_name):
+    """ConvNeXt-T (random weights: the surgery depends on the stem, not the values) at 224 px: uint8 pixels into the
+    finished artifact give the float artifact's logits on the same images (FP32 to float rounding, INT8 exactly)."""
+    pytest.importorskip(target_name)
+    from convnext_deploy.pipeline.models.convnext import create_model
+    from convnext_deploy.pipeline.models.variants import get_variant
+
+    from conftest import randomized
+
+    model, pp = randomized(create_model("t", num_classes=10)), get_variant("t").preprocessing
+    export_onnx(model, tmp_path / "model.onnx")
+    u = np.random.default_rng(0).integers(0, 256, (40, 224, 224, 3), dtype=np.uint8)
+    x = ((u / 255.0 - np.asarray(pp.mean)) / np.asarray(pp.std)).astype(np.float32).transpose(0, 3, 1, 2).copy()
+    spec, target = Finish("image", tuple(map(str, range(10))), pp.to_dict()), get_target(target_name)
+    for precision in ("fp32", "int8"):
+        (tmp_path / precision).mkdir()
+        (tmp_path / f"{precision}-finished").mkdir()
+        calib = CalibrationData(x[:32], "m", "t") if precision == "int8" else None
+        built = target.build(BuildRequest(precision, tmp_path / "model.onnx", model, tmp_path / precision, calib,
+                                          input_sizes=(224,), options=target.make_options()))
+        finished = target.finish(built, spec, tmp_path / f"{precision}-finished")
+        a, b = target.load_runner(built, 2).run(x[32:]), target.load_runner(finished, 2).native(u[32:])
+        assert float(np.abs(a - b).max()) <= 1e-5 * float(np.abs(a).max())
+        assert (a.argmax(1) == b.argmax(1)).all()
