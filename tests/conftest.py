@@ -39,6 +39,27 @@ def atto_reference(fmnist_root) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def atto_onnx(atto_reference, cli_env) -> Path:
+    """The atto reference exported once for the session, into the session's build cache, where every CLI deploy of
+    the session finds it as its own export (the export is itself tested in test_export.py); a test that writes beside
+    it copies it (`copy_onnx`)."""
+    from convnext_deploy.pipeline.models.onnx_export import export_cached
+
+    ck = load_checkpoint(atto_reference, "atto")
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
+        return export_cached(ck.model, ck.sha256, "atto", x, log=lambda m: None).path
+
+
+def copy_onnx(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copyfile(src, dst)
+    return dst
+
+
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter distinct random values, so a mis-mapped key changes the logits."""
     g = torch.Generator().manual_seed(seed)

@@ -14,17 +14,17 @@ from convnext_deploy.targets import Finish, get_target, takes_image
 from convnext_deploy.targets.base import BuildRequest, CalibrationData, Runner
 from convnext_deploy.targets.image_input import image_feed, read_onnx_metadata
 
-from conftest import REPO, reference_split
+from conftest import REPO, copy_onnx, reference_split
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'convnext-deploy[onnxruntime]'")
 
 
 @pytest.fixture(scope="module")
-def setup(atto_reference, tmp_path_factory):
+def setup(atto_reference, atto_onnx, tmp_path_factory):
     data = reference_split(atto_reference, n_calib=200, n_eval=2000)
     x, y = data.load("evaluation")
     d = tmp_path_factory.mktemp("image-input")
-    export_onnx(data.ck.model, d / "model.onnx")
+    copy_onnx(atto_onnx, d / "model.onnx")
     spec = Finish("image", tuple(data.ck.class_names), data.ck.preprocessing.to_dict())
     return data, d, spec, x, y
 

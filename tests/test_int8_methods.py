@@ -21,7 +21,7 @@ from convnext_deploy.pipeline.models.onnx_export import export_onnx
 from convnext_deploy.targets import get_target
 from convnext_deploy.targets.base import Artifact, BuildRequest, CalibrationData
 
-from conftest import REPO, reference_split
+from conftest import REPO, copy_onnx, reference_split
 
 K = 30.0  # outlier factor: ImageNet ConvNeXts show norm channels tens of times above the median
 
@@ -128,7 +128,7 @@ def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, c
     assert bad.returncode == 2 and "--smoothing-alpha 1.5" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
+def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, atto_onnx, tmp_path):
     import openvino as ov
 
     from convnext_deploy.pipeline.decisions.sensitivity import rank_key, run_probe
@@ -136,7 +136,7 @@ def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, tmp_path):
 
     d, _, _ = data
     ovt = get_target("openvino")
-    export_onnx(d.ck.model, tmp_path / "m.onnx")
+    copy_onnx(atto_onnx, tmp_path / "m.onnx")
     (tmp_path / "q").mkdir()
     art = ovt.build(BuildRequest("int8", tmp_path / "m.onnx", d.ck.model, tmp_path / "q",
                                  CalibrationData(d.calib_x[:200], "m", "t"), options=ovt.make_options()))

@@ -14,18 +14,18 @@ from convnext_deploy.targets import get_target, openvino_cpu
 from convnext_deploy.targets.base import BuildRequest, CalibrationData, LabelledData
 from convnext_deploy.targets.openvino_peer import PATHS as PEER_PATHS
 
-from conftest import REPO, reference_split
+from conftest import REPO, copy_onnx, reference_split
 
 ov_cpu = get_target("openvino")
 
 
 @pytest.fixture(scope="module")
-def setup(atto_reference, tmp_path_factory):
+def setup(atto_reference, atto_onnx, tmp_path_factory):
     data = reference_split(atto_reference, n_calib=200, n_eval=1000, n_control=300)
     ctrl_x, ctrl_y = data.load("control")
     eval_x, eval_y = data.load("evaluation")
     d = tmp_path_factory.mktemp("ov")
-    export_onnx(data.ck.model, d / "model.onnx")
+    copy_onnx(atto_onnx, d / "model.onnx")
     return data.ck, d, CalibrationData(data.calib_x, "test", data.train.name), LabelledData(ctrl_x, ctrl_y), eval_x, eval_y
 
 

@@ -2,21 +2,20 @@
 import pytest
 
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
-from convnext_deploy.pipeline.models.onnx_export import export_onnx
 from convnext_deploy.targets import get_target
 from convnext_deploy.targets.base import BuildRequest, CalibrationData
 
-from conftest import reference_split
+from conftest import copy_onnx, reference_split
 
 ort_cpu = get_target("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def setup(atto_reference, tmp_path_factory):
+def setup(atto_reference, atto_onnx, tmp_path_factory):
     data = reference_split(atto_reference, n_calib=200, n_eval=2000)
     eval_x, eval_y = data.load("evaluation")
     d = tmp_path_factory.mktemp("ort")
-    export_onnx(data.ck.model, d / "model.onnx")
+    copy_onnx(atto_onnx, d / "model.onnx")
     return data.ck, d, CalibrationData(data.calib_x, "test", data.train.name), eval_x, eval_y
 
 

@@ -9,22 +9,21 @@ from onnx import numpy_helper
 
 from convnext_deploy.pipeline.decisions.sensitivity import rank_key, run_probe
 from convnext_deploy.pipeline.models.convnext import weight_layers
-from convnext_deploy.pipeline.models.onnx_export import export_onnx
 from convnext_deploy.targets import get_target
 from convnext_deploy.targets.base import BuildRequest, CalibrationData
 from convnext_deploy.targets.qdq import layer_probe, quantized_layers
 
-from conftest import REPO, reference_split
+from conftest import REPO, copy_onnx, reference_split
 
 ort_cpu = get_target("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def qdq(atto_reference, tmp_path_factory):
+def qdq(atto_reference, atto_onnx, tmp_path_factory):
     data = reference_split(atto_reference, n_calib=300, n_eval=100)
     ck, calib_x = data.ck, data.calib_x
     d = tmp_path_factory.mktemp("sens")
-    export_onnx(ck.model, d / "model.onnx")
+    copy_onnx(atto_onnx, d / "model.onnx")
     arts = {}
     for p in ("fp32", "int8"):
         (d / p).mkdir()

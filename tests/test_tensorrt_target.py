@@ -13,11 +13,10 @@ import pytest
 from convnext_deploy.calibration.batches import load_array
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
 from convnext_deploy.pipeline.measure.latency import measure
-from convnext_deploy.pipeline.models.onnx_export import export_onnx
 from convnext_deploy.targets import get_target, trt_gpu
 from convnext_deploy.targets.base import Artifact, BuildRequest, CalibrationData, Runner
 
-from conftest import REPO, reference_split
+from conftest import REPO, copy_onnx, reference_split
 
 trt = get_target("tensorrt")
 AVAIL = trt.available()
@@ -25,11 +24,11 @@ needs_gpu = pytest.mark.skipif(not AVAIL.ok, reason=f"TensorRT engine cannot be 
 
 
 @pytest.fixture(scope="module")
-def setup(atto_reference, tmp_path_factory):
+def setup(atto_reference, atto_onnx, tmp_path_factory):
     data = reference_split(atto_reference, n_calib=500, n_eval=None)
     ck, train, test, split, calib_x = data.ck, data.train, data.test, data.split, data.calib_x
     d = tmp_path_factory.mktemp("trt")
-    export_onnx(ck.model, d / "model.onnx")
+    copy_onnx(atto_onnx, d / "model.onnx")
     arts = {}
     for precision in ("fp32", "int8"):
         (d / precision).mkdir()
