@@ -7,6 +7,7 @@ EXTRAS   ?= onnxruntime,openvino,coreml,dev
 VARIANT  ?= atto
 TARGET   ?= onnxruntime
 RECIPE   ?= auto
+RUN_DIR  :=
 CLI      := $(BIN)/convnext-deploy
 FMNIST   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -38,8 +39,9 @@ test-all:
 	$(CLI) reference --variant atto
 	$(BIN)/python -m pytest -q
 
+# RUN_DIR=DIR: the report folder (default runs/<TARGET>-<VARIANT>), read from the command line only
 deploy:
-	$(CLI) deploy --target $(TARGET) --variant $(VARIANT) --recipe "$(RECIPE)"
+	$(CLI) deploy --target $(TARGET) --variant $(VARIANT) --recipe "$(RECIPE)"$(if $(RUN_DIR), --out "$(RUN_DIR)")
 
 # Speed ratios on this CPU, bounded to minutes (bench-full: the whole grid, much longer); each writes its result
 # under benchmarks/<cpu>-<date>/ and regenerates BENCHMARKS.md from every result there.

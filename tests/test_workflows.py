@@ -1,5 +1,7 @@
 """The GitHub workflows: actionlint passes on them; the test workflow runs the README's two commands; the deploy
 matrix covers every target in targets.TARGETS, each on hardware that can measure it."""
+import fnmatch
+import itertools
 import os
 import re
 import shutil
@@ -91,24 +93,57 @@ def test_every_workflow_is_read_only_bounded_and_pinned():
                     assert re.fullmatch(r"actions/[\w-]+@v\d+", step["uses"]), f"{f.name}: {step['uses']}"
 
 
+DEFAULT_VARIANTS_RE = r"'(\[.*?\])'"
+
+
+def expand(matrix: dict) -> list[dict]:
+    """The jobs GitHub makes of a matrix: the product of its lists less `exclude`, then each `include` entry added to
+    every job whose original values it matches (and may not change), or made a job of its own where it matches none.
+    `variant` (an expression) takes its default list."""
+    dims = {k: v for k, v in matrix.items() if k not in ("include", "exclude")}
+    dims["variant"] = yaml.safe_load(re.search(DEFAULT_VARIANTS_RE, dims["variant"]).group(1))
+    jobs = [dict(zip(dims, values)) for values in itertools.product(*dims.values())]
+    jobs = [j for j in jobs if not any(all(j[k] == v for k, v in ex.items()) for ex in matrix.get("exclude", []))]
+    for inc in matrix.get("include", []):
+        hits = [j for j in jobs if all(j[k] == v for k, v in inc.items() if k in dims)]
+        for j in hits:
+            j.update(inc)
+        if not hits:
+            jobs.append(dict(inc))
+    return jobs
+
+
+def render(text: str, job: dict, env: dict | None = None) -> str:
+    """`text` with its ${{ matrix.x }} and ${{ env.X }} filled in for one job."""
+    text = re.sub(r"\$\{\{ env\.(\w+) \}\}", lambda m: render(env[m.group(1)], job), text)
+    return re.sub(r"\$\{\{ matrix\.(\w+) \}\}", lambda m: str(job[m.group(1)]), text)
+
+
+def deploy_jobs() -> tuple[dict, list[dict]]:
+    deploy = load("deploy-matrix.yml")["jobs"]["deploy"]
+    return deploy, expand(deploy["strategy"]["matrix"])
+
+
 def test_the_deploy_matrix_covers_every_target_on_hardware_that_measures_it():
     from convnext_deploy.pipeline.models.variants import VARIANTS
     from convnext_deploy.targets import TARGETS
 
     wf = load("deploy-matrix.yml")
-    deploy = wf["jobs"]["deploy"]
+    deploy, jobs = deploy_jobs()
     matrix = deploy["strategy"]["matrix"]
     assert set(matrix["target"]) == set(TARGETS)
-    default_variants = re.search(r"'(\[.*?\])'", matrix["variant"]).group(1)
+    default_variants = re.search(DEFAULT_VARIANTS_RE, matrix["variant"]).group(1)
     assert set(yaml.safe_load(default_variants)) <= set(VARIANTS)
-    runner = {inc["target"]: inc["runner"] for inc in matrix["include"]}
-    assert set(runner) == set(TARGETS)
-    assert runner["onnxruntime"].startswith("ubuntu") and runner["openvino"].startswith("ubuntu")
-    assert re.fullmatch(r"macos-1[4-9]", runner["coreml"])  # macos-14 and later: Apple silicon
-    assert {"self-hosted", "linux", "x64", "gpu"} <= set(runner["tensorrt"])
+    assert {j["target"] for j in jobs} == set(TARGETS)
+    assert all(j.get("runner") for j in jobs), [j for j in jobs if not j.get("runner")]  # no job without a machine
+    runners = {(j["target"], j["platform"]): j["runner"] for j in jobs}
+    assert runners[("onnxruntime", "linux-x64")] == "ubuntu-latest" == runners[("openvino", "linux-x64")]
+    assert re.fullmatch(r"macos-1[4-9]", runners[("coreml", "macos-arm64")])  # macos-14 and later: Apple silicon
+    assert {"self-hosted", "linux", "x64", "gpu"} <= set(runners[("tensorrt", "linux-x64")])
+    assert [t for t, _ in runners].count("coreml") == 1 and [t for t, _ in runners].count("tensorrt") == 1
     assert deploy["runs-on"] == "${{ matrix.runner }}"
     assert deploy["env"]["TARGET"] == "${{ matrix.target }}" and deploy["env"]["VARIANT"] == "${{ matrix.variant }}"
-    assert 'make deploy TARGET="$TARGET" VARIANT="$VARIANT"' in runs(deploy)
+    assert 'make deploy TARGET="$TARGET" VARIANT="$VARIANT" RUN_DIR="$RUN_DIR"' in runs(deploy)
     # each job gets its variant's reference from the one job that trained it
     assert "reference" in deploy["needs"]
     assert 'make reference VARIANT="$VARIANT"' in runs(wf["jobs"]["reference"])
@@ -116,9 +151,50 @@ def test_the_deploy_matrix_covers_every_target_on_hardware_that_measures_it():
                and s["with"].get("name") == "reference-${{ matrix.variant }}")
     assert ref["with"]["path"] == "reference"
     upload = next(s for s in deploy["steps"] if s.get("uses", "").startswith("actions/upload-artifact@v4"))
-    assert "runs/${{ matrix.target }}-${{ matrix.variant }}/report.json" in upload["with"]["path"]
-    assert upload["with"]["name"] == "report-${{ matrix.target }}-${{ matrix.variant }}"
+    assert "${{ env.RUN_DIR }}/report.json" in upload["with"]["path"]
     assert upload["if"] == "${{ !cancelled() }}"  # a missed gate (exit 1) still uploads its report
+
+
+def test_onnxruntime_and_openvino_also_run_on_arm_linux_and_onnxruntime_on_macos_arm64():
+    _, jobs = deploy_jobs()
+    on = {(j["target"], j["platform"]): j for j in jobs}
+    for target in ("onnxruntime", "openvino"):
+        arm = on[(target, "linux-arm64")]
+        assert re.fullmatch(r"ubuntu-\d\d\.\d\d-arm", arm["runner"])  # GitHub's hosted ARM Linux (Cobalt 100)
+        assert on[(target, "linux-x64")]["runner"] == "ubuntu-latest"  # the x86 job stays
+        assert target in arm["extras"].split(",") and arm["extras"] == on[(target, "linux-x64")]["extras"]
+        # PyPI's aarch64 torch is a CUDA build: the CPU index, as on x86
+        assert arm["torch_index"] == "https://download.pytorch.org/whl/cpu"
+    mac = on[("onnxruntime", "macos-arm64")]
+    assert re.fullmatch(r"macos-1[4-9]", mac["runner"]) and "onnxruntime" in mac["extras"].split(",")
+    assert mac["torch_index"] == ""  # PyPI's macOS arm64 wheel
+    for j in jobs:  # the platform a job says it runs on is the one its runner is
+        r = j["runner"]
+        assert {"linux-arm64": isinstance(r, str) and r.endswith("-arm"),
+                "macos-arm64": isinstance(r, str) and r.startswith("macos-"),
+                "linux-x64": r == "ubuntu-latest" or "x64" in r}[j["platform"]], j
+
+
+def test_every_deploy_job_has_its_own_run_folder_and_report_artifact():
+    """Two jobs of one target (x86 and ARM) would otherwise upload one artifact name: the second upload fails."""
+    deploy, jobs = deploy_jobs()
+    upload = next(s for s in deploy["steps"] if s.get("uses", "").startswith("actions/upload-artifact@v4"))
+    names = [render(upload["with"]["name"], j) for j in jobs]
+    folders = [render(deploy["env"]["RUN_DIR"], j) for j in jobs]
+    assert len(set(names)) == len(jobs) == len(set(folders)), names
+    assert all(f.startswith("runs/") for f in folders)
+    for j, folder in zip(jobs, folders):
+        paths = render(upload["with"]["path"], j, deploy["env"]).split()
+        assert paths == [f"{folder}/report.{ext}" for ext in ("json", "md", "html")]
+    assert "report-onnxruntime-linux-arm64-atto" in names and "report-onnxruntime-linux-x64-atto" in names
+    # the summary downloads exactly these (not the references, the data set or its own upload)
+    summarize = load("deploy-matrix.yml")["jobs"]["summarize"]
+    down = next(s for s in summarize["steps"] if s.get("uses", "").startswith("actions/download-artifact@"))
+    others = ["fashion-mnist", "reference-atto", "deploy-matrix-summary"]
+    assert [n for n in names + others if fnmatch.fnmatchcase(n, down["with"]["pattern"])] == names
+    # the deploy writes where the upload reads: make deploy RUN_DIR=... passes --out
+    recipe = re.search(r"^deploy:\n\t(.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert recipe.endswith('$(if $(RUN_DIR), --out "$(RUN_DIR)")'), recipe
 
 
 def test_the_last_job_summarizes_every_report():

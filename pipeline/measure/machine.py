@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 
 
@@ -24,7 +25,36 @@ def _fields(text: str) -> dict[str, str]:
 
 
 def cpu_name() -> str:
-    return cpuinfo_fields(_cpuinfo())[0] or platform.processor() or platform.machine()
+    return _this_cpu()[0] or platform.processor() or platform.machine()
+
+
+# macOS has no /proc/cpuinfo: `sysctl` names the chip and its ARM features, given here their Linux `Features` names
+SYSCTL_FEATURES = {"hw.optional.AdvSIMD": "asimd", "hw.optional.arm.FEAT_DotProd": "asimddp",
+                   "hw.optional.arm.FEAT_I8MM": "i8mm", "hw.optional.arm.FEAT_BF16": "bf16"}
+SYSCTL_NAME = "machdep.cpu.brand_string"
+
+
+def _sysctl() -> str:
+    """What `sysctl` prints for the chip's name and SYSCTL_FEATURES on macOS ("" elsewhere; a key an older macOS
+    lacks is left out of what it prints)."""
+    if sys.platform != "darwin":
+        return ""
+    try:
+        return subprocess.run(["sysctl", SYSCTL_NAME, *SYSCTL_FEATURES], capture_output=True, text=True,
+                              timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def sysctl_fields(text: str) -> tuple[str, set[str]]:
+    """(chip name, flags) of a macOS `sysctl` text (`key: value` lines), the flags in /proc/cpuinfo's ARM names."""
+    fields = _fields(text)
+    return fields.get(SYSCTL_NAME, ""), {flag for key, flag in SYSCTL_FEATURES.items() if fields.get(key) == "1"}
+
+
+def _this_cpu() -> tuple[str, set[str]]:
+    text = _cpuinfo()
+    return cpuinfo_fields(text) if text.strip() else sysctl_fields(_sysctl())
 
 
 # ARM kernels name a core only by its implementer's part number (Arm Ltd, implementer 0x41)
@@ -72,7 +102,7 @@ INT8_BF16_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", 
 
 
 def _all_flags() -> set[str]:
-    return cpuinfo_fields(_cpuinfo())[1]
+    return _this_cpu()[1]
 
 
 def cpu_flags(flags: set[str] | None = None) -> list[str]:
