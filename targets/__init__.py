@@ -11,7 +11,7 @@ from convnext_deploy.targets.image_input import INPUTS, Finish, takes_image
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     ort_cpu.TARGET,  # onnxruntime: portable CPU (reference)
-    openvino_cpu.TARGET,  # openvino: x86 CPU
+    openvino_cpu.TARGET,  # openvino: x86 or ARM CPU
     trt_gpu.TARGET,  # tensorrt: NVIDIA GPU (Q/DQ ONNX proxy where no GPU)
     coreml_apple.TARGET,  # coreml: Apple (torch proxy off macOS)
 )}

@@ -199,7 +199,7 @@ def finish(artifact: Artifact, spec, out_dir) -> Artifact:
 
 
 TARGET = Target(
-    name=NAME, hardware="x86 CPU", precisions=("fp32", "bf16", "int8"), extra="openvino",
+    name=NAME, hardware="x86 or ARM CPU", precisions=("fp32", "bf16", "int8"), extra="openvino",
     options=OpenVINOOptions, available=available, describe_environment=describe_environment,
     build_config=build_config, build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES,
     peer_default=PEER_DEFAULT, accuracy_control=True, layer_probe=layer_probe, profile=profile,
