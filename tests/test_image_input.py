@@ -60,7 +60,7 @@ def test_pixels_come_back_exactly_from_the_normalised_batch():
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_onnx_runtime_artifact_takes_uint8_nhwc_and_carries_labels(setup, precision):
-    data, _, spec, x, y = setup
+    data, _, _, x, y = setup
     target, built, finished = _built_and_finished(setup, "onnxruntime", precision)
     assert takes_image(finished) and not takes_image(built)
     proto = onnx.load(str(finished.files[0]))

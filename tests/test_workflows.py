@@ -204,7 +204,7 @@ def test_the_last_job_summarizes_every_report():
     down = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/download-artifact@v4"))
     assert down["with"] == {"pattern": "report-*", "path": "runs"}
     assert any(r.startswith("make matrix") for r in runs(job))
-    recipe = re.search(r"^matrix:\n\t(.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    recipe = re.search(r"^matrix:\n\t(.*)$", (REPO / "Makefile").read_text(), re.MULTILINE).group(1)
     assert recipe == "$(CLI) summarize runs/*/report.json --out runs/matrix"
     up = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@v4")]
     assert up and up[-1]["with"]["path"] == "runs/matrix/"
