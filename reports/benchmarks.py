@@ -74,9 +74,12 @@ def cpu_text(m: dict) -> str:
 def isa_text(m: dict) -> str:
     flags = set(m["flags"])
     listed = ", ".join(ISA_NAMES.get(f, f) for f in m["flags"]) or "none of the INT8/BF16 extensions"
+    bf16 = "native" if flags & {"avx512_bf16", "amx_bf16", "bf16"} else "emulated"
+    if "asimd" in flags:  # ARM: its INT8 paths are the dot-product and I8MM instructions, not VNNI/AMX
+        dot, i8mm = "yes" if "asimddp" in flags else "no", "yes" if "i8mm" in flags else "no"
+        return f"{listed} (dot-product {dot}, I8MM {i8mm}, BF16 {bf16})"
     vnni = "yes" if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else "no"
     amx = "yes" if flags & {"amx_int8", "amx_bf16"} else "no"
-    bf16 = "native" if flags & {"avx512_bf16", "amx_bf16", "bf16"} else "emulated"
     return f"{listed} (VNNI {vnni}, AMX {amx}, BF16 {bf16})"
 
 
@@ -84,6 +87,9 @@ def short_isa(m: dict) -> str:
     flags = set(m["flags"])
     amx = ", AMX" if flags & {"amx_int8", "amx_bf16"} else ", no AMX"
     vnni = "VNNI" if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else "no VNNI"
+    if "asimd" in flags:
+        amx = ", I8MM" if "i8mm" in flags else ", no I8MM"
+        vnni = "dot-product" if "asimddp" in flags else "no dot-product"
     best = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "no SIMD"
     bf16 = "BF16 native" if flags & {"avx512_bf16", "amx_bf16", "bf16"} else "BF16 emulated"
     return f"{best}, {vnni}{amx}, {bf16}"

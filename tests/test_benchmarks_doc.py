@@ -78,7 +78,7 @@ def test_results_are_listed_newest_first_and_any_number_of_them(tmp_path):
     text = doc.render(doc.load(tmp_path))
     assert text.index("## 2026-11-30 · New CPU") < text.index("## 2026-06-01 · Raspberry") < text.index("## 2025-03-01")
     assert "Raspberry Pi 5 (ARM Cortex-A76) (family/model not reported by this kernel)" in text
-    assert "ISA: NEON, no VNNI, no AMX, BF16 emulated" in text
+    assert "ISA: NEON, dot-product, no I8MM, BF16 emulated" in text  # ARM INT8 paths, never x86 names
     assert text.count("### openvino · t") == 3 and doc.render([]).endswith("No results yet: `make bench` writes one.\n")
 
 

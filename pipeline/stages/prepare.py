@@ -124,7 +124,8 @@ def native_precisions(target, notes: list[str], log) -> tuple[str, ...]:
     prof = cpu_profile()
     if "bf16" not in target.precisions or prof["bf16_native"]:
         return target.precisions
-    notes.append(f"bf16 not built: {prof['cpu']} has no native BF16 (no AVX-512 BF16 or AMX), so BF16 would be "
+    missing = "the ARM BF16 extension" if "asimd" in prof.get("flags", ()) else "AVX-512 BF16 or AMX"
+    notes.append(f"bf16 not built: {prof['cpu']} has no native BF16 (no {missing}), so BF16 would be "
                  "emulated in FP32 and slower than FP32")
     log(f"NOTE: {notes[-1]}")
     return tuple(p for p in target.precisions if p != "bf16")
