@@ -129,4 +129,5 @@ def test_what_the_reports_say_of_an_arm_cpu(name, says):
     assert short_isa(prof).startswith("NEON, ")
     no_x86(isa)
     no_x86(short_isa(prof))
-    assert ("dot-product yes" in isa) == ("asimddp" in prof["flags"]) and ("I8MM yes" in isa) == ("i8mm" in prof["flags"])
+    assert ("dot-product yes" in isa) == ("asimddp" in prof["flags"])
+    assert ("I8MM yes" in isa) == ("i8mm" in prof["flags"])
