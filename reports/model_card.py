@@ -45,6 +45,14 @@ def _limits(report: dict, precisions: list[str]) -> list[str]:
     return lines
 
 
+def _input_line(row: dict) -> list[str]:
+    """What the shipped model takes, as the artifact records it (targets.image_input)."""
+    rule = (row.get("metadata") or {}).get("input") or {}
+    if "rule" not in rule:
+        return []
+    return [f"- Input: {rule['rule']}; resize: {rule['resize']}; crop: {rule['crop']}"]
+
+
 def render_model_card(report: dict, bundle: dict) -> str:
     """`bundle`: what the bundle holds: {"precisions": [...], "files": {precision: [names]}, "predict": bool,
     "reference": {"n": int, "source": str, "made_by": {precision: {runtime, device, precision_executed, proxy}}}}."""
@@ -74,6 +82,7 @@ def render_model_card(report: dict, bundle: dict) -> str:
             f"- Preprocessing: {m['preprocessing']['input_size']} px, crop_pct {m['preprocessing']['crop_pct']}, "
             f"{m['preprocessing']['interpolation']}, mean {m['preprocessing']['mean']}, std {m['preprocessing']['std']} "
             "(preprocessing.json)",
+            *_input_line(art.get("int8") or {}),
             f"- Target: {t['name']} ({hardware_class(report)}); reference precision {t['reference']}", ""]
     out += ["## Accuracy", "",
             f"{d['task']}: {d['evaluation']['n']} images of `{d['evaluation']['source']}` at {d['accuracy_resolution']} px; "

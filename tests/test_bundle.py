@@ -79,6 +79,7 @@ def test_the_model_card_shows_only_figures_of_the_report(deployed):
     card = (out / "bundle" / "MODEL_CARD.md").read_text()
     r = json.loads((out / "report.json").read_text())
     assert "**Gates: PASSED**" in card and "proxy" not in card.split("## Files")[0].lower()
+    assert "- Input: uint8 RGB pixels, NHWC" in card and "mean/std and the layout change are inside the model" in card
     assert r["model"]["checkpoint_sha256"] in card and r["model"]["variant"] in card
     assert f"{r['accuracy']['int8']['top1'] * 100:.2f}%" in card and r["accuracy"]["int8"]["runtime"] in card
     assert r["int8_numerics"]["int8_path"] in card and r["machine"]["cpu"] in card
