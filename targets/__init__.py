@@ -7,7 +7,7 @@ from __future__ import annotations
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.targets import coreml_apple, openvino_cpu, ort_cpu, trt_gpu
 from convnext_deploy.targets.base import Target
-from convnext_deploy.targets.image_input import INPUTS, Finish, takes_image
+from convnext_deploy.targets.image_input import Finish, takes_image
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     ort_cpu.TARGET,  # onnxruntime: portable CPU (reference)
@@ -17,7 +17,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 )}
 
 
-__all__ = ["INPUTS", "TARGETS", "Finish", "Target", "get_target", "takes_image"]
+__all__ = ["TARGETS", "Finish", "Target", "get_target", "takes_image"]
 
 
 def get_target(name: str) -> Target:

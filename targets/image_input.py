@@ -24,9 +24,8 @@ from convnext_deploy.targets.base import Artifact, Runner
 
 META_PREFIX = "convnext_deploy."  # ONNX metadata_props keys; OpenVINO rt_info path ["convnext_deploy", key]
 IMAGE, TENSOR = "image", "tensor"
-INPUTS = (IMAGE, TENSOR)
-IMAGE_RULE = ("uint8 RGB pixels, NHWC (batch, height, width, 3), of the image resized (shorter side) and centre-cropped "
-              "as `resize`/`crop` say; mean/std and the layout change are inside the model")
+IMAGE_RULE = ("uint8 RGB pixels, NHWC (batch, height, width, 3), of the image resized (shorter side) and "
+              "centre-cropped as `resize`/`crop` say; mean/std and the layout change are inside the model")
 TENSOR_RULE = "float32 NCHW: pixels / 255, then (x - mean) / std per channel (R, G, B)"
 
 
@@ -118,7 +117,8 @@ def _image_input(graph, record: dict) -> str:
     for node in graph.node:
         node.input[:] = [inner if i == name else i for i in node.input]
     dims = list(old.type.tensor_type.shape.dim)
-    new = helper.make_tensor_value_info(name, TensorProto.UINT8, [_dim(d) for d in (dims[0], dims[2], dims[3], dims[1])])
+    nhwc = [_dim(d) for d in (dims[0], dims[2], dims[3], dims[1])]
+    new = helper.make_tensor_value_info(name, TensorProto.UINT8, nhwc)
     graph.input.remove(old)
     graph.input.insert(0, new)
     pixels = [helper.make_node("Cast", [name], [name + "_float"], to=TensorProto.FLOAT, name="image_cast"),
@@ -151,8 +151,8 @@ def _normalise(graph, name: str, inner: str, scale: np.ndarray, shift: np.ndarra
 
 
 def _fold_into_stem(graph, inner: str, scale: np.ndarray, shift: np.ndarray) -> bool:
-    """W'[o, c] = W[o, c]·scale[c], b'[o] = b[o] + Σ W[o, c, i, j]·shift[c]: only for an unpadded Conv that alone reads
-    the input, with weight and bias its own initializers (a shared or quantized weight is not rewritten)."""
+    """W'[o, c] = W[o, c]·scale[c], b'[o] = b[o] + Σ W[o, c, i, j]·shift[c]: only for an unpadded Conv that alone
+    reads the input, with weight and bias its own initializers (a shared or quantized weight is not rewritten)."""
     from onnx import helper, numpy_helper
 
     users = [n for n in graph.node if inner in n.input]
@@ -160,7 +160,8 @@ def _fold_into_stem(graph, inner: str, scale: np.ndarray, shift: np.ndarray) -> 
         return False
     conv = users[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-    if any(attrs.get("pads", [0])) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID") or attrs.get("group", 1) != 1:
+    padded = any(attrs.get("pads", [0])) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")
+    if padded or attrs.get("group", 1) != 1:
         return False
     inits = {t.name: t for t in graph.initializer}
     names = list(conv.input[1:3])

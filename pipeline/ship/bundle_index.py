@@ -55,7 +55,7 @@ def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int) -> d
     target = report["target"]["name"]
     pp = report["model"]["preprocessing"]
     size, short = pp["input_size"], int(pp["input_size"] // pp["crop_pct"])
-    image_in = target in PIL_INPUT
+    pil_in = target in PIL_INPUT
     return {
         "format": "convnext-deploy bundle preprocessing 1",
         "input_size": size, "crop_pct": pp["crop_pct"], "interpolation": pp["interpolation"],
@@ -68,10 +68,10 @@ def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int) -> d
                   f"{pp['interpolation']} (skipped when the image already has that size)",
         "crop": f"centre {size}×{size}: left = (width − {size}) // 2, top = (height − {size}) // 2",
         **_input(target, rows["int8"], size),
-        "output": {"name": None if image_in else OUTPUT_NAME, "kind": output_kind(target),
+        "output": {"name": None if pil_in else OUTPUT_NAME, "kind": output_kind(target),
                    "shape": ["batch", n_classes], "classes": "labels.txt, one name a line, in output order",
                    **({"note": "the classifier's probability dictionary, keyed by class name "
-                               "(spec.description.predictedProbabilitiesName)"} if image_in else {})},
+                               "(spec.description.predictedProbabilitiesName)"} if pil_in else {})},
         "runtime": target,
         "default_model": "int8",
         "models": {p: {"file": r["files"][0], "files": r["files"], "precision": p, "sha256": r["sha256"],

@@ -78,6 +78,10 @@ def to_input(img: Image.Image, pp: dict) -> np.ndarray:
     return np.asarray(resize_crop(img, pp), dtype=np.uint8)
 
 
+def _batch(images: list, pp: dict) -> np.ndarray:
+    return np.stack([to_input(im, pp) for im in images])
+
+
 def _inside(meta: dict, where: str) -> tuple[dict, list[str]]:
     """(input rule, labels) from the model file's `convnext_deploy.*` metadata."""
     try:
@@ -87,7 +91,7 @@ def _inside(meta: dict, where: str) -> tuple[dict, list[str]]:
                           "it is not a model this bundle's deploy wrote") from None
 
 
-# ---------------------------------------------------------------- one function per runtime: (images → scores, rule, labels)
+# ------------------------------------------------ one function per runtime: (images → scores, input rule, labels)
 
 def onnxruntime_scores(path: Path, model: dict):
     import onnxruntime as ort
@@ -96,9 +100,10 @@ def onnxruntime_scores(path: Path, model: dict):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as the deploy measured it
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
-    pp, labels = _inside({k.split(".", 1)[-1]: v for k, v in meta.items() if k.startswith("convnext_deploy.")}, path.name)
+    pp, labels = _inside({k.split(".", 1)[-1]: v for k, v in meta.items() if k.startswith("convnext_deploy.")},
+                         path.name)
     name = sess.get_inputs()[0].name
-    return (lambda images: sess.run(None, {name: np.stack([to_input(im, pp) for im in images])})[0]), pp, labels
+    return (lambda images: sess.run(None, {name: _batch(images, pp)})[0]), pp, labels
 
 
 def openvino_scores(path: Path, model: dict):
@@ -112,7 +117,7 @@ def openvino_scores(path: Path, model: dict):
     compiled: dict = {}
 
     def run(images):
-        x = np.stack([to_input(im, pp) for im in images])
+        x = _batch(images, pp)
         if x.shape not in compiled:  # a static shape per batch, compiled with the deploy's precision hint
             m = network.clone()
             m.reshape({m.inputs[0]: list(x.shape)})
