@@ -39,6 +39,17 @@ def _timing_budget(given: str | None) -> float:
     return seconds
 
 
+def _loads(given: str | None) -> int:
+    import os
+
+    raw = given if given is not None else os.environ.get("CONVNEXT_DEPLOY_LOADS", "3")
+    if not raw.isdigit() or int(raw) < 1:
+        where = "--loads" if given is not None else "CONVNEXT_DEPLOY_LOADS"
+        raise UserError(f"{where} {raw!r} must be a whole number ≥ 1 (fresh loads of each artifact the timing is "
+                        "spread over)")
+    return int(raw)
+
+
 def _cmd_deploy(args) -> int:
     from convnext_deploy.pipeline.deploy import EXIT_NOT_BUILT, DeployConfig, run_deploy
 
@@ -56,6 +67,7 @@ def _cmd_deploy(args) -> int:
         sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
         fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
         n_control=args.control, timing_budget_s=_timing_budget(args.timing_budget), input=args.input,
+        loads=_loads(args.loads),
     )
     if args.control is not None and args.control < 0:
         raise UserError(f"--control {args.control} must be ≥ 0 (labelled images held out for decisions; 0: none)")
@@ -168,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-budget", metavar="SECONDS",
                    help="most seconds one decision (recipe choice, latency-aware step) adds timing rounds for, until "
                         "its speed ratios are within ±3 %% (default 60, or $CONVNEXT_DEPLOY_TIMING_BUDGET_S)")
+    s.add_argument("--loads", metavar="N",
+                   help="fresh loads of each timed artifact its latency rounds are spread over, so intervals carry "
+                        "the spread between loads (default 3, or $CONVNEXT_DEPLOY_LOADS)")
     s.add_argument("--calib-data", help="images to calibrate on, no labels needed: an ImageFolder tree (e.g. ImageNet "
                                         "train), a flat folder of images, or a text file of image paths, one a line")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")

@@ -15,7 +15,7 @@ from convnext_deploy.pipeline.stages.report import assemble, publish
 from convnext_deploy.pipeline.stages.validate import validate
 from convnext_deploy.targets import takes_image
 
-from conftest import GATES_ACCURACY_ONLY, TEST_TIMING_BUDGET_S, run_cli
+from conftest import GATES_ACCURACY_ONLY, TEST_LOADS, TEST_TIMING_BUDGET_S, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def staged(atto_reference, cli_env, tmp_path_factory):
     gates.write_text(GATES_ACCURACY_ONLY)
     lines = []
     cfg = DeployConfig("onnxruntime", "atto", n_calib=300, n_eval=1000, gates=gates, alternatives=False, latency_runs=5,
-                       timing_budget_s=float(TEST_TIMING_BUDGET_S))
+                       timing_budget_s=float(TEST_TIMING_BUDGET_S), loads=int(TEST_LOADS))
     ctx = prepare(cfg, lines.append)
     src = export(ctx)
     built = build(ctx, src)
@@ -151,3 +151,11 @@ def test_gates_judge_the_figures_and_the_report_carries_them(validated, tmp_path
 def test_a_timing_budget_that_is_not_seconds_is_refused_in_one_line(cli_env, args, env, named):
     p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", *args], {**cli_env, **env}, code=2)
     assert named in p.stderr and "must be a number of seconds > 0" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, env, named", [(["--loads", "0"], {}, "--loads '0' "),
+                                               ([], {"CONVNEXT_DEPLOY_LOADS": "two"}, "_LOADS 'two' ")])
+def test_loads_that_are_not_a_count_are_refused_in_one_line(cli_env, args, env, named):
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", *args], {**cli_env, **env}, code=2)
+    assert named in p.stderr and "must be a whole number ≥ 1" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

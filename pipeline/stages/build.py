@@ -100,10 +100,8 @@ def build(ctx: Context, src: Sources) -> Built:
     return Built(artifacts, runners, recipes)
 
 
-INSTANCES = 3  # loads of every timed artifact a deploy's latency is spread over (pipeline.measure.latency: why)
-
-
-def spread(ctx: Context, artifacts: dict[str, Artifact], instances: int = INSTANCES) -> Spread:
-    """The latency harness's rounds spread over `instances` fresh loads of each labelled artifact."""
+def spread(ctx: Context, artifacts: dict[str, Artifact], instances: int | None = None) -> Spread:
+    """The latency harness's rounds spread over `instances` fresh loads of each labelled artifact (default: the
+    deploy's `loads`)."""
     return Spread({label: partial(ctx.target.load_runner, a, ctx.cfg.threads) for label, a in artifacts.items()},
-                  instances)
+                  instances or ctx.cfg.loads)

@@ -34,6 +34,7 @@ class DeployConfig:
     latency_runs: int = 100
     # the most seconds one decision's timing may add rounds for, until its ratios are within ±3 % (95 % interval)
     timing_budget_s: float = 60.0
+    loads: int = 3  # fresh loads of every timed artifact a latency measurement is spread over (measure.latency: why)
     calib_data: Path | None = None  # ImageFolder roots; default: the checkpoint's own dataset
     eval_data: Path | None = None
     options: dict = field(default_factory=dict)  # overrides of the target's typed build options
