@@ -142,3 +142,18 @@ def deployed(atto_reference, cli_env, tmp_path_factory):
     p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "1000", "--calib", "300",
                  "--runs", "10", "--loads", "2", "--gates", str(gates), "--out", str(out)], cli_env, code=0)
     return out, p, gates
+
+
+@pytest.fixture(scope="session")
+def coreml_deployed(atto_reference, cli_env, tmp_path_factory):
+    """One Core ML deploy of the atto reference (loose gates that accept proxy figures), shared by the target's tests
+    and the bundle's: off macOS it converts and quantizes, measures on the proxy and exits 3."""
+    pytest.importorskip("coremltools", reason="coremltools is not installed: pip install 'convnext-deploy[coreml]'")
+    from convnext_deploy.targets import get_target
+
+    d = tmp_path_factory.mktemp("coreml")
+    (d / "gates.toml").write_text("[defaults]\nmax_top1_drop_pp = 5\nallow_proxy = true\n")
+    p = run_cli(["deploy", "--target", "coreml", "--variant", "atto", "--calib", "200", "--eval", "500",
+                 "--no-alternatives", "--runs", "3", "--gates", str(d / "gates.toml"), "--out", str(d / "run")],
+                cli_env, code=0 if get_target("coreml").available().ok else 3)
+    return d / "run", p

@@ -187,16 +187,8 @@ def test_openvino_bundle_predict_and_validate(openvino_run, images, cli_env, tmp
 # ---------------------------------------------------------------- Core ML (built here, predicted on macOS only)
 
 @pytest.fixture(scope="module")
-def coreml_run(atto_reference, cli_env, tmp_path_factory):
-    pytest.importorskip("coremltools", reason="coremltools is not installed: pip install 'convnext-deploy[coreml]'")
-    d = tmp_path_factory.mktemp("coreml")
-    (d / "gates.toml").write_text(GATES_LOOSE + "allow_proxy = true\n")
-    macos = get_target("coreml").available().ok
-    # --calib 200: the Core ML builds of test_coreml_target's deploy, shared through the session cache
-    run_cli(["deploy", "--target", "coreml", "--variant", "atto", "--calib", "200", "--eval", "200", "--control", "0",
-             "--no-alternatives", "--runs", "3", "--gates", str(d / "gates.toml"), "--out", str(d / "run")],
-            cli_env, code=0 if macos else 3)
-    return d / "run"
+def coreml_run(coreml_deployed):
+    return coreml_deployed[0]
 
 
 def test_coreml_bundle_is_built_and_says_it_is_proxy_measured(coreml_run, cli_env):

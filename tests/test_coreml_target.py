@@ -1,8 +1,6 @@
 """Core ML: conversion, W8 and W8A8 quantization and the torch proxy are tested here on Linux; prediction with
 `MLModel.predict` needs macOS and its tests are marked `macos` and skip with the reason elsewhere."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from convnext_deploy.pipeline.stages.prepare import model_info
 from convnext_deploy.targets import coreml_apple, coreml_proxy, get_target
 from convnext_deploy.targets.base import BuildRequest, CalibrationData
 
-from conftest import REPO, reference_split
+from conftest import reference_split
 
 pytest.importorskip("coremltools", reason="coremltools is not installed: pip install 'convnext-deploy[coreml]'")
 coreml = get_target("coreml")
@@ -176,13 +174,8 @@ def test_pixels_round_trip_exactly(built):
 
 
 @pytest.mark.skipif(AVAIL.ok, reason="the proxy path runs only where Core ML cannot predict")
-def test_deploy_without_macos_exits_3_with_an_honest_report(atto_reference, cli_env, tmp_path):
-    env = cli_env  # the session's cache: the atto export and float builds are shared with the other CLI tests
-    out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "convnext_deploy", "deploy", "--target", "coreml", "--variant", "atto",
-                        "--eval", "500", "--calib", "200", "--no-alternatives", "--out", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 3, p.stdout + p.stderr
+def test_deploy_without_macos_exits_3_with_an_honest_report(coreml_deployed):
+    out, p = coreml_deployed  # exit 3 asserted by the fixture
     assert "not executed by Core ML" in p.stderr and "Traceback" not in p.stderr
     r = json.loads((out / "report.json").read_text())
     assert r["notes"][0].startswith("not executed by Core ML: Core ML prediction needs macOS")
