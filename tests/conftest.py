@@ -157,3 +157,19 @@ def coreml_deployed(atto_reference, cli_env, tmp_path_factory):
                  "--no-alternatives", "--runs", "3", "--gates", str(d / "gates.toml"), "--out", str(d / "run")],
                 cli_env, code=0 if get_target("coreml").available().ok else 3)
     return d / "run", p
+
+
+@pytest.fixture(scope="session")
+def tensorrt_deployed(atto_reference, cli_env, tmp_path_factory) -> dict:
+    """TensorRT deploys of the atto reference where no engine can be built (the Q/DQ ONNX proxy's accuracy, no
+    latency, exit 3), once under gates that refuse proxy figures and once under gates that allow them: name → (report
+    folder, process). Shared by the target's tests and `summarize`'s."""
+    d = tmp_path_factory.mktemp("tensorrt")
+    runs = {}
+    for allow, name in ((False, "strict"), (True, "allow")):
+        gates = d / f"{name}.toml"
+        gates.write_text(f"[defaults]\nmax_top1_drop_pp = 0.3\nmin_int8_speedup = 1.0\nallow_proxy = {str(allow).lower()}\n")
+        out = d / name / "tensorrt-atto"
+        runs[name] = out, run_cli(["deploy", "--target", "tensorrt", "--variant", "atto", "--eval", "500", "--calib", "200",
+                                   "--no-alternatives", "--gates", str(gates), "--out", str(out)], cli_env)
+    return runs

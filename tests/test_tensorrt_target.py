@@ -2,8 +2,6 @@
 path and its report); the engine tests are marked `gpu` and skip with the reason when TensorRT or a CUDA
 device is missing."""
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,7 +14,7 @@ from convnext_deploy.pipeline.measure.latency import measure
 from convnext_deploy.targets import get_target, trt_gpu
 from convnext_deploy.targets.base import Artifact, BuildRequest, CalibrationData, Runner
 
-from conftest import REPO, copy_onnx, reference_split
+from conftest import copy_onnx, reference_split
 
 trt = get_target("tensorrt")
 AVAIL = trt.available()
@@ -204,18 +202,12 @@ def test_layer_probe_is_the_qdq_graph_as_written(setup):
 
 
 @pytest.mark.skipif(AVAIL.ok, reason="the skip path runs only where the engine cannot be built")
-def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, cli_env, tmp_path):
-    env = cli_env  # the session's cache: the atto export and float builds are shared with the other CLI tests
+def test_deploy_skip_path_exits_3_with_an_honest_report(tensorrt_deployed):
     for allow, name in ((False, "strict"), (True, "allow")):
-        gates = tmp_path / f"{name}.toml"
-        gates.write_text(f"[defaults]\nmax_top1_drop_pp = 0.3\nmin_int8_speedup = 1.0\nallow_proxy = {str(allow).lower()}\n")
-        p = subprocess.run([sys.executable, "-m", "convnext_deploy", "deploy", "--target", "tensorrt", "--variant", "atto",
-                            "--eval", "500", "--calib", "200", "--no-alternatives", "--gates", str(gates),
-                            "--out", str(tmp_path / name)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        out, p = tensorrt_deployed[name]
         assert p.returncode == 3, p.stdout + p.stderr
         assert "engine not built" in p.stderr and "Traceback" not in p.stderr
-        r = json.loads((tmp_path / name / "report.json").read_text())
+        r = json.loads((out / "report.json").read_text())
         assert r["engine_built"] is False and r["notes"][0].startswith("engine not built: ")
         assert r["latency"] == [] and any("latency not measured" in n for n in r["notes"])
         assert all(a["kind"] == "proxy" for k, a in r["accuracy"].items() if k != "torch_fp32")
@@ -223,9 +215,9 @@ def test_deploy_skip_path_exits_3_with_an_honest_report(atto_reference, cli_env,
         status = {v["gate"]: v["status"] for v in r["gates"]["verdicts"]}
         assert status["min_int8_speedup"] == "not measured"
         assert status["max_top1_drop_pp"] == ("pass" if allow else "proxy not allowed")
-        md = (tmp_path / name / "report.md").read_text()
+        md = (out / "report.md").read_text()
         assert "engine not built" in md and "Q/DQ ONNX on ONNX Runtime CPU (proxy for the TensorRT engine)" in md
-        assert {f.name for f in (tmp_path / name / "artifacts").iterdir()} == \
+        assert {f.name for f in (out / "artifacts").iterdir()} == \
             {"model_fp32.onnx", "model_int8.onnx", "model_int8_qdq_fp32.onnx"}
 
 
