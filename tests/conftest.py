@@ -39,18 +39,23 @@ def atto_reference(fmnist_root) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def atto_onnx(atto_reference, cli_env) -> Path:
-    """The atto reference exported once for the session, into the session's build cache, where every CLI deploy of
-    the session finds it as its own export (the export is itself tested in test_export.py); a test that writes beside
-    it copies it (`copy_onnx`)."""
+def session_export(checkpoint: Path, cli_env: dict, form: str = "channels_last") -> Path:
+    """The atto reference exported in graph `form` into the session's build cache, where every CLI deploy of the
+    session finds it as its own export (and a deploy's export is found here): made once a session."""
     from convnext_deploy.pipeline.models.onnx_export import export_cached
 
-    ck = load_checkpoint(atto_reference, "atto")
+    ck = load_checkpoint(checkpoint, "atto")
     x = np.zeros((2, 3, 32, 32), np.float32)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
-        return export_cached(ck.model, ck.sha256, "atto", x, log=lambda m: None).path
+        return export_cached(ck.model, ck.sha256, "atto", x, log=lambda m: None, form=form).path
+
+
+@pytest.fixture(scope="session")
+def atto_onnx(atto_reference, cli_env) -> Path:
+    """The atto reference exported once for the session (the export is itself tested in test_export.py); a test that
+    writes beside it copies it (`copy_onnx`)."""
+    return session_export(atto_reference, cli_env)
 
 
 def copy_onnx(src: Path, dst: Path) -> Path:

@@ -1,20 +1,19 @@
 """The OpenVINO target on the real atto reference checkpoint and real Fashion-MNIST images."""
 import os
 import re
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
-from convnext_deploy.pipeline.models.onnx_export import export_onnx
 from convnext_deploy.targets import get_target, openvino_cpu
 from convnext_deploy.targets.base import BuildRequest, CalibrationData, LabelledData
 from convnext_deploy.targets.openvino_peer import PATHS as PEER_PATHS
 
-from conftest import REPO, copy_onnx, reference_split
+from conftest import REPO, copy_onnx, reference_split, session_export
 
 ov_cpu = get_target("openvino")
 
@@ -171,15 +170,13 @@ def test_the_users_own_paths_convert_the_torch_module_and_run_int8(setup, tmp_pa
         assert acc["agreement"] >= 0.97, (label, acc)
 
 
-def test_the_channels_first_form_becomes_mvn_and_quantizes_like_the_default(setup, tmp_path):
+def test_the_channels_first_form_becomes_mvn_and_quantizes_like_the_default(setup, atto_reference, cli_env, tmp_path):
     """The channels-first graph form: OpenVINO's converter fuses every channel norm written as mean/variance into
     one MVN op, no Transpose is left, and our INT8 recipe on it runs integer kernels and keeps the predictions."""
     import openvino as ov
 
-    from convnext_deploy.pipeline.models.graph_forms import to_form
-
     ck, d, calib, *_ = setup
-    export_onnx(to_form(ck.model, "channels_first"), tmp_path / "cf.onnx")
+    copy_onnx(session_export(atto_reference, cli_env, "channels_first"), tmp_path / "cf.onnx")
     ops = Counter(op.get_type_name() for op in ov.convert_model(str(tmp_path / "cf.onnx")).get_ops())
     assert ops["MVN"] == 17 and ops["Transpose"] == 0 and ops["ReduceMean"] == 1  # the head's average pool
     out = tmp_path / "int8"
