@@ -93,7 +93,8 @@ def test_rerun_resumes_from_cache(deployed, env, tmp_path):
 
 def test_deploy_on_imagefolder_trees(atto_reference, env, tmp_path):
     """The layout users have for ImageNet: root/<class>/<image>. Folder names that are not the checkpoint's
-    class names map by sorted order (as ImageNet's wnid folders do)."""
+    class names map by sorted order (as ImageNet's wnid folders do). --no-smoothing: the session's export serves
+    (smoothing factors come from the calibration images, so a smoothed deploy would export again)."""
     from convnext_deploy.calibration.fashion_mnist import FashionMNIST
 
     for split, per_class, root in (("train", 15, tmp_path / "train"), ("test", 20, tmp_path / "val")):
@@ -106,7 +107,7 @@ def test_deploy_on_imagefolder_trees(atto_reference, env, tmp_path):
     gates.write_text("[defaults]\nmax_top1_drop_pp = 5\n")
     p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--calib-data", str(tmp_path / "train"),
              "--eval-data", str(tmp_path / "val"), "--calib", "100", "--runs", "5", "--no-alternatives",
-             "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=0)
+             "--no-smoothing", "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=0)
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     assert "ImageFolder" in r["data"]["task"] and "sorted folders" in r["data"]["task"]
     # a tenth of the 200 val images is held out as the fallback's control split, never in the figures
