@@ -69,9 +69,10 @@ def test_sensitivity_ranks_a_damaged_layer_first(qdq):
 
 
 def test_sensitivity_command(atto_reference, cli_env, tmp_path):
-    env = cli_env  # the session's cache: the atto export and float builds are shared with the other CLI tests
+    # the session's cache: --calib 300 is the TensorRT deploys' (conftest tensorrt_deployed), so export and builds are shared
+    env = cli_env
     p = subprocess.run([sys.executable, "-m", "convnext_deploy", "sensitivity", "--target", "tensorrt", "--variant", "atto",
-                        "--calib", "200", "--images", "64", "--out", str(tmp_path / "s")],
+                        "--calib", "300", "--images", "64", "--out", str(tmp_path / "s")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     md = (tmp_path / "s" / "sensitivity.md").read_text()
