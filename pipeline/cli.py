@@ -25,29 +25,35 @@ def _zoo(command: str):
     return run
 
 
-def _timing_budget(given: str | None) -> float:
+def _flag_or_env(given: str | None, flag: str, var: str, default: str, parse, rule: str):
+    """A deploy setting from its flag, else its environment variable, else `default`; `parse` gives None for a value
+    that breaks `rule`, which is refused in one line naming where the value came from."""
     import os
 
-    raw = given if given is not None else os.environ.get("CONVNEXT_DEPLOY_TIMING_BUDGET_S", "60")
+    raw = given if given is not None else os.environ.get(var, default)
+    value = parse(raw)
+    if value is None:
+        raise UserError(f"{flag if given is not None else var} {raw!r} must be {rule}")
+    return value
+
+
+def _positive_seconds(raw: str) -> float | None:
     try:
         seconds = float(raw)
     except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        where = "--timing-budget" if given is not None else "CONVNEXT_DEPLOY_TIMING_BUDGET_S"
-        raise UserError(f"{where} {raw!r} must be a number of seconds > 0 (the most one decision adds timing rounds for)")
-    return seconds
+        return None
+    return seconds if seconds > 0 else None
+
+
+def _timing_budget(given: str | None) -> float:
+    return _flag_or_env(given, "--timing-budget", "CONVNEXT_DEPLOY_TIMING_BUDGET_S", "60", _positive_seconds,
+                        "a number of seconds > 0 (the most one decision adds timing rounds for)")
 
 
 def _loads(given: str | None) -> int:
-    import os
-
-    raw = given if given is not None else os.environ.get("CONVNEXT_DEPLOY_LOADS", "3")
-    if not raw.isdigit() or int(raw) < 1:
-        where = "--loads" if given is not None else "CONVNEXT_DEPLOY_LOADS"
-        raise UserError(f"{where} {raw!r} must be a whole number ≥ 1 (fresh loads of each artifact the timing is "
-                        "spread over)")
-    return int(raw)
+    return _flag_or_env(given, "--loads", "CONVNEXT_DEPLOY_LOADS", "3",
+                        lambda raw: int(raw) if raw.isdigit() and int(raw) >= 1 else None,
+                        "a whole number ≥ 1 (fresh loads of each artifact the timing is spread over)")
 
 
 def _cmd_deploy(args) -> int:

@@ -173,9 +173,11 @@ def tensorrt_deployed(atto_reference, cli_env, tmp_path_factory) -> dict:
     runs = {}
     for allow, name in ((False, "strict"), (True, "allow")):
         gates = d / f"{name}.toml"
-        gates.write_text(f"[defaults]\nmax_top1_drop_pp = 0.3\nmin_int8_speedup = 1.0\nallow_proxy = {str(allow).lower()}\n")
+        gates.write_text("[defaults]\nmax_top1_drop_pp = 0.3\nmin_int8_speedup = 1.0\n"
+                         f"allow_proxy = {str(allow).lower()}\n")
         out = d / name / "tensorrt-atto"
         # --calib 300: the smoothed export of the session's ONNX Runtime deploy (`deployed`), shared through the cache
-        runs[name] = out, run_cli(["deploy", "--target", "tensorrt", "--variant", "atto", "--eval", "500", "--calib", "300",
-                                   "--no-alternatives", "--gates", str(gates), "--out", str(out)], cli_env)
+        runs[name] = out, run_cli(["deploy", "--target", "tensorrt", "--variant", "atto", "--eval", "500",
+                                   "--calib", "300", "--no-alternatives", "--gates", str(gates), "--out", str(out)],
+                                  cli_env)
     return runs

@@ -69,7 +69,7 @@ def test_sensitivity_ranks_a_damaged_layer_first(qdq):
 
 
 def test_sensitivity_command(atto_reference, cli_env, tmp_path):
-    # the session's cache: --calib 300 is the TensorRT deploys' (conftest tensorrt_deployed), so export and builds are shared
+    # the session's cache: --calib 300 is the TensorRT deploys' (conftest tensorrt_deployed): export and builds shared
     env = cli_env
     p = subprocess.run([sys.executable, "-m", "convnext_deploy", "sensitivity", "--target", "tensorrt", "--variant", "atto",
                         "--calib", "300", "--images", "64", "--out", str(tmp_path / "s")],
