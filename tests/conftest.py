@@ -105,6 +105,9 @@ def reference_split(checkpoint: Path, n_calib: int, n_eval: int | None, n_contro
 
 TEST_TIMING_BUDGET_S = "4"
 TEST_LOADS = "1"
+# a deploy that tests something other than the recipe search builds and deploys the default recipe only: no candidates
+# timed against each other, no latency-aware step (the shared `deployed` runs both)
+PINNED_RECIPE = ("--no-alternatives", "--recipe", "ours (default)")
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +162,7 @@ def coreml_deployed(atto_reference, cli_env, tmp_path_factory):
     d = tmp_path_factory.mktemp("coreml")
     (d / "gates.toml").write_text("[defaults]\nmax_top1_drop_pp = 5\nallow_proxy = true\n")
     p = run_cli(["deploy", "--target", "coreml", "--variant", "atto", "--calib", "200", "--eval", "500",
-                 "--no-alternatives", "--runs", "3", "--gates", str(d / "gates.toml"), "--out", str(d / "run")],
+                 *PINNED_RECIPE, "--runs", "3", "--gates", str(d / "gates.toml"), "--out", str(d / "run")],
                 cli_env, code=0 if get_target("coreml").available().ok else 3)
     return d / "run", p
 
@@ -178,6 +181,6 @@ def tensorrt_deployed(atto_reference, cli_env, tmp_path_factory) -> dict:
         out = d / name / "tensorrt-atto"
         # --calib 300: the smoothed export of the session's ONNX Runtime deploy (`deployed`), shared through the cache
         runs[name] = out, run_cli(["deploy", "--target", "tensorrt", "--variant", "atto", "--eval", "500",
-                                   "--calib", "300", "--no-alternatives", "--gates", str(gates), "--out", str(out)],
+                                   "--calib", "300", *PINNED_RECIPE, "--gates", str(gates), "--out", str(out)],
                                   cli_env)
     return runs

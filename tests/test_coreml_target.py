@@ -1,15 +1,16 @@
 """Core ML: conversion, W8 and W8A8 quantization and the torch proxy are tested here on Linux; prediction with
 `MLModel.predict` needs macOS and its tests are marked `macos` and skip with the reason elsewhere."""
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
-from convnext_deploy.pipeline.stages.prepare import model_info
 from convnext_deploy.targets import coreml_apple, coreml_proxy, get_target
-from convnext_deploy.targets.base import BuildRequest, CalibrationData
+from convnext_deploy.targets.base import Artifact
 
 from conftest import reference_split
 
@@ -20,19 +21,17 @@ needs_macos = pytest.mark.skipif(not AVAIL.ok, reason=f"Core ML prediction canno
 
 
 @pytest.fixture(scope="module")
-def built(atto_reference, tmp_path_factory):
-    # 2,000 evaluation images: the 0.3 pp gate is 6 of them, enough to hold the proxy to it
-    data = reference_split(atto_reference, n_calib=300, n_eval=2000)
-    ck, train, calib_x = data.ck, data.train, data.calib_x
-    d = tmp_path_factory.mktemp("coreml")
-    arts = {}
-    for precision in ("fp16", "w8", "int8"):
-        (d / precision).mkdir()
-        arts[precision] = coreml.build(BuildRequest(
-            precision, None, ck.model, d / precision, CalibrationData(calib_x, "m", train.name),
-            input_sizes=(32, 224), options=coreml.make_options(), model_info=model_info(ck)))
+def built(atto_reference, coreml_deployed):
+    """The packages the session's Core ML deploy built (conftest coreml_deployed: FP16, W8 and W8A8 of the atto
+    reference, input sizes 32 and 224), read from the build folders its log names, and 2,000 evaluation images (the
+    0.3 pp gate is 6 of them, enough to hold the proxy to it)."""
+    _, p = coreml_deployed
+    folders = dict(re.findall(r"^coreml (\w+): (?:built|cached) \((.+)\)$", p.stdout, re.MULTILINE))
+    assert set(folders) == {"fp16", "w8", "int8"}, p.stdout
+    arts = {precision: Artifact.load_metadata(Path(folder)) for precision, folder in folders.items()}
+    data = reference_split(atto_reference, n_calib=10, n_eval=2000)
     x, y = data.load("evaluation")
-    return ck, arts, x, y
+    return data.ck, arts, x, y
 
 
 def test_declared_entry_and_build_config_per_precision():

@@ -10,7 +10,7 @@ import torch
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.measure.accuracy import predict_many
 
-from conftest import REPO, run_cli
+from conftest import PINNED_RECIPE, REPO, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_deploy_writes_a_complete_report(deployed):
 def test_rerun_resumes_from_cache(deployed, env, tmp_path):
     _, _, gates = deployed  # a report of its own: the shared deploy's report is read by other tests
     p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "200", "--calib", "300",
-             "--runs", "3", "--no-alternatives", "--control", "0", "--gates", str(gates), "--out", str(tmp_path / "again")],
+             "--runs", "3", *PINNED_RECIPE, "--control", "0", "--gates", str(gates), "--out", str(tmp_path / "again")],
             env, code=0)
     assert "onnxruntime int8: cached" in p.stdout and "(cached)" in p.stdout
 
@@ -106,7 +106,7 @@ def test_deploy_on_imagefolder_trees(atto_reference, env, tmp_path):
     gates = tmp_path / "g.toml"
     gates.write_text("[defaults]\nmax_top1_drop_pp = 5\n")
     p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--calib-data", str(tmp_path / "train"),
-             "--eval-data", str(tmp_path / "val"), "--calib", "100", "--runs", "5", "--no-alternatives",
+             "--eval-data", str(tmp_path / "val"), "--calib", "100", "--runs", "5", *PINNED_RECIPE,
              "--no-smoothing", "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=0)
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     assert "ImageFolder" in r["data"]["task"] and "sorted folders" in r["data"]["task"]
@@ -122,7 +122,7 @@ def test_missed_gate_exits_1_naming_it(atto_reference, env, tmp_path):
     gates.write_text("[defaults]\nmax_p50_ms = 0.0001\nmax_top1_drop_pp = 5\n")
     # --calib 300: the shared deploy's calibration, so its builds come from the session's cache
     p = cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--eval", "300", "--calib", "300",
-             "--runs", "5", "--no-alternatives", "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=1)
+             "--runs", "5", *PINNED_RECIPE, "--gates", str(gates), "--out", str(tmp_path / "r")], env, code=1)
     assert "FAIL max_p50_ms: fail" in p.stdout and "max_p50_ms fail" in p.stderr
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     assert not r["gates"]["passed"]

@@ -16,7 +16,7 @@ from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.models.variants import get_variant
 
 from bundle_helpers import load_module
-from conftest import REPO
+from conftest import PINNED_RECIPE, REPO
 
 PREDICT = REPO / "pipeline" / "ship" / "bundle_files" / "predict.py"
 JUNK = {".DS_Store": b"\x00\x00\x00\x01Bud1" + b"\x00" * 64, "Thumbs.db": b"\xd0\xcf\x11\xe0" + b"\x00" * 60,
@@ -185,7 +185,7 @@ def test_deploy_refuses_a_broken_image_naming_it(case, atto_reference, cli_env, 
     (calib / "3" / "._zz_half.jpg").write_bytes(_apple_double("zz_half.jpg"))  # skipped, not refused
     out = tmp_path / "out"
     p = _cli_here(["deploy", "--target", "onnxruntime", "--variant", "atto", "--calib-data", str(calib),
-                   "--eval-data", str(val), "--calib", str(n_calib), "--no-alternatives", "--out", str(out), *extra],
+                   "--eval-data", str(val), "--calib", str(n_calib), *PINNED_RECIPE, "--out", str(out), *extra],
                   cli_env, monkeypatch, capsys)
     assert p.returncode == 2, p.stdout + p.stderr
     line = _one_clear_line(p)
@@ -209,7 +209,7 @@ def test_deploy_on_a_messy_tree_counts_every_readable_image(atto_reference, cli_
     gates.write_text("[defaults]\nmax_p50_ms = 100000\n")
     out = tmp_path / "out"
     p = _cli_here(["deploy", "--target", "onnxruntime", "--variant", "atto", "--calib-data", str(calib),
-                   "--eval-data", str(val), "--calib", "50", "--runs", "3", "--no-alternatives", "--gates", str(gates),
+                   "--eval-data", str(val), "--calib", "50", "--runs", "3", *PINNED_RECIPE, "--gates", str(gates),
                    "--out", str(out)], cli_env, monkeypatch, capsys)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
     r = json.loads((out / "report.json").read_text())

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from convnext_deploy.pipeline.decisions.outliers import (
-    inject_outliers,
     migrate,
     norm_output_ranges,
     norm_pairs,
@@ -17,11 +16,12 @@ from convnext_deploy.pipeline.decisions.outliers import (
     stats_of,
 )
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
 from convnext_deploy.pipeline.models.onnx_export import export_onnx
 from convnext_deploy.targets import get_target
 from convnext_deploy.targets.base import Artifact, BuildRequest, CalibrationData
 
-from conftest import REPO, copy_onnx, reference_split
+from conftest import PINNED_RECIPE, REPO, copy_onnx, reference_split, session_export
 
 K = 30.0  # outlier factor: ImageNet ConvNeXts show norm channels tens of times above the median
 
@@ -38,10 +38,11 @@ def outlier_checkpoint(atto_reference, data, tmp_path_factory):
     return save_outlier_checkpoint(data[0].ck, tmp_path_factory.mktemp("outliers") / "atto_outliers.safetensors", K)
 
 
-def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, atto_onnx, tmp_path):
+def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, outlier_checkpoint, atto_onnx, cli_env,
+                                                                 tmp_path):
     d, x, y = data
     ck, calib = d.ck, CalibrationData(d.calib_x, "m", "fashion-mnist/train")
-    outl = inject_outliers(ck.model, K)
+    outl = load_checkpoint(outlier_checkpoint, "atto").model  # inject_outliers(ck.model, K), saved and loaded back
     with torch.no_grad():
         a, b = ck.model(torch.from_numpy(x[:500])), outl(torch.from_numpy(x[:500]))
     assert float((a - b).abs().max()) < 1e-3 and bool((a.argmax(1) == b.argmax(1)).all())
@@ -58,10 +59,12 @@ def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, atto_onnx
 
     ort = get_target("onnxruntime")
     runners = {"fp32": lambda b: ck.model(torch.from_numpy(b)).detach().numpy()}
-    # "clean": the checkpoint without outliers, quantized the same way: what INT8 reaches on this CPU's kernels
+    # "clean": the checkpoint without outliers, quantized the same way: what INT8 reaches on this CPU's kernels. The
+    # clean and outlier checkpoints as the session exported them (the outlier one is the fallback deploys' export)
+    exported = {"clean": atto_onnx, "plain": session_export(outlier_checkpoint, cli_env)}
     for name, model in [("clean", ck.model), ("plain", outl), ("smoothed", smoothed)]:
-        if model is ck.model:  # the reference as the session exported it
-            copy_onnx(atto_onnx, tmp_path / f"{name}.onnx")
+        if name in exported:
+            copy_onnx(exported[name], tmp_path / f"{name}.onnx")
         else:
             export_onnx(model, tmp_path / f"{name}.onnx")
         (tmp_path / name).mkdir()
@@ -95,7 +98,7 @@ def test_tight_gate_triggers_the_fallback_and_the_report_shows_it(outlier_checkp
     gates = tmp_path / "gates.toml"
     gates.write_text("[defaults]\nmax_top1_drop_pp = 1.0\nmin_agreement = 0.985\n")
     p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
-             "--no-smoothing", "--no-alternatives", "--recipe", "ours (default)", "--eval", "2000", "--runs", "10", "--fallback-max-layers", "16",
+             "--no-smoothing", *PINNED_RECIPE, "--eval", "2000", "--runs", "10", "--fallback-max-layers", "16",
              "--gates", str(gates), "--out", str(tmp_path / "r"), env=cli_env)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -121,7 +124,7 @@ def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, c
     # no image may be lost or flipped: INT8 with outliers in 2 float layers cannot meet that
     gates.write_text("[defaults]\nmax_top1_drop_pp = 0.0\nmin_agreement = 1.0\n")
     p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
-             "--no-smoothing", "--no-alternatives", "--recipe", "ours (default)", "--eval", "500", "--runs", "5", "--fallback-max-layers", "2",
+             "--no-smoothing", *PINNED_RECIPE, "--eval", "500", "--runs", "5", "--fallback-max-layers", "2",
              "--gates", str(gates), "--out", str(tmp_path / "r"), env=cli_env)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "fallback stopped (budget)" in p.stdout and "2 layers in float (budget --fallback-max-layers 2)" in p.stdout
@@ -167,7 +170,6 @@ def test_openvino_sensitivity_ranks_a_damaged_layer_first(data, atto_onnx, tmp_p
 
 def test_coreml_sensitivity_finds_the_outlier_fed_layers(outlier_checkpoint, data, tmp_path):
     from convnext_deploy.pipeline.decisions.sensitivity import rank_key, run_probe
-    from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
     from convnext_deploy.pipeline.stages.prepare import model_info
 
     d, _, _ = data

@@ -28,7 +28,18 @@ def setup(atto_reference, atto_onnx, tmp_path_factory):
     return data.ck, d, CalibrationData(data.calib_x, "test", data.train.name), LabelledData(ctrl_x, ctrl_y), eval_x, eval_y
 
 
+_DEFAULT_BUILDS: dict = {}  # precision → its build with the default options, made once for the module's tests
+
+
 def _build(setup, precision, calibration=None, **options):
+    if calibration is None and not options:
+        if precision not in _DEFAULT_BUILDS:
+            _DEFAULT_BUILDS[precision] = _fresh(setup, precision)
+        return _DEFAULT_BUILDS[precision]
+    return _fresh(setup, precision, calibration, **options)
+
+
+def _fresh(setup, precision, calibration=None, **options):
     ck, d, calib, control, *_ = setup
     out = d / f"{precision}-{len(list(d.iterdir()))}"
     out.mkdir()
