@@ -6,13 +6,13 @@ import onnx
 import pytest
 import torch
 
+from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
 from convnext_deploy.pipeline.models.convnext import create_model, weight_layers
 from convnext_deploy.pipeline.models.graph_forms import DEFAULT_FORM, to_form
 from convnext_deploy.pipeline.models.onnx_export import (
     OPSET,
     check_parity,
     export_cached,
-    export_onnx,
     fold_layer_scale,
 )
 
@@ -20,11 +20,10 @@ from conftest import randomized
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    model = randomized(create_model("atto", num_classes=10))
-    path = tmp_path_factory.mktemp("export") / "m.onnx"
-    export_onnx(model, path)
-    return model, path
+def exported(atto_reference, atto_onnx):
+    """The atto reference and the session's export of it (export_onnx through the build cache: the one every deploy
+    of the session reads)."""
+    return load_checkpoint(atto_reference, "atto").model, atto_onnx
 
 
 def test_graph_is_checked_dynamic_and_keeps_norms_and_gelu_whole(exported):
@@ -91,11 +90,12 @@ def test_export_is_cached_by_checkpoint_key(exported, tmp_path, monkeypatch):
     assert first.parity.max_abs_diff < 1e-4 and first.parity.top1_agreement == 1.0
 
 
-def test_channels_first_form_is_the_same_function_without_block_transposes(tmp_path, monkeypatch):
-    """The second graph form: same logits as the model as defined (γ folded, norms as mean/variance over channels),
-    the checkpoint's layer names in the same network order, and an export with no Transpose and no MatMul in the
-    blocks (1×1 convolutions), checked for parity against the model as defined."""
-    monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+def test_channels_first_form_is_the_same_function_without_block_transposes(atto_reference, cli_env, monkeypatch):
+    """The second graph form: same logits as the model as defined (γ folded, norms as mean/variance over channels;
+    random weights), the checkpoint's layer names in the same network order, and an export (the reference's, in the
+    session's build cache) with no Transpose and no MatMul in the blocks (1×1 convolutions), checked for parity
+    against the model as defined."""
+    monkeypatch.setenv("CONVNEXT_DEPLOY_CACHE_DIR", cli_env["CONVNEXT_DEPLOY_CACHE_DIR"])
     model = randomized(create_model("atto", num_classes=10)).eval()
     cf = to_form(model, "channels_first")
     assert to_form(model, DEFAULT_FORM) is model
@@ -105,10 +105,11 @@ def test_channels_first_form_is_the_same_function_without_block_transposes(tmp_p
     assert diff < 1e-4 * model(x).abs().max().item()
     assert [n for n, _ in weight_layers(cf)] == [n for n, _ in weight_layers(model)]
     images = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
-    first = export_cached(model, "a" * 64, "atto", images, form="channels_first")
-    assert first.form == "channels_first" and "channels_first" in (first.path.parent / "export.json").read_text()
-    assert first.parity.max_abs_diff < 1e-3 and first.parity.top1_agreement == 1.0
-    ops = Counter(n.op_type for n in onnx.load(str(first.path)).graph.node)
+    ck = load_checkpoint(atto_reference, "atto")
+    cf_export = export_cached(ck.model, ck.sha256, "atto", images, form="channels_first")
+    assert cf_export.form == "channels_first" and "channels_first" in (cf_export.path.parent / "export.json").read_text()
+    assert cf_export.parity.max_abs_diff < 1e-3 and cf_export.parity.top1_agreement == 1.0
+    ops = Counter(n.op_type for n in onnx.load(str(cf_export.path)).graph.node)
     assert ops["Transpose"] == 0 and ops["LayerNormalization"] == 1  # the head's norm: over features, not NCHW
     assert ops["MatMul"] + ops["Gemm"] == 1 and ops["Conv"] == 1 + 3 + 12 * 3  # stem, downsamplings, blocks
     with pytest.raises(ValueError, match="unknown graph form"):

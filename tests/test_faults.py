@@ -4,7 +4,6 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 from contextlib import contextmanager
 
 import pytest
@@ -14,7 +13,7 @@ from convnext_deploy.pipeline.models import zoo_commands
 from convnext_deploy.pipeline.core.cache import cached_dir
 from convnext_deploy.pipeline.core.errors import MachineError
 
-from conftest import PINNED_RECIPE, REPO, session_export
+from conftest import PINNED_RECIPE, REPO, run_cli, session_export
 
 
 def _error_lines(err: str) -> list[str]:
@@ -119,10 +118,8 @@ def test_deploy_on_a_full_disk_is_exit_2_not_a_gate(atto_reference, cli_env, tmp
             export = session_export(atto_reference, cli_env, "channels_first").parent
             shutil.copytree(export, small / export.relative_to(cli_env["CONVNEXT_DEPLOY_CACHE_DIR"]))
         env = {**os.environ, "CONVNEXT_DEPLOY_CACHE_DIR": str(small), "PYTHONPATH": str(REPO)}
-        p = subprocess.run([sys.executable, "-m", "convnext_deploy", "deploy", "--target", "openvino", "--variant",
-                            "atto", "--calib", "50", "--eval", "200", "--runs", "3", *PINNED_RECIPE,
-                            "--no-smoothing", "--gates", str(gates), "--out", str(out)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        p = run_cli(["deploy", "--target", "openvino", "--variant", "atto", "--calib", "50", "--eval", "200", "--runs",
+                     "3", *PINNED_RECIPE, "--no-smoothing", "--gates", str(gates), "--out", str(out)], env, timeout=600)
     assert p.returncode == 2, p.stdout + p.stderr
     lines = _error_lines(p.stderr)
     assert len(lines) == 1 and str(small / runs_out_in) in lines[0], p.stderr

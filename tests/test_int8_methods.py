@@ -1,8 +1,6 @@
 """Issue 8's INT8 methods on real data: injected channel outliers keep the FP32 function and break per-tensor
 INT8; smoothing restores it; the fallback returns layers to float when a gate is tighter than INT8 can meet,
 and stops at its budget with a clear message; OpenVINO and Core ML sensitivity find the damaged layers."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from convnext_deploy.pipeline.models.onnx_export import export_onnx
 from convnext_deploy.targets import get_target
 from convnext_deploy.targets.base import Artifact, BuildRequest, CalibrationData
 
-from conftest import PINNED_RECIPE, REPO, copy_onnx, reference_split, session_export
+from conftest import PINNED_RECIPE, copy_onnx, reference_split, run_cli, session_export
 
 K = 30.0  # outlier factor: ImageNet ConvNeXts show norm channels tens of times above the median
 
@@ -87,8 +85,7 @@ def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, outlier_c
 
 
 def _cli(*args, env, timeout=900):
-    return subprocess.run([sys.executable, "-m", "convnext_deploy", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_cli(args, env, timeout=timeout)
 
 
 def test_tight_gate_triggers_the_fallback_and_the_report_shows_it(outlier_checkpoint, cli_env, tmp_path):

@@ -1,7 +1,5 @@
 """Per-layer sensitivity of a Q/DQ INT8 graph: the surgery that leaves layers in float is exact, and a layer
 damaged on purpose ranks first."""
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -13,7 +11,7 @@ from convnext_deploy.targets import get_target
 from convnext_deploy.targets.base import BuildRequest, CalibrationData
 from convnext_deploy.targets.qdq import layer_probe, quantized_layers
 
-from conftest import REPO, copy_onnx, reference_split
+from conftest import copy_onnx, reference_split, run_cli
 
 ort_cpu = get_target("onnxruntime")
 
@@ -70,16 +68,12 @@ def test_sensitivity_ranks_a_damaged_layer_first(qdq):
 
 def test_sensitivity_command(atto_reference, cli_env, tmp_path):
     # the session's cache: --calib 300 is the TensorRT deploys' (conftest tensorrt_deployed): export and builds shared
-    env = cli_env
-    p = subprocess.run([sys.executable, "-m", "convnext_deploy", "sensitivity", "--target", "tensorrt", "--variant", "atto",
-                        "--calib", "300", "--images", "64", "--out", str(tmp_path / "s")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
+    run_cli(["sensitivity", "--target", "tensorrt", "--variant", "atto", "--calib", "300", "--images", "64",
+             "--out", str(tmp_path / "s")], cli_env, code=0, timeout=600)
     md = (tmp_path / "s" / "sensitivity.md").read_text()
     assert "proxy for the TensorRT engine" in md and md.count("| stages.") >= 30 and "| stem.0 |" in md
     assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 10_000
-    bad = subprocess.run([sys.executable, "-m", "convnext_deploy", "sensitivity", "--target", "onnxruntime", "--variant",
-                          "atto", "--images", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    bad = run_cli(["sensitivity", "--target", "onnxruntime", "--variant", "atto", "--images", "0"], cli_env, timeout=120)
     assert bad.returncode == 2 and "--images 0" in bad.stderr and "Traceback" not in bad.stderr
 
 
