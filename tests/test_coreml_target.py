@@ -143,21 +143,28 @@ def test_proxies_read_back_what_the_package_holds(built):
     assert nearest(proxy_scales, package_scales).max() < 2e-3  # and no proxy scale is missing from the package
 
 
-def test_fp16_proxy_matches_torch_fp32_before_quantization(built):
-    ck, arts, x, y = built
-    runner = coreml.load_runner(arts["fp16"], 2)
+@pytest.fixture(scope="module")
+def proxy_logits(built):
+    """Each package's proxy runner and its logits on the 2,000 evaluation images, computed once for the tests below."""
+    _, arts, x, _ = built
+    runners = {p: coreml.load_runner(a, 2) for p, a in arts.items()}
+    return runners, {p: np.concatenate([r.run(x[i:i + 500]) for i in range(0, len(x), 500)]) for p, r in runners.items()}
+
+
+def test_fp16_proxy_matches_torch_fp32_before_quantization(built, proxy_logits):
+    ck, _, x, _ = built
     with torch.no_grad():
-        ref = ck.model(torch.from_numpy(x[:2000])).numpy()
-    out = runner.run(x[:2000])
+        ref = ck.model(torch.from_numpy(x)).numpy()
+    out = proxy_logits[1]["fp16"]
+    assert len(out) == len(ref) == 2000
     assert np.abs(out - ref).max() < 0.05 and (out.argmax(1) == ref.argmax(1)).mean() >= 0.999
 
 
-def test_w8a8_proxy_accuracy_on_the_reference_task(built):
-    ck, arts, x, y = built
-    runners = {p: coreml.load_runner(a, 2) for p, a in arts.items()}
+def test_w8a8_proxy_accuracy_on_the_reference_task(built, proxy_logits):
+    *_, x, y = built
+    runners, logits = proxy_logits
     assert all(r.proxy == coreml_proxy.PROXY_LABEL and not r.timed for r in runners.values())
-    preds = predict_many({p: r.run for p, r in runners.items()},
-                         ((x[i:i + 500], y[i:i + 500]) for i in range(0, len(x), 500)))
+    preds = predict_many({p: (lambda _, out=out: out) for p, out in logits.items()}, [(x, y)])
     for p in ("w8", "int8"):
         acc = accuracy(preds[p], preds["fp16"])
         print(f"\n{coreml_proxy.PROXY_LABEL}: atto {p} top-1 {acc['top1'] * 100:.2f}% on {acc['n']} test images, "

@@ -166,7 +166,8 @@ def train_reference(recipe: Recipe, out: Path, log=print) -> Path:
         publish_file(state_path, lambda p: torch.save(state, p))
 
     model.eval()
-    top1 = evaluate(model, x_test, y_test)
+    # the last epoch's figure is the final model's (evaluated in eval mode after its last step)
+    top1 = history[-1]["test_top1"] if history else evaluate(model, x_test, y_test)
     path = save_checkpoint(
         model.to(memory_format=torch.contiguous_format), out,
         variant=variant, class_names=train.class_names, preprocessing=pp,
