@@ -47,7 +47,11 @@ def _child(args: list[str], env: dict, cwd: str, out: str, err: str) -> None:
 
 
 def run(args: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """`convnext-deploy ARGS` in a forked child: what subprocess.run(..., capture_output=True, text=True) returns."""
+    """`convnext-deploy ARGS` in a forked child: what subprocess.run(..., capture_output=True, text=True) returns.
+    On macOS (where a child forked from a process that loaded system frameworks may crash) a fresh interpreter."""
+    if sys.platform == "darwin" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return subprocess.run([sys.executable, "-m", "convnext_deploy", *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
     command = ["convnext-deploy", *map(str, args)]
     with tempfile.TemporaryDirectory(prefix="cli-") as d:
         out, err = Path(d) / "stdout", Path(d) / "stderr"
