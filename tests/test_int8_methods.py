@@ -84,19 +84,15 @@ def test_injected_outliers_keep_fp32_and_smoothing_restores_int8(data, outlier_c
     assert got["smoothed"]["top1_drop_pp"] <= got["clean"]["top1_drop_pp"] + 0.5
 
 
-def _cli(*args, env, timeout=900):
-    return run_cli(args, env, timeout=timeout)
-
-
 def test_tight_gate_triggers_the_fallback_and_the_report_shows_it(outlier_checkpoint, cli_env, tmp_path):
     """The agreement gate, judged on the control split (pipeline.judge), is what INT8 with outliers misses."""
     import json
 
     gates = tmp_path / "gates.toml"
     gates.write_text("[defaults]\nmax_top1_drop_pp = 1.0\nmin_agreement = 0.985\n")
-    p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
-             "--no-smoothing", *PINNED_RECIPE, "--eval", "2000", "--runs", "10", "--fallback-max-layers", "16",
-             "--gates", str(gates), "--out", str(tmp_path / "r"), env=cli_env)
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
+                 "--no-smoothing", *PINNED_RECIPE, "--eval", "2000", "--runs", "10", "--fallback-max-layers", "16",
+                 "--gates", str(gates), "--out", str(tmp_path / "r")], cli_env)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     fb = report["fallback"]
@@ -120,14 +116,14 @@ def test_fallback_stops_at_its_budget_with_a_clear_message(outlier_checkpoint, c
     gates = tmp_path / "gates.toml"
     # no image may be lost or flipped: INT8 with outliers in 2 float layers cannot meet that
     gates.write_text("[defaults]\nmax_top1_drop_pp = 0.0\nmin_agreement = 1.0\n")
-    p = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
-             "--no-smoothing", *PINNED_RECIPE, "--eval", "500", "--runs", "5", "--fallback-max-layers", "2",
-             "--gates", str(gates), "--out", str(tmp_path / "r"), env=cli_env)
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--checkpoint", str(outlier_checkpoint),
+                 "--no-smoothing", *PINNED_RECIPE, "--eval", "500", "--runs", "5", "--fallback-max-layers", "2",
+                 "--gates", str(gates), "--out", str(tmp_path / "r")], cli_env)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "fallback stopped (budget)" in p.stdout and "2 layers in float (budget --fallback-max-layers 2)" in p.stdout
     assert "Traceback" not in p.stderr and ("min_agreement fail" in p.stderr or "max_top1_drop_pp fail" in p.stderr)
-    bad = _cli("deploy", "--target", "onnxruntime", "--variant", "atto", "--smoothing-alpha", "1.5", env=cli_env,
-               timeout=120)
+    bad = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--smoothing-alpha", "1.5"], cli_env,
+                  timeout=120)
     assert bad.returncode == 2 and "--smoothing-alpha 1.5" in bad.stderr and "Traceback" not in bad.stderr
 
 
