@@ -10,6 +10,7 @@ from convnext_deploy.calibration.batches import load_array
 from convnext_deploy.calibration.fashion_mnist import FashionMNIST, default_root
 from convnext_deploy.calibration.split import make_split
 from convnext_deploy.pipeline.models.checkpoints import load_checkpoint
+from convnext_deploy.pipeline.stages.context import DEFAULT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ TEST_TIMING_BUDGET_S = "2"
 TEST_LOADS = "1"
 # a deploy that tests something other than the recipe search builds and deploys the default recipe only: no candidates
 # timed against each other, no latency-aware step (the shared `deployed` runs both)
-PINNED_RECIPE = ("--no-alternatives", "--recipe", "ours (default)")
+PINNED_RECIPE = ("--no-alternatives", "--recipe", DEFAULT)
 
 
 @pytest.fixture(scope="session")
