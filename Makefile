@@ -16,9 +16,11 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: apt venv
 
+# qemu-user-static: the tests run the INT8 numerics of x86 without VNNI under `qemu-x86_64-static -cpu Haswell-v4`
 apt:
-	@if [ ! -f $(FMNIST) ] || ! command -v chromium >/dev/null; then \
-		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium; \
+	@if [ ! -f $(FMNIST) ] || ! command -v chromium >/dev/null || ! command -v qemu-x86_64-static >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
+			chromium qemu-user-static; \
 	fi
 
 venv:
@@ -30,7 +32,8 @@ venv:
 reference:
 	$(CLI) reference --variant $(VARIANT) $(if $(EPOCHS),--epochs $(EPOCHS))
 
-# The atto reference is the fixture every later stage uses, so the test run makes it first (cached).
+# The atto reference is the fixture every later stage uses: the repository keeps it (reference/, trained by this
+# project); `reference` only trains it where it is missing.
 test:
 	$(CLI) reference --variant atto
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15

@@ -240,6 +240,9 @@ class Target:
     # device runs as it is: its input (an image, or the float tensor), labels and preprocessing inside the model file
     finish: Callable[[Artifact, Any, Path], Artifact] | None = None
     gemm_peak: bool = False  # its load_runner runs a one-GEMM ONNX (gemm_onnx) as an artifact: its peak is measurable
+    # an x86 CPU runtime: INT8 artifact → whether its u8×s8 products can pass int16 in a pair (full 8-bit weights),
+    # which VPMADDUBSW saturates on x86 without VNNI: its numerics then differ between a VNNI CPU and an AVX2 one
+    saturates_without_vnni: Callable[[Artifact], bool] | None = None
 
     @property
     def reference(self) -> str:

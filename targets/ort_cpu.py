@@ -76,6 +76,13 @@ INT8_RECIPES = (
 )
 
 
+def saturates_without_vnni(artifact: Artifact) -> bool:
+    """Full 8-bit s8 weights, whatever the activations' type (on x86 ORT rewrites S8 activations to U8): VPMADDUBSW
+    saturates their pair sums without VNNI. reduce_range (7-bit weights: 255·63·2 < 2^15) and U8U8 do not."""
+    q = artifact.metadata.get("quantization", {})
+    return q.get("recipe") == PEER_DEFAULT or (q.get("weight_type", "QInt8") == "QInt8" and not q.get("reduce_range"))
+
+
 def available() -> Availability:
     return requires("onnxruntime", "onnx", hint=INSTALL_HINT)
 
@@ -261,5 +268,5 @@ TARGET = Target(
     options=OrtOptions, available=available, describe_environment=describe_environment, build_config=build_config,
     build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES, peer_default=PEER_DEFAULT,
     layer_probe=layer_probe, profile=profile, user_paths=user_paths, stream_runner=stream_runner, gemm_peak=True,
-    finish=finish,
+    finish=finish, saturates_without_vnni=saturates_without_vnni,
 )

@@ -61,6 +61,52 @@ def test_repository_gate_file_loads():
     assert gates["max_top1_drop_pp"] <= 0.5 and "min_int8_speedup" in gates
 
 
+def test_a_path_scope_applies_only_on_its_int8_path_right_after_its_scope(tmp_path):
+    p = _write(tmp_path, """
+[defaults]
+min_int8_speedup = 1.0
+[defaults.path.arm-neon]
+min_int8_speedup = 0.8
+[target.onnxruntime]
+max_p50_ms = 20
+[target.onnxruntime.path.avx2]
+max_p50_ms = 40
+min_int8_speedup = 1.1
+[target.onnxruntime.variant.t]
+min_int8_speedup = 1.5
+[target.onnxruntime.variant.t.path.avx2]
+min_int8_speedup = 1.3
+""")
+    assert load_gates(p, "onnxruntime", "t", "vnni") == {"min_int8_speedup": 1.5, "max_p50_ms": 20}
+    assert load_gates(p, "onnxruntime", "t") == load_gates(p, "onnxruntime", "t", "vnni")
+    assert load_gates(p, "onnxruntime", "t", "avx2") == {"min_int8_speedup": 1.3, "max_p50_ms": 40}
+    assert load_gates(p, "onnxruntime", "atto", "avx2") == {"min_int8_speedup": 1.1, "max_p50_ms": 40}
+    assert load_gates(p, "openvino", "atto", "arm-neon") == {"min_int8_speedup": 0.8}
+    assert load_gates(p, "onnxruntime", "atto", "arm-neon") == {"min_int8_speedup": 0.8, "max_p50_ms": 20}
+
+
+@pytest.mark.parametrize("cpuinfo,path,ort_t,openvino", [
+    ("amd-epyc-zen3-avx2", "avx2", 1.3, 0.85),  # GitHub's ubuntu-latest: the x86 jobs of the deploy matrix
+    ("amd-epyc-zen5-avx512-vnni", "vnni", 1.5, 1.0),
+    ("intel-xeon-sapphire-rapids-amx", "amx", 1.5, 1.0),
+])
+def test_the_repository_gates_hold_each_cpu_to_its_own_int8_path(cpuinfo, path, ort_t, openvino, monkeypatch):
+    """The speed gates CI checks on its own runner: ConvNeXt-T's ONNX Runtime INT8 must gain 1.5× with VNNI and 1.3×
+    on AVX2 without it (measured there: 1.45×); OpenVINO's INT8 must not be slower than FP32 with VNNI and at most
+    15 % slower without (measured there: 0.92-0.93×). The path is the one the deploy reads from this machine's
+    description (here a recorded one)."""
+    from conftest import REPO
+
+    from convnext_deploy.pipeline.measure import machine
+
+    monkeypatch.setenv(machine.CPUINFO_ENV, str(REPO / "tests" / "data" / "cpuinfo" / f"{cpuinfo}.txt"))
+    assert machine.cpu_profile()["path"] == path
+    assert load_gates(REPO / "gates.toml", "onnxruntime", "t", path)["min_int8_speedup"] == ort_t
+    assert load_gates(REPO / "gates.toml", "onnxruntime", "atto", path)["min_int8_speedup"] == 1.0
+    assert load_gates(REPO / "gates.toml", "openvino", "t", path)["min_int8_speedup"] == openvino
+    assert load_gates(REPO / "gates.toml", "openvino", "atto", path)["max_top1_drop_pp"] == 0.3
+
+
 # Issue 16 item 6: every bad value is one line naming the key, the file and what is allowed.
 @pytest.mark.parametrize("text,says", [
     ('[defaults]\nmax_top1_drop_pp = "abc"\n', ['max_top1_drop_pp = "abc"', "[defaults]", "percentage points ≥ 0"]),
@@ -84,6 +130,11 @@ def test_repository_gate_file_loads():
     ("max_p50_ms = 10\n[defaults]\n", ["max_p50_ms = 10 outside any table", "[defaults]"]),
     ("[target]\nmax_p50_ms = 10\n", ["max_p50_ms = 10 in [target]", "[target.<target>]"]),
     ("[target.openvino]\nvariant = 3\n", ["variant = 3", "[target.openvino.variant.<variant>]"]),
+    ("[target.openvino.path.avx512]\nmax_p50_ms = 10\n", ["unknown INT8 path 'avx512'", "amx, vnni, avx2"]),
+    ("[defaults.path.avx2]\nmin_agreement = 2\n", ["min_agreement = 2 in [defaults.path.avx2]", "between 0 and 1"]),
+    ("[target.openvino.variant.t.path.vnni]\nfast = 1\n", ["unknown gate 'fast' in [target.openvino.variant.t.path.vnni]"]),
+    ("[target.openvino.path.vnni.path.avx2]\nmax_p50_ms = 1\n", ["unknown gate 'path' in [target.openvino.path.vnni]"]),
+    ("[target.openvino]\npath = 3\n", ["path = 3", "[target.openvino.path.<int8 path>]"]),
 ])
 def test_every_bad_gate_value_is_one_line_naming_key_file_and_what_is_allowed(tmp_path, text, says):
     p = _write(tmp_path, text)

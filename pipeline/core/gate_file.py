@@ -6,6 +6,11 @@ File layout (later tables override earlier ones):
     [target.<name>]                 # one target
     [target.<name>.variant.<v>]     # one target and variant
 
+and under any of them `.path.<int8 path>` ([target.onnxruntime.variant.t.path.avx2]): only where the deploy's CPU
+takes that INT8 path (machine.INT8_PATHS: amx, vnni, avx2, arm-i8mm, arm-dotprod, arm-neon, generic), right after
+its scope. INT8 speed depends on the path (ConvNeXt-T's ONNX Runtime INT8 gains 1.45× on AVX2 without VNNI where
+VNNI gives about 2×), so a speed gate written for one path is scoped to it instead of failing CI's own runner.
+
 A gate whose figure was not measured fails as "not measured"; a figure from a proxy (a stand-in for the
 real runtime) fails unless the gate file sets `allow_proxy = true` for that scope.
 """
@@ -19,6 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.measure.machine import INT8_PATHS
 from convnext_deploy.pipeline.models.variants import VARIANTS
 from convnext_deploy.targets import TARGETS
 
@@ -61,8 +67,9 @@ class Verdict:
         return asdict(self)
 
 
-def load_gates(path: Path | str, target: str, variant: str) -> dict:
-    """The gates for one target and variant: [defaults], then [target.<target>], then its variant table.
+def load_gates(path: Path | str, target: str, variant: str, int8_path: str | None = None) -> dict:
+    """The gates for one target and variant on a CPU whose INT8 path is `int8_path`: [defaults], then
+    [target.<target>], then its variant table, each followed by its [... .path.<int8_path>] table.
 
     The whole file is checked first, every scope and not just the one deployed, so a typo in another target's
     table fails CI rather than the deploy that later needs it."""
@@ -76,9 +83,9 @@ def load_gates(path: Path | str, target: str, variant: str) -> dict:
     validate_gates(doc, path)
     t = doc.get("target", {}).get(target, {})
     merged: dict = {}
-    for scope in (doc.get("defaults", {}), {k: v for k, v in t.items() if k != "variant"},
-                  t.get("variant", {}).get(variant, {})):
-        merged.update(scope)
+    for scope in (doc.get("defaults", {}), t, t.get("variant", {}).get(variant, {})):
+        merged.update({k: v for k, v in scope.items() if k not in ("variant", "path")})
+        merged.update(scope.get("path", {}).get(int8_path, {}) if int8_path else {})
     return merged
 
 
@@ -89,7 +96,8 @@ LIMITS = {
     "max_p50_ms": (0.0, None, False, "a number of milliseconds > 0, e.g. 40"),
     "min_int8_speedup": (0.0, None, False, "a ratio > 0, e.g. 1.0 (INT8 never slower than the reference)"),
 }
-LAYOUT = "[defaults], [target.<target>] and [target.<target>.variant.<variant>]"
+LAYOUT = ("[defaults], [target.<target>] and [target.<target>.variant.<variant>], each with optional "
+          "[<scope>.path.<int8 path>] tables")
 
 
 def validate_gates(doc: dict, path: Path) -> None:
@@ -99,7 +107,7 @@ def validate_gates(doc: dict, path: Path) -> None:
         if key not in ("defaults", "target"):
             where = f"table [{key}]" if isinstance(value, dict) else f"key {key} = {_show(value)} outside any table"
             raise UserError(f"{path}: unknown {where}; a gate file has only {LAYOUT}")
-    _check_scope(doc.get("defaults", {}), "defaults", path)
+    _check_scope(doc.get("defaults", {}), "defaults", path, nested=("path",))
     targets = doc.get("target", {})
     if not isinstance(targets, dict):
         raise UserError(f"{path}: target = {_show(targets)} must be tables [target.<target>]")
@@ -109,7 +117,7 @@ def validate_gates(doc: dict, path: Path) -> None:
                             "[target.<target>], one table per target")
         if name not in TARGETS:
             raise UserError(f"{path}: unknown target {name!r} in [target.{name}]; known targets: {', '.join(TARGETS)}")
-        _check_scope(table, f"target.{name}", path, nested=True)
+        _check_scope(table, f"target.{name}", path, nested=("variant", "path"))
         variants = table.get("variant", {})
         if not isinstance(variants, dict):
             raise UserError(f"{path}: [target.{name}] variant = {_show(variants)} must be tables "
@@ -118,14 +126,17 @@ def validate_gates(doc: dict, path: Path) -> None:
             if v not in VARIANTS:
                 raise UserError(f"{path}: unknown variant {v!r} in [target.{name}.variant.{v}]; known variants: "
                                 + ", ".join(VARIANTS))
-            _check_scope(vtable, f"target.{name}.variant.{v}", path)
+            _check_scope(vtable, f"target.{name}.variant.{v}", path, nested=("path",))
 
 
-def _check_scope(table, scope: str, path: Path, nested: bool = False) -> None:
+def _check_scope(table, scope: str, path: Path, nested: tuple[str, ...] = ()) -> None:
     if not isinstance(table, dict):
         raise UserError(f"{path}: {scope} = {_show(table)} must be a table [{scope}] of gates")
     for key, value in table.items():
-        if nested and key == "variant":
+        if key == "path" and "path" in nested:
+            _check_paths(value, scope, path)
+            continue
+        if key in nested:
             continue
         if key not in GATES and key not in OPTIONS:
             raise UserError(f"{path}: unknown gate {key!r} in [{scope}]; known: {', '.join([*GATES, *OPTIONS])}")
@@ -138,6 +149,16 @@ def _check_scope(table, scope: str, path: Path, nested: bool = False) -> None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not number or value < lo or (value == lo and not lo_ok) or (hi is not None and value > hi):
             raise UserError(f"{path}: {key} = {_show(value)} in [{scope}] is not allowed; it must be {words}")
+
+
+def _check_paths(paths, scope: str, path: Path) -> None:
+    if not isinstance(paths, dict):
+        raise UserError(f"{path}: [{scope}] path = {_show(paths)} must be tables [{scope}.path.<int8 path>]")
+    for name, table in paths.items():
+        if name not in INT8_PATHS:
+            raise UserError(f"{path}: unknown INT8 path {name!r} in [{scope}.path.{name}]; known paths: "
+                            + ", ".join(INT8_PATHS))
+        _check_scope(table, f"{scope}.path.{name}", path)
 
 
 def _show(value) -> str:

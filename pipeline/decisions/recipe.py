@@ -174,15 +174,20 @@ def _why(row: dict, best: dict, judged: bool) -> str:
 
 
 def numerics(ctx: Context, artifact) -> dict:
-    """On which INT8 path the deployed artifact's accuracy was measured, and a warning where its numerics differ
-    on another: u8 activations × s8 weights at full 8 bits saturate in VPMADDUBSW on CPUs without VNNI."""
+    """On which INT8 path the deployed artifact's accuracy was measured, whether its numerics differ on another
+    (`saturates_without_vnni`: full 8-bit u8×s8 pairs, which VPMADDUBSW saturates at int16 on x86 without VNNI;
+    `validate` reads it), and a warning where they do."""
     prof = cpu_profile()
-    q = (artifact.metadata or {}).get("quantization", {}) if artifact is not None else {}
-    out = {"measured_on": prof["cpu"], "int8_path": prof["int8_path"], "vnni": prof["vnni"]}
-    if q.get("activation_type") == "QUInt8" and q.get("weight_type") == "QInt8" and not q.get("reduce_range"):
-        out["warning"] = ("U8S8 at full 8-bit weights: on a CPU without VNNI (AVX2 only) its u8×s8 pair sums saturate, "
-                          "so its accuracy there can be lower than measured here"
-                          + (" (this CPU has no VNNI: the figures above include it)" if prof["u8s8_saturates"] else "")
-                          + "; for such CPUs deploy the reduce_range or U8U8 candidate (--recipe)")
+    out = {"measured_on": prof["cpu"], "int8_path": prof["int8_path"], "path": prof["path"], "vnni": prof["vnni"]}
+    check = ctx.target.saturates_without_vnni
+    if artifact is None or check is None:
+        return out
+    out["saturates_without_vnni"] = saturates = bool(check(artifact))
+    if saturates:
+        out["warning"] = ("INT8 weights at full 8 bits: on an x86 CPU without VNNI (AVX2 only) their u8×s8 pair sums "
+                          "saturate, so its accuracy there can be lower than measured here"
+                          + (" (this CPU has no VNNI: the figures above include it)" if prof["u8s8_saturates"] else
+                             "; `validate` on such a CPU fails with this reason")
+                          + "; for such CPUs deploy there, or the candidate with 7-bit weights (--recipe)")
         ctx.notes.append(out["warning"])
     return out

@@ -7,11 +7,23 @@ import subprocess
 import sys
 
 
+# A recorded /proc/cpuinfo to describe this machine as: under qemu-user the guest reads the host's /proc/cpuinfo
+# while its kernels follow the emulated CPU's cpuid (-cpu Haswell-v4: AVX2 without VNNI), so an emulated run names
+# the CPU it emulates here.
+CPUINFO_ENV = "CONVNEXT_DEPLOY_CPUINFO"
+
+
 def _cpuinfo() -> str:
+    recorded = os.environ.get(CPUINFO_ENV)
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(recorded or "/proc/cpuinfo") as f:
             return f.read()
-    except OSError:
+    except OSError as e:
+        if recorded:
+            from convnext_deploy.pipeline.core.errors import UserError
+
+            raise UserError(f"{CPUINFO_ENV}={recorded}: cannot read it ({e.strerror}); unset it, or name a recorded "
+                            "/proc/cpuinfo") from None
         return ""
 
 
@@ -96,6 +108,16 @@ def cpu_identity(text: str | None = None) -> dict:
             "generation": generation}
 
 
+def cpu_label(text: str | None = None) -> str:
+    """The CPU's name with its generation, or family and model, where the name alone does not tell them apart
+    ("AMD EPYC" is a Zen 3 on one machine, a Zen 5 on another): the unit a training time or a speed is given per."""
+    ident = cpu_identity(text)
+    name = cpuinfo_fields(text)[0] if text is not None else cpu_name()
+    detail = ", ".join(str(p) for p in (ident["generation"], ident["cpu_family"] is not None
+                                        and f"family {ident['cpu_family']} model {ident['cpu_model']}") if p)
+    return f"{name} ({detail})" if detail else name
+
+
 # The ISA extensions that decide INT8/BF16 kernel choice (x86 flags; on ARM the `Features` names).
 INT8_BF16_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
                    "asimd", "asimddp", "i8mm", "bf16")
@@ -108,6 +130,12 @@ def _all_flags() -> set[str]:
 def cpu_flags(flags: set[str] | None = None) -> list[str]:
     have = _all_flags() if flags is None else flags
     return [w for w in INT8_BF16_FLAGS if w in have]
+
+
+# The INT8 paths by the short name a gate file scopes a gate to ([target.<t>.path.<name>]), first match wins
+PATH_NAMES = (("AMX", "amx"), ("AVX-512 VNNI", "vnni"), ("AVX-VNNI", "vnni"), ("AVX2 without VNNI", "avx2"),
+              ("ARM I8MM", "arm-i8mm"), ("ARM dot-product", "arm-dotprod"), ("ARM NEON", "arm-neon"), ("", "generic"))
+INT8_PATHS = tuple(dict.fromkeys(short for _, short in PATH_NAMES))
 
 
 def cpu_profile(flags: set[str] | None = None, name: str | None = None) -> dict:
@@ -132,6 +160,7 @@ def cpu_profile(flags: set[str] | None = None, name: str | None = None) -> dict:
         int8 = "no integer dot-product extension known to this tool"
     bf16 = "amx_bf16" in have or "avx512_bf16" in have or "bf16" in have
     return {"cpu": name or cpu_name(), "flags": sorted(have, key=INT8_BF16_FLAGS.index), "vnni": vnni, "int8_path": int8,
+            "path": next(short for prefix, short in PATH_NAMES if int8.startswith(prefix)),
             "u8s8_saturates": int8.startswith("AVX2 without VNNI"),
             "bf16_native": bf16, "bf16_path": ("AMX-BF16" if "amx_bf16" in have else "AVX-512 BF16" if "avx512_bf16" in have
                                                else "ARM BF16 (BFMMLA)" if bf16

@@ -7,7 +7,9 @@
 3. Preprocessing: the reference PNGs through calibration.preprocess (and the bundle's own predict.py) must give
    the bundle's reference inputs (this Pillow against the one that made them).
 4. The model on the local runtime against the reference outputs, within a tolerance per precision (below).
-5. With labelled images, top-1 here; and p50 latency here; each printed next to the card's figure.
+5. INT8 on this CPU's INT8 path (ship/int8_path.py): full 8-bit weights measured on a CPU with VNNI fail on x86
+   without it, where their u8×s8 pair sums saturate.
+6. With labelled images, top-1 here; and p50 latency here; each printed next to the card's figure.
 Exit 0 when every check passed, 1 when the model or the preprocessing disagrees with the reference here.
 
 Tolerance: max |Δ output| ≤ r × max |reference output| (logits; Core ML: probabilities), r by precision:
@@ -19,7 +21,6 @@ TensorRT Q/DQ graph on ONNX Runtime, the Core ML torch proxy) are compared at r 
 """
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
@@ -31,6 +32,8 @@ import numpy as np
 from convnext_deploy.pipeline.core.cache import sha256_file
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.ship.bundle import REFERENCE_NPZ, SUMS
+from convnext_deploy.pipeline.ship.int8_path import check_int8_path
+from convnext_deploy.pipeline.ship.labelled_images import labelled_source
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_RUNTIME = 0, 1, 3
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 2e-2, "w8": 3e-2, "int8": 3e-2}
@@ -170,60 +173,7 @@ def check_outputs(precision: str, runner, ref, made_by: dict) -> tuple[bool, str
                 f"agree: {'pass' if ok else 'FAIL'}")
 
 
-# ---------------------------------------------------------------- 5. labelled images, latency
-
-class ListedImages:
-    """A flat folder of images with a CSV of `file,label` lines (label: a class name of labels.txt or its index)."""
-
-    def __init__(self, root: Path, labels_file: Path, class_names: list[str]):
-        self.root, self.class_names, self.name = Path(root), tuple(class_names), f"listed:{labels_file}"
-        index = {n: i for i, n in enumerate(class_names)}
-        self.samples = []
-        try:
-            rows = list(csv.reader(Path(labels_file).read_text().splitlines()))
-        except OSError as e:
-            raise UserError(f"cannot read --labels {labels_file} ({e})") from None
-        for n, row in enumerate(rows, 1):
-            if not row or row[0].startswith("#") or (n == 1 and row[-1].strip().lower() == "label"):
-                continue
-            label = row[-1].strip() if len(row) == 2 else None
-            y = index.get(label) if label is not None else None
-            if y is None and label is not None and label.isdigit() and int(label) < len(class_names):
-                y = int(label)
-            if y is None:
-                raise UserError(f"{labels_file}:{n}: expected `file,label` with a class name of labels.txt or an "
-                                f"index below {len(class_names)}, got {','.join(row)!r}")
-            if not (self.root / row[0]).is_file():
-                raise UserError(f"{labels_file}:{n}: {self.root / row[0]} not found")
-            self.samples.append((self.root / row[0], y))
-        if not self.samples:
-            raise UserError(f"{labels_file} lists no images (`file,label` lines)")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
-
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy(), label
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise UserError(f"corrupt or unreadable image {path} ({e}); replace it or drop its line") from None
-
-    def sample_id(self, i: int) -> str:
-        return str(self.samples[i][0])
-
-
-def labelled_source(images: Path, labels: Path | None, class_names: list[str]):
-    from convnext_deploy.calibration.imagefolder import ImageFolder
-
-    if labels is not None:
-        return ListedImages(images, labels, class_names)
-    return ImageFolder(images, class_names)
-
+# ---------------------------------------------------------------- 6. labelled images, latency
 
 def _card_top1(report: dict, precision: str) -> str:
     a = report["accuracy"].get(precision)
@@ -276,6 +226,10 @@ def validate_bundle(bundle: Path, images: Path | None = None, labels: Path | Non
         good, line = check_outputs(p, r, ref, made_by.get(p) or {})
         ok &= good
         log(line)
+    path_check = check_int8_path(report, target.int8_recipes) if "int8" in runners else None
+    if path_check:
+        ok &= path_check[0]
+        log(path_check[1])
     if images is not None:
         from convnext_deploy.calibration.batches import iter_batches
         from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many

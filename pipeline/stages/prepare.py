@@ -78,7 +78,7 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of 32 (ConvNeXt downsamples by 32)")
     ck = checkpoint or _checkpoint(cfg, log)
     torch.set_num_threads(cfg.threads)
-    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name)
+    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name, cpu_profile()["path"])
     overrides = dict(cfg.options)
     if cfg.accuracy_control:
         if not target.accuracy_control:
