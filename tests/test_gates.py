@@ -95,9 +95,9 @@ def test_the_repository_gates_hold_each_cpu_to_its_own_int8_path(cpuinfo, path, 
     on AVX2 without it (measured there: 1.45×); OpenVINO's INT8 must not be slower than FP32 with VNNI and at most
     15 % slower without (measured there: 0.92-0.93×). The path is the one the deploy reads from this machine's
     description (here a recorded one)."""
-    from conftest import REPO
-
     from convnext_deploy.pipeline.measure import machine
+
+    from conftest import REPO
 
     monkeypatch.setenv(machine.CPUINFO_ENV, str(REPO / "tests" / "data" / "cpuinfo" / f"{cpuinfo}.txt"))
     assert machine.cpu_profile()["path"] == path

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
+
+import tomllib
 
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.measure.machine import INT8_PATHS

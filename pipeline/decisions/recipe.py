@@ -22,6 +22,7 @@ from convnext_deploy.pipeline.measure.machine import cpu_profile
 from convnext_deploy.pipeline.stages.build import Built, spread
 from convnext_deploy.pipeline.stages.context import DEFAULT, Context
 
+
 def _measure(ctx: Context, built: Built) -> list[dict]:
     """p50 of every candidate and the reference in one interleaved measurement."""
     ref = built.runners[ctx.target.reference]

@@ -6,7 +6,6 @@ import platform
 import subprocess
 import sys
 
-
 # A recorded /proc/cpuinfo to describe this machine as: under qemu-user the guest reads the host's /proc/cpuinfo
 # while its kernels follow the emulated CPU's cpuid (-cpu Haswell-v4: AVX2 without VNNI), so an emulated run names
 # the CPU it emulates here.
