@@ -77,5 +77,8 @@ class FashionMNIST:
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[i], mode="L"), int(self.labels[i])
 
+    def label(self, i: int) -> int:
+        return int(self.labels[i])
+
     def sample_id(self, i: int) -> str:
         return f"{self.name}#{i}"

@@ -79,6 +79,10 @@ class ImageFolder:
         path, label = self.samples[i]
         return read_image(path), label
 
+    def label(self, i: int) -> int:
+        """The label of sample i, without decoding its image."""
+        return self.samples[i][1]
+
     def sample_id(self, i: int) -> str:
         return str(self.samples[i][0].resolve())
 

@@ -61,7 +61,7 @@ def test_the_reference_outputs_are_the_deployed_artifacts(deployed):
     ref = np.load(out / "bundle" / "reference_outputs.npz", allow_pickle=False)
     runner, pp = deploy_runner(out)
     files = [out / "bundle" / str(f) for f in ref["images"]]
-    assert len(files) == 16 and len(set(ref["labels"].tolist())) == 10  # the reference spans the classes
+    assert len(files) == 200 and len(set(ref["labels"].tolist())) == 10  # the reference spans the classes
     x = np.stack([pixels(Image.open(f), pp) for f in files])  # the model's own input: the cropped uint8 pixels
     np.testing.assert_array_equal(x, ref["inputs"])
     np.testing.assert_array_equal(runner.native(x), ref["outputs_int8"])
@@ -122,7 +122,7 @@ def test_bundle_command_on_a_run_adds_fp32_and_refuses_a_failed_run(deployed, cl
     assert ref["outputs_fp32"].shape == ref["outputs_int8"].shape
     assert "| model_fp32.onnx | fp32 |" in (bundle / "MODEL_CARD.md").read_text()
     q = run_cli(["validate", str(bundle), "--runs", "0"], cli_env, code=0)
-    assert "reference outputs fp32: 16 images" in q.stdout and "reference outputs int8: 16 images" in q.stdout
+    assert "reference outputs fp32: 200 images" in q.stdout and "reference outputs int8: 200 images" in q.stdout
     fp32 = run_predict(bundle, "onnxruntime", "--precision", "fp32", "--json", *sorted((bundle / "reference_images").iterdir()))
     assert [json.loads(line)["top"][0]["index"] for line in fp32.stdout.splitlines()] == ref["outputs_fp32"].argmax(1).tolist()
 
@@ -175,7 +175,7 @@ def test_openvino_bundle_predict_and_validate(openvino_run, images, cli_env, tmp
     assert pp["models"]["int8"]["config"]["INFERENCE_PRECISION_HINT"] == float_precision  # the deploy's numerics
     assert predict_top1(bundle, "openvino", images.files).tolist() == runner_top1(openvino_run, images.files).tolist()
     p = run_cli(["validate", str(bundle), "--images", str(images.root), "--runs", "3"], cli_env, code=0)
-    assert "reference outputs int8: 16 images" in p.stdout and "openvino" in p.stdout and "validate: PASS" in p.stdout
+    assert "reference outputs int8: 200 images" in p.stdout and "openvino" in p.stdout and "validate: PASS" in p.stdout
     assert "top-1 int8: here" in p.stdout and "| card " in p.stdout
     broken = shutil.copytree(bundle, tmp_path / "bundle")
     data = bytearray((broken / "model_int8.bin").read_bytes())

@@ -30,7 +30,7 @@ def test_validate_passes_and_prints_local_figures_next_to_the_cards(deployed, im
     p = run_cli(["validate", str(bundle), "--images", str(images.root), "--runs", "5"], cli_env, code=0)
     n = len(listed_files(bundle))
     assert f"checksums: {n} files match SHA256SUMS" in p.stdout
-    assert re.search(r"reference outputs int8: 16 images, max \|Δlogits\| \S+ \(allowed .*top-1 16/16 agree: pass",
+    assert re.search(r"reference outputs int8: 200 images, max \|Δlogits\| \S+ \(allowed .*top-1 200/200 agree: pass",
                      p.stdout), p.stdout
     assert "predict.py max |Δ| 0" in p.stdout and "validate: PASS" in p.stdout
     runner, pp = deploy_runner(out)  # the top-1 printed is this machine's, on these images

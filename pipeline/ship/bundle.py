@@ -29,7 +29,10 @@ BUNDLE = "bundle"
 SUMS = "SHA256SUMS"
 REFERENCE_NPZ = "reference_outputs.npz"
 REFERENCE_IMAGES = "reference_images"
-N_REFERENCE = 16
+# validate compares the model's outputs on these images with the deploy's: 200 let it see a top-1 change of 1 %
+# (issue 33: 16 could not see 2 images in 500); the PNGs and the model's inputs stop at REFERENCE_BYTES (photos
+# at 224 px do well before 200), never below N_REFERENCE_MIN
+N_REFERENCE, N_REFERENCE_MIN, REFERENCE_BYTES = 200, 16, 32 << 20
 TEMPLATES = Path(__file__).resolve().parent / "bundle_files"
 # What the template and validate must know of a runtime, by target name (the Target contract does not say):
 PREDICT = {"onnxruntime", "openvino", "coreml"}  # predict.py runs these; a TensorRT engine needs the device's build
@@ -112,9 +115,10 @@ def _pick(labels: list[int], n: int) -> list[int]:
 
 
 def reference_images(run_dir: Path, report: dict, class_names: list[str], out: Path, image_in: bool) -> dict:
-    """Save `N_REFERENCE` evaluation images as PNG under `out` and return the model's inputs made from them (read
-    back from the PNGs, so a device reading the same files gets the same inputs): the uint8 NHWC pixels of an
-    image-input model (`image_in`), else the normalised float tensors; with labels and names."""
+    """Save up to `N_REFERENCE` evaluation images (within `REFERENCE_BYTES`) as PNG under `out` and return the
+    model's inputs made from them (read back from the PNGs, so a device reading the same files gets the same
+    inputs): the uint8 NHWC pixels of an image-input model (`image_in`), else the normalised float tensors; with
+    labels and names."""
     from PIL import Image
 
     from convnext_deploy.calibration.preprocess import pixels, preprocess
@@ -123,24 +127,37 @@ def reference_images(run_dir: Path, report: dict, class_names: list[str], out: P
     manifest = json.loads((run_dir / "manifest.json").read_text())
     indices = manifest["evaluation"]["indices"]
     src = _evaluation_source(report, class_names)
-    first = indices[: 50 * N_REFERENCE]  # enough to cover classes without reading a whole evaluation tree
-    labelled = [src[i] for i in first]
+    first = indices[: 50 * N_REFERENCE]  # enough to cover classes; only the picked images are decoded
     pp = Preprocessing.from_dict(report["model"]["preprocessing"])
     out.mkdir()
-    names, inputs, labels = [], [], []
-    picked = _pick([y for _, y in labelled], N_REFERENCE)
-    for k, pos in enumerate(picked):
-        img, y = labelled[pos]
+    names, inputs, labels, kept, used = [], [], [], [], 0
+    for k, pos in enumerate(_pick([src.label(i) for i in first], N_REFERENCE)):
+        img, y = src[first[pos]]
         if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
             img = img.convert("RGB")  # PNG cannot hold it (CMYK, YCbCr); the deploy converts to RGB first anyway
-        name = f"{k:02d}_label{y}.png"
-        img.save(out / name, format="PNG")
-        with Image.open(out / name) as back:
-            inputs.append(pixels(back, pp) if image_in else preprocess(back, pp))
-        names.append(f"{REFERENCE_IMAGES}/{name}")
+        name = out / f"{k:03d}_label{y}.png"
+        img.save(name, format="PNG")
+        with Image.open(name) as back:
+            x = pixels(back, pp) if image_in else preprocess(back, pp)
+        used += name.stat().st_size + x.nbytes
+        if used > REFERENCE_BYTES and len(names) >= N_REFERENCE_MIN:
+            name.unlink()
+            break
+        inputs.append(x)
+        names.append(f"{REFERENCE_IMAGES}/{name.name}")
         labels.append(y)
+        kept.append(first[pos])
     return {"inputs": np.stack(inputs), "labels": np.asarray(labels, np.int64), "images": np.asarray(names),
-            "indices": np.asarray([first[p] for p in picked], np.int64)}
+            "indices": np.asarray(kept, np.int64)}
+
+
+def run_batched(run, inputs: np.ndarray) -> np.ndarray:
+    """The model's outputs on `inputs`, a runtime-sized batch at a time (200 images at 224 px in one call would
+    make the runtime's arena hold all their activations)."""
+    from convnext_deploy.targets.base import inference_batch
+
+    step = inference_batch(inputs.shape[1] if inputs.shape[-1] == 3 else inputs.shape[-1], cap=50)
+    return np.concatenate([np.asarray(run(inputs[i:i + step]), np.float32) for i in range(0, len(inputs), step)])
 
 
 def _runner(report: dict, run_dir: Path, row: dict, runners: dict | None):
@@ -207,7 +224,7 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
         ref = reference_images(run_dir, report, names, tmp / REFERENCE_IMAGES, image_in)
         for p, row in rows.items():
             r = _runner(report, run_dir, row, runners)
-            y = np.asarray((r.native or r.run)(ref["inputs"]), np.float32)  # the model's own input
+            y = run_batched(r.native or r.run, ref["inputs"])  # the model's own input
             if target in PROBABILITIES and r.proxy:  # the proxy gives the logits the package's softmax reads
                 y = _softmax(y)
             outputs[f"outputs_{p}"] = y

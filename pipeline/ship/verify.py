@@ -31,7 +31,7 @@ import numpy as np
 
 from convnext_deploy.pipeline.core.cache import sha256_file
 from convnext_deploy.pipeline.core.errors import UserError
-from convnext_deploy.pipeline.ship.bundle import REFERENCE_NPZ, SUMS
+from convnext_deploy.pipeline.ship.bundle import REFERENCE_NPZ, SUMS, run_batched
 from convnext_deploy.pipeline.ship.int8_path import check_int8_path
 from convnext_deploy.pipeline.ship.labelled_images import labelled_source
 
@@ -158,7 +158,7 @@ def tolerance(precision: str, reference: np.ndarray, proxy: bool) -> float:
 
 def check_outputs(precision: str, runner, ref, made_by: dict) -> tuple[bool, str]:
     expected = ref[f"outputs_{precision}"]
-    got = np.asarray((runner.native or runner.run)(ref["inputs"]), np.float32)  # the inputs are the model's own
+    got = run_batched(runner.native or runner.run, ref["inputs"])  # the inputs are the model's own
     if got.shape != expected.shape:
         return False, f"reference outputs {precision}: shape {got.shape} here, {expected.shape} in the bundle: FAIL"
     proxy = bool(made_by.get("proxy"))
