@@ -37,6 +37,7 @@ from convnext_deploy.reports.tables import (
     choice_rows,
     fallback_rows,
     gate_rows,
+    gates_caption,
     latency_caption,
     latency_rows,
     layer_tables,
@@ -87,7 +88,7 @@ def _gates_html(report: dict) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row[:-1])
                    + f'<td class="{"pass" if v["status"] == "pass" else "fail"}">{html.escape(row[-1])}</td></tr>'
                    for row, v in zip(gate_rows(report), report["gates"]["verdicts"]))
-    caption = f"<caption>{html.escape(report['gates']['file'])}</caption>"
+    caption = f"<caption>{html.escape(gates_caption(report))}</caption>"
     return f"<table>{caption}<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>" if body else \
         "<p>No gate was applied (the gate file sets none).</p>"
 

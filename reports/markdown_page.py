@@ -29,6 +29,7 @@ from convnext_deploy.reports.tables import (
     choice_rows,
     fallback_rows,
     gate_rows,
+    gates_caption,
     latency_caption,
     latency_rows,
     layer_tables,
@@ -67,7 +68,7 @@ def render_markdown(report: dict) -> str:
              md_table(acc_head(report, runtime=False), accuracy_rows(report, runtime=False)), "",
              "## Latency", "", *([latency_caption(report), "", md_table(LAT_HEAD, latency_rows(report))]
                                  if report["latency"] else ["Not measured (see the notes above)."]), "",
-             "## Gates", "", md_table(GATE_HEAD, gate_rows(report)), "",
+             "## Gates", "", f"From {gates_caption(report)}.", "", md_table(GATE_HEAD, gate_rows(report)), "",
              "## INT8 methods", "", *method_lines(report), "",
              *([md_table(FALLBACK_HEAD, fallback), ""] if fallback else []),
              *(["## Where the time goes", "", *time_lines(report), ""] if time_lines(report) else []),

@@ -94,6 +94,12 @@ def peak_sentence(report: dict) -> str:
 GATE_HEAD = ["gate", "what", "measured", "allowed", "status"]
 
 
+def gates_caption(report: dict) -> str:
+    """Where the gates came from: the file, and the INT8 path whose [.path.<name>] scopes applied."""
+    g = report["gates"]
+    return g["file"] + (f", scopes for INT8 path {g['int8_path']}" if g.get("int8_path") else "")
+
+
 def gate_rows(report: dict) -> list[list[str]]:
     rows = []
     for v in report["gates"]["verdicts"]:

@@ -84,6 +84,9 @@ def test_deploy_writes_a_complete_report(deployed):
     md = (out / "report.md").read_text()
     assert "INT8 recipe chosen on this CPU" in md
     assert "32 px" in md and "224 px" in md and "Gates: PASSED" in md
+    # the gates were read for this CPU's INT8 path ([<scope>.path.<name>] tables), and the page says which
+    assert r["gates"]["int8_path"] == r["machine"]["cpu_profile"]["path"]
+    assert f"scopes for INT8 path {r['gates']['int8_path']}" in md and "scopes for INT8 path" in html
     manifest = json.loads((out / "manifest.json").read_text())
     assert not set(manifest["calibration"]["indices"]) & set() and manifest["evaluation"]["source"] == "fashion-mnist/test"
 

@@ -70,7 +70,7 @@ class TrainingDepthwise(nn.Conv2d):
 
 def for_training(model: nn.Module) -> nn.Module:
     """`model` with every depthwise convolution a `TrainingDepthwise` (in place; parameters unchanged)."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Conv2d and child.groups > 1 and child.groups == child.in_channels:
                 setattr(module, child_name, TrainingDepthwise.of(child))
