@@ -154,6 +154,9 @@ class Runner:
     # call on that input (a latency is timed on it, the conversion outside the clock)
     feed: Callable[[np.ndarray], np.ndarray] | None = None
     native: Callable[[np.ndarray], np.ndarray] | None = None
+    # the settings the runtime resolved, which a device must be given to compute the same (OpenVINO: the
+    # INFERENCE_PRECISION_HINT that executed: f32 where the CPU has no BF16, whatever the build asked for)
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

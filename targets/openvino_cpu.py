@@ -150,6 +150,10 @@ def build(request: BuildRequest) -> Artifact:
     return Artifact(NAME, request.precision, [xml, xml.with_suffix(".bin")], meta)
 
 
+# the element type the plugin reports as its resolved hint → the value INFERENCE_PRECISION_HINT takes
+HINT_NAMES = {"float32": "f32", "f32": "f32", "bfloat16": "bf16", "bf16": "bf16", "float16": "f16", "f16": "f16"}
+
+
 def load_runner(artifact: Artifact, threads: int) -> Runner:
     import openvino as ov
 
@@ -177,7 +181,9 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
     probe = compiled_for(tuple(shape.to_shape()) if shape.is_static else tuple(input_shape(artifact, 1, 64)))
     hint = str(probe.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: ", "").rstrip(">").strip("'")
     executed = executed_summary(artifact.precision, hint, executed_precisions(probe))
-    return fed(Runner(run, f"openvino {ov.__version__} CPU plugin", device_label(threads), executed, threads), artifact)
+    settings = {"INFERENCE_PRECISION_HINT": HINT_NAMES.get(hint, hint)}
+    return fed(Runner(run, f"openvino {ov.__version__} CPU plugin", device_label(threads), executed, threads,
+                      settings=settings), artifact)
 
 
 def finish(artifact: Artifact, spec, out_dir) -> Artifact:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from convnext_deploy.calibration.fashion_mnist import CLASS_NAMES, FashionMNIST
 from convnext_deploy.calibration.preprocess import pixels, preprocess
+from convnext_deploy.pipeline.measure.machine import cpu_profile
 from convnext_deploy.targets import get_target
 
 from bundle_helpers import (
@@ -171,8 +172,13 @@ def test_openvino_bundle_predict_and_validate(openvino_run, images, cli_env, tmp
     assert sha256sum_check(bundle).returncode == 0 and listed_files(bundle) == all_files(bundle)
     pp = json.loads((bundle / "preprocessing.json").read_text())
     r = json.loads((openvino_run / "report.json").read_text())
-    float_precision = next(a for a in r["artifacts"] if a["precision"] == "int8")["metadata"]["build"]["float_precision"]
-    assert pp["models"]["int8"]["config"]["INFERENCE_PRECISION_HINT"] == float_precision  # the deploy's numerics
+    # the bundle tells the device the precision that executed when the reference outputs were made (f32 where this
+    # CPU has no BF16, whatever the build asked for), not the build's request
+    asked = next(a for a in r["artifacts"] if a["precision"] == "int8")["metadata"]["build"]["float_precision"]
+    ran = pp["reference_made_by"]["int8"]["precision_executed"].rsplit("hint ", 1)[1]
+    told = pp["models"]["int8"]["config"]["INFERENCE_PRECISION_HINT"]
+    assert told == {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[ran]
+    assert told == (asked if cpu_profile()["bf16_native"] or asked == "f32" else "f32")
     assert predict_top1(bundle, "openvino", images.files).tolist() == runner_top1(openvino_run, images.files).tolist()
     p = run_cli(["validate", str(bundle), "--images", str(images.root), "--runs", "3"], cli_env, code=0)
     assert "reference outputs int8: 200 images" in p.stdout and "openvino" in p.stdout and "validate: PASS" in p.stdout
@@ -264,3 +270,18 @@ def test_coreml_predict_py_on_macos_gives_the_reference_top1(coreml_run, cli_env
     files = [bundle / str(f) for f in ref["images"]]
     assert predict_top1(bundle, "coremltools", files).tolist() == ref["outputs_int8"].argmax(1).tolist()
     run_cli(["validate", str(bundle), "--runs", "5"], cli_env, code=0)
+
+
+def test_validate_runs_a_bundle_with_the_settings_it_tells_the_device():
+    """preprocessing.json's runtime settings (what ran when the reference outputs were made) replace the build's
+    request when validate loads the artifact: an OpenVINO build that asked for bf16 on a CPU without BF16 ran f32."""
+    from convnext_deploy.pipeline.ship.bundle_index import as_configured, runtime_config
+
+    meta = {"build": {"float_precision": "bf16", "overflow_fix": None}, "input": {"kind": "image"}}
+    told = runtime_config("openvino", {"metadata": meta}, {"INFERENCE_PRECISION_HINT": "f32"})
+    assert told == {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    assert runtime_config("openvino", {"metadata": meta})["INFERENCE_PRECISION_HINT"] == "bf16"  # nothing resolved
+    ran = as_configured("openvino", meta, told)
+    assert ran["build"] == {"float_precision": "f32", "overflow_fix": None} and ran["input"] == meta["input"]
+    assert meta["build"]["float_precision"] == "bf16"  # the report's record is left as it was
+    assert as_configured("onnxruntime", meta, {"graph_optimization_level": "ORT_ENABLE_ALL"}) is meta

@@ -214,7 +214,7 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
     names = list(class_names) if class_names is not None else _class_names(report, checkpoint)
     if len(names) != report["model"]["num_classes"]:
         raise UserError(f"{len(names)} class names for a {report['model']['num_classes']}-class model")
-    made_by, outputs = {}, {}
+    made_by, outputs, resolved = {}, {}, {}
     staged: dict = {}
     image_in = image_input(rows["int8"])
     # predict.py reads its labels and input rule from the model: an image-input artifact, or a Core ML package
@@ -228,6 +228,7 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
             if target in PROBABILITIES and r.proxy:  # the proxy gives the logits the package's softmax reads
                 y = _softmax(y)
             outputs[f"outputs_{p}"] = y
+            resolved[p] = r.settings
             made_by[p] = {"runtime": r.runtime, "device": r.device, "precision_executed": r.precision,
                           "proxy": r.proxy}
             for f in row["files"]:
@@ -236,7 +237,7 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
         np.savez(tmp / REFERENCE_NPZ, **ref, **outputs, output_kind=np.asarray(output_kind(target)),
                  precisions=np.asarray(precisions))
         (tmp / "labels.txt").write_text("".join(f"{n}\n" for n in names))
-        pp = preprocessing_json(report, rows, len(names))
+        pp = preprocessing_json(report, rows, len(names), resolved)
         pp["reference_made_by"] = made_by
         (tmp / "preprocessing.json").write_text(json.dumps(pp, indent=1) + "\n")
         shutil.copy2(run_dir / "report.json", tmp / "report.json")

@@ -11,14 +11,25 @@ def output_kind(target: str) -> str:
     return "probabilities" if target in PROBABILITIES else "logits"
 
 
-def runtime_config(target: str, row: dict) -> dict:
-    """Settings the runtime must be given to compute what the deploy measured."""
+def runtime_config(target: str, row: dict, resolved: dict | None = None) -> dict:
+    """Settings the runtime must be given to compute what the deploy measured. `resolved`: what the runtime that
+    computed the reference outputs resolved (Runner.settings), over what the build asked for: OpenVINO asked for
+    bf16 runs f32 on a CPU without BF16, and the device must be told f32, not bf16."""
     if target == "openvino":  # without the hint the CPU plugin picks BF16 where the CPU has it
         return {"INFERENCE_PRECISION_HINT": (row["metadata"].get("build") or {}).get("float_precision", "f32"),
-                "PERFORMANCE_HINT": "LATENCY"}
+                "PERFORMANCE_HINT": "LATENCY", **(resolved or {})}
     if target == "onnxruntime":
         return {"graph_optimization_level": "ORT_ENABLE_ALL", "providers": ["CPUExecutionProvider"]}
     return {}
+
+
+def as_configured(target: str, metadata: dict, config: dict) -> dict:
+    """An artifact's metadata with the settings preprocessing.json tells the runtime (runtime_config) in place of the
+    build's request, so `validate` computes as the reference outputs were computed."""
+    if target == "openvino" and "INFERENCE_PRECISION_HINT" in config:
+        return {**metadata, "build": {**(metadata.get("build") or {}),
+                                      "float_precision": config["INFERENCE_PRECISION_HINT"]}}
+    return metadata
 
 
 def image_input(row: dict) -> bool:
@@ -47,7 +58,7 @@ def _input(target: str, row: dict, size: int) -> dict:
             "input": {"name": INPUT_NAME, "type": "tensor", "shape": ["batch", 3, size, size], "note": dynamic}}
 
 
-def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int) -> dict:
+def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int, resolved: dict | None = None) -> dict:
     from PIL import __version__ as pillow
 
     from convnext_deploy.pipeline.models.onnx_export import OUTPUT_NAME
@@ -75,7 +86,7 @@ def preprocessing_json(report: dict, rows: dict[str, dict], n_classes: int) -> d
         "runtime": target,
         "default_model": "int8",
         "models": {p: {"file": r["files"][0], "files": r["files"], "precision": p, "sha256": r["sha256"],
-                       "config": runtime_config(target, r)} for p, r in rows.items()},
+                       "config": runtime_config(target, r, (resolved or {}).get(p))} for p, r in rows.items()},
         "trained_on": report["model"].get("trained_on") or {},
         "reference_made_with": {"pillow": pillow},
     }

@@ -32,6 +32,7 @@ import numpy as np
 from convnext_deploy.pipeline.core.cache import sha256_file
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.ship.bundle import REFERENCE_NPZ, SUMS, run_batched
+from convnext_deploy.pipeline.ship.bundle_index import as_configured
 from convnext_deploy.pipeline.ship.int8_path import check_int8_path
 from convnext_deploy.pipeline.ship.labelled_images import labelled_source
 
@@ -89,14 +90,17 @@ def _bundle_files(bundle: Path) -> tuple[dict, dict, list[str]]:
     return report, pp, labels
 
 
-def _artifact(bundle: Path, report: dict, precision: str):
-    """The bundle's artifact of `precision`, its files checked against the sha256 the deploy measured."""
+def _artifact(bundle: Path, report: dict, precision: str, config: dict):
+    """The bundle's artifact of `precision`, its files checked against the sha256 the deploy measured, to be run with
+    the settings preprocessing.json gives (`config`)."""
     from convnext_deploy.targets.base import Artifact
 
     row = next((a for a in report["artifacts"] if a["precision"] == precision), None)
     if row is None:
         raise UserError(f"{bundle}/report.json has no {precision} artifact; the bundle is inconsistent, get it again")
-    art = Artifact(report["target"]["name"], precision, [bundle / f for f in row["files"]], row["metadata"], None)
+    name = report["target"]["name"]
+    art = Artifact(name, precision, [bundle / f for f in row["files"]], as_configured(name, row["metadata"], config),
+                   None)
     for name, digest in art.sha256().items():
         if row["sha256"].get(name) != digest:
             raise UserError(f"{bundle / name}: not the file the deploy measured (sha256 differs from report.json); "
@@ -205,7 +209,8 @@ def validate_bundle(bundle: Path, images: Path | None = None, labels: Path | Non
     target = get_target(report["target"]["name"])
     ref = dict(np.load(bundle / REFERENCE_NPZ, allow_pickle=False))
     precisions = [str(p) for p in ref["precisions"]]
-    arts = {p: _artifact(bundle, report, p) for p in precisions}
+    arts = {p: _artifact(bundle, report, p, (pp_json.get("models", {}).get(p) or {}).get("config") or {})
+            for p in precisions}
     avail = target.available()
     if not avail.ok:
         log(f"validate: NOT RUN: the {target.name} runtime is not here ({avail.reason}); the checksums are verified, "
