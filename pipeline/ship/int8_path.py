@@ -26,7 +26,7 @@ def check_int8_path(report: dict, recipes: tuple = ()) -> tuple[bool, str] | Non
     if not num["saturates_without_vnni"]:
         return True, f"INT8 path: 7-bit or unsigned weights, no u8×s8 pair can saturate on any CPU ({where}): pass"
     if not here["u8s8_saturates"]:
-        return True, f"INT8 path: {here['int8_path']} here accumulates u8×s8 exactly, as where it was {where}: pass"
+        return True, f"INT8 path: {here['int8_path']} here accumulates u8×s8 exactly (the bundle was {where}): pass"
     if built.get("u8s8_saturates"):
         return True, (f"INT8 path: {here['int8_path']} here, and the bundle was {where}: its figures include the "
                       "saturation: pass")
