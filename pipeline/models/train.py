@@ -99,10 +99,8 @@ def evaluate(model: ConvNeXt, x: np.ndarray, y: np.ndarray, batch_size: int = 50
 def training_time(history: list[dict], threads: int) -> dict:
     """How long the epochs took and on which CPU (a resumed run may have trained its epochs on several): the same
     recipe takes minutes on one x86 generation and several times that on another (AVX2 without AVX-512)."""
-    prof = cpu_profile()
     return {"seconds": round(sum(h.get("epoch_seconds", 0.0) for h in history), 1), "threads": threads,
-            "cpus": sorted({h.get("cpu", "not recorded") for h in history}),
-            "isa": [f for f in prof["flags"] if f.startswith(("avx", "amx", "asimd", "i8mm", "bf16"))],
+            "cpus": sorted({h.get("cpu", "not recorded") for h in history}), "isa": cpu_profile()["flags"],
             "torch_kernels": torch.backends.cpu.get_cpu_capability()}
 
 
