@@ -12,9 +12,9 @@ CLI      := $(BIN)/convnext-deploy
 FMNIST   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup apt venv reference test test-all deploy bench bench-full benchmarks matrix clean
+.PHONY: setup apt venv setup-emulation reference test test-all deploy bench bench-full benchmarks matrix clean
 
-setup: apt venv
+setup: apt venv setup-emulation
 
 # qemu-user-static: the tests run the INT8 numerics of x86 without VNNI under `qemu-x86_64-static -cpu Haswell-v4`
 apt:
@@ -27,6 +27,11 @@ venv:
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[$(EXTRAS)]"
+
+# aarch64 under qemu user mode (qemu ≥ 8.2 from bookworm-backports, arm64 Python 3.11, aarch64 wheels), built once
+# into $$CONVNEXT_DEPLOY_EMULATION (default ~/.cache/convnext-deploy/emulation) without touching apt's own setup.
+setup-emulation:
+	$(BIN)/python -m convnext_deploy.pipeline.device.emulation_setup
 
 # Train (or resume, or reuse) the reference checkpoint of VARIANT on Fashion-MNIST.
 reference:

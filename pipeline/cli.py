@@ -3,8 +3,8 @@
 Exit codes: 0 done, every gate met; 1 a gate missed (and nothing else is exit 1, but `validate`'s own check: the
 bundle's model or preprocessing disagrees with its reference outputs here); 2 the input or the machine (bad option
 or file, a bundle file whose sha256 changed; out of space, permission denied, read-only); 3 the target's runtime is
-not here, proxy figures reported (`validate`: checksums verified, nothing run); 4 internal error, a bug (traceback
-printed); 130 interrupted.
+not here, proxy figures reported, or the --device is emulated and its speed gates could not be measured
+(`validate`: checksums verified, nothing run); 4 internal error, a bug (traceback printed); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from convnext_deploy.pipeline.core.errors import UserError, machine_error
+from convnext_deploy.pipeline.device.profiles import PROFILES
 
 
 def _zoo(command: str):
@@ -58,6 +59,7 @@ def _loads(given: str | None) -> int:
 
 def _cmd_deploy(args) -> int:
     from convnext_deploy.pipeline.deploy import EXIT_NOT_BUILT, DeployConfig, run_deploy
+    from convnext_deploy.reports.cells import verdict_passed
 
     options = {}
     if args.calib_method:
@@ -73,7 +75,7 @@ def _cmd_deploy(args) -> int:
         sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
         fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
         n_control=args.control, timing_budget_s=_timing_budget(args.timing_budget), input=args.input,
-        loads=_loads(args.loads),
+        loads=_loads(args.loads), device=args.device, device_eval=args.device_eval,
     )
     if args.control is not None and args.control < 0:
         raise UserError(f"--control {args.control} must be ≥ 0 (labelled images held out for decisions; 0: none)")
@@ -82,9 +84,11 @@ def _cmd_deploy(args) -> int:
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
     print(f"report: {result.out_dir / 'report.html'}")
     if result.exit_code == EXIT_NOT_BUILT:
-        print(f"convnext-deploy: {result.report['notes'][0]}; proxy figures reported, exit 3", file=sys.stderr)
+        what = "emulated" if result.report.get("device", {}) and result.report["device"].get("measured") == "emulated" \
+            else "proxy"
+        print(f"convnext-deploy: {result.report['notes'][0]}; {what} figures reported, exit 3", file=sys.stderr)
     elif result.exit_code:
-        failed = [v for v in result.report["gates"]["verdicts"] if v["status"] != "pass"]
+        failed = [v for v in result.report["gates"]["verdicts"] if not verdict_passed(v)]
         print(f"convnext-deploy: {len(failed)} gate(s) not met: "
               + "; ".join(f"{v['gate']} {v['status']}" for v in failed), file=sys.stderr)
     return result.exit_code
@@ -211,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--control", type=int, default=None, metavar="N",
                    help="labelled images held out of the evaluation side for the recipe choice and the fallback "
                         "(default 1000 and at most a tenth of that side; up to half when given)")
+    s.add_argument("--device", metavar="NAME",
+                   help="the device the bundle is for (default: this machine): " + ", ".join(PROFILES)
+                        + ". One this machine is not is emulated (qemu-user, `make setup-emulation`): its accuracy gates are judged on its own "
+                        "kernels, its speed is not measured (exit 3 unless the gate file sets allow_emulated = true)")
+    s.add_argument("--device-eval", type=int, default=500, metavar="N",
+                   help="evaluation images run on an emulated device's kernels (default 500)")
     s.add_argument("--fallback-max-layers", type=int, default=8, help="fallback budget: layers in float (default 8)")
     s.add_argument("--fallback-max-minutes", type=float, default=30.0,
                    help="fallback budget: minutes of rebuilding (default 30)")

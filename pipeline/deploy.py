@@ -9,12 +9,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.core.gate_file import EMULATED
 from convnext_deploy.pipeline.measure.memory import stage_peak
 from convnext_deploy.pipeline.ship.bundle import after_deploy
 from convnext_deploy.pipeline.stages import gates
 from convnext_deploy.pipeline.stages.build import Built, build, build_one
 from convnext_deploy.pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide, sensitivity
+from convnext_deploy.pipeline.stages.device import on_device
 from convnext_deploy.pipeline.stages.export import export
 from convnext_deploy.pipeline.stages.finish import finish
 from convnext_deploy.pipeline.stages.prepare import prepare
@@ -46,8 +48,11 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     layers = stage("sensitivity", _sensitivity, ctx, src, built, decision)  # on the INT8 graph as built
     built = stage("finish", finish, ctx, built)  # from here on: the artifacts as shipped
     validation = stage("validate", validate, ctx, built, decision)
-    gated = gates.check(ctx, built, validation, decision)
+    device = stage("device", on_device, ctx, built)  # None without --device; numerics only when emulated
+    gated = gates.check(ctx, built, validation, decision, device)
+    unmeasured = _speed_unmeasured(ctx, gated[1])
     report = assemble(ctx, src, built, decision, validation, layers, gated)
+    report["device"] = device
     report["memory"] = {"stages": memory, "peak_rss_mib": max(r["peak_rss_mib"] for r in memory),
                         "seconds": round(sum(r["seconds"] for r in memory), 1), "method": memory[0]["method"]}
     out_dir = publish(ctx, report, built)
@@ -60,7 +65,21 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     if not ctx.availability.ok:
         log(f"{cfg.target}: {ctx.notes[0]} (exit {EXIT_NOT_BUILT}: proxy figures only)")
         code = EXIT_NOT_BUILT
+    elif unmeasured:
+        log(f"{cfg.target}: {unmeasured} (exit {EXIT_NOT_BUILT})")
+        code = EXIT_NOT_BUILT
     return DeployResult(report, out_dir, code)
+
+
+def _speed_unmeasured(ctx, verdicts) -> str | None:
+    """Why the deploy exits 3 on an emulated device: every gate it could measure passed, its speed gates could not
+    be measured (the gate file's allow_emulated accepts that), and the report's first note says so."""
+    if all(v.passed for v in verdicts) or not all(v.passed or v.status == EMULATED for v in verdicts):
+        return None
+    ctx.notes.insert(0, f"speed not measured on the emulated {ctx.device.name} (emulation gives its numerics, not "
+                        "its speed) and every other gate passed: set allow_emulated = true in the gate file to "
+                        "accept that, or deploy on the device itself")
+    return ctx.notes[0]
 
 
 def _sensitivity(ctx, src, built: Built, decision) -> dict | None:

@@ -1,6 +1,14 @@
 """How one figure is written in a table cell, and the tables themselves, shared by every rendering of a report."""
 from __future__ import annotations
 
+# a verdict's statuses that pass: "pass", and a speed gate an emulated device cannot measure where the gate file
+# allows it (pipeline/core/gate_file.py: EMULATED_ALLOWED)
+PASSING = ("pass", "not measured (emulated), allowed")
+
+
+def verdict_passed(v: dict) -> bool:
+    return v["status"] in PASSING
+
 import html
 import math
 from collections import Counter

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from convnext_deploy.reports.cells import pct, pp, wilson
+from convnext_deploy.reports.cells import pct, pp, verdict_passed, wilson
+from convnext_deploy.reports.device_section import device_fact
 from convnext_deploy.reports.tables import gate_rows
 
 CPU_VENDORS = ("Intel", "AMD")  # x86 CPU classes only: "Apple" or "NVIDIA" name the target, not the host
@@ -35,7 +36,7 @@ def verdict(report: dict) -> tuple[bool, str, list[str]]:
     if g["passed"]:
         return True, (f"Gates: PASSED ({g['file']}): all {len(verdicts)} met" if verdicts else
                       f"Gates: PASSED ({g['file']}): none applied (the gate file sets none)"), []
-    failing = [row for row, v in zip(gate_rows(report), verdicts) if v["status"] != "pass"]
+    failing = [row for row, v in zip(gate_rows(report), verdicts) if not verdict_passed(v)]
     lines = [f"{gate} ({what}): measured {measured}, allowed {allowed}; {status}"
              for gate, what, measured, allowed, status in failing]
     return False, f"Gates: FAILED ({g['file']}): {len(failing)} of {len(verdicts)} not met", lines
@@ -100,4 +101,6 @@ def key_facts(report: dict) -> list[tuple[str, str]]:
         rows.append(("Measured with", f"{measured['runtime']} on {measured.get('device', '?')}"))
     rows.append(("Target", f"{report['target']['name']} ({hardware_class(report)})"))
     rows.append(("Machine", machine_text(report)))
+    if device_fact(report):
+        rows.append(("Device", device_fact(report)))
     return rows

@@ -7,7 +7,8 @@ import base64
 import html
 import re
 
-from convnext_deploy.reports.cells import html_table
+from convnext_deploy.reports.cells import html_table, verdict_passed
+from convnext_deploy.reports.device_section import DEVICE_HEAD, device_caption, device_rows
 from convnext_deploy.reports.glance import key_facts, verdict
 from convnext_deploy.reports.markdown_page import sensitivity_caption
 from convnext_deploy.reports.plots import sensitivity_png
@@ -86,11 +87,18 @@ def glance_html(report: dict) -> str:
 def _gates_html(report: dict) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in GATE_HEAD)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row[:-1])
-                   + f'<td class="{"pass" if v["status"] == "pass" else "fail"}">{html.escape(row[-1])}</td></tr>'
+                   + f'<td class="{"pass" if verdict_passed(v) else "fail"}">{html.escape(row[-1])}</td></tr>'
                    for row, v in zip(gate_rows(report), report["gates"]["verdicts"]))
     caption = f"<caption>{html.escape(gates_caption(report))}</caption>"
     return f"<table>{caption}<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>" if body else \
         "<p>No gate was applied (the gate file sets none).</p>"
+
+
+def _device_html(report: dict) -> str:
+    caption = device_caption(report)
+    if device_rows(report):
+        return html_table(DEVICE_HEAD, device_rows(report), caption)
+    return f"<p>{html.escape(caption)}</p>" if caption else ""
 
 
 def _section(title: str, body: str) -> str:
@@ -125,6 +133,7 @@ def render_html(report: dict, png: bytes | None) -> str:
         _section("Gates", _gates_html(report)),
         _section("Accuracy", html_table(acc_head(report, runtime=False), accuracy_rows(report, runtime=False),
                                         accuracy_caption(report))),
+        _section("On the device", _device_html(report)),
         _section("Latency", html_table(LAT_HEAD, latency_rows(report), latency_caption(report)) if report["latency"]
                  else "<p>Not measured (see the notes).</p>"),
         _section("Run", _lines_html(summary_lines(report))),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from convnext_deploy.reports.cells import md_table
+from convnext_deploy.reports.device_section import DEVICE_HEAD, device_caption, device_rows
 from convnext_deploy.reports.glance import key_facts, verdict
 from convnext_deploy.reports.prose import (
     choice_caption,
@@ -66,6 +67,9 @@ def render_markdown(report: dict) -> str:
              f"Created {report['created']} by {report['tool']}.", "", *summary_lines(report), "",
              "## Accuracy", "", accuracy_caption(report), "",
              md_table(acc_head(report, runtime=False), accuracy_rows(report, runtime=False)), "",
+             *(["## On the device", "", device_caption(report), "",
+                *([md_table(DEVICE_HEAD, device_rows(report)), ""] if device_rows(report) else [])]
+               if device_caption(report) else []),
              "## Latency", "", *([latency_caption(report), "", md_table(LAT_HEAD, latency_rows(report))]
                                  if report["latency"] else ["Not measured (see the notes above)."]), "",
              "## Gates", "", f"From {gates_caption(report)}.", "", md_table(GATE_HEAD, gate_rows(report)), "",

@@ -32,6 +32,8 @@ def mixed_lines(report: dict) -> list[str]:
     m = (report.get("recipe_choice") or {}).get("mixed")
     if not m:
         return []
+    if "layers" not in m:  # not judged (an emulated device: no speed to judge it on)
+        return [m["why"] + "."]
     times = m["layers"]
     lines = [f"Per-layer kernel time at {times.get('input_size', '?')} px, batch 1 ({times.get('source', '')}; an INT8 "
              "layer's time includes the QuantizeLinear feeding it). " + m["why"] + "."]

@@ -14,6 +14,7 @@ from pathlib import Path
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.reports.cells import html_table as _html_table
 from convnext_deploy.reports.cells import md_table as _md_table
+from convnext_deploy.reports.cells import verdict_passed
 
 HEAD = ["variant", "target", "precision", "top-1", "top-1 drop vs reference (pp)", "agreement vs reference",
         "p50 ms (batch 1)", "speed-up vs reference", "device", "runtime", "real/proxy", "gates"]
@@ -112,7 +113,7 @@ def _verdict(report: dict) -> str:
         n = len(gates["verdicts"])
         return f"pass ({n} gate{'s' if n != 1 else ''})" if n else "pass (no gate applied)"
     return "FAIL: " + "; ".join(f"{v['gate']} {v['status']}" + (f" ({v['reason']})" if v.get("reason") else "")
-                                for v in gates["verdicts"] if v["status"] != "pass")
+                                for v in gates["verdicts"] if not verdict_passed(v))
 
 
 def _device(acc: dict | None, lat: dict | None) -> str | None:

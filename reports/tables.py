@@ -1,7 +1,7 @@
 """The rows of a report's tables, one function per table, and the captions that name once what measured them."""
 from __future__ import annotations
 
-from convnext_deploy.reports.cells import count_pct, count_pp, interval, measured_by, ms, pct, pp
+from convnext_deploy.reports.cells import count_pct, count_pp, interval, measured_by, ms, pct, pp, verdict_passed
 
 
 def accuracy_rows(report: dict, runtime: bool = True) -> list[list[str]]:
@@ -109,7 +109,7 @@ def gate_rows(report: dict) -> list[list[str]]:
             m += f" ({c['images']:,} of {c['n']:,} images; " + (f"{c['allowed']:,} allowed)" if "allowed" in c
                                                                  else f"{c['needed']:,} needed)")
         rows.append([v["gate"], v["description"], m, f"{v['comparison']} {v['allowed']:g}{v['unit']}",
-                     v["status"] + (f": {v['reason']}" if v.get("reason") and v["status"] != "pass" else "")])
+                     v["status"] + (f": {v['reason']}" if v.get("reason") and not verdict_passed(v) else "")])
     return rows
 
 

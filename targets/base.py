@@ -157,6 +157,9 @@ class Runner:
     # the settings the runtime resolved, which a device must be given to compute the same (OpenVINO: the
     # INFERENCE_PRECISION_HINT that executed: f32 where the CPU has no BF16, whatever the build asked for)
     settings: dict = field(default_factory=dict)
+    # the compute layers by kind and the precision they executed in, where the runtime says (OpenVINO's runtime
+    # model): {"compute": {"Convolution f16": 40, …}, "other": {…}}; on ARM its INT8 IR runs in float
+    layers: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -180,10 +180,11 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
     shape = model.inputs[0].get_partial_shape()  # a graph with a static input (the runtime's GEMM peak) keeps it
     probe = compiled_for(tuple(shape.to_shape()) if shape.is_static else tuple(input_shape(artifact, 1, 64)))
     hint = str(probe.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: ", "").rstrip(">").strip("'")
-    executed = executed_summary(artifact.precision, hint, executed_precisions(probe))
+    layers = executed_precisions(probe)
     settings = {"INFERENCE_PRECISION_HINT": HINT_NAMES.get(hint, hint)}
-    return fed(Runner(run, f"openvino {ov.__version__} CPU plugin", device_label(threads), executed, threads,
-                      settings=settings), artifact)
+    return fed(Runner(run, f"openvino {ov.__version__} CPU plugin", device_label(threads),
+                      executed_summary(artifact.precision, hint, layers), threads, settings=settings, layers=layers),
+               artifact)
 
 
 def finish(artifact: Artifact, spec, out_dir) -> Artifact:

@@ -26,7 +26,7 @@ def target_modules() -> set[str]:
 # what a target may take from pipeline/: the core (errors, cache), the models and the machine profile
 PIPELINE_LEAVES = {f"{PKG}.pipeline.core", f"{PKG}.pipeline.models", f"{PKG}.pipeline.measure.machine"}
 # pipeline/'s rooms, each a job (ARCHITECTURE.md names each one)
-PIPELINE_ROOMS = {"core", "models", "decisions", "measure", "stages", "ship"}
+PIPELINE_ROOMS = {"core", "models", "decisions", "measure", "stages", "ship", "device"}
 PACKAGE_ROOMS = ("pipeline", "targets", "calibration", "reports")
 
 

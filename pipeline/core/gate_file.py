@@ -12,7 +12,10 @@ its scope. INT8 speed depends on the path (ConvNeXt-T's ONNX Runtime INT8 gains 
 VNNI gives about 2×), so a speed gate written for one path is scoped to it instead of failing CI's own runner.
 
 A gate whose figure was not measured fails as "not measured"; a figure from a proxy (a stand-in for the
-real runtime) fails unless the gate file sets `allow_proxy = true` for that scope.
+real runtime) fails unless the gate file sets `allow_proxy = true` for that scope. On an emulated device
+(`deploy --device`, pipeline/device/) the accuracy gates read the device's own figures and a speed gate cannot be
+measured: it is "not measured (emulated)", which fails (the deploy exits 3) unless the scope sets
+`allow_emulated = true`, which lets it pass as "not measured (emulated), allowed".
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import tomllib
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.measure.machine import INT8_PATHS
 from convnext_deploy.pipeline.models.variants import VARIANTS
+from convnext_deploy.reports.cells import PASSING
 from convnext_deploy.targets import TARGETS
 
 # gate name → (figure it reads, comparison, unit, description)
@@ -36,7 +40,10 @@ GATES = {
     "max_p50_ms": ("p50_ms", "<=", "ms", "INT8 p50 latency, deployment size, batch 1"),
     "min_int8_speedup": ("int8_speedup", ">=", "×", "reference p50 / INT8 p50, deployment size, batch 1"),
 }
-OPTIONS = {"allow_proxy"}
+OPTIONS = {"allow_proxy", "allow_emulated"}
+SPEED_GATES = ("max_p50_ms", "min_int8_speedup")
+EMULATED = "not measured (emulated)"
+EMULATED_ALLOWED = PASSING[1]
 
 
 @dataclass
@@ -45,7 +52,7 @@ class Verdict:
     description: str
     allowed: float
     measured: float | None
-    status: str  # pass | fail | not measured | proxy not allowed
+    status: str  # pass | fail | not measured | proxy not allowed | EMULATED | EMULATED_ALLOWED
     unit: str
     comparison: str
     reason: str = ""  # why, where the deploy knows more than the figure (e.g. INT8 cannot pay on this CPU)
@@ -53,7 +60,7 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return self.status == "pass"
+        return self.status in PASSING
 
     def line(self) -> str:
         m = "—" if self.measured is None else f"{self.measured:.4g}{self.unit}"
@@ -195,16 +202,19 @@ def counted(gate: str, allowed: float, counts: dict) -> tuple[bool, dict]:
     return counts["agree"] >= need, {"images": counts["agree"], "needed": need, "n": n}
 
 
-def check(gates: dict, figures: dict, proxy: bool) -> list[Verdict]:
+def check(gates: dict, figures: dict, proxy: bool, emulated: bool = False) -> list[Verdict]:
     """`figures` maps a figure name (see GATES) to its measured value, or None if not measured; its "counts" (n,
-    drop_images, agree), where present, decide the accuracy gates exactly."""
+    drop_images, agree), where present, decide the accuracy gates exactly. `emulated`: the device is emulated, so
+    no speed figure of it exists."""
     verdicts = []
     for gate, allowed in gates.items():
         if gate in OPTIONS:
             continue
         figure, cmp, unit, desc = GATES[gate]
         measured, counts = figures.get(figure), None
-        if measured is None:
+        if emulated and gate in SPEED_GATES:
+            measured, status = None, EMULATED_ALLOWED if gates.get("allow_emulated", False) else EMULATED
+        elif measured is None:
             status = "not measured"
         elif proxy and not gates.get("allow_proxy", False):
             status = "proxy not allowed"

@@ -15,7 +15,7 @@ import json
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.core.errors import UserError
-from convnext_deploy.pipeline.decisions import reasons
+from convnext_deploy.pipeline.decisions import device_rules, reasons
 from convnext_deploy.pipeline.decisions.judge import AccuracyGates, Evidence, assess
 from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio, ratio_of_rounds
 from convnext_deploy.pipeline.measure.machine import cpu_profile
@@ -127,11 +127,16 @@ def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, 
                        accuracy_gates=a.gates)
         else:
             row.update(meets_accuracy=True, score=0.0)
-    best, case, backup = pick(rows, ctx.gates)
+    if ctx.emulated:
+        for row in rows:
+            row["excluded"] = device_rules.excluded(ctx, recipes[row["recipe"]].artifact)
+        best, case, backup = device_rules.pick(rows)
+    else:
+        best, case, backup = pick(rows, ctx.gates)
     for row in rows:
         row.pop("rounds_data", None)
         row["chosen"] = row is best
-        row["why"] = _why(row, best, judged)
+        row["why"] = device_rules.why(row, best) if ctx.emulated else _why(row, best, judged)
         ctx.log(f"recipe {row['recipe']}: p50 {row['p50_ms']:.2f} ms ({row['speedup']:.2f}× {ctx.target.reference})"
                 + (f", control: {row['control_drop_images']} of {row['control_n']:,} images lost, "
                    f"{row['control_disagreements']} disagree ({row['accuracy_rule']})" if judged else "")
@@ -144,7 +149,7 @@ def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, 
               "backup": backup["recipe"] if backup else None,
               "cpu_profile": prof, "int8_pays": best["speedup"] > 1.0, "meets_all": best["meets_speed"] and best[
                   "meets_accuracy"], "repair": best["meets_speed"] and not best["meets_accuracy"], "why": best["why"]}
-    if not best["meets_speed"] and speed_gates(ctx.gates):
+    if not best["meets_speed"] and speed_gates(ctx.gates) and not ctx.emulated:
         choice["reason"] = reasons.speed_unreachable(ctx.target, ctx.ck.variant.name, rows, ctx.gates, prof)
         ctx.log(choice["reason"])
         ctx.notes.append(choice["reason"])

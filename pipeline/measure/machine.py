@@ -75,13 +75,14 @@ ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72"
 
 def cpuinfo_fields(text: str) -> tuple[str, set[str]]:
     """(model name, flags) of a /proc/cpuinfo text. x86 has "model name"; ARM boards a "Model" line, ARM servers
-    only the core's part number."""
+    only the core's part number, which names the core where a "model name" line is only generic ("ARMv8
+    Processor rev 2", as qemu-aarch64 writes it)."""
     fields = _fields(text)
     part = fields.get("CPU part", "").lower()
     arm = (f"ARM {ARM_PARTS.get(part, 'core ' + part)}" if fields.get("CPU implementer", "").lower() == "0x41"
            and part else "")
-    name = fields.get("model name") or (f"{fields['Model']} ({arm})" if fields.get("Model") and arm else
-                                        fields.get("Model")) or arm or fields.get("Hardware", "")
+    name = (f"{fields['Model']} ({arm})" if fields.get("Model") and arm else fields.get("Model") or arm
+            ) if arm else fields.get("model name") or fields.get("Model") or fields.get("Hardware", "")
     return name, set((fields.get("flags") or fields.get("Features") or "").split())
 
 

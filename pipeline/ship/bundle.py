@@ -24,6 +24,7 @@ from convnext_deploy.pipeline.ship.bundle_index import (
     output_kind,
     preprocessing_json,
 )
+from convnext_deploy.reports.cells import verdict_passed
 
 BUNDLE = "bundle"
 SUMS = "SHA256SUMS"
@@ -49,7 +50,8 @@ def read_report(run_dir: Path) -> dict:
 
 
 def failed_gates(report: dict) -> str:
-    bad = [f"{v['gate']} {v['status']}" for v in report["gates"]["verdicts"] if v["status"] != "pass"]
+    bad = [f"{v['gate']} {v['status']}" for v in report["gates"]["verdicts"]
+           if not verdict_passed(v)]
     return ", ".join(bad) or "no gate passed"
 
 
@@ -181,6 +183,13 @@ def _runner(report: dict, run_dir: Path, row: dict, runners: dict | None):
                         "when its gates pass, or run `bundle` where the target's runtime is (Core ML: macOS)") from None
 
 
+def device_settings(report: dict, precision: str) -> dict | None:
+    """The runtime settings an emulated --device resolved for `precision` (OpenVINO's precision hint: f16 on an ARM
+    core with FP16 arithmetic, whatever this machine ran): what the device must be told, not this machine's."""
+    d = report.get("device") or {}
+    return ((d.get("accuracy") or {}).get(precision) or {}).get("settings") if d.get("measured") == "emulated" else None
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -228,7 +237,7 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
             if target in PROBABILITIES and r.proxy:  # the proxy gives the logits the package's softmax reads
                 y = _softmax(y)
             outputs[f"outputs_{p}"] = y
-            resolved[p] = r.settings
+            resolved[p] = device_settings(report, p) or r.settings
             made_by[p] = {"runtime": r.runtime, "device": r.device, "precision_executed": r.precision,
                           "proxy": r.proxy}
             for f in row["files"]:
@@ -239,6 +248,8 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
         (tmp / "labels.txt").write_text("".join(f"{n}\n" for n in names))
         pp = preprocessing_json(report, rows, len(names), resolved)
         pp["reference_made_by"] = made_by
+        if report.get("device"):
+            pp["device"] = {k: report["device"].get(k) for k in ("name", "description", "measured", "label")}
         (tmp / "preprocessing.json").write_text(json.dumps(pp, indent=1) + "\n")
         shutil.copy2(run_dir / "report.json", tmp / "report.json")
         if predict:

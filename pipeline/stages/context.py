@@ -9,7 +9,8 @@ from convnext_deploy.calibration.split import Split
 from convnext_deploy.pipeline.models.checkpoints import LoadedCheckpoint
 from convnext_deploy.targets.base import Availability, CalibrationData, LabelledData, Runner, Target
 
-# 3: the target's runtime could not run here (no GPU, not macOS); a proxy was measured and reported instead.
+# 3: the target's runtime could not run here (no GPU, not macOS), a proxy was measured and reported instead; or the
+# device is emulated and its speed gates could not be measured (the gate file's allow_emulated accepts that).
 # 4: an internal error (a bug): the CLI prints its traceback. 2 also covers faults of the machine (disk full).
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USER_ERROR, EXIT_NOT_BUILT = 0, 1, 2, 3
 
@@ -49,6 +50,8 @@ class DeployConfig:
     fallback_max_layers: int = 8
     fallback_max_minutes: float = 30.0
     input: str = "image"  # what the shipped artifacts take: "image" (uint8 NHWC pixels) or "tensor" (float NCHW)
+    device: str | None = None  # a device profile (pipeline/device/profiles.py); None: this machine
+    device_eval: int = 500  # evaluation images run on an emulated device's kernels
 
 
 @dataclass
@@ -71,6 +74,12 @@ class Context:
     notes: list[str]
     log: Callable[[str], None]
     precisions: tuple[str, ...] = ()  # what is built here: the target's, less those this CPU can only emulate
+    device: object = None  # the --device profile (pipeline.device.profiles.DeviceProfile), None: this machine
+    device_mode: str = "host"  # host | native (this machine takes the device's INT8 path) | emulated
+
+    @property
+    def emulated(self) -> bool:
+        return self.device_mode == "emulated"
 
     @property
     def sizes(self) -> tuple[int, int]:

@@ -91,7 +91,9 @@ def decide(ctx: Context, built: Built) -> Decision:
     name, choice = recipe.choose(ctx, built, ev)
     steps["recipe choice"] = time.monotonic() - t0
     chosen = built.recipes[name]
-    if choice is not None and choice["mode"] == "auto":  # layers INT8 does not pay for on this CPU, back in float
+    if ctx.emulated and choice is not None:  # which layers pay for INT8 is a speed question of the device's own
+        choice["mixed"] = {"kept": False, "why": f"not judged: the emulated {ctx.device.name}'s speed is not measured"}
+    elif choice is not None and choice["mode"] == "auto":  # layers INT8 does not pay for on this CPU, back in float
         t0 = time.monotonic()
         choice["mixed"], faster = mixed.mix(ctx, built, chosen)
         acc_gates = AccuracyGates.of(ctx.gates)

@@ -10,29 +10,67 @@ from convnext_deploy.pipeline.stages.decide import Decision
 from convnext_deploy.pipeline.stages.validate import Validation, p50, speedup_interval
 
 
-def figures(ctx: Context, v: Validation) -> dict:
-    """The figures gates read: INT8 against the target's reference precision, latency at the deployment size."""
-    int8 = v.accuracy.get("int8", {})
+def figures(ctx: Context, v: Validation, device: dict | None = None) -> dict:
+    """The figures gates read: INT8 against the target's reference precision, latency at the deployment size; on an
+    emulated device, the accuracy its own kernels gave (pipeline/stages/device.py)."""
+    int8 = ((device or {}).get("accuracy") or v.accuracy).get("int8", {})
     ref_ms, int8_ms = p50(v.latency, ctx.target.reference, ctx.cfg.image_size), p50(v.latency, "int8", ctx.cfg.image_size)
     counts = {k: int8[k] for k in ("n", "drop_images", "agree")} if "agree" in int8 else None
     return {"top1_drop_pp": int8.get("top1_drop_pp"), "agreement": int8.get("agreement"), "p50_ms": int8_ms,
             "int8_speedup": (ref_ms / int8_ms) if (ref_ms and int8_ms) else None, "counts": counts}
 
 
-def check(ctx: Context, built: Built, v: Validation, decision: Decision) -> tuple[dict, list]:
-    """(figures, verdicts); a figure from a proxy fails its gate unless the gate file allows proxies. Every failing
-    verdict names the decision that caused it, true of this CPU, and what the user can do."""
-    measured = figures(ctx, v)
-    verdicts = gates_mod.check(ctx.gates, measured, any(r.proxy for r in built.runners.values()))
+def check(ctx: Context, built: Built, v: Validation, decision: Decision,
+          device: dict | None = None) -> tuple[dict, list]:
+    """(figures, verdicts); a figure from a proxy fails its gate unless the gate file allows proxies, and so does a
+    speed gate of an emulated device (allow_emulated). Every failing verdict names the decision that caused it, true
+    of this CPU, and what the user can do."""
+    measured = figures(ctx, v, device)
+    verdicts = gates_mod.check(ctx.gates, measured, any(r.proxy for r in built.runners.values()), ctx.emulated)
+    executes = int8_executes(ctx, built, device)
+    verdicts += [executes] if executes else []
     interval = speedup_interval(v.latency, "int8", ctx.cfg.image_size)
     for verdict in verdicts:
-        if verdict.gate == "min_int8_speedup" and interval:  # the point decides; the interval says how sure it is
+        if verdict.status in (gates_mod.EMULATED, gates_mod.EMULATED_ALLOWED):
+            verdict.reason = (f"the emulated {ctx.device.name} gives numerics, not speed; this machine's own figure "
+                              "is in the latency table, and is not the device's")
+        elif verdict.gate == "min_int8_speedup" and interval:  # the point decides; the interval says how sure it is
             lo, hi = interval["ci95"]
             verdict.reason = (f"95 % interval [{lo:.2f}, {hi:.2f}]×" + (": the gate lies inside it, so this verdict "
                               "is within the machine's noise" if lo < verdict.allowed <= hi else ""))
         if verdict.status == "fail":
             verdict.reason = "; ".join(filter(None, (_cause(ctx, verdict, decision), verdict.reason)))
     return measured, verdicts
+
+
+INT8_SHARE = 0.5  # below it, most compute layers of the INT8 artifact run in float: INT8 in name only
+
+
+def int8_executes(ctx: Context, built: Built, device: dict | None) -> gates_mod.Verdict | None:
+    """Whether the INT8 artifact's compute layers run in INT8 where it is deployed, where the runtime says which
+    precision each ran in (OpenVINO): on ARM its CPU plugin runs a quantized IR in float ("simulation"), so the
+    deploy's INT8 speed-up would be a figure the device never gives. None where not known or no --device given."""
+    if ctx.device is None:
+        return None
+    ran = ((device or {}).get("accuracy") or {}).get("int8") or {}
+    layers = ran.get("layers") or (built.runners["int8"].layers if "int8" in built.runners else {})
+    compute = layers.get("compute") or {}
+    if not compute:
+        return None
+    ints = sum(n for kind, n in compute.items() if kind.split()[-1] in ("u8", "i8"))
+    share, where = ints / sum(compute.values()), (device or {}).get("label") or "this machine"
+    kinds = ", ".join(f"{k} ×{n}" for k, n in sorted(compute.items()))
+    verdict = gates_mod.Verdict("int8_executes", "the INT8 artifact's compute layers run in INT8 on the device",
+                                INT8_SHARE, share, "pass" if share >= INT8_SHARE else "fail", "", ">=",
+                                reason=f"{ints} of {sum(compute.values())} compute layers in INT8 on {where}")
+    if verdict.status == "fail":
+        ref = ((device or {}).get("accuracy") or {}).get(ctx.target.reference, {})
+        float_ran = f" (it ran as: {ref['precision_executed']})" if ref.get("precision_executed") else ""
+        verdict.reason += (f": {ctx.target.name} runs this INT8 artifact in float there ({kinds}), having no INT8 "
+                           "kernels for it on that CPU, so INT8 brings it no speed and its accuracy is that float "
+                           f"run's. Ship the {ctx.target.reference} artifact{float_ran}, or a target whose INT8 "
+                           "kernels run on that CPU (--target onnxruntime)")
+    return verdict
 
 
 def _cause(ctx: Context, verdict, decision: Decision) -> str:

@@ -78,7 +78,9 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of 32 (ConvNeXt downsamples by 32)")
     ck = checkpoint or _checkpoint(cfg, log)
     torch.set_num_threads(cfg.threads)
-    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name, cpu_profile()["path"])
+    device, mode = _device(cfg, log)
+    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name,
+                                    (device.int8() if device else cpu_profile())["path"])
     overrides = dict(cfg.options)
     if cfg.accuracy_control:
         if not target.accuracy_control:
@@ -115,7 +117,27 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
         ctrl_x, ctrl_y = load_array(eval_src, split.control.indices, ck.preprocessing, desc="control")
         control = LabelledData(ctrl_x, ctrl_y, split.control.ids_sha256)
     return Context(cfg, target, avail, ck, gate_cfg, calib_src, eval_src, task, split, calibration, control,
-                   options, fallback_on, notes, log, native_precisions(target, notes, log))
+                   options, fallback_on, notes, log, native_precisions(target, notes, log), device, mode)
+
+
+def _device(cfg: DeployConfig, log):
+    """(the --device profile, how it is measured); checked before anything is built, the emulation included."""
+    if cfg.device is None:
+        return None, "host"
+    from convnext_deploy.pipeline.device import emulator
+    from convnext_deploy.pipeline.device.profiles import get_profile, how_measured
+
+    device = get_profile(cfg.device)
+    mode = how_measured(device)
+    if cfg.device_eval < 1:
+        raise UserError(f"--device-eval {cfg.device_eval} must be ≥ 1 (the evaluation images run on the device's "
+                        "kernels)")
+    if mode == "emulated":
+        emulator.find(device.arch)  # one line naming what is missing, before minutes of building
+    log(f"device: {device.label()}; " + (
+        "this machine takes its INT8 path: every figure is measured here" if mode == "native" else
+        f"emulated (qemu -cpu {device.qemu_cpu}): its accuracy on its own kernels, its speed not measured"))
+    return device, mode
 
 
 def native_precisions(target, notes: list[str], log) -> tuple[str, ...]:

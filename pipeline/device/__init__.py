@@ -1,0 +1,1 @@
+"""Devices this machine is not: named profiles, and running on their kernels under emulation."""

@@ -1,0 +1,119 @@
+"""Stage 5b (`--device NAME`, a device this machine is not): the shipped artifacts run on the device's own kernels,
+under qemu-user with its -cpu and the runtime's wheel for its architecture, on the first `--device-eval N` images
+of the evaluation split. Numerics only: latency under emulation says nothing, so none is taken.
+
+What comes back is read as the host's figures are: top-1 in counts, INT8 against the reference run on the same
+kernels, agreement with the host's outputs on the same inputs, and what the runtime executed there (precisions per
+layer kind, the settings it resolved), by the target's own runner (pipeline/device/on_device.py).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from convnext_deploy.calibration.batches import iter_batches
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.device import emulator
+from convnext_deploy.pipeline.device.profiles import emulated_cpuinfo
+from convnext_deploy.pipeline.measure.accuracy import Predictions, accuracy
+from convnext_deploy.pipeline.measure.machine import CPUINFO_ENV
+from convnext_deploy.pipeline.ship.bundle import run_batched
+from convnext_deploy.pipeline.stages.build import Built
+from convnext_deploy.pipeline.stages.context import Context
+from convnext_deploy.targets.base import inference_batch
+
+ON_DEVICE = Path(__file__).resolve().parents[1] / "device" / "on_device.py"
+REPO = Path(__file__).resolve().parents[2]
+SECONDS_PER_IMAGE = 2.0  # the emulated run's time limit per image and model (measured 0.1–0.64 s), plus a minute
+
+
+def device_inputs(ctx: Context, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The float batches and labels of the first `n` evaluation images: the host's own evaluation input."""
+    xs, ys = zip(*iter_batches(ctx.eval_src, ctx.split.evaluation.indices[:n], ctx.ck.preprocessing,
+                               batch_size=inference_batch(ctx.ck.preprocessing.input_size), desc="device images"))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _top5(logits: np.ndarray) -> np.ndarray:
+    return np.argsort(-logits, axis=1, kind="stable")[:, :min(5, logits.shape[1])]
+
+
+def _run_emulated(ctx: Context, built: Built, x: np.ndarray, work: Path) -> dict:
+    profile = ctx.device
+    em = emulator.find(profile.arch)
+    precisions = [p for p in (ctx.target.reference, "int8") if p in built.artifacts]
+    np.save(work / "inputs.npy", x)
+    job = {"repo": str(REPO), "target": ctx.target.name, "inputs": str(work / "inputs.npy"), "out": str(work),
+           "threads": ctx.cfg.threads, "batch": inference_batch(ctx.ck.preprocessing.input_size),
+           "artifacts": {p: {"files": [str(f) for f in built.artifacts[p].files],
+                             "metadata": built.artifacts[p].metadata} for p in precisions}}
+    (work / "job.json").write_text(json.dumps(job, default=str))
+    env = {}
+    cpuinfo = emulated_cpuinfo(profile)
+    if cpuinfo:  # qemu-x86_64 hands the guest the host's /proc/cpuinfo (machine.CPUINFO_ENV: why)
+        (work / "cpuinfo.txt").write_text(cpuinfo)
+        env[CPUINFO_ENV] = str(work / "cpuinfo.txt")
+    where = f"qemu-{em.arch} {emulator.version(em)} -cpu {profile.qemu_cpu}"
+    ctx.log(f"device {profile.name}: running {', '.join(precisions)} on {len(x)} images under {where} (numerics only)")
+    start = time.perf_counter()
+    proc = emulator.run(em, profile.qemu_cpu, [str(ON_DEVICE), str(work / "job.json")],
+                        timeout=60 + SECONDS_PER_IMAGE * len(x) * len(precisions), env=env)
+    if proc.returncode != 0 or not (work / "result.json").exists():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"the emulated {profile.name} run failed (exit {proc.returncode}: {last}); re-run "
+                        "`make setup-emulation`, or deploy without --device")
+    result = json.loads((work / "result.json").read_text())
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["emulator"] = where
+    result["outputs"] = {p: np.load(work / f"{p}.npy") for p in precisions}
+    return result
+
+
+def _vs_host(device_out: np.ndarray, host_out: np.ndarray) -> dict:
+    """How far the device's outputs are from the host's on the same inputs: top-1 agreement (a count) and the
+    largest |Δ| against the host's output range, as `validate` reads a bundle."""
+    diff = float(np.abs(device_out - host_out).max())
+    span = float(host_out.max() - host_out.min()) or 1.0
+    agree = int((device_out.argmax(1) == host_out.argmax(1)).sum())
+    return {"top1_agree": agree, "n": int(len(host_out)), "max_abs_diff": diff, "max_abs_diff_of_range": diff / span}
+
+
+def on_device(ctx: Context, built: Built) -> dict | None:
+    """The device's figures (report.json's `device`), or None where no --device was given."""
+    profile = ctx.device
+    if profile is None:
+        return None
+    about = {"name": profile.name, "description": profile.description, "core": profile.core, "arch": profile.arch,
+             "int8_path": profile.int8()["int8_path"], "path": profile.int8()["path"],
+             "fp16_arithmetic": profile.fp16_arithmetic, "measured": ctx.device_mode}
+    if ctx.device_mode == "native":
+        ctx.log(f"device {profile.name}: this machine takes its INT8 path; every figure is measured here")
+        return {**about, "label": "native"}
+    n = min(ctx.cfg.device_eval, len(ctx.split.evaluation))
+    x, labels = device_inputs(ctx, n)
+    with tempfile.TemporaryDirectory(prefix="convnext-device-") as tmp:
+        result = _run_emulated(ctx, built, x, Path(tmp))
+    seen = result["cpu_profile"]
+    label = f"emulated {seen['cpu']}"
+    base = ctx.target.reference
+    preds = {p: Predictions(_top5(out), labels) for p, out in result["outputs"].items()}
+    figures = {}
+    for p, out in result["outputs"].items():
+        acc = accuracy(preds[p], preds[base] if p != base else None)
+        ran = result["models"][p]
+        figures[p] = {**acc, "label": label, "kind": "emulated", "runtime": ran["runtime"],
+                      "precision_executed": ran["executed"], "settings": ran["settings"], "layers": ran["layers"],
+                      "vs_host": _vs_host(out, run_batched(built.runners[p].run, x)),
+                      "seconds": ran["load_s"] + ran["run_s"]}
+        ctx.log(f"device {profile.name} ({label}) {p}: top-1 {acc['correct']}/{n}"
+                + (f", agreement with {base} {acc['agree']}/{n}, drop {acc['drop_images']} images"
+                   if "agree" in acc else "")
+                + f"; agrees with this machine on {figures[p]['vs_host']['top1_agree']}/{n}; ran {ran['executed']}")
+    return {**about, "label": label, "emulator": result["emulator"], "cpu_seen": seen, "n": n,
+            "images": f"the first {n:,} of the evaluation split's {len(ctx.split.evaluation):,}",
+            "accuracy": figures, "seconds": result["seconds"]}
+
