@@ -213,7 +213,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="result JSON (default benchmarks/<cpu>-<date>/bench.json; --full: bench-full.json)")
     ap.add_argument("--interleave-study", action="store_true",
                     help="instead: time the reference and INT8 of each target and variant at four interleaving granularities")
+    ap.add_argument("--device", metavar="NAME",
+                    help="the device profile the figures are for (pipeline/device/profiles.py); only one whose INT8 "
+                         "path this machine takes: speed under emulation means nothing")
     args = ap.parse_args(argv)
+    device = _device(args.device)
+    if device is False:
+        return 2
     mode = FULL if args.full else BOUNDED
     given = [k for k in mode if getattr(args, k) is not None]
     for key, value in mode.items():
@@ -256,6 +262,8 @@ def main(argv=None) -> int:
     out = Path(args.out or default_out(machine, today, args.full))
     result = {"format": FORMAT, "date": today, "mode": ("full" if args.full else "default") + (" with " + ", ".join(f"--{k}" for k in given) if given else ""),
               "command": " ".join(["python -m convnext_deploy.pipeline.bench", *(sys.argv[1:] if argv is None else argv)]),
+              **({"device": {"name": device.name, "description": device.description, "measured": "native"}}
+                 if device else {}),
               "minutes": round(clock.elapsed() / 60, 1), "machine": machine, "versions": versions(environments),
               "settings": {k: getattr(args, k) for k in ("targets", "variants", "image_size", "threads", "runs", "eval",
                                                          "budget", "minutes")}, "rows": rows}
@@ -263,6 +271,25 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"written: {out} ({clock.elapsed() / 60:.1f} minutes); `make benchmarks` renders it into BENCHMARKS.md")
     return 0
+
+
+def _device(name: str | None):
+    """The --device profile (None: this machine), or False after one line saying why it cannot be timed here."""
+    from convnext_deploy.pipeline.device.profiles import PROFILES, is_native
+
+    if name is None:
+        return None
+    if name not in PROFILES:
+        print(f"bench: error: unknown --device {name!r}; choose one of: {', '.join(PROFILES)}", file=sys.stderr)
+        return False
+    profile = PROFILES[name]
+    if not is_native(profile):
+        print(f"bench: error: --device {name} ({profile.description}) is not this machine's INT8 path, and speed "
+              "under emulation means nothing: run `make bench` on that device (deploy --device measures its "
+              "numerics here)", file=sys.stderr)
+        return False
+    print(f"device: {profile.label()}: this machine takes its INT8 path; the figures are measured here", flush=True)
+    return profile
 
 
 def _log(message: str) -> None:

@@ -148,6 +148,19 @@ def _cmd_validate(args) -> int:
 
     if args.runs < 0 or (args.threads is not None and args.threads < 1):
         raise UserError("--runs must be ≥ 0 (0: no latency measurement) and --threads ≥ 1")
+    if args.device:
+        from convnext_deploy.pipeline.device.profiles import get_profile, how_measured
+
+        profile = get_profile(args.device)
+        if how_measured(profile) == "emulated":
+            from convnext_deploy.pipeline.device.guest import validate_emulated
+
+            argv = [str(Path(args.bundle).resolve()), *(["--images", str(Path(args.images).resolve())] if args.images
+                                                        else []),
+                    *(["--labels", str(Path(args.labels).resolve())] if args.labels else []),
+                    *(["--threads", str(args.threads)] if args.threads else [])]
+            return validate_emulated(profile, argv, log=lambda m: print(m, flush=True))
+        print(f"validate on {profile.label()}: this machine takes its INT8 path; run here", flush=True)
     return validate_bundle(Path(args.bundle), Path(args.images) if args.images else None,
                            Path(args.labels) if args.labels else None, args.runs, args.threads,
                            log=lambda m: print(m, flush=True))
@@ -261,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="CSV of `file,label` lines for a flat --images folder (label: name or index)")
     s.add_argument("--runs", type=int, default=50, help="timed runs per latency figure (default 50; 0: none)")
     s.add_argument("--threads", type=int, help="runtime threads (default: the card's)")
+    s.add_argument("--device", metavar="NAME",
+                   help="run it on a device profile's kernels (" + ", ".join(PROFILES) + "); one this machine is "
+                        "not is emulated (`make setup-emulation`): numerics only, no latency")
     s.set_defaults(func=_cmd_validate)
     return p
 

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from convnext_deploy.pipeline.device.profiles import PROFILES, emulated_cpuinfo
 from convnext_deploy.pipeline.measure.machine import CPUINFO_ENV
 
 QEMU = "qemu-x86_64-static"
-HASWELL = "Haswell-v4"
+HASWELL = PROFILES["x86-avx2"].qemu_cpu  # the device profile x86-avx2 (`deploy --device x86-avx2`) emulates it too
 # What the emulated CPU would print as /proc/cpuinfo (the flags the tool reads: AVX2, FMA, no AVX-512 or VNNI)
-HASWELL_CPUINFO = ("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 60\nmodel name\t: Intel Core Processor "
-                   "(Haswell, emulated: qemu-x86_64 -cpu Haswell-v4)\nstepping\t: 1\nflags\t\t: fpu sse sse2 ssse3 "
-                   "sse4_1 sse4_2 popcnt avx f16c fma bmi1 bmi2 avx2 movbe\n\n")
+HASWELL_CPUINFO = emulated_cpuinfo(PROFILES["x86-avx2"])
 
 
 def pair_saturated_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

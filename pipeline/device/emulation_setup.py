@@ -41,9 +41,10 @@ ROOT_DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdli
 PLATFORMS = ["manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinux_2_35_aarch64"]  # openvino 2026: 2_35
 NEED_BYTES = 900 << 20  # downloads (~150 MB) + the build (~330 MB) + qemu-user unpacked before trimming (~370 MB)
 CHECK_CPU = "cortex-a72"
-CHECK = ("import json, platform, numpy, PIL, onnxruntime, openvino; print(json.dumps({'python': "
+CHECK = ("import json, platform, numpy, PIL, onnx, onnxruntime, openvino; print(json.dumps({'python': "
          "platform.python_version(), 'machine': platform.machine(), 'numpy': numpy.__version__, 'pillow': "
-         "PIL.__version__, 'onnxruntime': onnxruntime.__version__, 'openvino': openvino.__version__.split('-')[0]}))")
+         "PIL.__version__, 'onnx': onnx.__version__, 'onnxruntime': onnxruntime.__version__, 'openvino': "
+         "openvino.__version__.split('-')[0]}))")
 OFFLINE_FIX = (f"check access to deb.debian.org, or set {emulator.ENV_DIR} to a folder holding a finished build "
                "(copied from a machine that ran `make setup-emulation`)")
 
@@ -184,13 +185,13 @@ def _guest(build: Path) -> emulator.Emulation:
 
 
 def _check(build: Path, want: dict[str, str]) -> dict:
-    """Import the four in the guest (this also writes the stdlib's bytecode once); what it reports."""
+    """Import the five in the guest (this also writes the stdlib's bytecode once); what it reports."""
     done = emulator.run(_guest(build), CHECK_CPU, ["-c", CHECK], timeout=600)
     fix = f"delete {build.parent / 'downloads'} and run `make setup-emulation` again"
     if done.returncode:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        raise UserError(f"the emulated aarch64 Python cannot import numpy, PIL, onnxruntime, openvino ({last[:300]}): "
-                        f"{fix}")
+        raise UserError(f"the emulated aarch64 Python cannot import numpy, PIL, onnx, onnxruntime, openvino "
+                        f"({last[:300]}): {fix}")
     got = json.loads(done.stdout.strip().splitlines()[-1])
     wrong = {w: got[w] for w, v in want.items() if got[w] != v}
     if wrong or got["machine"] != "aarch64":
@@ -210,7 +211,7 @@ def build(base: Path, want: dict[str, str], log=print) -> emulator.Emulation:
         manifest = {"layout": emulator.LAYOUT, "arch": "aarch64", **_qemu(tmp, downloads, log)}
         debs = _root(tmp, downloads, log)
         wheels = _wheels(tmp, downloads, want, log)
-        log(f"  checking: the guest imports numpy, PIL, onnxruntime, openvino (-cpu {CHECK_CPU})")
+        log(f"  checking: the guest imports numpy, PIL, onnx, onnxruntime, openvino (-cpu {CHECK_CPU})")
         got = _check(tmp, want)
         manifest.update(python=got["python"], wheels=wheels, debs=debs, cpus=emulator.cpus(_guest(tmp)),
                         seconds=round(time.monotonic() - start, 1),

@@ -1,8 +1,9 @@
 """Runs on the device's kernels: under qemu-user with the device's -cpu (emulated), or on the device itself.
 
-    python on_device.py JOB.json
+    python on_device.py --job JOB.json
+    python on_device.py --cli validate BUNDLE …   (any convnext-deploy command that needs no torch)
 
-The job names the checkout, the target, each artifact (files and metadata, as the deploy built them) and an .npy
+The job names the target, each artifact (files and metadata, as the deploy built them) and an .npy
 of the deploy's float batches; this loads every artifact with the target's own runner, the one the deploy measures
 with, so what ran (executed precisions, resolved settings) is read back by the same code as on the host. It writes
 `<precision>.npy` (the outputs) and `result.json` (what ran, and the CPU as this machine's kernel describes it).
@@ -17,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]  # this file is REPO/pipeline/device/on_device.py
 
-def importable(repo: Path) -> None:
+
+def importable(repo: Path = REPO) -> None:
     """The checkout's rooms (pipeline/, targets/ …) as convnext_deploy's subpackages, as pyproject.toml maps them."""
     sys.path.insert(0, str(repo))
     import convnext_deploy
@@ -53,8 +56,12 @@ def run_job(job: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text())
-    importable(Path(job["repo"]))
+    importable()
+    if argv[:1] == ["--cli"]:
+        from convnext_deploy.pipeline.cli import main as cli
+
+        return cli(argv[1:])
+    job = json.loads(Path(argv[1]).read_text())
     result = run_job(job)
     (Path(job["out"]) / "result.json").write_text(json.dumps(result, indent=1))
     return 0

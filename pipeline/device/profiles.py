@@ -89,5 +89,6 @@ def emulated_cpuinfo(profile: DeviceProfile) -> str | None:
     the host's, while its kernels follow the emulated cpuid. qemu-aarch64 ≥ 8.2 writes the emulated core's own."""
     if profile.arch != X86 or profile.qemu_cpu is None:
         return None
-    return (f"vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 60\nmodel name\t: {profile.core}\nstepping\t: 1\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 popcnt "
-            f"avx f16c fma bmi1 bmi2 movbe {' '.join(profile.features)}\n\n")
+    return (f"vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 60\nmodel name\t: {profile.core}\n"
+            "stepping\t: 1\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 popcnt avx f16c fma bmi1 bmi2 movbe "
+            f"{' '.join(profile.features)}\n\n")

@@ -17,17 +17,13 @@ import numpy as np
 
 from convnext_deploy.calibration.batches import iter_batches
 from convnext_deploy.pipeline.core.errors import UserError
-from convnext_deploy.pipeline.device import emulator
-from convnext_deploy.pipeline.device.profiles import emulated_cpuinfo
+from convnext_deploy.pipeline.device.guest import run_guest, where
 from convnext_deploy.pipeline.measure.accuracy import Predictions, accuracy
-from convnext_deploy.pipeline.measure.machine import CPUINFO_ENV
 from convnext_deploy.pipeline.ship.bundle import run_batched
 from convnext_deploy.pipeline.stages.build import Built
 from convnext_deploy.pipeline.stages.context import Context
 from convnext_deploy.targets.base import inference_batch
 
-ON_DEVICE = Path(__file__).resolve().parents[1] / "device" / "on_device.py"
-REPO = Path(__file__).resolve().parents[2]
 SECONDS_PER_IMAGE = 2.0  # the emulated run's time limit per image and model (measured 0.1–0.64 s), plus a minute
 
 
@@ -44,31 +40,26 @@ def _top5(logits: np.ndarray) -> np.ndarray:
 
 def _run_emulated(ctx: Context, built: Built, x: np.ndarray, work: Path) -> dict:
     profile = ctx.device
-    em = emulator.find(profile.arch)
     precisions = [p for p in (ctx.target.reference, "int8") if p in built.artifacts]
     np.save(work / "inputs.npy", x)
-    job = {"repo": str(REPO), "target": ctx.target.name, "inputs": str(work / "inputs.npy"), "out": str(work),
+    job = {"target": ctx.target.name, "inputs": str(work / "inputs.npy"), "out": str(work),
            "threads": ctx.cfg.threads, "batch": inference_batch(ctx.ck.preprocessing.input_size),
            "artifacts": {p: {"files": [str(f) for f in built.artifacts[p].files],
                              "metadata": built.artifacts[p].metadata} for p in precisions}}
     (work / "job.json").write_text(json.dumps(job, default=str))
-    env = {}
-    cpuinfo = emulated_cpuinfo(profile)
-    if cpuinfo:  # qemu-x86_64 hands the guest the host's /proc/cpuinfo (machine.CPUINFO_ENV: why)
-        (work / "cpuinfo.txt").write_text(cpuinfo)
-        env[CPUINFO_ENV] = str(work / "cpuinfo.txt")
-    where = f"qemu-{em.arch} {emulator.version(em)} -cpu {profile.qemu_cpu}"
-    ctx.log(f"device {profile.name}: running {', '.join(precisions)} on {len(x)} images under {where} (numerics only)")
+    emulated_by = where(profile)
+    ctx.log(f"device {profile.name}: running {', '.join(precisions)} on {len(x)} images under {emulated_by} "
+            "(numerics only)")
     start = time.perf_counter()
-    proc = emulator.run(em, profile.qemu_cpu, [str(ON_DEVICE), str(work / "job.json")],
-                        timeout=60 + SECONDS_PER_IMAGE * len(x) * len(precisions), env=env)
+    proc = run_guest(profile, ["--job", str(work / "job.json")],
+                     timeout=60 + SECONDS_PER_IMAGE * len(x) * len(precisions))
     if proc.returncode != 0 or not (work / "result.json").exists():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"the emulated {profile.name} run failed (exit {proc.returncode}: {last}); re-run "
                         "`make setup-emulation`, or deploy without --device")
     result = json.loads((work / "result.json").read_text())
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result["emulator"] = where
+    result["emulator"] = emulated_by
     result["outputs"] = {p: np.load(work / f"{p}.npy") for p in precisions}
     return result
 

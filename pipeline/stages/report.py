@@ -68,7 +68,7 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
         "decide_steps_s": decision.steps_s,
         "notes": ctx.notes,
         "engine_built": ctx.availability.ok,
-        "gates": {"file": str(ctx.cfg.gates), "int8_path": machine.cpu_profile()["path"], "applied": ctx.gates,
+        "gates": {"file": str(ctx.cfg.gates), "int8_path": (ctx.device.int8() if ctx.device else machine.cpu_profile())["path"], "applied": ctx.gates,
                   "figures": measured,
                   "verdicts": [x.to_dict() for x in verdicts], "passed": all(x.passed for x in verdicts)},
     }

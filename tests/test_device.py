@@ -1,0 +1,148 @@
+"""Devices this machine is not (`--device`, pipeline/device/): each profile is the CPU it names, a deploy for an
+emulated ARM device judges its accuracy gates on that core's own kernels (qemu-aarch64 with its -cpu, the
+runtimes' aarch64 wheels) and reports those figures labelled, its speed gates read "not measured (emulated)" (exit
+3 unless the gate file allows it), and `validate --device` checks a bundle there."""
+import json
+
+import numpy as np
+import pytest
+
+from convnext_deploy.pipeline.core import gate_file
+from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.device import emulator, profiles
+from convnext_deploy.pipeline.device.profiles import PROFILES, how_measured
+from convnext_deploy.pipeline.measure import machine
+from convnext_deploy.reports.cells import PASSING
+
+from conftest import REPO, run_cli
+
+CPUINFO = REPO / "tests" / "data" / "cpuinfo"
+# each profile's CPU as its kernel describes it: recorded on the machines, save N2's (qemu-aarch64 10.0.2's model)
+RECORDED = {"x86-avx2": "amd-epyc-zen3-avx2.txt", "x86-vnni": "amd-epyc-zen5-avx512-vnni.txt",
+            "rpi4": "arm-cortex-a72-raspberry-pi-4.txt", "rpi5": "arm-cortex-a76-raspberry-pi-5.txt",
+            "graviton2": "arm-neoverse-n1-graviton2.txt", "graviton3": "arm-neoverse-v1-graviton3.txt",
+            "neoverse-n2": "arm-neoverse-n2-qemu-emulated.txt"}
+
+
+def test_every_profile_is_the_cpu_it_names():
+    assert set(RECORDED) == set(PROFILES)
+    for name, file in RECORDED.items():
+        core, flags = machine.cpuinfo_fields((CPUINFO / file).read_text())
+        p = PROFILES[name]
+        assert set(p.features) <= flags, name
+        assert p.int8()["path"] == machine.cpu_profile(flags)["path"], name
+        assert p.fp16_arithmetic == ("asimdhp" in flags), name
+        if p.arch == profiles.ARM:
+            assert p.core in core, (name, core)
+    paths = {n: p.int8()["path"] for n, p in PROFILES.items()}
+    assert paths == {"x86-avx2": "avx2", "x86-vnni": "vnni", "rpi4": "arm-neon", "rpi5": "arm-dotprod",
+                     "graviton2": "arm-dotprod", "graviton3": "arm-i8mm", "neoverse-n2": "arm-i8mm"}
+
+
+def test_native_or_emulated_follows_this_machines_int8_path(monkeypatch):
+    monkeypatch.setattr(profiles, "_host_arch", lambda: profiles.X86)
+    monkeypatch.setenv(machine.CPUINFO_ENV, str(CPUINFO / "amd-epyc-zen3-avx2.txt"))
+    assert how_measured(PROFILES["x86-avx2"]) == "native"
+    assert how_measured(PROFILES["rpi5"]) == "emulated"
+    with pytest.raises(UserError, match="qemu cannot emulate"):  # TCG has no AVX-512: VNNI cannot be emulated
+        how_measured(PROFILES["x86-vnni"])
+    monkeypatch.setenv(machine.CPUINFO_ENV, str(CPUINFO / "amd-epyc-zen5-avx512-vnni.txt"))
+    assert how_measured(PROFILES["x86-vnni"]) == "native"
+    assert how_measured(PROFILES["x86-avx2"]) == "emulated"
+    monkeypatch.setattr(profiles, "_host_arch", lambda: profiles.ARM)
+    monkeypatch.setenv(machine.CPUINFO_ENV, str(CPUINFO / "arm-neoverse-v1-graviton3.txt"))
+    assert how_measured(PROFILES["graviton3"]) == "native"
+    assert how_measured(PROFILES["rpi4"]) == "emulated"
+
+
+def test_a_speed_gate_of_an_emulated_device_is_not_measured_and_fails_unless_allowed():
+    gates = {"max_top1_drop_pp": 0.3, "min_int8_speedup": 1.0}
+    figures = {"top1_drop_pp": 0.0, "agreement": 1.0, "int8_speedup": 1.4, "p50_ms": 3.0,
+               "counts": {"n": 100, "drop_images": 0, "agree": 100}}
+    speed = {v.gate: v for v in gate_file.check(gates, figures, False, emulated=True)}["min_int8_speedup"]
+    assert speed.status == gate_file.EMULATED and not speed.passed
+    assert speed.measured is None  # this machine's 1.4× is not the device's
+    allowed = {v.gate: v for v in gate_file.check({**gates, "allow_emulated": True}, figures, False, emulated=True)}
+    assert allowed["min_int8_speedup"].status == gate_file.EMULATED_ALLOWED and allowed["min_int8_speedup"].passed
+    assert allowed["max_top1_drop_pp"].status == "pass"
+    host = {v.gate: v for v in gate_file.check(gates, figures, False)}["min_int8_speedup"]
+    assert host.status == "pass" and host.measured == 1.4
+    assert gate_file.EMULATED_ALLOWED in PASSING and gate_file.EMULATED not in PASSING
+
+
+def test_allow_emulated_is_a_switch(tmp_path):
+    f = tmp_path / "gates.toml"
+    f.write_text("[defaults]\nallow_emulated = 1\n")
+    with pytest.raises(UserError, match="allow_emulated = 1 in \\[defaults\\] must be true or false"):
+        gate_file.load_gates(f, "onnxruntime", "atto")
+
+
+def test_a_device_that_cannot_be_used_is_one_line(cli_env, tmp_path):
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--device", "pi9"], cli_env, code=2)
+    assert p.stderr.strip().count("\n") == 0 and "unknown --device 'pi9'" in p.stderr and "rpi5" in p.stderr
+    p = run_cli(["validate", str(tmp_path), "--device", "pi9"], cli_env, code=2)
+    assert "unknown --device 'pi9'" in p.stderr and "Traceback" not in p.stderr
+    env = {**cli_env, emulator.ENV_DIR: str(tmp_path / "nothing")}
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--device", "rpi5"], env, code=2)
+    assert "make setup-emulation" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+@pytest.fixture(scope="session")
+def aarch64():
+    try:
+        return emulator.find("aarch64")
+    except UserError as e:  # `make setup` builds it; a machine without it must say so, not pass
+        pytest.fail(f"the aarch64 emulation is not set up here ({e})")
+
+
+LOOSE_ACCURACY = "[defaults]\nmax_top1_drop_pp = 2.5\nmin_agreement = 0.95\n"
+DEVICE_RUN = ["--target", "onnxruntime", "--variant", "atto", "--calib", "200", "--eval", "300", "--device-eval",
+              "40", "--no-alternatives", "--runs", "5"]
+
+
+def _report(out) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_deploy_for_rpi5_judges_accuracy_on_its_kernels_and_exits_3_for_its_speed(aarch64, atto_reference, cli_env,
+                                                                                  tmp_path):
+    out, gates = tmp_path / "rpi5", tmp_path / "gates.toml"
+    gates.write_text(LOOSE_ACCURACY + "min_int8_speedup = 1.0\n")  # 1 image of 40 is 2.5 pp
+    p = run_cli(["deploy", *DEVICE_RUN, "--device", "rpi5", "--gates", str(gates), "--out", str(out)], cli_env, code=3)
+    assert "emulated figures reported, exit 3" in p.stderr and "allow_emulated = true" in p.stderr
+    r = _report(out)
+    d = r["device"]
+    assert d["measured"] == "emulated" and d["label"] == "emulated ARM Cortex-A76" and d["n"] == 40
+    assert d["cpu_seen"]["path"] == "arm-dotprod" and d["emulator"].startswith("qemu-aarch64 ")
+    int8, fp32 = d["accuracy"]["int8"], d["accuracy"]["fp32"]
+    assert 0 <= int8["correct"] <= 40 and int8["n"] == 40 and int8["drop_images"] == fp32["correct"] - int8["correct"]
+    assert fp32["vs_host"]["top1_agree"] == 40 and fp32["vs_host"]["max_abs_diff_of_range"] < 1e-4  # FP32 is FP32
+    assert int8["precision_executed"].startswith("int8 (") and "integer kernels" in int8["precision_executed"]
+    verdicts = {v["gate"]: v for v in r["gates"]["verdicts"]}
+    assert verdicts["max_top1_drop_pp"]["counts"]["n"] == 40  # the device's figures decide, not the host's 300
+    assert verdicts["min_agreement"]["counts"]["images"] == int8["agree"]
+    assert verdicts["min_int8_speedup"]["status"] == gate_file.EMULATED
+    assert r["gates"]["int8_path"] == "arm-dotprod" and not (out / "bundle").exists()
+    md = (out / "report.md").read_text()
+    assert "## On the device" in md and "emulated ARM Cortex-A76" in md and f"{int8['correct']}/40" in md
+
+
+def test_deploy_for_graviton3_allowed_unmeasured_speed_ships_a_bundle_that_validates_there(aarch64, atto_reference,
+                                                                                             cli_env, tmp_path):
+    gates = tmp_path / "gates.toml"
+    gates.write_text(LOOSE_ACCURACY + "min_int8_speedup = 1.0\nallow_emulated = true\n")
+    out = tmp_path / "graviton3"
+    run_cli(["deploy", *DEVICE_RUN, "--device", "graviton3", "--gates", str(gates), "--out", str(out)], cli_env, code=0)
+    r = _report(out)
+    assert r["device"]["label"] == "emulated ARM Neoverse-V1" and r["device"]["cpu_seen"]["path"] == "arm-i8mm"
+    speed = next(v for v in r["gates"]["verdicts"] if v["gate"] == "min_int8_speedup")
+    assert speed["status"] == gate_file.EMULATED_ALLOWED and speed["measured"] is None
+    index = json.loads((out / "bundle" / "preprocessing.json").read_text())
+    assert index["device"] == {"name": "graviton3", "description": "AWS Graviton3 (Arm Neoverse-V1)",
+                               "measured": "emulated", "label": "emulated ARM Neoverse-V1"}
+    p = run_cli(["validate", str(out / "bundle"), "--device", "graviton3"], cli_env, code=0)
+    assert "emulated (qemu-aarch64" in p.stdout and "on ARM Neoverse-V1" in p.stdout and "ARM I8MM" in p.stdout
+    agree = next(line for line in p.stdout.splitlines() if line.startswith("reference outputs int8"))
+    n = int(np.load(out / "bundle" / "reference_outputs.npz")["labels"].shape[0])
+    assert f"top-1 {n}/{n} agree: pass" in agree  # INT8 on I8MM kernels: the same top-1 as this machine's
+    assert "p50" not in p.stdout  # no latency under emulation
