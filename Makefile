@@ -8,6 +8,7 @@ VARIANT  ?= atto
 TARGET   ?= onnxruntime
 RECIPE   ?= auto
 RUN_DIR  :=
+DEVICE   :=
 CLI      := $(BIN)/convnext-deploy
 FMNIST   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -47,9 +48,10 @@ test-all:
 	$(CLI) reference --variant atto
 	$(BIN)/python -m pytest -q
 
-# RUN_DIR=DIR: the report folder (default runs/<TARGET>-<VARIANT>), read from the command line only
+# RUN_DIR=DIR: the report folder (default runs/<TARGET>-<VARIANT>), read from the command line only; DEVICE=NAME: a device
+# profile (`convnext-deploy deploy --help`), emulated when this machine is not it
 deploy:
-	$(CLI) deploy --target $(TARGET) --variant $(VARIANT) --recipe "$(RECIPE)"$(if $(RUN_DIR), --out "$(RUN_DIR)")
+	$(CLI) deploy --target $(TARGET) --variant $(VARIANT) --recipe "$(RECIPE)"$(if $(DEVICE), --device "$(DEVICE)")$(if $(RUN_DIR), --out "$(RUN_DIR)")
 
 # Speed ratios on this CPU, bounded to minutes (bench-full: the whole grid, much longer); each writes its result
 # under benchmarks/<cpu>-<date>/ and regenerates BENCHMARKS.md from every result there.

@@ -14,7 +14,8 @@ import traceback
 from pathlib import Path
 
 from convnext_deploy.pipeline.core.errors import UserError, machine_error
-from convnext_deploy.pipeline.device.profiles import PROFILES
+from convnext_deploy.pipeline.device.check import add_device_check
+from convnext_deploy.pipeline.device.profiles import add_device_args
 
 
 def _zoo(command: str):
@@ -84,8 +85,7 @@ def _cmd_deploy(args) -> int:
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
     print(f"report: {result.out_dir / 'report.html'}")
     if result.exit_code == EXIT_NOT_BUILT:
-        what = "emulated" if result.report.get("device", {}) and result.report["device"].get("measured") == "emulated" \
-            else "proxy"
+        what = "emulated" if (result.report.get("device") or {}).get("measured") == "emulated" else "proxy"
         print(f"convnext-deploy: {result.report['notes'][0]}; {what} figures reported, exit 3", file=sys.stderr)
     elif result.exit_code:
         failed = [v for v in result.report["gates"]["verdicts"] if not verdict_passed(v)]
@@ -148,19 +148,12 @@ def _cmd_validate(args) -> int:
 
     if args.runs < 0 or (args.threads is not None and args.threads < 1):
         raise UserError("--runs must be ≥ 0 (0: no latency measurement) and --threads ≥ 1")
-    if args.device:
-        from convnext_deploy.pipeline.device.profiles import get_profile, how_measured
+    if args.device:  # None: the device's INT8 path is this machine's, validate here
+        from convnext_deploy.pipeline.device.guest import validate_on_device
 
-        profile = get_profile(args.device)
-        if how_measured(profile) == "emulated":
-            from convnext_deploy.pipeline.device.guest import validate_emulated
-
-            argv = [str(Path(args.bundle).resolve()), *(["--images", str(Path(args.images).resolve())] if args.images
-                                                        else []),
-                    *(["--labels", str(Path(args.labels).resolve())] if args.labels else []),
-                    *(["--threads", str(args.threads)] if args.threads else [])]
-            return validate_emulated(profile, argv, log=lambda m: print(m, flush=True))
-        print(f"validate on {profile.label()}: this machine takes its INT8 path; run here", flush=True)
+        code = validate_on_device(args.device, args.bundle, args.images, args.labels, args.threads)
+        if code is not None:
+            return code
     return validate_bundle(Path(args.bundle), Path(args.images) if args.images else None,
                            Path(args.labels) if args.labels else None, args.runs, args.threads,
                            log=lambda m: print(m, flush=True))
@@ -228,12 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--control", type=int, default=None, metavar="N",
                    help="labelled images held out of the evaluation side for the recipe choice and the fallback "
                         "(default 1000 and at most a tenth of that side; up to half when given)")
-    s.add_argument("--device", metavar="NAME",
-                   help="the device the bundle is for (default: this machine): " + ", ".join(PROFILES)
-                        + ". One this machine is not is emulated (qemu-user, `make setup-emulation`): its accuracy gates are judged on its own "
-                        "kernels, its speed is not measured (exit 3 unless the gate file sets allow_emulated = true)")
-    s.add_argument("--device-eval", type=int, default=500, metavar="N",
-                   help="evaluation images run on an emulated device's kernels (default 500)")
+    add_device_args(s, deploy=True)
     s.add_argument("--fallback-max-layers", type=int, default=8, help="fallback budget: layers in float (default 8)")
     s.add_argument("--fallback-max-minutes", type=float, default=30.0,
                    help="fallback budget: minutes of rebuilding (default 30)")
@@ -274,10 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="CSV of `file,label` lines for a flat --images folder (label: name or index)")
     s.add_argument("--runs", type=int, default=50, help="timed runs per latency figure (default 50; 0: none)")
     s.add_argument("--threads", type=int, help="runtime threads (default: the card's)")
-    s.add_argument("--device", metavar="NAME",
-                   help="run it on a device profile's kernels (" + ", ".join(PROFILES) + "); one this machine is "
-                        "not is emulated (`make setup-emulation`): numerics only, no latency")
+    add_device_args(s, deploy=False)
     s.set_defaults(func=_cmd_validate)
+
+    add_device_check(sub)
     return p
 
 

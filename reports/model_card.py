@@ -2,6 +2,7 @@
 from the run's report.json (with what measured it), never one the report does not hold."""
 from __future__ import annotations
 
+from convnext_deploy.reports.device_section import device_caption
 from convnext_deploy.reports.glance import hardware_class
 from convnext_deploy.reports.tables import acc_head, accuracy_rows, gate_rows
 
@@ -28,7 +29,7 @@ def _proxy_labels(report: dict, precisions: list[str]) -> list[str]:
 
 def _limits(report: dict, precisions: list[str]) -> list[str]:
     m, mach, num = report["model"], report["machine"], report.get("int8_numerics")
-    lines = []
+    lines = [device_caption(report)] if report.get("device") else []
     if num and "int8" in precisions:
         lines.append(f"INT8 numerics were measured on {num['measured_on']} (INT8 path: {num['int8_path']}); "
                      "another ISA may round differently: run `convnext-deploy validate` on the device.")

@@ -10,6 +10,7 @@ import pytest
 from convnext_deploy.pipeline.core import gate_file
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.device import emulator, profiles
+from convnext_deploy.pipeline.device.guest import run_guest
 from convnext_deploy.pipeline.device.profiles import PROFILES, how_measured
 from convnext_deploy.pipeline.measure import machine
 from convnext_deploy.reports.cells import PASSING
@@ -146,3 +147,82 @@ def test_deploy_for_graviton3_allowed_unmeasured_speed_ships_a_bundle_that_valid
     n = int(np.load(out / "bundle" / "reference_outputs.npz")["labels"].shape[0])
     assert f"top-1 {n}/{n} agree: pass" in agree  # INT8 on I8MM kernels: the same top-1 as this machine's
     assert "p50" not in p.stdout  # no latency under emulation
+    # device-check runs only on the device: here it is refused; in the (emulated) device the same images give the
+    # same predictions, image by image (the deploy matrix runs it on a real Neoverse-N2)
+    p = run_cli(["device-check", str(out)], cli_env, code=2)
+    assert "is not graviton3" in p.stderr and p.stderr.strip().count("\n") == 0
+    done = run_guest(PROFILES["graviton3"], ["--cli", "device-check", str(out)], timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert done.stdout.count("the same prediction on 40/40: match") == 2 and "device-check: PASS" in done.stdout
+
+
+def _deploy_everywhere(target: str, device: str, cli_env, tmp_path, code: int, extra=()):
+    gates = tmp_path / "gates.toml"
+    gates.write_text(LOOSE_ACCURACY + "min_int8_speedup = 1.0\nallow_emulated = true\n")
+    out = tmp_path / device
+    args = [a if a != "onnxruntime" else target for a in DEVICE_RUN if a != "--no-alternatives" or not extra]
+    p = run_cli(["deploy", *args, *extra, "--device", device, "--gates", str(gates), "--out", str(out)], cli_env,
+                code=code)
+    return _report(out), p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", list(PROFILES))
+def test_every_profile_deploys_onnxruntime_int8_on_its_own_numerics(device, atto_reference, cli_env, tmp_path):
+    profile = PROFILES[device]
+    try:
+        mode = how_measured(profile)
+    except UserError:  # x86-vnni from a CPU without it: qemu cannot emulate AVX-512
+        p = run_cli(["deploy", *DEVICE_RUN, "--device", device], cli_env, code=2)
+        assert "qemu cannot emulate" in p.stderr
+        return
+    if mode == "emulated":
+        emulator.find(profile.arch)  # set up by `make setup` (the x86 one is Debian's qemu-user-static)
+    r, _ = _deploy_everywhere("onnxruntime", device, cli_env, tmp_path, code=0)
+    d = r["device"]
+    assert d["name"] == device and d["measured"] == mode and r["gates"]["int8_path"] == profile.int8()["path"]
+    if mode == "native":
+        assert "accuracy" not in d and r["gates"]["passed"]
+        return
+    assert d["cpu_seen"]["path"] == profile.int8()["path"]  # the guest's own kernel says which core it is
+    int8 = d["accuracy"]["int8"]
+    assert int8["n"] == 40 and "integer kernels" in int8["precision_executed"]
+    if profile.int8()["path"] == "avx2":  # full 8-bit weights saturate there: visible against this machine
+        assert int8["vs_host"]["max_abs_diff"] > 0 or machine.cpu_profile()["path"] == "avx2"
+    else:  # ARM's dot-product/I8MM/NEON kernels accumulate exactly, as VNNI does
+        assert int8["vs_host"]["max_abs_diff_of_range"] < 0.03 and int8["vs_host"]["top1_agree"] >= 39
+
+
+@pytest.mark.slow
+def test_x86_avx2_excludes_the_saturating_recipes(atto_reference, cli_env, tmp_path):
+    if how_measured(PROFILES["x86-avx2"]) == "native":
+        pytest.skip("this CPU is itself AVX2 without VNNI: its deploy measures that path directly")
+    r, _ = _deploy_everywhere("onnxruntime", "x86-avx2", cli_env, tmp_path, code=0, extra=("--recipe", "auto"))
+    rows = {c["recipe"]: c for c in r["recipe_choice"]["candidates"]}
+    chosen = next(c for c in rows.values() if c["chosen"])
+    assert chosen["excluded"] is None and "emulated device" in r["recipe_choice"]["case"]
+    assert "saturate" in rows["ours (default)"]["excluded"]
+    assert rows["ours with reduce_range (U8S8, 7-bit weights)"]["excluded"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device, hint", [("graviton3", "f16"), ("rpi4", "f32")])
+def test_openvino_int8_on_arm_runs_in_float_and_the_deploy_says_so(device, hint, aarch64, atto_reference, cli_env,
+                                                                   tmp_path):
+    from convnext_deploy.pipeline.ship.bundle import device_settings
+    from convnext_deploy.pipeline.ship.bundle_index import preprocessing_json
+
+    r, p = _deploy_everywhere("openvino", device, cli_env, tmp_path, code=1)
+    int8 = r["device"]["accuracy"]["int8"]
+    convs = {k: n for k, n in int8["layers"]["compute"].items() if k.startswith("Convolution")}
+    assert convs == {f"Convolution {hint}": 40}  # ACL has no INT8 kernel for them: float "simulation"
+    assert int8["settings"]["INFERENCE_PRECISION_HINT"] == hint  # A72 has no FP16 arithmetic: f32
+    verdict = next(v for v in r["gates"]["verdicts"] if v["gate"] == "int8_executes")
+    assert verdict["status"] == "fail" and "runs this INT8 artifact in float" in verdict["reason"]
+    assert "int8_executes fail" in p.stderr and not (tmp_path / device / "bundle").exists()
+    # what a bundle for the device is told: the precision the device resolved, not this machine's
+    rows = {a["precision"]: a for a in r["artifacts"] if a["precision"] in ("int8", "fp32")}
+    index = preprocessing_json(r, rows, 10, {q: device_settings(r, q) for q in rows})
+    assert index["models"]["int8"]["config"]["INFERENCE_PRECISION_HINT"] == hint
+    assert index["models"]["fp32"]["config"]["INFERENCE_PRECISION_HINT"] == \
+        r["device"]["accuracy"]["fp32"]["settings"]["INFERENCE_PRECISION_HINT"]

@@ -208,3 +208,24 @@ def test_the_last_job_summarizes_every_report():
     assert recipe == "$(CLI) summarize runs/*/report.json --out runs/matrix"
     up = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@v4")]
     assert up and up[-1]["with"]["path"] == "runs/matrix/"
+
+
+def test_the_arm_runner_checks_the_emulated_figures_of_the_same_artifacts():
+    """Issue 33: an x86 job deploys for --device neoverse-n2 (the core of GitHub's ubuntu-24.04-arm runners, Cobalt
+    100) and uploads its report and artifacts; a job on that runner runs device-check on exactly them."""
+    from convnext_deploy.pipeline.device.profiles import PROFILES
+
+    jobs = load("deploy-matrix.yml")["jobs"]
+    emulated, check = jobs["emulated"], jobs["device-check"]
+    assert emulated["runs-on"] == "ubuntu-latest" and re.fullmatch(r"ubuntu-\d\d\.\d\d-arm", check["runs-on"])
+    assert "Neoverse-N2" in PROFILES["neoverse-n2"].description and "GitHub" in PROFILES["neoverse-n2"].description
+    script = "\n".join(runs(emulated))
+    assert 'DEVICE=neoverse-n2 RUN_DIR="$RUN_DIR"' in script and "setup-emulation" in script
+    assert "emulated" in check["needs"] and emulated["strategy"]["matrix"] == check["strategy"]["matrix"]
+    up = next(s for s in emulated["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
+    down = [s for s in check["steps"] if s.get("uses", "").startswith("actions/download-artifact@")]
+    assert any(s["with"]["name"] == up["with"]["name"] and s["with"]["path"] == "${{ env.RUN_DIR }}" for s in down)
+    assert emulated["env"]["RUN_DIR"] == check["env"]["RUN_DIR"]
+    assert {"${{ env.RUN_DIR }}/report.json", "${{ env.RUN_DIR }}/artifacts/"} <= set(up["with"]["path"].splitlines())
+    assert 'convnext-deploy device-check "$RUN_DIR"' in "\n".join(runs(check))
+    assert re.search(r'\$\(if \$\(DEVICE\), --device "\$\(DEVICE\)"\)', (REPO / "Makefile").read_text())

@@ -30,8 +30,9 @@ ENV_DIR = "CONVNEXT_DEPLOY_EMULATION"
 ARCHES = ("aarch64", "x86_64")
 PYTHON = "3.11"
 MIN_QEMU = (8, 2)  # 7.2 hands an aarch64 guest the host's x86 /proc/cpuinfo, and `import onnxruntime` segfaults
-# at constraints.txt's versions; onnx: `validate` reads the ONNX Runtime bundle's model metadata with it
-WHEELS = ("numpy", "pillow", "onnx", "onnxruntime", "openvino")
+# at constraints.txt's versions; onnx: `validate` reads the ONNX Runtime bundle's model metadata with it; tqdm: the
+# data streaming's progress bar (device-check reads the evaluation images in the guest too)
+WHEELS = ("numpy", "pillow", "onnx", "onnxruntime", "openvino", "tqdm")
 LAYOUT = 1  # the build's layout; a build of another layout is not used
 CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
 X86_QEMU = "qemu-x86_64-static"

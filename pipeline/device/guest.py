@@ -47,3 +47,18 @@ def validate_emulated(profile: DeviceProfile, argv: list[str], log=print) -> int
         if "MIDR_EL1" not in line:  # OpenVINO on qemu: it reads the core's id from sysfs, which qemu does not have
             print(line, file=sys.stderr)
     return done.returncode
+
+
+def validate_on_device(name: str, bundle, images, labels, threads) -> int | None:
+    """`validate --device NAME`: its exit code where the device is emulated; None where this machine takes the
+    device's INT8 path (validate runs here, as without --device)."""
+    from convnext_deploy.pipeline.device.profiles import get_profile, how_measured
+
+    profile = get_profile(name)
+    if how_measured(profile) == "native":
+        print(f"validate on {profile.label()}: this machine takes its INT8 path; run here", flush=True)
+        return None
+    argv = [str(Path(bundle).resolve()), *(["--images", str(Path(images).resolve())] if images else []),
+            *(["--labels", str(Path(labels).resolve())] if labels else []),
+            *(["--threads", str(threads)] if threads else [])]
+    return validate_emulated(profile, argv, log=lambda m: print(m, flush=True))

@@ -84,6 +84,20 @@ def how_measured(profile: DeviceProfile) -> str:
     return "emulated"
 
 
+def add_device_args(parser, deploy: bool) -> None:
+    """`--device` (and for a deploy `--device-eval`) of a CLI command."""
+    names = ", ".join(PROFILES)
+    parser.add_argument("--device", metavar="NAME", help=(
+        f"the device the bundle is for (default: this machine): {names}. One this machine is not is emulated "
+        "(qemu-user, `make setup-emulation`): its accuracy gates are judged on its own kernels, its speed is not "
+        "measured (exit 3 unless the gate file sets allow_emulated = true)") if deploy else (
+        f"run it on a device profile's kernels ({names}); one this machine is not is emulated (`make "
+        "setup-emulation`): numerics only, no latency"))
+    if deploy:
+        parser.add_argument("--device-eval", type=int, default=500, metavar="N",
+                            help="evaluation images run on an emulated device's kernels (default 500)")
+
+
 def emulated_cpuinfo(profile: DeviceProfile) -> str | None:
     """The /proc/cpuinfo an emulated x86 run is told it has (`machine.CPUINFO_ENV`): qemu-x86_64 hands the guest
     the host's, while its kernels follow the emulated cpuid. qemu-aarch64 ≥ 8.2 writes the emulated core's own."""

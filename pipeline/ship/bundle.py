@@ -92,7 +92,7 @@ def _class_names(report: dict, checkpoint: Path | None) -> list[str]:
     return list(ck.class_names)
 
 
-def _evaluation_source(report: dict, class_names: list[str]):
+def evaluation_source(report: dict, class_names: list[str]):
     from convnext_deploy.calibration.fashion_mnist import FashionMNIST
     from convnext_deploy.calibration.imagefolder import ImageFolder
 
@@ -128,7 +128,7 @@ def reference_images(run_dir: Path, report: dict, class_names: list[str], out: P
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     indices = manifest["evaluation"]["indices"]
-    src = _evaluation_source(report, class_names)
+    src = evaluation_source(report, class_names)
     first = indices[: 50 * N_REFERENCE]  # enough to cover classes; only the picked images are decoded
     pp = Preprocessing.from_dict(report["model"]["preprocessing"])
     out.mkdir()

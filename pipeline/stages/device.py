@@ -99,6 +99,7 @@ def on_device(ctx: Context, built: Built) -> dict | None:
         figures[p] = {**acc, "label": label, "kind": "emulated", "runtime": ran["runtime"],
                       "precision_executed": ran["executed"], "settings": ran["settings"], "layers": ran["layers"],
                       "vs_host": _vs_host(out, run_batched(built.runners[p].run, x)),
+                      "predictions": [int(c) for c in preds[p].top5[:, 0]],  # what device-check compares with
                       "seconds": ran["load_s"] + ran["run_s"]}
         ctx.log(f"device {profile.name} ({label}) {p}: top-1 {acc['correct']}/{n}"
                 + (f", agreement with {base} {acc['agree']}/{n}, drop {acc['drop_images']} images"
@@ -106,5 +107,6 @@ def on_device(ctx: Context, built: Built) -> dict | None:
                 + f"; agrees with this machine on {figures[p]['vs_host']['top1_agree']}/{n}; ran {ran['executed']}")
     return {**about, "label": label, "emulator": result["emulator"], "cpu_seen": seen, "n": n,
             "images": f"the first {n:,} of the evaluation split's {len(ctx.split.evaluation):,}",
+            "indices": [int(i) for i in ctx.split.evaluation.indices[:n]],
             "accuracy": figures, "seconds": result["seconds"]}
 
