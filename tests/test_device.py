@@ -83,6 +83,8 @@ def test_a_device_that_cannot_be_used_is_one_line(cli_env, tmp_path):
     assert p.stderr.strip().count("\n") == 0 and "unknown --device 'pi9'" in p.stderr and "rpi5" in p.stderr
     p = run_cli(["validate", str(tmp_path), "--device", "pi9"], cli_env, code=2)
     assert "unknown --device 'pi9'" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli(["deploy", "--target", "tensorrt", "--variant", "atto", "--device", "graviton3"], cli_env, code=2)
+    assert "tensorrt runs on NVIDIA GPU and cannot run there" in p.stderr
     env = {**cli_env, emulator.ENV_DIR: str(tmp_path / "nothing")}
     p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--device", "rpi5"], env, code=2)
     assert "make setup-emulation" in p.stderr and p.stderr.strip().count("\n") == 0
@@ -124,6 +126,7 @@ def test_deploy_for_rpi5_judges_accuracy_on_its_kernels_and_exits_3_for_its_spee
     assert verdicts["min_agreement"]["counts"]["images"] == int8["agree"]
     assert verdicts["min_int8_speedup"]["status"] == gate_file.EMULATED
     assert r["gates"]["int8_path"] == "arm-dotprod" and not (out / "bundle").exists()
+    assert [s["stage"] for s in r["memory"]["stages"]][-2:] == ["validate", "device"]  # a stage, measured as one
     md = (out / "report.md").read_text()
     assert "## On the device" in md and "emulated ARM Cortex-A76" in md and f"{int8['correct']}/40" in md
 
@@ -138,6 +141,7 @@ def test_deploy_for_graviton3_allowed_unmeasured_speed_ships_a_bundle_that_valid
     assert r["device"]["label"] == "emulated ARM Neoverse-V1" and r["device"]["cpu_seen"]["path"] == "arm-i8mm"
     speed = next(v for v in r["gates"]["verdicts"] if v["gate"] == "min_int8_speedup")
     assert speed["status"] == gate_file.EMULATED_ALLOWED and speed["measured"] is None
+    assert "min_int8_speedup not measured on the emulated device (allowed" in (out / "report.md").read_text()
     index = json.loads((out / "bundle" / "preprocessing.json").read_text())
     assert index["device"] == {"name": "graviton3", "description": "AWS Graviton3 (Arm Neoverse-V1)",
                                "measured": "emulated", "label": "emulated ARM Neoverse-V1"}

@@ -78,7 +78,7 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of 32 (ConvNeXt downsamples by 32)")
     ck = checkpoint or _checkpoint(cfg, log)
     torch.set_num_threads(cfg.threads)
-    device, mode = _device(cfg, log)
+    device, mode = _device(cfg, target, log)
     gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name,
                                     (device.int8() if device else cpu_profile())["path"])
     overrides = dict(cfg.options)
@@ -120,7 +120,7 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
                    options, fallback_on, notes, log, native_precisions(target, notes, log), device, mode)
 
 
-def _device(cfg: DeployConfig, log):
+def _device(cfg: DeployConfig, target, log):
     """(the --device profile, how it is measured); checked before anything is built, the emulation included."""
     if cfg.device is None:
         return None, "host"
@@ -132,6 +132,10 @@ def _device(cfg: DeployConfig, log):
     if cfg.device_eval < 1:
         raise UserError(f"--device-eval {cfg.device_eval} must be ≥ 1 (the evaluation images run on the device's "
                         "kernels)")
+    if mode == "emulated" and (not target.available().ok or (device.arch == "aarch64"
+                                                             and target.extra not in emulator.WHEELS)):
+        raise UserError(f"--device {device.name} is a CPU, emulated with its runtime's own wheel; {target.name} runs "
+                        f"on {target.hardware} and cannot run there: deploy it without --device")
     if mode == "emulated":
         emulator.find(device.arch)  # one line naming what is missing, before minutes of building
     log(f"device: {device.label()}; " + (
