@@ -15,7 +15,7 @@ def device_caption(report: dict) -> str:
                 "every figure of this report, speed included, is the device's.")
     return (f"Device {d['name']} ({d['description']}), {d['label']}: {d['emulator']}, the runtime's own "
             f"{d['arch']} wheel, on {d['images']}. Emulation gives the device's numerics, not its speed: its speed "
-            f"gates read \"not measured (emulated)\", and the latency above is this machine's. The accuracy gates "
+            f"gates read \"not measured (emulated)\", and the latency section is this machine's. The accuracy gates "
             f"read these rows (INT8 path there: {d['int8_path']}). {d['seconds']:.0f} s under emulation.")
 
 
