@@ -3,6 +3,7 @@ emulated ARM device judges its accuracy gates on that core's own kernels (qemu-a
 runtimes' aarch64 wheels) and reports those figures labelled, its speed gates read "not measured (emulated)" (exit
 3 unless the gate file allows it), and `validate --device` checks a bundle there."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -149,7 +150,9 @@ def test_deploy_for_graviton3_allowed_unmeasured_speed_ships_a_bundle_that_valid
     assert "emulated (qemu-aarch64" in p.stdout and "on ARM Neoverse-V1" in p.stdout and "ARM I8MM" in p.stdout
     agree = next(line for line in p.stdout.splitlines() if line.startswith("reference outputs int8"))
     n = int(np.load(out / "bundle" / "reference_outputs.npz")["labels"].shape[0])
-    assert f"top-1 {n}/{n} agree: pass" in agree  # INT8 on I8MM kernels: the same top-1 as this machine's
+    same = int(re.search(rf"top-1 (\d+)/{n} agree: pass", agree).group(1))
+    # I8MM accumulates exactly, as VNNI does; a host without VNNI saturates (its reference outputs carry it)
+    assert same == n or (machine.cpu_profile()["u8s8_saturates"] and same >= 0.98 * n), agree
     assert "p50" not in p.stdout  # no latency under emulation
     # device-check runs only on the device: here it is refused; in the (emulated) device the same images give the
     # same predictions, image by image (the deploy matrix runs it on a real Neoverse-N2)
