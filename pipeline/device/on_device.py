@@ -51,7 +51,7 @@ def run_job(job: dict) -> dict:
         result["models"][precision] = {
             "runtime": runner.runtime, "executed": runner.precision, "settings": runner.settings,
             "layers": runner.layers, "load_s": round(loaded - start, 2),
-            "run_s": round(time.perf_counter() - loaded, 2), "images": int(len(inputs))}
+            "run_s": round(time.perf_counter() - loaded, 2), "images": len(inputs)}
     return result
 
 

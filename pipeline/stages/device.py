@@ -70,7 +70,7 @@ def _vs_host(device_out: np.ndarray, host_out: np.ndarray) -> dict:
     diff = float(np.abs(device_out - host_out).max())
     span = float(host_out.max() - host_out.min()) or 1.0
     agree = int((device_out.argmax(1) == host_out.argmax(1)).sum())
-    return {"top1_agree": agree, "n": int(len(host_out)), "max_abs_diff": diff, "max_abs_diff_of_range": diff / span}
+    return {"top1_agree": agree, "n": len(host_out), "max_abs_diff": diff, "max_abs_diff_of_range": diff / span}
 
 
 def on_device(ctx: Context, built: Built) -> dict | None:
