@@ -1,23 +1,24 @@
 """INT8 on x86 without VNNI (AVX2 only: GitHub's ubuntu-latest, AMD EPYC Zen 3), checked from any x86 CPU.
 
 Where this CPU has VNNI, the INT8 numerics tests run again under `qemu-x86_64 -cpu Haswell-v4`, whose ONNX
-Runtime kernels saturate u8×s8 pair sums as a real Zen 3 does, bit for bit (tests/int8_paths.py). So does
-`validate` of a bundle measured here. Where this CPU is itself AVX2 without VNNI, the suite's own run is that
+Runtime kernels saturate u8×s8 pair sums as a real Zen 3 does, bit for bit (the x86-avx2 device profile,
+pipeline/device/guest.py). So does `validate --device x86-avx2` of a bundle measured here. Where this CPU is itself AVX2 without VNNI, the suite's own run is that
 path: the emulated tests skip and say so. The numerics are the emulated CPU's; its speed means nothing."""
 import json
 import platform
-import sys
 
 import pytest
 
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.device import emulator
+from convnext_deploy.pipeline.device.guest import run_guest
+from convnext_deploy.pipeline.device.profiles import PROFILES
 from convnext_deploy.pipeline.measure import machine
 from convnext_deploy.pipeline.ship.int8_path import check_int8_path
 from convnext_deploy.pipeline.stages.context import DEFAULT
 from convnext_deploy.targets import get_target
 
 from conftest import REPO, run_cli
-from int8_paths import emulation_missing, run_emulated
 
 CPUINFO = REPO / "tests" / "data" / "cpuinfo"
 EMULATED_TIMEOUT_S = 420  # one run here took 10-25 s on a Zen 5 (imports, 16 images of atto under TCG)
@@ -30,20 +31,21 @@ def avx2_emulator():
         pytest.skip("the AVX2 emulator runs x86-64 programs: this machine is not x86")
     if machine.cpu_profile()["u8s8_saturates"]:
         pytest.skip("this CPU is itself AVX2 without VNNI: the suite's own run checks that path natively")
-    missing = emulation_missing()
-    if missing:
-        pytest.fail(f"cannot emulate AVX2 without VNNI: {missing}")
+    try:
+        emulator.find("x86_64")
+    except UserError as e:
+        pytest.fail(f"cannot emulate AVX2 without VNNI: {e}")
 
 
 INT8_NUMERICS_TESTS = ["tests/test_peak.py::test_onnxruntime_u8s8_gemm_follows_this_cpus_int8_path",
                        "tests/test_peak.py::test_the_gemm_graphs_compute_a_matrix_product_through_the_runtime"]
 
 
-def test_the_int8_numerics_tests_pass_on_the_avx2_path(avx2_emulator, tmp_path):
+def test_the_int8_numerics_tests_pass_on_the_avx2_path(avx2_emulator):
     """The INT8 GEMM tests, whose expected value is the CPU's path's, run under the emulator: there the saturating
     rule must hold, the exact product must not, and the matrix product of non-saturating inputs is still exact."""
-    p = run_emulated([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *INT8_NUMERICS_TESTS],
-                     tmp_path, EMULATED_TIMEOUT_S, {"PYTHONPATH": str(REPO / "tests")})
+    p = run_guest(PROFILES["x86-avx2"], ["-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *INT8_NUMERICS_TESTS],
+                  EMULATED_TIMEOUT_S, env={"PYTHONPATH": str(REPO / "tests")}, script=None)
     print(p.stdout[-3000:])
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert "AVX2 without VNNI (VPMADDUBSW" in p.stdout  # the profile the expected values were taken from
@@ -102,7 +104,7 @@ def _int8_line(stdout: str) -> str:
 
 @pytest.mark.parametrize("recipe", [DEFAULT, SEVEN_BIT])
 def test_validate_on_avx2_fails_a_full_8bit_bundle_measured_with_vnni_and_passes_7bit(avx2_emulator, bundles, recipe,
-                                                                                       tmp_path, cli_env):
+                                                                                       cli_env):
     """The default recipe's INT8 weights use all 8 bits: validate under the emulated AVX2 CPU runs the model (its
     outputs move: the path really differs) and fails with the saturation named, exit 1, where the same bundle
     passes here. With 7-bit weights (reduce_range) no pair saturates: the same bundle passes on both paths."""
@@ -112,8 +114,7 @@ def test_validate_on_avx2_fails_a_full_8bit_bundle_measured_with_vnni_and_passes
     assert report["machine"]["cpu_profile"]["vnni"]
     here = run_cli(["validate", str(run / "bundle"), "--runs", "0"], cli_env, code=0)
     assert "validate: PASS" in here.stdout
-    p = run_emulated([sys.executable, "-m", "convnext_deploy", "validate", str(run / "bundle"), "--runs", "0"],
-                     tmp_path, EMULATED_TIMEOUT_S, cli_env)
+    p = run_cli(["validate", str(run / "bundle"), "--device", "x86-avx2"], cli_env, timeout=EMULATED_TIMEOUT_S)
     print(f"\n{recipe}, here: {_int8_line(here.stdout)}\n{recipe}, emulated AVX2: {_int8_line(p.stdout)}")
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     if recipe == DEFAULT:

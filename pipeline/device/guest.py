@@ -20,17 +20,19 @@ def where(profile: DeviceProfile) -> str:
     return f"qemu-{em.arch} {emulator.version(em)} -cpu {profile.qemu_cpu}"
 
 
-def run_guest(profile: DeviceProfile, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """`on_device.py ARGV` on the device's kernels, output captured; UserError past `timeout` or when the emulation
-    is not set up."""
+def run_guest(profile: DeviceProfile, argv: list[str], timeout: float, env: dict | None = None,
+              script: Path | None = ON_DEVICE) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGV` (`script` None: `python ARGV`) on the device's kernels, `env` set in the guest, output
+    captured; UserError past `timeout` or when the emulation is not set up."""
     em = emulator.find(profile.arch)
     with tempfile.TemporaryDirectory(prefix="convnext-guest-") as tmp:
-        env = {}
+        guest = dict(env or {})
         cpuinfo = emulated_cpuinfo(profile)
         if cpuinfo:
             (Path(tmp) / "cpuinfo.txt").write_text(cpuinfo)
-            env[CPUINFO_ENV] = str(Path(tmp) / "cpuinfo.txt")
-        return emulator.run(em, profile.qemu_cpu, [str(ON_DEVICE), *argv], timeout=timeout, env=env)
+            guest[CPUINFO_ENV] = str(Path(tmp) / "cpuinfo.txt")
+        return emulator.run(em, profile.qemu_cpu, [*([str(script)] if script else []), *argv], timeout=timeout,
+                            env=guest)
 
 
 VALIDATE_TIMEOUT_S = 1800.0  # a bundle's 200 reference images at up to 2 s each under emulation, and the loads
