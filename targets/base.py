@@ -249,6 +249,9 @@ class Target:
     # an x86 CPU runtime: INT8 artifact → whether its u8×s8 products can pass int16 in a pair (full 8-bit weights),
     # which VPMADDUBSW saturates on x86 without VNNI: its numerics then differ between a VNNI CPU and an AVX2 one
     saturates_without_vnni: Callable[[Artifact], bool] | None = None
+    # the options that make its default INT8 recipe saturation-safe (7-bit or unsigned weights), applied where the
+    # deploy's INT8 path is x86 without VNNI: there full 8-bit weights change the numerics and buy no speed
+    saturation_safe: dict | None = None
 
     @property
     def reference(self) -> str:

@@ -92,6 +92,11 @@ INT8_RECIPES = (
 _ACCURACY_CONTROL_FIELDS = ("accuracy_control_max_iterations", "accuracy_control_ranking_subset")
 
 
+# the default on x86 without VNNI: 7-bit weights in every layer, OpenVINO's documented workaround for the saturation
+# (its speed there: benchmarks/amd-epyc-zen3-2026-12-07, the recipe "ours with overflow_fix=enable")
+SATURATION_SAFE = {"overflow_fix": "enable"}
+
+
 def saturates_without_vnni(artifact: Artifact) -> bool:
     """NNCF's default overflow fix makes only the first layer's weights 7-bit; the others keep 8 bits, whose u8×s8
     pair sums saturate in oneDNN's kernels on x86 without VNNI. `overflow_fix=enable` makes them all 7-bit."""
@@ -217,5 +222,5 @@ TARGET = Target(
     build_config=build_config, build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES,
     peer_default=PEER_DEFAULT, accuracy_control=True, layer_probe=layer_probe, profile=profile,
     user_paths=user_paths, stream_runner=stream_runner, gemm_peak=True, form="channels_first", finish=finish,
-    saturates_without_vnni=saturates_without_vnni,
+    saturates_without_vnni=saturates_without_vnni, saturation_safe=SATURATION_SAFE,
 )

@@ -76,6 +76,11 @@ INT8_RECIPES = (
 )
 
 
+# the default on x86 without VNNI: reduce_range, measured as fast as full 8-bit U8S8 there and faster than U8U8
+# (benchmarks/amd-epyc-zen3-2026-12-07), without the saturation ORT's quantization docs warn of
+SATURATION_SAFE = {"reduce_range": True}
+
+
 def saturates_without_vnni(artifact: Artifact) -> bool:
     """Full 8-bit s8 weights, whatever the activations' type (on x86 ORT rewrites S8 activations to U8): VPMADDUBSW
     saturates their pair sums without VNNI. reduce_range (7-bit weights: 255·63·2 < 2^15) and U8U8 do not."""
@@ -268,5 +273,5 @@ TARGET = Target(
     options=OrtOptions, available=available, describe_environment=describe_environment, build_config=build_config,
     build=build, load_runner=load_runner, int8_recipes=INT8_RECIPES, peer_default=PEER_DEFAULT,
     layer_probe=layer_probe, profile=profile, user_paths=user_paths, stream_runner=stream_runner, gemm_peak=True,
-    finish=finish, saturates_without_vnni=saturates_without_vnni,
+    finish=finish, saturates_without_vnni=saturates_without_vnni, saturation_safe=SATURATION_SAFE,
 )

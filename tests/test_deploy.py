@@ -72,7 +72,9 @@ def test_deploy_writes_a_complete_report(deployed):
     assert r["int8_numerics"]["int8_path"] == r["machine"]["cpu_profile"]["int8_path"]
     # the deployed artifact's weights say whether it saturates on x86 without VNNI (`validate` reads it): 7-bit and
     # unsigned weights do not, the others do; a saturating one carries the warning, in the notes too
-    safe = choice["chosen"] in ("ours with reduce_range (U8S8, 7-bit weights)", "ours with uint8 weights (U8U8)")
+    # (the default is itself 7-bit on a path without VNNI: prepare.path_defaults)
+    safe = choice["chosen"] in ("ours with reduce_range (U8S8, 7-bit weights)", "ours with uint8 weights (U8U8)") or (
+        choice["chosen"] == "ours (default)" and r["gates"]["int8_path"] == "avx2")
     assert r["int8_numerics"]["saturates_without_vnni"] is (not safe)
     assert ("warning" in r["int8_numerics"] and r["int8_numerics"]["warning"] in r["notes"]) is (not safe)
     rec = r["recommended_precision"]  # the fastest measured precision that meets the accuracy gates

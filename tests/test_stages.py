@@ -159,3 +159,45 @@ def test_loads_that_are_not_a_count_are_refused_in_one_line(cli_env, args, env, 
     p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", *args], {**cli_env, **env}, code=2)
     assert named in p.stderr and "must be a whole number ≥ 1" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("target,path,user,expected", [
+    ("onnxruntime", "avx2", {}, {"reduce_range": True}),
+    ("openvino", "avx2", {}, {"overflow_fix": "enable"}),
+    ("onnxruntime", "avx2", {"reduce_range": False}, {}),  # the user's option wins, and nothing is said
+    ("onnxruntime", "vnni", {}, {}),
+    ("onnxruntime", "arm-dotprod", {}, {}),
+    ("tensorrt", "avx2", {}, {}),  # not an x86 CPU runtime
+])
+def test_the_default_int8_recipe_is_saturation_safe_on_a_path_without_vnni(target, path, user, expected):
+    from convnext_deploy.pipeline.stages.prepare import path_defaults
+    from convnext_deploy.targets import get_target
+
+    notes = []
+    assert path_defaults(get_target(target), path, user, notes, lambda m: None) == expected
+    assert bool(notes) is bool(expected)
+    if expected:
+        assert "saturate" in notes[0] and next(iter(expected)) in notes[0]
+
+
+def test_prepare_on_an_avx2_cpu_gives_the_default_recipe_7bit_weights(staged, monkeypatch):
+    """What a Zen 3 (GitHub's ubuntu-latest) deploys by default, read from its recorded /proc/cpuinfo."""
+    from conftest import REPO
+    from convnext_deploy.pipeline.measure import machine
+    from convnext_deploy.targets import get_target
+
+    ctx, *_ = staged
+    monkeypatch.setenv(machine.CPUINFO_ENV, str(REPO / "tests" / "data" / "cpuinfo" / "amd-epyc-zen3-avx2.txt"))
+    avx2 = prepare(replace(ctx.cfg, n_eval=100), lambda m: None)
+    assert avx2.options.reduce_range and avx2.int8_defaults == {"reduce_range": True}
+    assert not get_target("onnxruntime").saturates_without_vnni(_artifact_of(avx2.options))
+    monkeypatch.delenv(machine.CPUINFO_ENV)
+    if not machine.cpu_profile()["u8s8_saturates"]:
+        assert not ctx.options.reduce_range and ctx.int8_defaults == {}
+
+
+def _artifact_of(options):
+    from convnext_deploy.targets import get_target
+    from convnext_deploy.targets.base import Artifact
+
+    return Artifact("onnxruntime", "int8", [], {"quantization": get_target("onnxruntime").build_config("int8", options)})

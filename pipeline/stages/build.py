@@ -92,7 +92,8 @@ def build(ctx: Context, src: Sources) -> Built:
     inputs = [(r.name, src.int8 if r.smoothed else src.plain, r.form, target.make_options(**{**cfg.options, **r.options}))
               for r in target.int8_recipes]
     if src.smoothing is not None:  # smoothing is one candidate among the others: kept where accuracy needs it
-        inputs.append((SMOOTHING_OFF, src.plain, src.plain.form, target.make_options(**cfg.options)))
+        inputs.append((SMOOTHING_OFF, src.plain, src.plain.form, target.make_options(**ctx.int8_defaults,
+                                                                                       **cfg.options)))
     for name, source, form, options in [i for i in inputs if cfg.alternatives or i[0] == cfg.recipe]:
         source = formed(ctx, source, form)
         art = build_one(ctx, source, "int8", options)

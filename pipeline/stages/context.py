@@ -76,6 +76,8 @@ class Context:
     precisions: tuple[str, ...] = ()  # what is built here: the target's, less those this CPU can only emulate
     device: object = None  # the --device profile (pipeline.device.profiles.DeviceProfile), None: this machine
     device_mode: str = "host"  # host | native (this machine takes the device's INT8 path) | emulated
+    # the option overrides the deploy's INT8 path gives the default recipe (prepare.path_defaults), under the user's
+    int8_defaults: dict = field(default_factory=dict)
 
     @property
     def emulated(self) -> bool:

@@ -79,9 +79,10 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
     ck = checkpoint or _checkpoint(cfg, log)
     torch.set_num_threads(cfg.threads)
     device, mode = _device(cfg, target, log)
-    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name,
-                                    (device.int8() if device else cpu_profile())["path"])
-    overrides = dict(cfg.options)
+    path = (device.int8() if device else cpu_profile())["path"]
+    gate_cfg = gates_mod.load_gates(cfg.gates, cfg.target, ck.variant.name, path)
+    int8_defaults = path_defaults(target, path, cfg.options, notes, log)
+    overrides = {**int8_defaults, **cfg.options}
     if cfg.accuracy_control:
         if not target.accuracy_control:
             raise UserError(f"target {cfg.target} has no built-in accuracy control; drop --accuracy-control")
@@ -117,7 +118,22 @@ def prepare(cfg: DeployConfig, log=print, checkpoint: LoadedCheckpoint | None = 
         ctrl_x, ctrl_y = load_array(eval_src, split.control.indices, ck.preprocessing, desc="control")
         control = LabelledData(ctrl_x, ctrl_y, split.control.ids_sha256)
     return Context(cfg, target, avail, ck, gate_cfg, calib_src, eval_src, task, split, calibration, control,
-                   options, fallback_on, notes, log, native_precisions(target, notes, log), device, mode)
+                   options, fallback_on, notes, log, native_precisions(target, notes, log), device, mode,
+                   int8_defaults)
+
+
+def path_defaults(target, path: str, options: dict, notes: list[str], log) -> dict:
+    """The target's default-option overrides for the deploy's INT8 path: on x86 without VNNI its saturation-safe
+    settings (Target.saturation_safe), less those the user set, so the default recipe computes there what the
+    model means, at the speed measured there. Nothing elsewhere: VNNI and ARM accumulate full 8-bit exactly."""
+    safe = {k: v for k, v in (target.saturation_safe or {}).items() if k not in options}
+    if path != "avx2" or not safe or "int8" not in target.precisions:
+        return {}
+    said = ", ".join(f"{k}={v}" for k, v in safe.items())
+    notes.append(f"INT8 default on this path (x86 without VNNI): {said}, weights whose u8×s8 pair sums cannot "
+                 "saturate at int16 (full 8-bit weights do there, for no speed gained)")
+    log(f"NOTE: {notes[-1]}")
+    return safe
 
 
 def _device(cfg: DeployConfig, target, log):
