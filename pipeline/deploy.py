@@ -52,10 +52,11 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     gated = gates.check(ctx, built, validation, decision, device)
     unmeasured = _speed_unmeasured(ctx, gated[1])
     report = assemble(ctx, src, built, decision, validation, layers, gated)
+    device_outputs = device.pop("reference_outputs", None) if device else None  # arrays: a file, not report.json
     report["device"] = device
     report["memory"] = {"stages": memory, "peak_rss_mib": max(r["peak_rss_mib"] for r in memory),
                         "seconds": round(sum(r["seconds"] for r in memory), 1), "method": memory[0]["method"]}
-    out_dir = publish(ctx, report, built)
+    out_dir = publish(ctx, report, built, device_outputs)
     for v in gated[1]:
         log(("PASS " if v.passed else "FAIL ") + v.line())
     if report["recommended_precision"]:

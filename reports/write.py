@@ -12,7 +12,10 @@ from convnext_deploy.reports.markdown_page import render_markdown
 from convnext_deploy.reports.plots import plot_png, sensitivity_png
 
 
-def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: str | None = None) -> Path:
+def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: str | None = None,
+                 blobs: dict[str, bytes] | None = None) -> Path:
+    """`files`: the artifacts (linked or copied under artifacts/); `blobs`: name → bytes of other files of the run
+    (an emulated device's reference outputs)."""
     def build(tmp: Path) -> None:
         art = tmp / "artifacts"
         art.mkdir()
@@ -26,6 +29,8 @@ def write_report(out_dir: Path, report: dict, files: list[Path] = (), manifest: 
                 shutil.copy2(f, art / f.name)
         if manifest is not None:
             (tmp / "manifest.json").write_text(manifest)
+        for name, data in (blobs or {}).items():
+            (tmp / name).write_bytes(data)
         if report.get("sensitivity"):
             sens = sensitivity_png(report["sensitivity"])
             if sens:

@@ -31,7 +31,7 @@ def _images(run_dir: Path, report: dict, device: dict):
 
     from convnext_deploy.calibration.batches import iter_batches
     from convnext_deploy.pipeline.models.variants import Preprocessing
-    from convnext_deploy.pipeline.ship.bundle import evaluation_source
+    from convnext_deploy.pipeline.ship.reference_set import evaluation_source
 
     source = evaluation_source(report, report["model"].get("class_names") or [])
     xs, ys = zip(*iter_batches(source, device["indices"], Preprocessing.from_dict(report["model"]["preprocessing"]),

@@ -6,7 +6,8 @@
 The job names the target, each artifact (files and metadata, as the deploy built them) and an .npy
 of the deploy's float batches; this loads every artifact with the target's own runner, the one the deploy measures
 with, so what ran (executed precisions, resolved settings) is read back by the same code as on the host. It writes
-`<precision>.npy` (the outputs) and `result.json` (what ran, and the CPU as this machine's kernel describes it).
+`<precision>.npy` (the outputs), `<precision>_reference.npy` (on the bundle's reference inputs, where the job
+names them) and `result.json` (what ran, and the CPU as this machine's kernel describes it).
 
 Needs numpy and the target's runtime only: the checkout is imported as `convnext_deploy` from its folders (no
 install, no torch), so the device's Python is the runtime's own wheel set.
@@ -39,6 +40,7 @@ def run_job(job: dict) -> dict:
 
     target, out = get_target(job["target"]), Path(job["out"])
     inputs = np.load(job["inputs"])
+    reference = np.load(job["reference_inputs"]) if job.get("reference_inputs") else None
     batch = int(job.get("batch", 8))
     result = {"cpu_profile": cpu_profile(), "models": {}}
     for precision, a in job["artifacts"].items():
@@ -48,6 +50,10 @@ def run_job(job: dict) -> dict:
         loaded = time.perf_counter()
         outputs = np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
         np.save(out / f"{precision}.npy", outputs.astype(np.float32))
+        if reference is not None:  # the bundle's reference inputs, the model's own (uint8 pixels for image input)
+            call = runner.native or runner.run
+            np.save(out / f"{precision}_reference.npy", np.concatenate(
+                [call(reference[i:i + batch]) for i in range(0, len(reference), batch)]).astype(np.float32))
         result["models"][precision] = {
             "runtime": runner.runtime, "executed": runner.precision, "settings": runner.settings,
             "layers": runner.layers, "load_s": round(loaded - start, 2),

@@ -24,16 +24,19 @@ from convnext_deploy.pipeline.ship.bundle_index import (
     output_kind,
     preprocessing_json,
 )
+from convnext_deploy.pipeline.ship.reference_set import (
+    HOST,
+    PRIMARY,
+    REFERENCE_IMAGES,
+    device_outputs,
+    reference_images,
+    set_difference,
+)
 from convnext_deploy.reports.cells import verdict_passed
 
 BUNDLE = "bundle"
 SUMS = "SHA256SUMS"
 REFERENCE_NPZ = "reference_outputs.npz"
-REFERENCE_IMAGES = "reference_images"
-# validate compares the model's outputs on these images with the deploy's: 200 let it see a top-1 change of 1 %
-# (issue 33: 16 could not see 2 images in 500); the PNGs and the model's inputs stop at REFERENCE_BYTES (photos
-# at 224 px do well before 200), never below N_REFERENCE_MIN
-N_REFERENCE, N_REFERENCE_MIN, REFERENCE_BYTES = 200, 16, 32 << 20
 TEMPLATES = Path(__file__).resolve().parent / "bundle_files"
 # What the template and validate must know of a runtime, by target name (the Target contract does not say):
 PREDICT = {"onnxruntime", "openvino", "coreml"}  # predict.py runs these; a TensorRT engine needs the device's build
@@ -90,67 +93,6 @@ def _class_names(report: dict, checkpoint: Path | None) -> list[str]:
         raise UserError(f"{path} is not the checkpoint this run deployed (sha256 {ck.sha256[:12]}…, the report "
                         f"says {m['checkpoint_sha256'][:12]}…); pass --checkpoint with the right file")
     return list(ck.class_names)
-
-
-def evaluation_source(report: dict, class_names: list[str]):
-    from convnext_deploy.calibration.fashion_mnist import FashionMNIST
-    from convnext_deploy.calibration.imagefolder import ImageFolder
-
-    source = report["data"]["evaluation"]["source"]
-    if source.startswith("fashion-mnist/"):
-        return FashionMNIST(source.split("/", 1)[1])
-    if source.startswith("imagefolder:"):
-        return ImageFolder(source.split(":", 1)[1], class_names)
-    raise UserError(f"cannot read the run's evaluation source {source!r} for the bundle's reference images")
-
-
-def _pick(labels: list[int], n: int) -> list[int]:
-    """Positions of `n` samples, one class after another (round-robin), so the reference spans classes."""
-    by_class: dict[int, list[int]] = {}
-    for pos, y in enumerate(labels):
-        by_class.setdefault(y, []).append(pos)
-    picked, depth = [], 0
-    while len(picked) < min(n, len(labels)):
-        picked += [v[depth] for _, v in sorted(by_class.items()) if depth < len(v)][: n - len(picked)]
-        depth += 1
-    return sorted(picked)
-
-
-def reference_images(run_dir: Path, report: dict, class_names: list[str], out: Path, image_in: bool) -> dict:
-    """Save up to `N_REFERENCE` evaluation images (within `REFERENCE_BYTES`) as PNG under `out` and return the
-    model's inputs made from them (read back from the PNGs, so a device reading the same files gets the same
-    inputs): the uint8 NHWC pixels of an image-input model (`image_in`), else the normalised float tensors; with
-    labels and names."""
-    from PIL import Image
-
-    from convnext_deploy.calibration.preprocess import pixels, preprocess
-    from convnext_deploy.pipeline.models.variants import Preprocessing
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    indices = manifest["evaluation"]["indices"]
-    src = evaluation_source(report, class_names)
-    first = indices[: 50 * N_REFERENCE]  # enough to cover classes; only the picked images are decoded
-    pp = Preprocessing.from_dict(report["model"]["preprocessing"])
-    out.mkdir()
-    names, inputs, labels, kept, used = [], [], [], [], 0
-    for k, pos in enumerate(_pick([src.label(i) for i in first], N_REFERENCE)):
-        img, y = src[first[pos]]
-        if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-            img = img.convert("RGB")  # PNG cannot hold it (CMYK, YCbCr); the deploy converts to RGB first anyway
-        name = out / f"{k:03d}_label{y}.png"
-        img.save(name, format="PNG")
-        with Image.open(name) as back:
-            x = pixels(back, pp) if image_in else preprocess(back, pp)
-        used += name.stat().st_size + x.nbytes
-        if used > REFERENCE_BYTES and len(names) >= N_REFERENCE_MIN:
-            name.unlink()
-            break
-        inputs.append(x)
-        names.append(f"{REFERENCE_IMAGES}/{name.name}")
-        labels.append(y)
-        kept.append(first[pos])
-    return {"inputs": np.stack(inputs), "labels": np.asarray(labels, np.int64), "images": np.asarray(names),
-            "indices": np.asarray(kept, np.int64)}
 
 
 def run_batched(run, inputs: np.ndarray) -> np.ndarray:
@@ -231,15 +173,21 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
 
     def build(tmp: Path) -> None:
         ref = reference_images(run_dir, report, names, tmp / REFERENCE_IMAGES, image_in)
+        on_device = device_outputs(run_dir, report, ref)  # an emulated --device's own outputs on these inputs
+        host = {}
         for p, row in rows.items():
             r = _runner(report, run_dir, row, runners)
             y = run_batched(r.native or r.run, ref["inputs"])  # the model's own input
             if target in PROBABILITIES and r.proxy:  # the proxy gives the logits the package's softmax reads
                 y = _softmax(y)
-            outputs[f"outputs_{p}"] = y
+            host[p] = {"runtime": r.runtime, "device": r.device, "precision_executed": r.precision, "proxy": r.proxy,
+                       "int8_path": report["machine"]["cpu_profile"]["path"]}
+            if on_device is not None and p in on_device:  # the device's set first, the host's kept beside it
+                outputs[f"{PRIMARY}_{p}"], outputs[f"{HOST}_{p}"] = on_device[p], y
+                made_by[p] = report["device"]["reference"]["made_by"][p]
+            else:
+                outputs[f"{PRIMARY}_{p}"], made_by[p] = y, host[p]
             resolved[p] = device_settings(report, p) or r.settings
-            made_by[p] = {"runtime": r.runtime, "device": r.device, "precision_executed": r.precision,
-                          "proxy": r.proxy}
             for f in row["files"]:
                 src = run_dir / "artifacts" / f
                 (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / f)  # a copy: never the cache's inode
@@ -248,6 +196,10 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
         (tmp / "labels.txt").write_text("".join(f"{n}\n" for n in names))
         pp = preprocessing_json(report, rows, len(names), resolved)
         pp["reference_made_by"] = made_by
+        pp["reference_sets"] = {PRIMARY: {p: made_by[p] for p in rows}}
+        if on_device is not None:
+            pp["reference_sets"][HOST] = {p: {**host[p], "vs_device": set_difference(
+                outputs[f"{HOST}_{p}"], outputs[f"{PRIMARY}_{p}"])} for p in rows if f"{HOST}_{p}" in outputs}
         if report.get("device"):
             pp["device"] = {k: report["device"].get(k) for k in ("name", "description", "measured", "label")}
         (tmp / "preprocessing.json").write_text(json.dumps(pp, indent=1) + "\n")

@@ -35,6 +35,7 @@ from convnext_deploy.pipeline.ship.bundle import REFERENCE_NPZ, SUMS, run_batche
 from convnext_deploy.pipeline.ship.bundle_index import as_configured
 from convnext_deploy.pipeline.ship.int8_path import check_int8_path
 from convnext_deploy.pipeline.ship.labelled_images import labelled_source
+from convnext_deploy.pipeline.ship.reference_set import HOST, PRIMARY
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_RUNTIME = 0, 1, 3
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 2e-2, "w8": 3e-2, "int8": 3e-2}
@@ -160,8 +161,36 @@ def tolerance(precision: str, reference: np.ndarray, proxy: bool) -> float:
     return max(r, PROXY_TOLERANCE if proxy else 0.0) * float(np.abs(reference).max())
 
 
-def check_outputs(precision: str, runner, ref, made_by: dict) -> tuple[bool, str]:
-    expected = ref[f"outputs_{precision}"]
+def reference_choice(pp_json: dict, report: dict) -> tuple[str, str]:
+    """(the reference_outputs.npz key prefix to compare with, the line saying which set and why). The bundle's own
+    set (a --device bundle: the device's kernels') where this CPU takes the INT8 path it was made on; the host's
+    where this CPU takes the host's path instead; otherwise the bundle's own, with the difference to expect."""
+    from convnext_deploy.pipeline.measure.machine import cpu_profile
+
+    sets = pp_json.get("reference_sets") or {PRIMARY: {"int8": {
+        "device": "the deploy's machine", "int8_path": ((report.get("machine") or {}).get("cpu_profile") or {}).get("path")}}}
+    here = cpu_profile()["path"]
+
+    def made(name: str) -> tuple[str, str]:
+        first = next(iter(sets[name].values()))
+        return first.get("device", "?"), first.get("int8_path") or "?"
+
+    (where, path) = made(PRIMARY)
+    if path == here:
+        return PRIMARY, f"reference set: the bundle's own, made on {where}, INT8 path {path}: the path this CPU takes"
+    if HOST in sets and made(HOST)[1] == here:
+        return HOST, (f"reference set: the deploy host's, made on {made(HOST)[0]}, INT8 path {here}: the path this CPU "
+                      f"takes (the bundle's own set is the device's: {where}, INT8 path {path})")
+    apart = [f"{p}: max |Δ| {d['vs_device']['of_range'] * 100:.2g} % of the range, top-1 {d['vs_device']['top1_agree']}/"
+             f"{d['vs_device']['n']}" for p, d in (sets.get(HOST) or {}).items() if d.get("vs_device")]
+    return PRIMARY, (f"reference set: the bundle's own, made on {where}, INT8 path {path}; this CPU takes INT8 path "
+                     f"{here}, whose integer kernels may round and accumulate otherwise: expect INT8 outputs to differ"
+                     + (f" (between the two paths the deploy measured: {'; '.join(apart)})" if apart else "")
+                     + f", within {TOLERANCE['int8'] * 100:g} % of the range unless this path saturates (below)")
+
+
+def check_outputs(precision: str, runner, ref, made_by: dict, which: str = PRIMARY) -> tuple[bool, str]:
+    expected = ref[f"{which}_{precision}"]
     got = run_batched(runner.native or runner.run, ref["inputs"])  # the inputs are the model's own
     if got.shape != expected.shape:
         return False, f"reference outputs {precision}: shape {got.shape} here, {expected.shape} in the bundle: FAIL"
@@ -218,7 +247,9 @@ def validate_bundle(bundle: Path, images: Path | None = None, labels: Path | Non
         return EXIT_NO_RUNTIME
     ok, line = check_preprocessing(bundle, ref, report, pp_json)
     log(line)
-    made_by = pp_json.get("reference_made_by") or {}
+    which, line = reference_choice(pp_json, report)
+    log(line)
+    made_by = ((pp_json.get("reference_sets") or {}).get(which) or pp_json.get("reference_made_by") or {})
     runners = {}
     for p, art in arts.items():
         t = threads or report["accuracy"].get(p, {}).get("threads") or os.cpu_count() or 1
@@ -228,7 +259,7 @@ def validate_bundle(bundle: Path, images: Path | None = None, labels: Path | Non
                 f"verified, nothing else is checked (exit {EXIT_NO_RUNTIME})")
             return EXIT_NO_RUNTIME
         log(f"runtime {p}: {r.runtime} on {r.device}, executed {r.precision}")
-        good, line = check_outputs(p, r, ref, made_by.get(p) or {})
+        good, line = check_outputs(p, r, ref, made_by.get(p) or {}, which)
         ok &= good
         log(line)
     path_check = check_int8_path(report, target.int8_recipes) if "int8" in runners else None

@@ -74,8 +74,13 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
     }
 
 
-def publish(ctx: Context, report: dict, built: Built) -> Path:
+def publish(ctx: Context, report: dict, built: Built, device_outputs: dict | None = None) -> Path:
+    """`device_outputs`: the emulated device's outputs on the bundle's reference inputs (stages/device.py), written
+    beside report.json as the file its `device.reference` names."""
+    import io
     import json
+
+    import numpy as np
 
     from convnext_deploy.reports import write_report
 
@@ -85,5 +90,10 @@ def publish(ctx: Context, report: dict, built: Built) -> Path:
     if extension:  # the control images drawn at a boundary: in neither the calibration nor the evaluation list
         manifest["control_extension"] = extension
         report["decision_control"]["extension"] = {k: v for k, v in extension.items() if k != "indices"}
+    blobs = {}
+    if device_outputs:
+        buf = io.BytesIO()
+        np.savez(buf, **device_outputs)
+        blobs[report["device"]["reference"]["file"]] = buf.getvalue()
     return write_report(out, report, files=[f for a in built.artifacts.values() for f in a.files],
-                        manifest=json.dumps(manifest, indent=1))
+                        manifest=json.dumps(manifest, indent=1), blobs=blobs)
