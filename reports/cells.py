@@ -83,3 +83,38 @@ def counts(r: dict) -> str:
         return "not judged"
     return (f"top-1 drop {count_pp(r)} [95 % {pp(r['control_drop_low_pp'])}, {pp(r['control_drop_high_pp'])}], "
             f"agreement {count_pct(r)} [95 % {pct(r['control_agreement_low'])}, {pct(r['control_agreement_high'])}]")
+
+
+def rate_vs_peak(v: dict, named: bool = False) -> str:
+    """A model's MAC rate against its runtime's measured peak of that precision (pipeline.measure.peak.fraction): a
+    share of it, or, where the rate is above it, the flag that the peak is wrong: a peak a model beats is no peak,
+    so no share above 100 % is ever written (a result file from before the flag is read the same way). `named`:
+    the peak's figure and form follow the share, and a missing peak's reason (a table of rows states it once)."""
+    of, gmacs = v["of"].upper(), v["gmacs"]
+    if v.get("peak_gmacs") is None:
+        return f"{gmacs:.0f} G/s, no {of} peak" + (f" ({v.get('no_peak', 'not measured')})" if named else "")
+    if v.get("bad_peak") or (v.get("fraction") or 0) > 1 or gmacs > v["peak_gmacs"]:
+        return (f"{gmacs:.0f} G/s, above the measured {of} peak of {v['peak_gmacs']:.0f} G/s: the peak is wrong "
+                "(bad peak)")
+    form = f", {v['peak_form']}" if v.get("peak_form") else ""
+    return f"{gmacs:.0f} G/s = {v['fraction'] * 100:.0f} % of the {of} peak" + (
+        f" ({v['peak_gmacs']:.0f} G/s{form})" if named else "")
+
+
+def peak_figures(peak: dict) -> str:
+    """A runtime's measured peaks (pipeline.measure.peak), each with the form it came from and the other forms'
+    rates: those that ran in another precision than their graph's say what ran them and are not the peak; a
+    precision with no peak says why."""
+    parts = []
+    for p in ("fp32", "int8"):
+        forms = peak.get("forms", {}).get(p, {}).values()
+        if p in peak.get("absent", {}):
+            parts.append(f"no {p.upper()} peak ({peak['absent'][p]})")
+        elif p in peak:
+            top = peak[p]
+            others = [f"{f['form']} {f['gmacs']:.0f} G/s" if not f.get("reason") else
+                      f"the {f['form']} {f['reason']}, {f['gmacs']:.0f} G/s, not taken"
+                      for f in forms if f["form"] != top.get("form")]
+            parts.append(f"{p.upper()} {top['gmacs']:.0f} G/s"
+                         + (f" ({'; '.join([top['form'], *others])})" if top.get("form") else ""))
+    return ", ".join(parts)

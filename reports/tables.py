@@ -1,7 +1,8 @@
 """The rows of a report's tables, one function per table, and the captions that name once what measured them."""
 from __future__ import annotations
 
-from convnext_deploy.reports.cells import count_pct, count_pp, interval, measured_by, ms, pct, pp, verdict_passed
+from convnext_deploy.reports.cells import (count_pct, count_pp, interval, measured_by, ms, pct, pp, rate_vs_peak,
+                                           verdict_passed)
 
 
 def accuracy_rows(report: dict, runtime: bool = True) -> list[list[str]]:
@@ -78,17 +79,16 @@ def latency_caption(report: dict) -> str:
 
 
 def peak_sentence(report: dict) -> str:
-    """The distance to the limit: each batch-1 row's multiply-accumulates per second against the runtime's own GEMM
-    peak of that precision, both measured on this machine."""
+    """The distance to the limit: each batch-1 row's multiply-accumulates per second against the runtime's own peak
+    of that precision, both measured on this machine; a rate above the peak flags the peak as wrong (a bad peak),
+    never a share above 100 % (reports.cells.rate_vs_peak)."""
     rated = [e for e in report["latency"] if e.get("mac_rate")]
     if not rated:
         return ""
     r0 = rated[0]["mac_rate"]
     return (f" Distance to the runtime's peak ({r0['macs'] / 1e9:.2f} G multiply-accumulates an image at "
             f"{rated[0]['input_size']} px; peak: {r0['peak']} through the same runtime): "
-            + "; ".join(f"{e['precision']} {e['mac_rate']['gmacs']:.0f} G/s = {e['mac_rate']['fraction'] * 100:.0f} % "
-                        f"of its {e['mac_rate']['of'].upper()} peak ({e['mac_rate']['peak_gmacs']:.0f} G/s)"
-                        for e in rated) + ".")
+            + "; ".join(f"{e['precision']} {rate_vs_peak(e['mac_rate'], named=True)}" for e in rated) + ".")
 
 
 GATE_HEAD = ["gate", "what", "measured", "allowed", "status"]

@@ -158,8 +158,12 @@ class Runner:
     # INFERENCE_PRECISION_HINT that executed: f32 where the CPU has no BF16, whatever the build asked for)
     settings: dict = field(default_factory=dict)
     # the compute layers by kind and the precision they executed in, where the runtime says (OpenVINO's runtime
-    # model): {"compute": {"Convolution f16": 40, …}, "other": {…}}; on ARM its INT8 IR runs in float
+    # model): {"compute": {"Convolution f16": 40, …}, "other": {…}, "kernels": {"Convolution f16 (…)": 40}}; on ARM
+    # its INT8 IR runs in float
     layers: dict = field(default_factory=dict)
+    # the ops of the graph a runtime executes after its own fusions, where it rewrites the file (ONNX Runtime:
+    # {"executed": {op: n}, "integer_kernels": {…}, "float_conv_matmul_left": n, …}); OpenVINO's are in `layers`
+    ops: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,8 @@ class Target:
     # the last step before validation (targets.image_input): (artifact, Finish, an empty directory) → the artifact a
     # device runs as it is: its input (an image, or the float tensor), labels and preprocessing inside the model file
     finish: Callable[[Artifact, Any, Path], Artifact] | None = None
-    gemm_peak: bool = False  # its load_runner runs a one-GEMM ONNX (gemm_onnx) as an artifact: its peak is measurable
+    # its load_runner runs the peak's ONNX graphs (peak_onnx: a GEMM, a 1×1 convolution) and says what executed them
+    gemm_peak: bool = False
     # an x86 CPU runtime: INT8 artifact → whether its u8×s8 products can pass int16 in a pair (full 8-bit weights),
     # which VPMADDUBSW saturates on x86 without VNNI: its numerics then differ between a VNNI CPU and an AVX2 one
     saturates_without_vnni: Callable[[Artifact], bool] | None = None
@@ -275,27 +280,10 @@ class Target:
         return self.options(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
 
-def gemm_onnx(path: Path, int8: bool, n: int) -> None:
-    """A one-GEMM ONNX graph every runtime here reads like an artifact (a runtime's peak: pipeline.measure.peak):
-    y = x·W, x [n, n] a float input, W [n, n] a constant; INT8 as Q/DQ, u8 activations and s8 weights, per tensor."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def peak_onnx(path: Path, form: str, int8: bool, n: int) -> list[int]:
+    """A runtime's peak graph (pipeline.measure.peak) every runtime here reads like an artifact: an n×n×n product
+    as a GEMM ("gemm") or a 1×1 convolution ("conv1x1"), FP32 or Q/DQ INT8 (targets.peak_graphs); returns the
+    shape of its float input."""
+    from convnext_deploy.targets.peak_graphs import write_peak_onnx
 
-    rng = np.random.default_rng(0)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
-    if int8:
-        inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w_q"),
-                 numpy_helper.from_array(np.array(1 / 255, np.float32), "x_scale"),
-                 numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
-                 numpy_helper.from_array(np.array(1 / 127, np.float32), "w_scale"),
-                 numpy_helper.from_array(np.array(0, np.int8), "w_zero")]
-        nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
-                 helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
-                 helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"]),
-                 helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"])]
-    else:
-        inits = [numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "w")]
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
-    graph = helper.make_graph(nodes, "gemm_peak", [x], [y], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    return write_peak_onnx(path, form, int8, n)

@@ -26,8 +26,12 @@ _BOOKKEEPING = ("Const", "Input", "Output", "Reorder", "Parameter", "Result", "C
 
 
 def executed_precisions(compiled) -> dict:
-    """What the CPU plugin really runs: compute layers by type and runtime precision, other layers by precision."""
+    """What the CPU plugin really runs: compute layers by type and runtime precision, other layers by precision, and
+    the kernel each compute layer got ("kernels": "FullyConnected u8 (jit_gemm_I8)"): one precision can run in
+    kernels of very different speed (on AVX2 without VNNI a u8 GEMM's generic jit_gemm_I8 against a 1×1
+    convolution's jit_avx2_1x1_I8)."""
     compute: Counter = Counter()
+    kernels: Counter = Counter()
     other: Counter = Counter()
     for op in compiled.get_runtime_model().get_ops():
         rt = op.get_rt_info()
@@ -35,9 +39,10 @@ def executed_precisions(compiled) -> dict:
         prec = str(rt["runtimePrecision"].astype(str)) if "runtimePrecision" in rt else "?"
         if kind in COMPUTE_LAYERS:
             compute[f"{kind} {prec}"] += 1
+            kernels[f"{kind} {prec} ({rt['primitiveType'].astype(str) if 'primitiveType' in rt else '?'})"] += 1
         elif kind not in _BOOKKEEPING:
             other[prec] += 1
-    return {"compute": dict(compute), "other": dict(other)}
+    return {"compute": dict(compute), "other": dict(other), "kernels": dict(kernels)}
 
 
 def executed_summary(precision: str, hint: str, layers: dict) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -167,12 +167,13 @@ def build(request: BuildRequest) -> Artifact:
 def load_runner(artifact: Artifact, threads: int) -> Runner:
     from convnext_deploy.targets.ort_tools import runner
 
-    ops = artifact.metadata.get("ops", {})
+    # a file this target did not build (the runtime's peak graphs) is read back here: what ORT runs after fusion
+    ops = artifact.metadata.get("ops") or op_counts(artifact.files[0])
     executed = "fp32"
     if artifact.precision == "int8":
         executed = f"int8 ({ops.get('integer_kernel_count', 0)} integer kernels, " \
                    f"{ops.get('float_conv_matmul_left', 0)} float Conv/MatMul left)"
-    return fed(runner(artifact.files[0], threads, executed), artifact)
+    return fed(replace(runner(artifact.files[0], threads, executed), ops=ops), artifact)
 
 
 def finish(artifact: Artifact, spec, out_dir: Path) -> Artifact:

@@ -69,6 +69,36 @@ def test_every_figure_is_rendered_under_its_cpu_isa_versions_and_date(tmp_path):
     assert "top-1 on 2000 images of fashion-mnist/test at 32 px; 20 undisturbed rounds over 5 loads" in section
 
 
+def test_a_rate_above_its_peak_is_rendered_as_a_bad_peak(tmp_path):
+    """Never a share above 100 %: a result from before the peak's forms (one GEMM, Zen 3's OpenVINO INT8 run in its
+    slow u8 GEMM kernel) and a result whose peak records its forms render each rate against the peak it came from,
+    a rate above it as a bad peak."""
+    old = result()
+    old["rows"][0].update(macs=4_455_000_000, peak={"threads": 2, "gemm": "a 2048×2048×2048 GEMM, 2 threads",
+                                                    "fp32": {"gmacs": 86.6, "ms": 99.2},
+                                                    "int8": {"gmacs": 89.1, "ms": 96.4}},
+                          mac_rate={"fp32": {"gmacs": 68.1, "of": "fp32", "peak_gmacs": 86.6, "fraction": 0.786},
+                                    "int8 ours (default)": {"gmacs": 121.7, "of": "int8", "peak_gmacs": 89.1,
+                                                            "fraction": 1.365}})
+    new = result("2026-02-01")
+    forms = {"gemm": {"form": "GEMM", "gmacs": 89.1, "ran": "int8"},
+             "conv1x1": {"form": "1×1 convolution", "gmacs": 150.0, "ran": "fp32",
+                         "reason": "executed in fp32, not INT8: Convolution f32 (jit_avx2_f32)"}}
+    new["rows"][0].update(macs=4_455_000_000, peak={"threads": 2, "gemm": "a 2048³ product as a GEMM and as a 1×1 "
+                                                    "convolution", "fp32": {"gmacs": 86.6, "form": "GEMM"},
+                                                    "int8": {"gmacs": 89.1, "form": "GEMM"}, "absent": {},
+                                                    "forms": {"int8": forms}},
+                          mac_rate={"int8 ours (default)": {"gmacs": 121.7, "of": "int8", "peak_gmacs": 89.1,
+                                                            "peak_form": "GEMM", "fraction": None, "bad_peak": True}})
+    write(tmp_path, "testium-2026-01-15", old)
+    write(tmp_path, "testium-2026-02-01", new)
+    text = doc.render(doc.load(tmp_path))
+    bad = "- int8 ours (default): 122 G/s, above the measured INT8 peak of 89 G/s: the peak is wrong (bad peak)"
+    assert text.count(bad) == 2 and "- fp32: 68 G/s = 79 % of the FP32 peak" in text and "137 %" not in text
+    assert ("INT8 89 G/s (GEMM; the 1×1 convolution executed in fp32, not INT8: Convolution f32 (jit_avx2_f32), "
+            "150 G/s, not taken)") in text
+
+
 def test_results_are_listed_newest_first_and_any_number_of_them(tmp_path):
     write(tmp_path, "old-cpu-f6m85-2025-03-01", result("2025-03-01", "Old CPU", 6, 85))
     write(tmp_path, "new-cpu-f6m207-2026-11-30", result("2026-11-30", "New CPU"))

@@ -5,6 +5,7 @@ import json
 from convnext_deploy.reports.html_page import render_html
 from convnext_deploy.reports.markdown_page import render_markdown
 from convnext_deploy.reports.plots import plot_png
+from convnext_deploy.reports.tables import peak_sentence
 
 
 def _report(deployed) -> dict:
@@ -64,3 +65,25 @@ def test_markdown_puts_the_verdict_and_the_artifact_first(deployed):
     verdict, deployed_at, details = md.index("**Gates: PASSED"), md.index("- Deployed: "), md.index("## Accuracy")
     assert verdict < deployed_at < details
     assert f"why: {r['recommended_precision']['line']}" in md
+
+
+def test_a_rate_above_the_runtimes_peak_is_a_bad_peak_in_the_report():
+    """The latency caption's distance to the peak: a share where the rate is within its peak, the flag where it is
+    above (a peak a model beats is no peak: never a share above 100 %), the reason where no form ran in INT8."""
+    peak = "a 2048×2048×2048 product as a GEMM and as a 1×1 convolution, 2 threads"
+    rate = {"macs": 4_455_000_000, "peak": peak, "of": "fp32", "gmacs": 68.1, "peak_gmacs": 102.0,
+            "peak_form": "1×1 convolution", "fraction": 0.668}
+    report = {"latency": [
+        {"precision": "fp32", "input_size": 224, "mac_rate": rate},
+        {"precision": "int8", "input_size": 224, "mac_rate": {**rate, "of": "int8", "gmacs": 121.7, "peak_gmacs": 89.1,
+                                                              "peak_form": "GEMM", "fraction": None, "bad_peak": True}},
+        {"precision": "int8 (a result from before the flag)", "input_size": 224,
+         "mac_rate": {**rate, "of": "int8", "gmacs": 121.7, "peak_gmacs": 89.1, "fraction": 1.365}},
+        {"precision": "int8 (no INT8 peak)", "input_size": 224,
+         "mac_rate": {**rate, "of": "int8", "peak_gmacs": None, "fraction": None,
+                      "no_peak": "no form executed in INT8: the GEMM executed in fp32"}}]}
+    text = peak_sentence(report)
+    assert "fp32 68 G/s = 67 % of the FP32 peak (102 G/s, 1×1 convolution)" in text
+    assert text.count("int8 122 G/s, above the measured INT8 peak of 89 G/s: the peak is wrong (bad peak)") == 1
+    assert "before the flag) 122 G/s, above the measured INT8 peak of 89 G/s: the peak is wrong (bad peak)" in text
+    assert "no INT8 peak (no form executed in INT8: the GEMM executed in fp32)" in text and "137 %" not in text

@@ -159,9 +159,10 @@ def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
 
 
 def _distance_to_peak(ctx: Context, rows: list[dict]) -> None:
-    """Each batch-1 deployment row's effective MAC rate as a fraction of the runtime's GEMM peak of the precision
-    it executes (pipeline.measure.peak: measured once per CPU, threads and runtime)."""
+    """Each batch-1 deployment row's effective MAC rate as a fraction of the runtime's peak of the precision it
+    executes (pipeline.measure.peak: measured once per CPU, threads and runtime); above the peak, a bad peak."""
     from convnext_deploy.pipeline.measure.peak import fraction, model_macs, runtime_peak
+    from convnext_deploy.reports.cells import rate_vs_peak
 
     peak = runtime_peak(ctx.target, ctx.cfg.threads, ctx.log)
     macs = model_macs(ctx.ck.model, ctx.cfg.image_size)
@@ -170,8 +171,7 @@ def _distance_to_peak(ctx: Context, rows: list[dict]) -> None:
             f = fraction(macs, row["p50_ms"], peak, row["precision"].split()[0])
             if f:
                 row["mac_rate"] = {**f, "macs": macs}
-                ctx.log(f"{row['precision']}: {f['gmacs']:.0f} G multiply-accumulates/s, {f['fraction'] * 100:.0f} % "
-                        f"of the runtime's {f['of'].upper()} peak ({f['peak_gmacs']:.0f} G/s: {f['peak']})")
+                ctx.log(f"{row['precision']}: {rate_vs_peak(f, named=True)} ({f['peak']})")
 
 
 def _others(built: Built) -> dict:
