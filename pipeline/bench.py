@@ -7,9 +7,9 @@ the target declares (ours, ours without outlier smoothing, the peer's default an
 top-1 drop is against the first row on the same images. Proxy targets (TensorRT, Core ML off their device) give
 accuracy only. The CPU's INT8 and BF16 paths head the output: every ratio belongs to that CPU.
 
-Two modes (pipeline/measure/bench_rows.py): the default is bounded to end within minutes on two cores (ONNX Runtime
-and OpenVINO, atto and T, a deadline the rows' timing shares are cut to); `--full` is the whole grid (every target,
-atto+outliers too, longer timing per row, the whole test split). A progress line is printed as each row ends.
+Two modes (pipeline/measure/bench_rows.py): the default is bounded to end within minutes on two cores (ONNX Runtime and
+OpenVINO, atto and T, a deadline the timing is cut to, scaled to this CPU: bench_deadline.py); `--full` is the whole
+grid (every target, atto+outliers too, longer timing per row, the whole test split). A progress line ends each row.
 The result goes to benchmarks/<cpu>-<date>/bench.json (bench-full.json for --full) with the date, the CPU's
 identity and ISA, and the library versions; `make benchmarks` turns those files into BENCHMARKS.md.
 Each one's top-1 on the reference task is printed where a reference checkpoint exists; a variant without one
@@ -30,6 +30,7 @@ import torch
 from convnext_deploy.calibration.batches import iter_batches
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
+from convnext_deploy.pipeline.measure.bench_deadline import deadline
 from convnext_deploy.pipeline.measure.bench_rows import (
     BOUNDED,
     FORMAT,
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
                          f"is within ±{TOLERANCE * 100:.0f}%% (default {BOUNDED['budget']:g}; --full: {FULL['budget']:g})")
     ap.add_argument("--minutes", type=float,
                     help=f"end the run within about this many minutes: the rows' timing shares are cut to it; 0: no "
-                         f"bound (default {BOUNDED['minutes']:g}; --full: none)")
+                         f"bound (default {BOUNDED['minutes']:g}, scaled to this CPU's speed; --full: none)")
     ap.add_argument("--out", help="result JSON (default benchmarks/<cpu>-<date>/bench.json; --full: bench-full.json)")
     ap.add_argument("--interleave-study", action="store_true",
                     help="instead: time the reference and INT8 of each target and variant at four interleaving granularities")
@@ -241,8 +242,9 @@ def main(argv=None) -> int:
             continue
         environments[target] = get_target(target).describe_environment() if avail.ok else {}
         plan += [(target, v) for v in args.variants.split(",")]
-    clock = Clock(len(plan), args.minutes, args.budget)
-    print(f"plan: {clock.estimate()}", flush=True)
+    bound = deadline(args.minutes, given, [t for t, env in environments.items() if env], args.threads, args.image_size)
+    args.minutes, clock = bound["minutes"], Clock(len(plan), bound["minutes"], args.budget)
+    print(f"plan: {clock.estimate()}; {bound['note']}", flush=True)
     rows = []
     for i, (target, v) in enumerate(plan):
         print(f"[{i + 1}/{len(plan)}] {target} · {v}: building and timing", flush=True)
@@ -250,7 +252,8 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         with stage_peak(f"{target} {v}", memory):
             row = bench(target, v, args.image_size, args.threads, args.runs, args.eval,
-                        lambda i=i: clock.share(i, [w for _, w in plan[i + 1:]]), log=_log)
+                        lambda i=i: clock.share(i, [w for _, w in plan[i + 1:]]),
+                        log=lambda message: print(message, flush=True))
         seconds = time.monotonic() - t0
         clock.fixed[v] = max(clock.fixed.get(v, 0.0), seconds - row["timing"]["seconds"])
         rows.append({**row, "peak_rss_mib": memory[0]["peak_rss_mib"]})
@@ -265,8 +268,9 @@ def main(argv=None) -> int:
               **({"device": {"name": device.name, "description": device.description, "measured": "native"}}
                  if device else {}),
               "minutes": round(clock.elapsed() / 60, 1), "machine": machine, "versions": versions(environments),
-              "settings": {k: getattr(args, k) for k in ("targets", "variants", "image_size", "threads", "runs", "eval",
-                                                         "budget", "minutes")}, "rows": rows}
+              "settings": {**{k: getattr(args, k) for k in ("targets", "variants", "image_size", "threads", "runs",
+                                                            "eval", "budget", "minutes")}, "deadline": bound},
+              "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"written: {out} ({clock.elapsed() / 60:.1f} minutes); `make benchmarks` renders it into BENCHMARKS.md")
@@ -290,10 +294,6 @@ def _device(name: str | None):
         return False
     print(f"device: {profile.label()}: this machine takes its INT8 path; the figures are measured here", flush=True)
     return profile
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
 
 
 if __name__ == "__main__":

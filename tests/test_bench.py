@@ -128,19 +128,28 @@ def test_the_rows_share_what_is_left_to_the_deadline():
     assert "8 minutes" in Clock(4, 8, 120).estimate() and "minutes or more" in Clock(9, 0, 240).estimate()
 
 
-def stub_bench(monkeypatch, budgets: list) -> None:
+def stub_bench(monkeypatch, budgets: list, slower: float = 1.0) -> None:
+    """The rows stubbed, and the deadline's probe answering `slower` × the reference CPU's time."""
+    from convnext_deploy.pipeline.measure import bench_deadline
+
     def fake_bench(target, variant, size, threads, runs, n_eval, budget_s, log=print):
         budgets.append(budget_s())
         return a_row(target, variant)
 
+    def fake_probe(target, threads):
+        return {"gemm": "a 2048×2048×2048 FP32 GEMM, 2 threads", "target": target.name, "runtime": target.name,
+                "threads": threads, "ms": slower * bench_deadline.REFERENCE["ms"][target.name]}
+
     monkeypatch.setattr(bench, "bench", fake_bench)
+    monkeypatch.setattr(bench_deadline, "gemm_probe", fake_probe)
 
 
 def test_a_progress_line_is_printed_and_flushed_as_each_row_ends(monkeypatch, tmp_path):
-    """Rows run through main() with the measuring stubbed: a plan line up front, a start and an end line per row,
-    each flushed, then the result file with the machine, versions and date."""
+    """Rows run through main() with the measuring stubbed on a CPU twice as slow as the deadline's reference: a plan
+    line up front with the deadline scaled and why, a start and an end line per row, each flushed, then the result
+    file with the machine, versions, date and the deadline's probe."""
     printed, budgets = [], []
-    stub_bench(monkeypatch, budgets)
+    stub_bench(monkeypatch, budgets, slower=2.0)
     monkeypatch.setattr(bench, "print", lambda *a, **k: printed.append((" ".join(map(str, a)), k.get("flush"))),
                         raising=False)
     monkeypatch.setattr(bench_rows, "print", lambda *a, **k: printed.append((" ".join(map(str, a)), k.get("flush"))),
@@ -152,11 +161,16 @@ def test_a_progress_line_is_printed_and_flushed_as_each_row_ends(monkeypatch, tm
     ends = [i for i, line in enumerate(lines) if line.startswith(("[1/2] onnxruntime · atto: 2 runners",
                                                                   "[2/2] onnxruntime · t: 2 runners"))]
     assert len(ends) == 2 and plan < ends[0] and all(printed[i][1] for i in [plan, *ends])
-    assert "int8 ours (default) vs fp32 2.00× [1.90, 2.10]" in lines[ends[0]] and f"of ~{BOUNDED['minutes']:g} min" in lines[ends[0]]
+    assert "int8 ours (default) vs fp32 2.00× [1.90, 2.10]" in lines[ends[0]]
+    assert f"of ~{2 * BOUNDED['minutes']:g} min" in lines[ends[0]]  # the deadline scaled to this (stubbed) CPU
+    assert f"within about {2 * BOUNDED['minutes']:g} minutes" in lines[plan] and "× 2.00, this CPU against" in lines[plan]
     assert ends[1] < next(i for i, line in enumerate(lines) if line.startswith("\nonnxruntime · atto"))  # before the tables
     assert all(0 <= b <= BOUNDED["budget"] for b in budgets)
     result = json.loads(out.read_text())
     assert result["mode"] == "default with --targets, --variants" and result["settings"]["runs"] == BOUNDED["runs"]
+    settings = result["settings"]
+    assert settings["minutes"] == 2 * BOUNDED["minutes"] and settings["deadline"]["default_minutes"] == BOUNDED["minutes"]
+    assert settings["deadline"]["scale"] == 2.0 and settings["deadline"]["probe"]["target"] == "onnxruntime"
     assert result["machine"]["int8_path"] and "cpu_family" in result["machine"] and result["versions"]["onnxruntime"]
     assert len(result["date"]) == 10 and [r["variant"] for r in result["rows"]] == ["atto", "t"]
 

@@ -8,8 +8,9 @@ File layout (later tables override earlier ones):
 
 and under any of them `.path.<int8 path>` ([target.onnxruntime.variant.t.path.avx2]): only where the deploy's CPU
 takes that INT8 path (machine.INT8_PATHS: amx, vnni, avx2, arm-i8mm, arm-dotprod, arm-neon, generic), right after
-its scope. INT8 speed depends on the path (ConvNeXt-T's ONNX Runtime INT8 gains 1.45× on AVX2 without VNNI where
-VNNI gives about 2×), so a speed gate written for one path is scoped to it instead of failing CI's own runner.
+its scope. INT8 speed depends on the path (ConvNeXt-T's ONNX Runtime INT8 gained 1.60× on an AMD EPYC Zen 3, AVX2
+without VNNI, and 2.00× on a Zen 5 with AVX-512 VNNI: benchmarks/amd-epyc-zen3-2026-12-07 and -zen5-2026-12-04), so a
+speed gate written for one path is scoped to it instead of failing CI's own runner.
 
 A gate whose figure was not measured fails as "not measured"; a figure from a proxy (a stand-in for the
 real runtime) fails unless the gate file sets `allow_proxy = true` for that scope. On an emulated device
