@@ -183,3 +183,23 @@ def tensorrt_deployed(atto_reference, cli_env, tmp_path_factory) -> dict:
                                    "--calib", "300", *PINNED_RECIPE, "--gates", str(gates), "--out", str(out)],
                                   cli_env)
     return runs
+
+
+@pytest.fixture
+def avx2_emulator():
+    """Skips (before any other fixture of the test is made) where emulation is not what checks the AVX2 path: this
+    CPU is itself AVX2 without VNNI (the suite's own run is that path), or not x86."""
+    import platform
+
+    from convnext_deploy.pipeline.core.errors import UserError
+    from convnext_deploy.pipeline.device import emulator
+    from convnext_deploy.pipeline.measure import machine
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX2 emulator runs x86-64 programs: this machine is not x86")
+    if machine.cpu_profile()["u8s8_saturates"]:
+        pytest.skip("this CPU is itself AVX2 without VNNI: the suite's own run checks that path natively")
+    try:
+        emulator.find("x86_64")
+    except UserError as e:
+        pytest.fail(f"cannot emulate AVX2 without VNNI: {e}")

@@ -130,14 +130,52 @@ def test_deploy_for_rpi5_judges_accuracy_on_its_kernels_and_exits_3_for_its_spee
     assert [s["stage"] for s in r["memory"]["stages"]][-2:] == ["validate", "device"]  # a stage, measured as one
     md = (out / "report.md").read_text()
     assert "## On the device" in md and "emulated ARM Cortex-A76" in md and f"{int8['correct']}/40" in md
-
-
-def test_deploy_for_graviton3_allowed_unmeasured_speed_ships_a_bundle_that_validates_there(aarch64, atto_reference,
-                                                                                             cli_env, tmp_path):
-    gates = tmp_path / "gates.toml"
+    # the gate file accepting unmeasured speed: the same deploy (its device run resumed from the cache) bundles, and
+    # the bundle's reference outputs are the A76's own, which validate on the A76 gives again exactly
     gates.write_text(LOOSE_ACCURACY + "min_int8_speedup = 1.0\nallow_emulated = true\n")
-    out = tmp_path / "graviton3"
-    run_cli(["deploy", *DEVICE_RUN, "--device", "graviton3", "--gates", str(gates), "--out", str(out)], cli_env, code=0)
+    run_cli(["deploy", *DEVICE_RUN, "--device", "rpi5", "--gates", str(gates), "--out", str(tmp_path / "ok")], cli_env,
+            code=0)
+    assert _report(tmp_path / "ok")["device"]["cached"] is True
+    _validates_on_its_device(tmp_path / "ok", "rpi5", "emulated ARM Cortex-A76", "arm-dotprod", cli_env)
+
+
+def _validates_on_its_device(out, device: str, label: str, path: str, cli_env, bundled_on: str | None = None) -> dict:
+    """The bundle's reference outputs are the device's (kernels, INT8 path and runtime named; the host's kept as a
+    second set), and `validate --device` there compares with them: within 0.5 % of the range, every top-1 the same."""
+    ref = np.load(out / "bundle" / "reference_outputs.npz")
+    index = json.loads((out / "bundle" / "preprocessing.json").read_text())
+    made = index["reference_sets"]["outputs"]["int8"]
+    assert made["device"].startswith(f"{label} (qemu-aarch64 ") and made["int8_path"] == path
+    assert made["runtime"].startswith("onnxruntime ") and index["reference_made_by"]["int8"] == made
+    host = index["reference_sets"]["host_outputs"]["int8"]
+    assert host["int8_path"] == (bundled_on or machine.cpu_profile()["path"]) and host["vs_device"]["n"] == len(
+        ref["labels"])
+    device_run = np.load(out / "device_reference_outputs.npz")
+    assert np.array_equal(ref["outputs_int8"], device_run["outputs_int8"])  # made on the device, not here
+    assert np.array_equal(ref["indices"], device_run["indices"])
+    p = run_cli(["validate", str(out / "bundle"), "--device", device], cli_env, code=0)
+    assert f"reference set: the bundle's own, made on {label}" in p.stdout and "the path this CPU takes" in p.stdout
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("reference outputs int8"))
+    n = len(ref["labels"])
+    diff = float(re.search(r"max \|Δlogits\| ([0-9.e+-]+)", line).group(1))
+    span = float(ref["outputs_int8"].max() - ref["outputs_int8"].min())
+    assert f"top-1 {n}/{n} agree: pass" in line and diff <= 0.005 * span, line
+    return ref
+
+
+@pytest.fixture(scope="module")
+def graviton3_run(aarch64, atto_reference, cli_env, tmp_path_factory):
+    """A deploy for the emulated Graviton3 whose gate file accepts unmeasured speed: it bundles."""
+    d = tmp_path_factory.mktemp("graviton3")
+    (d / "gates.toml").write_text(LOOSE_ACCURACY + "min_int8_speedup = 1.0\nallow_emulated = true\n")
+    out = d / "graviton3"
+    run_cli(["deploy", *DEVICE_RUN, "--device", "graviton3", "--gates", str(d / "gates.toml"), "--out", str(out)],
+            cli_env, code=0)
+    return out
+
+
+def test_deploy_for_graviton3_allowed_unmeasured_speed_ships_a_bundle_that_validates_there(graviton3_run, cli_env):
+    out = graviton3_run
     r = _report(out)
     assert r["device"]["label"] == "emulated ARM Neoverse-V1" and r["device"]["cpu_seen"]["path"] == "arm-i8mm"
     speed = next(v for v in r["gates"]["verdicts"] if v["gate"] == "min_int8_speedup")
@@ -146,14 +184,14 @@ def test_deploy_for_graviton3_allowed_unmeasured_speed_ships_a_bundle_that_valid
     index = json.loads((out / "bundle" / "preprocessing.json").read_text())
     assert index["device"] == {"name": "graviton3", "description": "AWS Graviton3 (Arm Neoverse-V1)",
                                "measured": "emulated", "label": "emulated ARM Neoverse-V1"}
-    p = run_cli(["validate", str(out / "bundle"), "--device", "graviton3"], cli_env, code=0)
-    assert "emulated (qemu-aarch64" in p.stdout and "on ARM Neoverse-V1" in p.stdout and "ARM I8MM" in p.stdout
-    agree = next(line for line in p.stdout.splitlines() if line.startswith("reference outputs int8"))
-    n = int(np.load(out / "bundle" / "reference_outputs.npz")["labels"].shape[0])
-    same = int(re.search(rf"top-1 (\d+)/{n} agree: pass", agree).group(1))
-    # I8MM accumulates exactly, as VNNI does; a host without VNNI saturates (its reference outputs carry it)
-    assert same == n or (machine.cpu_profile()["u8s8_saturates"] and same >= 0.98 * n), agree
-    assert "p50" not in p.stdout  # no latency under emulation
+    ref = _validates_on_its_device(out, "graviton3", "emulated ARM Neoverse-V1", "arm-i8mm", cli_env)
+    # here, another INT8 path: validate compares with the host's set, made on this path
+    p = run_cli(["validate", str(out / "bundle"), "--runs", "0"], cli_env, code=0)
+    assert "reference set: the deploy host's" in p.stdout and "validate: PASS" in p.stdout
+    # on a core of another INT8 path than the bundle's sets: the bundle's own, with the difference to expect
+    p = run_cli(["validate", str(out / "bundle"), "--device", "rpi5"], cli_env, code=0)
+    assert "this CPU takes INT8 path arm-dotprod" in p.stdout and "expect INT8 outputs to differ" in p.stdout
+    assert "validate: PASS" in p.stdout and "p50" not in p.stdout
     # device-check runs only on the device: here it is refused; in the (emulated) device the same images give the
     # same predictions, image by image (the deploy matrix runs it on a real Neoverse-N2)
     p = run_cli(["device-check", str(out)], cli_env, code=2)
@@ -161,6 +199,24 @@ def test_deploy_for_graviton3_allowed_unmeasured_speed_ships_a_bundle_that_valid
     done = run_guest(PROFILES["graviton3"], ["--cli", "device-check", str(out)], timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert done.stdout.count("the same prediction on 40/40: match") == 2 and "device-check: PASS" in done.stdout
+
+
+def test_a_device_bundle_made_on_an_avx2_host_carries_the_devices_outputs(avx2_emulator, graviton3_run, cli_env,
+                                                                            tmp_path):
+    """`bundle` run on x86 without VNNI (qemu-x86_64 -cpu Haswell-v4, bit for bit a Zen 3): its own outputs of the
+    full 8-bit INT8 model saturate, yet the bundle's reference set is the device's, so it validates there."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(graviton3_run, run, ignore=shutil.ignore_patterns("bundle"))
+    done = run_guest(PROFILES["x86-avx2"], ["-m", "convnext_deploy", "bundle", str(run)], timeout=600,
+                     env={"PYTHONPATH": str(REPO)}, script=None)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    here, avx2 = (np.load(d / "bundle" / "reference_outputs.npz") for d in (graviton3_run, run))
+    assert np.array_equal(here["outputs_int8"], avx2["outputs_int8"])  # the device's set, whoever bundles
+    host = json.loads((run / "bundle" / "preprocessing.json").read_text())["reference_sets"]["host_outputs"]["int8"]
+    assert host["int8_path"] == "avx2" and not np.array_equal(avx2["host_outputs_int8"], avx2["outputs_int8"])
+    _validates_on_its_device(run, "graviton3", "emulated ARM Neoverse-V1", "arm-i8mm", cli_env, bundled_on="avx2")
 
 
 def _deploy_everywhere(target: str, device: str, cli_env, tmp_path, code: int, extra=()):

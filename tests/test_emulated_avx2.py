@@ -24,19 +24,6 @@ CPUINFO = REPO / "tests" / "data" / "cpuinfo"
 EMULATED_TIMEOUT_S = 420  # one run here took 10-25 s on a Zen 5 (imports, 16 images of atto under TCG)
 
 
-@pytest.fixture
-def avx2_emulator():
-    """Skips (before any other fixture of the test is made) where emulation is not what checks the AVX2 path."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the AVX2 emulator runs x86-64 programs: this machine is not x86")
-    if machine.cpu_profile()["u8s8_saturates"]:
-        pytest.skip("this CPU is itself AVX2 without VNNI: the suite's own run checks that path natively")
-    try:
-        emulator.find("x86_64")
-    except UserError as e:
-        pytest.fail(f"cannot emulate AVX2 without VNNI: {e}")
-
-
 INT8_NUMERICS_TESTS = ["tests/test_peak.py::test_onnxruntime_u8s8_gemm_follows_this_cpus_int8_path",
                        "tests/test_peak.py::test_the_gemm_graphs_compute_a_matrix_product_through_the_runtime"]
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from convnext_deploy.pipeline.core.cache import publish_dir, sha256_file
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.measure.machine import cpu_profile
 from convnext_deploy.pipeline.ship.bundle_index import (
     PIL_INPUT,
     PROBABILITIES,
@@ -181,7 +182,7 @@ def make_bundle(run_dir: Path, with_fp32: bool = False, runners: dict | None = N
             if target in PROBABILITIES and r.proxy:  # the proxy gives the logits the package's softmax reads
                 y = _softmax(y)
             host[p] = {"runtime": r.runtime, "device": r.device, "precision_executed": r.precision, "proxy": r.proxy,
-                       "int8_path": report["machine"]["cpu_profile"]["path"]}
+                       "int8_path": cpu_profile()["path"]}  # this machine's: `bundle` may run elsewhere
             if on_device is not None and p in on_device:  # the device's set first, the host's kept beside it
                 outputs[f"{PRIMARY}_{p}"], outputs[f"{HOST}_{p}"] = on_device[p], y
                 made_by[p] = report["device"]["reference"]["made_by"][p]
