@@ -31,7 +31,7 @@ from bundle_helpers import (
     runner_top1,
     sha256sum_check,
 )
-from conftest import REPO, run_cli
+from conftest import PINNED_RECIPE, REPO, run_cli
 
 
 def test_a_passing_deploy_writes_a_bundle_that_sha256sum_verifies(deployed):
@@ -161,7 +161,7 @@ def openvino_run(atto_reference, cli_env, tmp_path_factory):
     (d / "gates.toml").write_text(GATES_LOOSE)
     # --calib 300: the smoothed export of the session's ONNX Runtime deploy (`deployed`), shared through the cache
     run_cli(["deploy", "--target", "openvino", "--variant", "atto", "--calib", "300", "--eval", "200", "--control", "0",
-             "--no-alternatives", "--runs", "3", "--gates", str(d / "gates.toml"), "--out", str(d / "run")],
+             *PINNED_RECIPE, "--runs", "3", "--gates", str(d / "gates.toml"), "--out", str(d / "run")],
             cli_env, code=0)
     return d / "run"
 

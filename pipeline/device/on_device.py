@@ -50,7 +50,8 @@ def run_job(job: dict) -> dict:
         loaded = time.perf_counter()
         outputs = np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
         np.save(out / f"{precision}.npy", outputs.astype(np.float32))
-        if reference is not None:  # the bundle's reference inputs, the model's own (uint8 pixels for image input)
+        if reference is not None and precision in job.get("reference_precisions", [precision]):
+            # the bundle's reference inputs, the model's own (uint8 pixels for image input)
             call = runner.native or runner.run
             np.save(out / f"{precision}_reference.npy", np.concatenate(
                 [call(reference[i:i + batch]) for i in range(0, len(reference), batch)]).astype(np.float32))
