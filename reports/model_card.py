@@ -103,10 +103,12 @@ def render_model_card(report: dict, bundle: dict) -> str:
     ref = bundle["reference"]
     out += ["## Check it on the device", "",
             f"`reference_outputs.npz` holds {ref['n']} images of `{ref['source']}` as the model's inputs and the "
-            "outputs the bundled model gave here ("
+            "outputs the bundled model gave on the kernels named ("
             + "; ".join(f"{p}: {w['runtime']} on {w['device']}, executed {w['precision_executed']}"
                         + (f", **proxy**: {w['proxy']}" if w.get("proxy") else "") for p, w in ref["made_by"].items())
-            + ").", "",
+            + ")" + ("; an emulated device's set, with the bundling machine's beside it (`host_outputs_*`): `validate` "
+                     "compares with the set made on the INT8 path it runs on" if any(
+                         w.get("kind") == "emulated" for w in ref["made_by"].values()) else "") + ".", "",
             "```", "sha256sum -c SHA256SUMS",
             *(["python predict.py reference_images/*.png        # top-5 per image; --json for machines"]
               if bundle["predict"] else []),

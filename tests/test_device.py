@@ -163,6 +163,8 @@ def _validates_on_its_device(out, device: str, label: str, path: str, cli_env, b
     host = index["reference_sets"]["host_outputs"]["int8"]
     assert host["int8_path"] == (bundled_on or machine.cpu_profile()["path"]) and host["vs_device"]["n"] == len(
         ref["labels"])
+    card = (out / "bundle" / "MODEL_CARD.md").read_text()
+    assert f"int8: {made['runtime']} on {made['device']}" in card and "an emulated device's set" in card
     device_run = np.load(out / "device_reference_outputs.npz")
     assert np.array_equal(ref["outputs_int8"], device_run["outputs_int8"])  # made on the device, not here
     assert np.array_equal(ref["indices"], device_run["indices"])
