@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from convnext_deploy.pipeline.core.errors import UserError, machine_error
+from convnext_deploy.pipeline.core.settings import batches, loads, timing_budget
 from convnext_deploy.pipeline.device.check import add_device_check
 from convnext_deploy.pipeline.device.profiles import add_device_args
 
@@ -25,37 +26,6 @@ def _zoo(command: str):
 
         return getattr(zoo_commands, command)(args)
     return run
-
-
-def _flag_or_env(given: str | None, flag: str, var: str, default: str, parse, rule: str):
-    """A deploy setting from its flag, else its environment variable, else `default`; `parse` gives None for a value
-    that breaks `rule`, which is refused in one line naming where the value came from."""
-    import os
-
-    raw = given if given is not None else os.environ.get(var, default)
-    value = parse(raw)
-    if value is None:
-        raise UserError(f"{flag if given is not None else var} {raw!r} must be {rule}")
-    return value
-
-
-def _positive_seconds(raw: str) -> float | None:
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None
-    return seconds if seconds > 0 else None
-
-
-def _timing_budget(given: str | None) -> float:
-    return _flag_or_env(given, "--timing-budget", "CONVNEXT_DEPLOY_TIMING_BUDGET_S", "60", _positive_seconds,
-                        "a number of seconds > 0 (the most one decision adds timing rounds for)")
-
-
-def _loads(given: str | None) -> int:
-    return _flag_or_env(given, "--loads", "CONVNEXT_DEPLOY_LOADS", "3",
-                        lambda raw: int(raw) if raw.isdigit() and int(raw) >= 1 else None,
-                        "a whole number ≥ 1 (fresh loads of each artifact the timing is spread over)")
 
 
 def _cmd_deploy(args) -> int:
@@ -75,8 +45,8 @@ def _cmd_deploy(args) -> int:
         alternatives=not args.no_alternatives, recipe=args.recipe, accuracy_control=args.accuracy_control,
         sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
         fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
-        n_control=args.control, timing_budget_s=_timing_budget(args.timing_budget), input=args.input,
-        loads=_loads(args.loads), device=args.device, device_eval=args.device_eval,
+        n_control=args.control, timing_budget_s=timing_budget(args.timing_budget), input=args.input,
+        loads=loads(args.loads), device=args.device, device_eval=args.device_eval, batch_sizes=batches(args.batches),
     )
     if args.control is not None and args.control < 0:
         raise UserError(f"--control {args.control} must be ≥ 0 (labelled images held out for decisions; 0: none)")
@@ -199,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--loads", metavar="N",
                    help="fresh loads of each timed artifact its latency rounds are spread over, so intervals carry "
                         "the spread between loads (default 3, or $CONVNEXT_DEPLOY_LOADS)")
+    s.add_argument("--batches", metavar="LIST",
+                   help="batch sizes the latency table times, 1 among them (default 1,8, or $CONVNEXT_DEPLOY_BATCHES)")
     s.add_argument("--calib-data", help="images to calibrate on, no labels needed: an ImageFolder tree (e.g. ImageNet "
                                         "train), a flat folder of images, or a text file of image paths, one a line")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")
@@ -235,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=256, help="calibration images measured on (default 256)")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--out", help="output directory (default runs/sensitivity-<target>-<variant>)")
+    s.add_argument("--batches", metavar="LIST",
+                   help="batch sizes the latency table times, 1 among them (default 1,8, or $CONVNEXT_DEPLOY_BATCHES)")
     s.add_argument("--calib-data", help="images to calibrate on, no labels needed: an ImageFolder tree (e.g. ImageNet "
                                         "train), a flat folder of images, or a text file of image paths, one a line")
     s.add_argument("--eval-data", help="ImageFolder tree to evaluate on (e.g. ImageNet val)")

@@ -27,6 +27,7 @@ def staged(atto_reference, cli_env, tmp_path_factory):
     gates.write_text(GATES_ACCURACY_ONLY)
     lines = []
     cfg = DeployConfig("onnxruntime", "atto", n_calib=300, n_eval=1000, gates=gates, alternatives=False, latency_runs=5,
+                       batch_sizes=(1,),
                        timing_budget_s=float(TEST_TIMING_BUDGET_S), loads=int(TEST_LOADS))
     ctx = prepare(cfg, lines.append)
     src = export(ctx)
@@ -159,6 +160,25 @@ def test_loads_that_are_not_a_count_are_refused_in_one_line(cli_env, args, env, 
     p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", *args], {**cli_env, **env}, code=2)
     assert named in p.stderr and "must be a whole number ≥ 1" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("given, named", [("--batches 8", "--batches '8' "), ("--batches 1,x", "--batches '1,x' "),
+                                          ("env 0,1", "_BATCHES '0,1' ")])
+def test_batch_sizes_without_batch_1_or_not_counts_are_refused_in_one_line(cli_env, given, named):
+    flag, value = given.split()
+    env = {**cli_env, "CONVNEXT_DEPLOY_BATCHES": value} if flag == "env" else cli_env
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", *([flag, value] if flag != "env" else [])],
+                env, code=2)
+    assert named in p.stderr and "1 among them" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_batch_sizes_read_from_the_flag_or_the_environment(monkeypatch):
+    from convnext_deploy.pipeline.core.settings import batches
+
+    monkeypatch.delenv("CONVNEXT_DEPLOY_BATCHES", raising=False)
+    assert batches(None) == (1, 8) and batches("8, 1,4") == (1, 4, 8)
+    monkeypatch.setenv("CONVNEXT_DEPLOY_BATCHES", "1")
+    assert batches(None) == (1,) and batches("1,16") == (1, 16)  # the flag over the variable
 
 
 @pytest.mark.parametrize("target,path,user,expected", [
