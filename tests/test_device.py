@@ -226,7 +226,7 @@ def test_validate_compares_with_the_set_made_on_its_own_int8_path(monkeypatch, h
     sets = {"outputs": {"int8": {"device": "emulated ARM Cortex-A76 (qemu-aarch64 10.0.2 -cpu cortex-a76)",
                                  "int8_path": "arm-dotprod"}},
             "host_outputs": {"int8": {"device": "AMD EPYC, 2 threads", "int8_path": "avx2",
-                                      "vs_device": {"of_range": 0.066, "top1_agree": 197, "n": 200}}}}
+                                      "vs_device": {"max_abs_diff_of_range": 0.066, "top1_agree": 197, "n": 200}}}}
     got, line = reference_choice({"reference_sets": sets}, {})
     assert got == which and says in line, line
     if "arm-i8mm" in says:

@@ -220,4 +220,5 @@ def _artifact_of(options):
     from convnext_deploy.targets import get_target
     from convnext_deploy.targets.base import Artifact
 
-    return Artifact("onnxruntime", "int8", [], {"quantization": get_target("onnxruntime").build_config("int8", options)})
+    config = get_target("onnxruntime").build_config("int8", options)
+    return Artifact("onnxruntime", "int8", [], {"quantization": config})

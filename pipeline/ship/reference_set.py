@@ -116,9 +116,9 @@ def device_outputs(run_dir: Path, report: dict, ref: dict) -> dict | None:
 
 
 def set_difference(a: np.ndarray, b: np.ndarray) -> dict:
-    """How far two sets of outputs on the same inputs are apart: the largest |Δ| (and as a fraction of `b`'s
-    range) and top-1 agreement, a count."""
+    """How far outputs `a` are from outputs `b` on the same inputs: top-1 agreement (a count) and the largest |Δ|,
+    also as a fraction of `b`'s range (as `validate` reads a bundle)."""
     diff = float(np.abs(a - b).max())
     span = float(b.max() - b.min()) or 1.0
-    return {"max_abs_diff": round(diff, 6), "of_range": round(diff / span, 6),
-            "top1_agree": int((a.argmax(1) == b.argmax(1)).sum()), "n": len(b)}
+    return {"top1_agree": int((a.argmax(1) == b.argmax(1)).sum()), "n": len(b), "max_abs_diff": diff,
+            "max_abs_diff_of_range": diff / span}

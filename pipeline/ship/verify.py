@@ -167,8 +167,9 @@ def reference_choice(pp_json: dict, report: dict) -> tuple[str, str]:
     where this CPU takes the host's path instead; otherwise the bundle's own, with the difference to expect."""
     from convnext_deploy.pipeline.measure.machine import cpu_profile
 
-    sets = pp_json.get("reference_sets") or {PRIMARY: {"int8": {
-        "device": "the deploy's machine", "int8_path": ((report.get("machine") or {}).get("cpu_profile") or {}).get("path")}}}
+    built_on = ((report.get("machine") or {}).get("cpu_profile") or {}).get("path")  # a bundle from before the sets
+    sets = pp_json.get("reference_sets") or {PRIMARY: {"int8": {"device": "the deploy's machine",
+                                                                "int8_path": built_on}}}
     here = cpu_profile()["path"]
 
     def made(name: str) -> tuple[str, str]:
@@ -181,8 +182,9 @@ def reference_choice(pp_json: dict, report: dict) -> tuple[str, str]:
     if HOST in sets and made(HOST)[1] == here:
         return HOST, (f"reference set: the deploy host's, made on {made(HOST)[0]}, INT8 path {here}: the path this CPU "
                       f"takes (the bundle's own set is the device's: {where}, INT8 path {path})")
-    apart = [f"{p}: max |Δ| {d['vs_device']['of_range'] * 100:.2g} % of the range, top-1 {d['vs_device']['top1_agree']}/"
-             f"{d['vs_device']['n']}" for p, d in (sets.get(HOST) or {}).items() if d.get("vs_device")]
+    apart = [f"{p}: max |Δ| {d['vs_device']['max_abs_diff_of_range'] * 100:.2g} % of the range, top-1 "
+             f"{d['vs_device']['top1_agree']}/{d['vs_device']['n']}" for p, d in (sets.get(HOST) or {}).items()
+             if d.get("vs_device")]
     return PRIMARY, (f"reference set: the bundle's own, made on {where}, INT8 path {path}; this CPU takes INT8 path "
                      f"{here}, whose integer kernels may round and accumulate otherwise: expect INT8 outputs to differ"
                      + (f" (between the two paths the deploy measured: {'; '.join(apart)})" if apart else "")

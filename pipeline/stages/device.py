@@ -64,7 +64,8 @@ def _run_emulated(ctx: Context, built: Built, x: np.ndarray, ref: np.ndarray, wo
     emulated_by, em = where(profile), emulator.find(profile.arch)
     key = key_of("device", ctx.target.name, profile.name, emulated_by, str(em.python), str(em.site), em.manifest,
                  {p: built.artifacts[p].sha256() for p in precisions}, inputs_sha256(x), inputs_sha256(ref),
-                 ctx.cfg.threads, ctx.target.describe_environment(), code_digest(ON_DEVICE_MODULE, __name__, ctx.target.module))
+                 ctx.cfg.threads, ctx.target.describe_environment(),
+                 code_digest(ON_DEVICE_MODULE, __name__, ctx.target.module))
 
     def run_into(out: Path) -> None:
         np.save(work / "inputs.npy", x)
@@ -99,15 +100,6 @@ def _run_emulated(ctx: Context, built: Built, x: np.ndarray, ref: np.ndarray, wo
     return result
 
 
-def _vs_host(device_out: np.ndarray, host_out: np.ndarray) -> dict:
-    """How far the device's outputs are from the host's on the same inputs: top-1 agreement (a count) and the
-    largest |Δ| against the host's output range, as `validate` reads a bundle."""
-    diff = float(np.abs(device_out - host_out).max())
-    span = float(host_out.max() - host_out.min()) or 1.0
-    agree = int((device_out.argmax(1) == host_out.argmax(1)).sum())
-    return {"top1_agree": agree, "n": len(host_out), "max_abs_diff": diff, "max_abs_diff_of_range": diff / span}
-
-
 def on_device(ctx: Context, built: Built) -> dict | None:
     """The device's figures (report.json's `device`), or None where no --device was given."""
     profile = ctx.device
@@ -134,7 +126,7 @@ def on_device(ctx: Context, built: Built) -> dict | None:
         ran = result["models"][p]
         figures[p] = {**acc, "label": label, "kind": "emulated", "runtime": ran["runtime"],
                       "precision_executed": ran["executed"], "settings": ran["settings"], "layers": ran["layers"],
-                      "vs_host": _vs_host(out, run_batched(built.runners[p].run, x)),
+                      "vs_host": set_difference(out, run_batched(built.runners[p].run, x)),
                       "predictions": [int(c) for c in preds[p].top5[:, 0]],  # what device-check compares with
                       "seconds": ran["load_s"] + ran["run_s"]}
         ctx.log(f"device {profile.name} ({label}) {p}: top-1 {acc['correct']}/{n}"
@@ -161,10 +153,11 @@ def _reference(ctx: Context, built: Built, about: dict, label: str, result: dict
                       "precision_executed": ran["executed"], "proxy": None, "int8_path": about["path"],
                       "kind": "emulated", "emulator": result["emulator"]}
         r = built.runners[p]
-        vs_host[p] = set_difference(run_batched(r.native or r.run, ref["inputs"]), y)
+        vs_host[p] = set_difference(y, run_batched(r.native or r.run, ref["inputs"]))
+        d = vs_host[p]
         ctx.log(f"device {ctx.device.name} {p}: reference outputs of the bundle's {len(y)} images made on its kernels; "
-                f"this machine's differ by max |Δ| {vs_host[p]['max_abs_diff']:.3g} "
-                f"({vs_host[p]['of_range'] * 100:.2g} % of the range), top-1 {vs_host[p]['top1_agree']}/{len(y)}")
+                f"this machine's differ by max |Δ| {d['max_abs_diff']:.3g} ({d['max_abs_diff_of_range'] * 100:.2g} % "
+                f"of the range), top-1 {d['top1_agree']}/{len(y)}")
     return {"file": DEVICE_REFERENCE, "n": len(ref["indices"]), "inputs_sha256": inputs_sha256(ref["inputs"]),
             "made_by": made_by, "host_vs_device": vs_host}
 
