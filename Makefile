@@ -13,7 +13,7 @@ CLI      := $(BIN)/convnext-deploy
 FMNIST   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup apt venv setup-emulation reference test test-all deploy bench bench-full benchmarks matrix clean
+.PHONY: setup apt venv setup-emulation reference test test-all deploy bench bench-full bench-scale benchmarks matrix clean
 
 setup: apt venv setup-emulation
 
@@ -61,6 +61,14 @@ bench:
 
 bench-full:
 	$(BIN)/python -m convnext_deploy.pipeline.bench --full
+	$(MAKE) --no-print-directory benchmarks
+
+# Every variant T…XL deployed as a user would (official .pth, 1,000 classes, --calib 100 --eval 200), one row each:
+# stage seconds and process-tree peaks against 3 GiB + 4 × the weights, FP32/INT8 p50. VARIANTS=b for one row.
+VARIANTS ?= t,s,b,l,xl
+SCALE_MINUTES ?= 150
+bench-scale:
+	$(BIN)/python -m convnext_deploy.pipeline.bench_scale --variants $(VARIANTS) --target $(TARGET) --minutes $(SCALE_MINUTES)
 	$(MAKE) --no-print-directory benchmarks
 
 # BENCHMARKS.md from the committed results benchmarks/*/*.json (tests/test_benchmarks_doc.py keeps them equal).

@@ -9,6 +9,7 @@ not here, proxy figures reported, or the --device is emulated and its speed gate
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -42,7 +43,8 @@ def _cmd_deploy(args) -> int:
         out=Path(args.out) if args.out else None, threads=args.threads, latency_runs=args.runs,
         calib_data=Path(args.calib_data) if args.calib_data else None,
         eval_data=Path(args.eval_data) if args.eval_data else None, options=options,
-        alternatives=not args.no_alternatives, recipe=args.recipe, accuracy_control=args.accuracy_control,
+        alternatives=not args.no_alternatives, screen=args.screen, plan_only=args.plan_only,
+        recipe=args.recipe, accuracy_control=args.accuracy_control,
         sensitivity=args.sensitivity, smoothing=_smoothing(args), fallback=not args.no_fallback,
         fallback_max_layers=args.fallback_max_layers, fallback_max_minutes=args.fallback_max_minutes,
         n_control=args.control, timing_budget_s=timing_budget(args.timing_budget), input=args.input,
@@ -53,6 +55,9 @@ def _cmd_deploy(args) -> int:
     if args.fallback_max_layers < 0 or args.fallback_max_minutes <= 0:
         raise UserError("--fallback-max-layers must be ≥ 0 and --fallback-max-minutes > 0")
     result = run_deploy(cfg, log=lambda m: print(m, flush=True))
+    if cfg.plan_only:
+        print(json.dumps(result.report["plan"]))
+        return result.exit_code
     print(f"report: {result.out_dir / 'report.html'}")
     if result.exit_code == EXIT_NOT_BUILT:
         what = "emulated" if (result.report.get("device") or {}).get("measured") == "emulated" else "proxy"
@@ -181,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", default="auto",
                    help="INT8 recipe: auto (default: the fastest candidate that meets the accuracy gates on the "
                         "control split, measured on this CPU) or a candidate's name as the report lists it")
+    s.add_argument("--plan-only", action="store_true",
+                   help="print the estimate of peak memory and time (and whether it fits here) as JSON and stop")
+    s.add_argument("--screen", action=argparse.BooleanOptionalAction, default=None,
+                   help="time every INT8 candidate on a slice of the model first and build in full only those that "
+                        "can win (default: on from ConvNeXt-S up)")
     s.add_argument("--no-alternatives", action="store_true",
                    help="build only the default INT8 recipe (and the one --recipe names): no candidates to choose from")
     s.add_argument("--accuracy-control", action="store_true",

@@ -14,6 +14,7 @@ from convnext_deploy.pipeline.measure.memory import stage_peak
 from convnext_deploy.pipeline.ship.bundle import after_deploy
 from convnext_deploy.pipeline.stages import gates
 from convnext_deploy.pipeline.stages.build import Built, build, build_one
+from convnext_deploy.pipeline.stages.plan import estimated_vs_measured, plan
 from convnext_deploy.pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide, sensitivity
 from convnext_deploy.pipeline.stages.device import on_device
@@ -39,6 +40,9 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
             return fn(*args)
 
     ctx = stage("prepare", prepare, cfg, log)
+    estimate = plan(ctx)  # exit 2 here, before anything is written, where the peak would not fit this machine
+    if cfg.plan_only:
+        return DeployResult({"plan": estimate.to_dict()}, None, EXIT_OK)
     src = stage("export", export, ctx)
     built = stage("build", build, ctx, src)
     decision = stage("decide", decide, ctx, built)
@@ -54,7 +58,9 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     report = assemble(ctx, src, built, decision, validation, layers, gated)
     device_outputs = device.pop("reference_outputs", None) if device else None  # arrays: a file, not report.json
     report["device"] = device
+    report["plan"] = estimated_vs_measured(estimate, memory)
     report["memory"] = {"stages": memory, "peak_rss_mib": max(r["peak_rss_mib"] for r in memory),
+                        "tree_peak_rss_mib": max(r["tree_peak_rss_mib"] for r in memory),
                         "seconds": round(sum(r["seconds"] for r in memory), 1), "method": memory[0]["method"]}
     out_dir = publish(ctx, report, built, device_outputs)
     for v in gated[1]:

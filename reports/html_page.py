@@ -18,6 +18,7 @@ from convnext_deploy.reports.prose import (
     method_lines,
     mixed_lines,
     recipe_caption,
+    screen_caption,
     summary_lines,
     time_lines,
 )
@@ -30,6 +31,7 @@ from convnext_deploy.reports.tables import (
     LAYER_HEAD,
     MEMORY_HEAD,
     RECIPE_HEAD,
+    SCREEN_HEAD,
     SENS_HEAD,
     acc_head,
     accuracy_caption,
@@ -44,6 +46,7 @@ from convnext_deploy.reports.tables import (
     layer_tables,
     memory_rows,
     recipe_rows,
+    screen_rows,
     sensitivity_rows,
 )
 
@@ -140,6 +143,8 @@ def render_html(report: dict, png: bytes | None) -> str:
         _section("INT8 methods", _lines_html(method_lines(report))
                  + (html_table(FALLBACK_HEAD, fallback_rows(report)) if fallback_rows(report) else "")),
         _section("Where the time goes", _pre(time_lines(report))),
+        _section("INT8 candidates screened", html_table(SCREEN_HEAD, screen_rows(report), screen_caption(report))
+                 if report.get("recipe_screen") else ""),
         _section("INT8 recipe chosen on this CPU", (f"<p>{_inline(choice_caption(report))}</p>"
                  + (html_table(CHOICE_HEAD, [[c.replace("**", "") for c in row] for row in choice]) if choice else ""))
                  if report.get("recipe_choice") else ""),

@@ -10,6 +10,7 @@ from convnext_deploy.reports.prose import (
     method_lines,
     mixed_lines,
     recipe_caption,
+    screen_caption,
     summary_lines,
     time_lines,
 )
@@ -22,6 +23,7 @@ from convnext_deploy.reports.tables import (
     LAYER_HEAD,
     MEMORY_HEAD,
     RECIPE_HEAD,
+    SCREEN_HEAD,
     SENS_HEAD,
     acc_head,
     accuracy_caption,
@@ -36,6 +38,7 @@ from convnext_deploy.reports.tables import (
     layer_tables,
     memory_rows,
     recipe_rows,
+    screen_rows,
     sensitivity_rows,
 )
 
@@ -76,6 +79,8 @@ def render_markdown(report: dict) -> str:
              "## INT8 methods", "", *method_lines(report), "",
              *([md_table(FALLBACK_HEAD, fallback), ""] if fallback else []),
              *(["## Where the time goes", "", *time_lines(report), ""] if time_lines(report) else []),
+             *(["## INT8 candidates screened", "", screen_caption(report), "", md_table(SCREEN_HEAD, screen_rows(report)),
+                ""] if report.get("recipe_screen") else []),
              *(["## INT8 recipe chosen on this CPU", "", choice_caption(report), "",
                 *([md_table(CHOICE_HEAD, choice_rows(report)), ""] if choice_rows(report) else [])]
                if report.get("recipe_choice") else []),

@@ -80,8 +80,14 @@ def memory_caption(report: dict) -> str:
     mem = report["memory"]
     steps = "; ".join(f"{k} {v:.0f} s" for k, v in (report.get("decide_steps_s") or {}).items())
     return (f"Peak resident memory and wall time of the deploy process per stage ({mem['method']}; toolchains run in "
-            f"the process). Whole deploy: {mem['peak_rss_mib']:.0f} MiB" + (f", {mem['seconds']:.0f} s" if
-                                                                           mem.get("seconds") else "")
+            f"the process; a child process, such as an emulated device's, by the kernel's record of its own peak). "
+            f"Whole deploy: {mem['peak_rss_mib']:.0f} MiB"
+            + (f" ({mem['tree_peak_rss_mib']:.0f} MiB with its largest child process)"
+               if mem.get("tree_peak_rss_mib", mem["peak_rss_mib"]) > mem["peak_rss_mib"] else "")
+            + (f", {mem['seconds']:.0f} s" if mem.get("seconds") else "")
+            + (f". Estimated before the export (pipeline/measure/footprint.py, one FP32 forward timed here): "
+               f"{report['plan']['peak_mib']:.0f} MiB, {report['plan']['seconds']:.0f} s"
+               if report.get("plan") else "")
             + (f". Inside decide: {steps}." if steps else "."))
 
 
@@ -150,3 +156,13 @@ def _fallback_lines(fb: dict) -> list[str]:
     return lines
 
 
+
+
+def screen_caption(report: dict) -> str:
+    s = report["recipe_screen"]
+    return (f"Every INT8 candidate was first built on a slice of the model (blocks per stage {s['slice_depths']} of "
+            f"{s['variant_depths']}, {s['slice_parameters'] / 1e6:.1f} M parameters, calibrated on "
+            f"{s['calibration_images']} images) and timed at {s['input_size']} px, batch {s['batch']}, interleaved "
+            f"with the slice's reference on this CPU (its p50 {s['reference_p50_ms']:.2f} ms). Built in full: the "
+            f"default and those within {s['margin']:.0%} of the fastest, at most {s['shortlist']}. Real figures, of "
+            "the slice: the full model's are in the tables below.")

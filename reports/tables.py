@@ -137,13 +137,17 @@ def choice_rows(report: dict) -> list[list[str]]:
             for r in (report.get("recipe_choice") or {}).get("candidates", [])]
 
 
-MEMORY_HEAD = ["stage", "peak RSS (MiB)", "RSS at start (MiB)", "seconds"]
+MEMORY_HEAD = ["stage", "peak RSS (MiB)", "RSS at start (MiB)", "process tree peak (MiB)", "estimated (MiB)",
+               "seconds", "estimated (s)"]
 
 
 def memory_rows(report: dict) -> list[list[str]]:
-    mem = report.get("memory") or {}
+    mem, planned = report.get("memory") or {}, ((report.get("plan") or {}).get("stages") or {})
     return [[r["stage"], f"{r['peak_rss_mib']:.0f}", "—" if r["start_rss_mib"] is None else f"{r['start_rss_mib']:.0f}",
-             "—" if r.get("seconds") is None else f"{r['seconds']:.1f}"]
+             f"{r.get('tree_peak_rss_mib', r['peak_rss_mib']):.0f}",
+             f"{planned[r['stage']]['peak_mib']:.0f}" if r["stage"] in planned else "—",
+             "—" if r.get("seconds") is None else f"{r['seconds']:.1f}",
+             f"{planned[r['stage']]['seconds']:.0f}" if r["stage"] in planned else "—"]
             for r in mem.get("stages", [])]
 
 
@@ -172,3 +176,13 @@ def sensitivity_rows(result: dict) -> list[list[str]]:
     ranked = sorted(result["layers"], key=lambda r: order.get(r.get("module", r["layer"]), len(order)))
     return [[str(i + 1), r.get("module", r["layer"]), r["op"], f"{r['sqnr_db']:.1f}", f"{r['agreement_regained_pp']:+.2f}",
              f"{r.get('logit_sqnr_gain_db', 0.0):+.2f}"] for i, r in enumerate(ranked)]
+
+
+SCREEN_HEAD = ["INT8 candidate", "p50 ms on the slice", "speed-up vs its FP32", "built in full", "why"]
+
+
+def screen_rows(report: dict) -> list[list[str]]:
+    screen = report.get("recipe_screen") or {}
+    return [[r["recipe"], f"{r['p50_ms']:.2f}", f"{r['speedup']:.2f}× [{r['speedup_ci95'][0]:.2f}, "
+             f"{r['speedup_ci95'][1]:.2f}]", "yes" if r["built_in_full"] else "no", r["why"]]
+            for r in screen.get("candidates", [])]

@@ -170,3 +170,21 @@ def test_a_budget_adds_instances_until_the_ratio_is_resolved():
                   runs=20, warmup=0, rounds=4, spread=Spread({"int8": load}, 2), budget=Budget(60, 0.05))
     r = ratio(lat["fp32"], lat["int8"], tolerance=0.05)
     assert lat["int8"].instances > 2 and len(loads) == lat["int8"].instances and r.resolved
+
+
+def test_a_slow_model_takes_fewer_calls_a_round_so_its_minimum_fits_the_budget():
+    from convnext_deploy.pipeline.measure.latency import MIN_BLOCK, fit_budget
+
+    # 100 runs in 12 rounds over 3 loads of 5 runners at 0.5 s a call each: 9 calls a round would take 5 minutes
+    block, rounds = fit_budget(call_s=5 * 0.5, block=8, per_instance=4, instances=3, warmup=5, seconds=60)
+    assert MIN_BLOCK <= block < 8 and rounds >= 2
+    assert 3 * (5 + rounds * (block + 1)) * 2.5 <= 60 or (block, rounds) == (MIN_BLOCK, 2)
+    assert fit_budget(call_s=0.001, block=8, per_instance=4, instances=3, warmup=5, seconds=60) == (8, 4)  # fits
+
+
+def test_the_budget_bounds_a_slow_runners_measurement_and_no_rounds_are_added_without_extend():
+    t0 = time.monotonic()
+    res = measure({"a": sleeper(30.0), "b": sleeper(30.0)}, batch=1, input_size=8, runs=100, warmup=1, rounds=6,
+                  budget=Budget(2.0, extend=False))
+    assert time.monotonic() - t0 < 4.0  # 100 calls each would take 6 s
+    assert res["a"].rounds >= 2 and res["a"].block >= 3

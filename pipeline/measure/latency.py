@@ -66,10 +66,12 @@ class Latency:
 
 @dataclass(frozen=True)
 class Budget:
-    """More rounds, for up to `seconds`, until every ratio to the first runner is within ±`tolerance` (95 %)."""
+    """More rounds, for up to `seconds`, until every ratio to the first runner is within ±`tolerance` (95 %);
+    `extend=False`: no more rounds, the seconds only bound the minimum measurement."""
 
     seconds: float
     tolerance: float = 0.03
+    extend: bool = True
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,8 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
             budget: Budget | None = None, spread: Spread | None = None) -> dict[str, Latency]:
     """`runners`: name → targets.base.Runner or a plain batch → logits callable. `runs` timed calls per runner in
     `rounds` rounds; a `budget` adds rounds (with `spread`: instances) until every ratio to the first runner is
-    resolved. With `spread`, the rounds are spread over its instances (the first is `runners`)."""
+    resolved. With `spread`, the rounds are spread over its instances (the first is `runners`). With a budget, the
+    minimum measurement takes fewer calls a round where it would not fit the seconds (`fit_budget`)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size)).astype(np.float32)
     instances = spread.instances if spread is not None and spread.loaders else 1
     per_instance = -(-rounds // instances)
@@ -226,7 +229,9 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
     times: dict[str, list[list[float]]] = {k: [] for k in runners}
     instance_of: list[int] = []
     t0 = time.monotonic()
-    instance, timers = 0, _warmed(runners, x, warmup)
+    instance, (timers, call_s) = 0, _warmed(runners, x, warmup)
+    if budget is not None:  # fewer calls for a slow model, so that its minimum measurement fits the seconds
+        block, per_instance = fit_budget(call_s, block, per_instance, instances, warmup, budget.seconds)
     while True:
         for name, timer in timers.items():
             if len(timers) > 1:
@@ -236,7 +241,8 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
         if instances > 1 and len(instance_of) % per_instance:
             continue  # an instance's rounds are measured in full before anything is decided
         done = len(instance_of) >= per_instance * instances
-        if done and budget is not None and time.monotonic() - t0 < budget.seconds and len(timers) > 1:
+        if done and budget is not None and budget.extend and time.monotonic() - t0 < budget.seconds \
+                and len(timers) > 1:
             keep, ids = undisturbed(times).tolist(), list(instance_of)
             data = [{"ms": t, "instance": ids, "kept": keep} for t in times.values()]
             done = all(ratio_of_rounds(data[0], d, budget.tolerance).resolved for d in data[1:])
@@ -245,16 +251,37 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
         if instances > 1:
             instance += 1
             timers = None  # the previous instance is released before the next is loaded
-            timers = _warmed({k: spread.loaders[k]() if k in spread.loaders else r for k, r in runners.items()},
-                             x, warmup)
+            timers, _ = _warmed({k: spread.loaders[k]() if k in spread.loaders else r for k, r in runners.items()},
+                                x, warmup)
 
 
-def _warmed(runners: dict, x: np.ndarray, warmup: int) -> dict:
+MIN_BLOCK, MIN_ROUNDS = 3, 2  # the fewest timed calls a round and rounds an instance keep: a p50 and a pairing
+
+
+def fit_budget(call_s: float, block: int, per_instance: int, instances: int, warmup: int,
+               seconds: float) -> tuple[int, int]:
+    """(calls per round, rounds per instance) whose minimum measurement fits `seconds`, given one call of every
+    runner in turn takes `call_s`: a large variant's calls are 10-50× a small one's, so the same counts would spend
+    minutes where a small one spends seconds. Calls per round go first (down to MIN_BLOCK), then rounds (down to
+    MIN_ROUNDS per instance); what fits is left as asked."""
+    def cost(b: int, r: int) -> float:
+        return instances * (warmup + r * (b + 1)) * call_s
+
+    while block > MIN_BLOCK and cost(block, per_instance) > seconds:
+        block = max(MIN_BLOCK, int(block * seconds / cost(block, per_instance)))
+    while per_instance > MIN_ROUNDS and cost(block, per_instance) > seconds:
+        per_instance -= 1
+    return block, per_instance
+
+
+def _warmed(runners: dict, x: np.ndarray, warmup: int) -> tuple[dict, float]:
+    """(the runners' timers, warm, and the seconds of one call of each, the last warm-up's, summed: 0 without one)."""
     timers = {name: _seconds_of(r) for name, r in runners.items()}
-    for timer in timers.values():
+    last = {}
+    for name, timer in timers.items():
         for _ in range(warmup):
-            timer(x)
-    return timers
+            last[name] = timer(x)
+    return timers, sum(last.values())
 
 
 def _latencies(times: dict, instance_of: list[int], batch: int, input_size: int, warmup: int,

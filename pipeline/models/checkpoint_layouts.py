@@ -39,6 +39,24 @@ _HF_RULES = [
 ]
 
 
+# ours → official: how the facebookresearch code names our keys (writing a checkpoint as a user has one)
+_TO_OFFICIAL_RULES = [
+    (r"^stem\.(\d)\.", r"downsample_layers.0.\1."),
+    (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.fc\.(weight|bias)$", r"head.\1"),
+]
+
+
+def to_official(sd: dict) -> dict:
+    """Our state dict in the official layout's names (what `torch.save({"model": ...})` of their code holds)."""
+    return _rename(sd, _TO_OFFICIAL_RULES)
+
+
 def detect_format(sd: dict) -> str:
     """Name the layout by its marker keys: 'official', 'timm', 'hf' or 'unknown'."""
     keys = sd.keys()

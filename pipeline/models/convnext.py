@@ -189,5 +189,16 @@ def fold_layer_scale(model: torch.nn.Module) -> torch.nn.Module:
     return folded
 
 
+def truncated(model: ConvNeXt, depths: tuple[int, ...]) -> ConvNeXt:
+    """A ConvNeXt of the same widths and head holding the stem, downsampling layers, head and the first
+    `depths[i]` blocks of each stage of `model`, their weights copied: every kind of layer the model has, at a
+    fraction of its size (the candidates' screen, pipeline.decisions.screen)."""
+    short = ConvNeXt(depths, model.dims, num_classes=model.num_classes, in_chans=model.in_chans).eval()
+    own = model.state_dict()
+    short.load_state_dict({k: own[k] for k in short.state_dict()})
+    short.head.norm.eps = model.head.norm.eps
+    return short
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

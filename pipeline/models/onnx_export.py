@@ -24,12 +24,14 @@ import torch
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.core.errors import UserError
+from convnext_deploy.pipeline.core.forked import in_child
 from convnext_deploy.pipeline.models.convnext import fold_layer_scale
 from convnext_deploy.pipeline.models.graph_forms import DEFAULT_FORM, to_form
 
 OPSET = 20  # LayerNormalization since 17, Gelu since 20
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 SPATIAL_MULTIPLE = 32  # stem /4 then three /2 downsamplings
+PARITY_BATCH_PIXELS = 4 * 224 * 224  # images × H × W per parity batch: 4 at 224 px, all 32 at up to 79 px
 
 
 @dataclass
@@ -86,9 +88,12 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, to
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    step = max(1, PARITY_BATCH_PIXELS // (images.shape[2] * images.shape[3]))  # the arena keeps its largest batch
     with torch.no_grad():
-        ref = model(torch.from_numpy(images)).numpy()
-    got = sess.run(None, {INPUT_NAME: images})[0]
+        ref = np.concatenate([model(torch.from_numpy(images[i:i + step])).numpy()
+                              for i in range(0, len(images), step)])
+    got = np.concatenate([sess.run(None, {INPUT_NAME: images[i:i + step]})[0] for i in range(0, len(images), step)])
+    del sess
     parity = Parity(float(np.abs(ref - got).max()), float((ref.argmax(1) == got.argmax(1)).mean()),
                     len(images), tolerance, int(images.shape[-1]))
     if not np.isfinite(got).all():
@@ -114,7 +119,9 @@ def export_cached(model: torch.nn.Module, checkpoint_sha256: str, variant: str, 
         (tmp / "export.json").write_text(json.dumps({"opset": OPSET, "versions": _versions(), "form": form,
                                                      "checkpoint_sha256": checkpoint_sha256, "variant": variant}))
 
-    directory, cached = cached_dir("export", key, build, log=log)
+    # in a child process: the exporter's copies of the weights go back to the kernel when it ends
+    directory, cached = cached_dir("export", key, lambda tmp: in_child(build, tmp, what=f"{variant} ONNX export"),
+                                   log=log)
     path = directory / "model.onnx"
     parity = check_parity(model, path, images, tolerance)
     return ExportResult(path, OPSET, parity, cached, key, form)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of, sha256_file
+from convnext_deploy.pipeline.core.forked import in_child
+from convnext_deploy.pipeline.decisions import screen
 from convnext_deploy.pipeline.measure.latency import Spread
 from convnext_deploy.pipeline.stages.context import DEFAULT, SMOOTHING_OFF, Context
 from convnext_deploy.pipeline.stages.export import Source, Sources, formed
@@ -45,6 +47,7 @@ class Built:
     recipes: dict[str, Recipe]  # every INT8 candidate, the default (DEFAULT) first; empty without INT8
     # precision → the artifact as built, where `artifacts` holds it finished for the device (pipeline.stages.finish)
     finished_from: dict[str, Artifact] = field(default_factory=dict)
+    screen: dict | None = None  # the screen of a large variant's candidates (pipeline.decisions.screen), if run
 
 
 def _content_digest(source: Source) -> str:
@@ -72,7 +75,10 @@ def build_one(ctx: Context, source: Source, precision: str, options, validation:
             art.metadata["graph_form"] = source.form
         art.save_metadata(tmp)
 
-    directory, cached = cached_dir(f"artifacts/{target.name}", key, build, log=ctx.log)
+    # in a child process: what a build allocates goes back to the kernel when it ends (pipeline.core.forked)
+    directory, cached = cached_dir(f"artifacts/{target.name}", key,
+                                   lambda tmp: in_child(build, tmp, what=f"{target.name} {precision} build"),
+                                   log=ctx.log)
     ctx.log(f"{target.name} {precision}: {'cached' if cached else 'built'} ({directory})")
     return Artifact.load_metadata(directory)
 
@@ -94,11 +100,16 @@ def build(ctx: Context, src: Sources) -> Built:
     if src.smoothing is not None:  # smoothing is one candidate among the others: kept where accuracy needs it
         inputs.append((SMOOTHING_OFF, src.plain, src.plain.form, target.make_options(**ctx.int8_defaults,
                                                                                        **cfg.options)))
-    for name, source, form, options in [i for i in inputs if cfg.alternatives or i[0] == cfg.recipe]:
+    inputs, screened = [i for i in inputs if cfg.alternatives or i[0] == cfg.recipe], None
+    if inputs and screen.applies(ctx):  # a large variant: full builds only for the candidates that can win
+        kept, screened = screen.shortlist(ctx, src.plain, [(DEFAULT, src.int8, src.int8.form, ctx.options), *inputs],
+                                          build_one, formed)
+        inputs = [i for i in inputs if i[0] in {k[0] for k in kept}]
+    for name, source, form, options in inputs:
         source = formed(ctx, source, form)
         art = build_one(ctx, source, "int8", options)
         recipes[name] = Recipe(source, options, art, partial(load, art))
-    return Built(artifacts, runners, recipes)
+    return Built(artifacts, runners, recipes, screen=screened)
 
 
 def spread(ctx: Context, artifacts: dict[str, Artifact], instances: int | None = None) -> Spread:

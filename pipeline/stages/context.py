@@ -41,6 +41,8 @@ class DeployConfig:
     options: dict = field(default_factory=dict)  # overrides of the target's typed build options
     seed: int = 0
     alternatives: bool = True  # also build and measure the target's other INT8 recipes
+    plan_only: bool = False  # stop after the estimate of memory and time (pipeline.stages.plan)
+    screen: bool | None = None  # screen the candidates on a slice first (None: for large variants; decisions.screen)
     recipe: str = "auto"  # auto: the fastest INT8 candidate meeting the accuracy gates on this CPU; or one's name
     accuracy_control: bool = False  # INT8 bounded by the gate's max_top1_drop_pp (targets that offer it)
     n_control: int | None = None  # labelled images held out of the evaluation side for decisions (None: 1,000, ≤ a tenth)

@@ -57,6 +57,7 @@ def assemble(ctx: Context, src: Sources, built: Built, decision: Decision, v: Va
         "accuracy": v.accuracy,
         "latency": v.latency,
         "int8_recipes": v.recipes,
+        "recipe_screen": built.screen,
         "recipe_choice": decision.recipe,
         "where_the_time_goes": v.time_split,
         "recommended_precision": gates.recommend(ctx, v),

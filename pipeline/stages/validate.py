@@ -10,7 +10,7 @@ import torch
 
 from convnext_deploy.calibration.batches import iter_batches
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
-from convnext_deploy.pipeline.measure.latency import measure, ratio
+from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
 from convnext_deploy.pipeline.measure.machine import device_label
 from convnext_deploy.pipeline.stages.build import Built, spread
 from convnext_deploy.pipeline.stages.context import Context, runner_entry
@@ -143,7 +143,8 @@ def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
         for batch in cfg.batch_sizes:
             runs = cfg.latency_runs if batch == 1 else max(10, cfg.latency_runs // 4)
             res = measure({k: r for k, (_, r) in timed.items()}, batch=batch, input_size=size, runs=runs,
-                          warmup=5 if batch == 1 else 2, rounds=6, spread=spread(ctx, loads))
+                          warmup=5 if batch == 1 else 2, rounds=6, spread=spread(ctx, loads),
+                          budget=Budget(cfg.timing_budget_s, extend=False))
             ref = res.get(target.reference)
             for k, lat in res.items():
                 vs = ratio(ref, lat) if ref is not None and k != target.reference else None
@@ -195,7 +196,8 @@ def _compare_recipes(ctx: Context, built: Built, preds: dict, choice: dict | Non
         loads = spread(ctx, {ref: built.artifacts[ref], "int8": built.artifacts["int8"],
                              **{n: r.artifact for n, r in alt.items()}})
         lat = measure({ref: runners[ref], "int8": runners["int8"], **{n: r.runner for n, r in alt.items()}},
-                      batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5, rounds=6, spread=loads)
+                      batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5, rounds=6, spread=loads,
+                      budget=Budget(cfg.timing_budget_s, extend=False))
         for r in alt.values():
             r.release()
         timed = {name: {"p50_ms": lat[name if name in alt else "int8"].p50_ms, "reference_p50_ms": lat[ref].p50_ms,
