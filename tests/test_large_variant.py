@@ -36,3 +36,30 @@ def test_convnext_s_builds_and_runs_at_224_px_in_bounded_memory(cli_env, monkeyp
     assert all(o.shape == (2, 10) and np.isfinite(o).all() for o in outs.values())
     assert all(v.p50_ms > 0 and v.rounds == 5 for v in lat.values())
     assert memory[0]["peak_rss_mib"] < PEAK_RSS_LIMIT_MIB
+
+
+@pytest.mark.slow
+def test_convnext_b_from_an_official_checkpoint_deploys_within_its_memory_bound(cli_env, tmp_path):
+    """Issue 38: ConvNeXt-B as a team deploys it (official .pth layout, 1,000 classes, ImageNet-style folders,
+    --calib 100 --eval 200, defaults otherwise) reaches a report with exit 0 or 1, every stage's process-tree peak
+    within 3 GiB + 4 × the FP32 weight bytes, its figures at 224 px."""
+    import json
+
+    from conftest import run_cli
+    from convnext_deploy.calibration.user_tree import write_tree
+    from convnext_deploy.pipeline.bench_scale import _checkpoint, goal_bytes
+    from convnext_deploy.pipeline.models.variants import get_variant
+
+    evals, calib = write_tree(tmp_path / "data", 1200, 200)
+    ck = _checkpoint("b", tmp_path, tmp_path / "data")
+    out = tmp_path / "run"
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "b", "--checkpoint", str(ck), "--calib", "100",
+                 "--eval", "200", "--calib-data", str(calib), "--eval-data", str(evals), "--out", str(out)],
+                {**cli_env, "CONVNEXT_DEPLOY_TIMING_BUDGET_S": "60", "CONVNEXT_DEPLOY_LOADS": "3"}, code=None, timeout=3000)
+    assert p.returncode in (0, 1), p.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    goal_mib = goal_bytes(4 * get_variant("b").params_1k) / (1 << 20)
+    peaks = {r["stage"]: r["tree_peak_rss_mib"] for r in report["memory"]["stages"]}
+    assert max(peaks.values()) <= goal_mib, peaks
+    assert report["recipe_screen"]["candidates"] and report["model"]["variant"] == "b"
+    assert {r["input_size"] for r in report["latency"] if r["role"] == "deployment"} == {224}

@@ -197,7 +197,18 @@ RULE = ("each accuracy gate is held on its one-sided 95 % bounds in counts of im
         "1,000 images allows 3)")
 
 
-def assess(runner: Runner, evidence: Evidence, gates: AccuracyGates) -> Assessment:
+def assess(runner: Runner, evidence: Evidence, gates: AccuracyGates, key: str | None = None) -> Assessment:
+    """`key`: the artifact the runner runs (its file), so that an artifact judged once by one decision (the recipe
+    choice) is not judged again by the next (the fallback's look at the chosen one): a large variant's pass over
+    a thousand control images takes minutes."""
+    memo = ("assessed", key, repr(gates))
+    if key is not None and memo in evidence._memo:
+        return evidence._memo[memo]
+    evidence._memo[memo] = result = _assess(runner, evidence, gates)
+    return result
+
+
+def _assess(runner: Runner, evidence: Evidence, gates: AccuracyGates) -> Assessment:
     base = judge(runner, evidence.control, evidence.reference_on(False))
     states = gate_states(gates, base)
     if not _boundary(states):

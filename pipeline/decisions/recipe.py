@@ -121,7 +121,7 @@ def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, 
     for row in rows:
         row["meets_speed"] = meets_speed(row, ctx.gates)
         if judged:
-            a = assess(recipes[row["recipe"]].runner, evidence, acc_gates)
+            a = assess(recipes[row["recipe"]].runner, evidence, acc_gates, str(recipes[row["recipe"]].artifact.files[0]))
             recipes[row["recipe"]].release()
             row.update(a.judged.figures(), meets_accuracy=a.passed, score=a.score, accuracy_rule=a.rule,
                        accuracy_gates=a.gates)

@@ -26,7 +26,7 @@ from convnext_deploy.targets.base import CalibrationData
 SLICE_DEPTHS = (1, 1, 3, 1)  # blocks kept per stage (at most the variant's): stage 3 weighs most in every variant
 MIN_PARAMETERS = 40_000_000  # screened from ConvNeXt-S up (50 M); T (28 M) and smaller build every candidate
 MARGIN = 0.10  # within 10 % of the slice's fastest p50: the full model may still order them the other way
-SHORTLIST = 3  # the most candidates besides the default that get a full build
+SHORTLIST = 2  # the most candidates besides the default that get a full build
 SLICE_CALIBRATION = 16  # calibration images of the slice's builds (ranges for speed, not for accuracy)
 
 

@@ -40,6 +40,7 @@ class Plan:
     available_bytes: int = 0
     forward_s: float = 0.0
     weight_bytes: int = 0
+    work: dict = field(default_factory=dict)  # what it was estimated from (Work), so a record can be re-estimated
 
     @property
     def peak_bytes(self) -> int:
@@ -62,7 +63,7 @@ class Plan:
                            for k, v in self.stages.items()},
                 "peak_mib": round(self.peak_bytes / (1 << 20)), "seconds": round(self.seconds, 1),
                 "available_mib": round(self.available_bytes / (1 << 20)), "forward_ms": round(self.forward_s * 1e3, 1),
-                "weight_bytes": self.weight_bytes, "coefficients": COEFFICIENTS,
+                "weight_bytes": self.weight_bytes, "coefficients": COEFFICIENTS, "work": self.work,
                 "method": "a model of each stage fitted to measured deploys (pipeline/measure/footprint.py)"}
 
 
@@ -157,7 +158,9 @@ def estimate(w: Work, available: int) -> Plan:
                      "seconds": (w.precisions + w.candidates - 1) * w.n_eval * f_calib
                      + 2 * (1 + (w.max_batch > 1)) * w.timing_budget_s},
     }
-    return Plan(stages, available, w.forward_s, W)
+    from dataclasses import asdict
+
+    return Plan(stages, available, w.forward_s, W, asdict(w))
 
 
 def fitting_options(w: Work, available: int) -> list[str]:

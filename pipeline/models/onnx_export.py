@@ -25,6 +25,7 @@ import torch
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.core.forked import in_child
+from convnext_deploy.pipeline.measure.memory import release_free_heap
 from convnext_deploy.pipeline.models.convnext import fold_layer_scale
 from convnext_deploy.pipeline.models.graph_forms import DEFAULT_FORM, to_form
 
@@ -154,6 +155,7 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, to
                               for i in range(0, len(images), step)])
     got = np.concatenate([sess.run(None, {INPUT_NAME: images[i:i + step]})[0] for i in range(0, len(images), step)])
     del sess
+    release_free_heap()  # the session's weights and arena, freed, are not kept by the allocator
     parity = Parity(float(np.abs(ref - got).max()), float((ref.argmax(1) == got.argmax(1)).mean()),
                     len(images), tolerance, int(images.shape[-1]))
     if not np.isfinite(got).all():

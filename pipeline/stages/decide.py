@@ -147,7 +147,7 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
         return None, None
     target, cfg, log = ctx.target, ctx.cfg, ctx.log
     fcfg = fb.FallbackConfig(AccuracyGates.of(ctx.gates), cfg.fallback_max_layers, cfg.fallback_max_minutes)
-    plain = assess(chosen.runner, ev, fcfg.gates)
+    plain = assess(chosen.runner, ev, fcfg.gates, str(chosen.artifact.files[0]))
     out = {"gates": fcfg.gates.text(), "bound_pp": fcfg.gates.max_drop_pp, "min_agreement": fcfg.gates.min_agreement,
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
                        "ids_sha256": ctx.split.control.ids_sha256},
