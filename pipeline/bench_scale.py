@@ -146,18 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     evals, calib = write_tree(work / "data", 1200, 200)
     out = Path(args.out or f"benchmarks/{slug(machine)}-{date}/scale-{args.target}.json")
+    # a run of some variants replaces their rows in the day's result and keeps the others
+    kept = json.loads(out.read_text())["rows"] if out.exists() else []
     t0, rows = time.monotonic(), []
     for variant in args.variants.split(","):
         left = args.minutes - (time.monotonic() - t0) / 60
         print(f"[{variant}] {left:.0f} min left", flush=True)
         row = _row(variant, args.target, work, calib, evals, left)
         rows.append(row)
+        merged = sorted([r for r in kept if r["variant"] not in {x["variant"] for x in rows}] + rows,
+                        key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
         print(f"[{variant}] " + (f"not run: {row['not_run']}" if "not_run" in row else
                                  f"exit {row['exit_code']}, {row['seconds']:.0f} s, peak {row['peak_mib']:.0f} MiB "
                                  f"(goal {row['goal_mib']} MiB), INT8 {row['ratio']:.2f}× FP32"), flush=True)
         result = {"format": FORMAT, "date": date, "command": "make bench-scale", "target": args.target,
                   "settings": " ".join(SETTINGS), "machine": machine,
-                  "versions": versions({args.target: get_target(args.target).describe_environment()}), "rows": rows}
+                  "versions": versions({args.target: get_target(args.target).describe_environment()}), "rows": merged}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")

@@ -214,3 +214,20 @@ def test_published_table_points_at_official_urls():
                                         "https://huggingface.co/facebook/convnext-tiny-224/resolve/main/config.json"]
     with pytest.raises(UserError, match="unknown published checkpoint"):
         hub.download("convnext_huge", root=None)
+
+
+def test_a_checkpoint_fine_tuned_at_384_is_read_at_384(atto, tmp_path):
+    """The official and timm 384 checkpoints name their size; Hugging Face configs carry it as image_size. Their
+    accuracy and calibration are at 384, the image resized whole (crop 1.0), not centre-cropped at 224."""
+    path = tmp_path / "convnext_atto_22k_1k_384.pth"
+    torch.save({"model": official_state_dict(atto)}, path)
+    pp = load_checkpoint(path, "atto").preprocessing
+    assert (pp.input_size, pp.crop_pct) == (384, 1.0)
+    plain = tmp_path / "convnext_atto_1k_224_ema.pth"
+    torch.save({"model": official_state_dict(atto)}, plain)
+    assert load_checkpoint(plain, "atto").preprocessing == get_variant("atto").preprocessing
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    torch.save(hf_state_dict(atto), hf / "pytorch_model.bin")
+    (hf / "config.json").write_text(json.dumps({**hf_config(atto, [str(i) for i in range(10)]), "image_size": 384}))
+    assert load_checkpoint(hf, "atto").preprocessing.input_size == 384

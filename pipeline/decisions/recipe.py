@@ -29,7 +29,8 @@ def _measure(ctx: Context, built: Built) -> list[dict]:
     runs = max(20, ctx.cfg.latency_runs)
     loads = spread(ctx, {"reference": built.artifacts[ctx.target.reference],
                          **{n: r.artifact for n, r in built.recipes.items()}})
-    lat = measure({"reference": ref, **{n: r.runner for n, r in built.recipes.items()}}, batch=1,
+    # the candidates are loaded instance by instance from their artifacts: one set of sessions held at a time
+    lat = measure({"reference": ref, **{n: None for n in built.recipes}}, batch=1,
                   input_size=ctx.cfg.image_size, runs=runs, warmup=5, rounds=12, budget=Budget(ctx.cfg.timing_budget_s),
                   spread=loads)
     for r in built.recipes.values():

@@ -220,7 +220,8 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
             budget: Budget | None = None, spread: Spread | None = None) -> dict[str, Latency]:
     """`runners`: name → targets.base.Runner or a plain batch → logits callable. `runs` timed calls per runner in
     `rounds` rounds; a `budget` adds rounds (with `spread`: instances) until every ratio to the first runner is
-    resolved. With `spread`, the rounds are spread over its instances (the first is `runners`). With a budget, the
+    resolved. With `spread`, the rounds are spread over its instances (the first is `runners`; a runner given as
+    None is loaded from its loader for the first instance too, so that no instance outlives its rounds). With a budget, the
     minimum measurement takes fewer calls a round where it would not fit the seconds (`fit_budget`)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size)).astype(np.float32)
     instances = spread.instances if spread is not None and spread.loaders else 1
@@ -229,7 +230,9 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
     times: dict[str, list[list[float]]] = {k: [] for k in runners}
     instance_of: list[int] = []
     t0 = time.monotonic()
-    instance, (timers, call_s) = 0, _warmed(runners, x, warmup)
+    first = {k: spread.loaders[k]() if r is None else r for k, r in runners.items()}  # None: loaded here, and
+    instance, (timers, call_s) = 0, _warmed(first, x, warmup)  # released with its instance
+    del first
     if budget is not None:  # fewer calls for a slow model, so that its minimum measurement fits the seconds
         block, per_instance = fit_budget(call_s, block, per_instance, instances, warmup, budget.seconds)
     while True:

@@ -210,6 +210,8 @@ def load_checkpoint(path: Path | str, variant: str | None = None) -> LoadedCheck
     elif "hf_config" in meta and meta["hf_config"].get("id2label"):
         id2label = meta["hf_config"]["id2label"]
         class_names = tuple(id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(arch.num_classes))
+    if sidecar is None:
+        pp = fine_tuned_resolution(pp, meta.get("hf_config", {}), file_path)
     if len(class_names) != arch.num_classes:
         raise UserError(f"{file_path}: {len(class_names)} class names for a {arch.num_classes}-class head")
     note = ""
@@ -217,6 +219,25 @@ def load_checkpoint(path: Path | str, variant: str | None = None) -> LoadedCheck
         class_names, note = published_class_names(class_names)
     return LoadedCheckpoint(model, found, fmt, arch.num_classes, class_names, pp, file_path, digest, sidecar or {},
                             note)
+
+
+_RESOLUTION_IN_NAME = re.compile(r"(?:^|[_.-])(256|288|320|384|448|512)(?:$|[_.-])")
+
+
+def fine_tuned_resolution(pp: Preprocessing, hf_config: dict, file_path: Path) -> Preprocessing:
+    """A published checkpoint fine-tuned at another resolution says so in its name (the official
+    `convnext_base_22k_1k_384.pth`, timm's `…_in1k_384`) or in its Hugging Face config (`image_size`): it is
+    evaluated and calibrated at that size, resized whole to it (crop 1.0, as the official and timm 384 evaluations
+    do), not centre-cropped at 224."""
+    from dataclasses import replace
+
+    size = hf_config.get("image_size")
+    if not isinstance(size, int):
+        found = _RESOLUTION_IN_NAME.search(file_path.stem if file_path.is_file() else file_path.name)
+        size = int(found.group(1)) if found else None
+    if not size or size == pp.input_size:
+        return pp
+    return replace(pp, input_size=size, crop_pct=1.0)
 
 
 # ImageNet-1k's class list, `wnid<TAB>name` in output order; calibration/imagenet.py reads and checks it for the
