@@ -132,7 +132,8 @@ CHOICE_HEAD = ["candidate", "p50 ms [95 % CI]", "speed-up [95 % CI]", "control t
 def choice_rows(report: dict) -> list[list[str]]:
     return [[r["recipe"], interval(ms(r["p50_ms"]), r.get("p50_ci_ms")),
              interval(f"{r['speedup']:.2f}×", r.get("speedup_ci95")), count_pp(r), count_pct(r),
-             ("yes" if r["meets_accuracy"] else "no") + (f" ({r['accuracy_rule']})" if r.get("accuracy_rule") else ""),
+             ("not judged" if r["meets_accuracy"] is None else "yes" if r["meets_accuracy"] else "no")
+             + (f" ({r['accuracy_rule']})" if r.get("accuracy_rule") and r["meets_accuracy"] is not None else ""),
              "yes" if r.get("meets_speed", True) else "no", ("**chosen**: " if r["chosen"] else "") + r["why"]]
             for r in (report.get("recipe_choice") or {}).get("candidates", [])]
 

@@ -160,3 +160,26 @@ def test_a_failed_repair_falls_back_to_the_candidate_meeting_every_gate():
     assert _unrepaired(choice, {"triggered": True, "met": True, "speed_after": {"meets_speed": False}})
     assert not _unrepaired(choice, {"triggered": True, "met": True, "speed_after": {"meets_speed": True}})
     assert not _unrepaired(choice, {"triggered": False})  # the latency-aware step's artifact met the gates already
+
+
+def test_a_candidate_that_cannot_win_is_not_judged():
+    """Judged fastest first: once a candidate meets every gate, one declared after it or clearly slower than it can
+    never be picked (the fastest meeting every gate wins, a tie going to the declared order), so its minutes-long pass
+    over the control split is saved; a tie declared before it is still judged."""
+    from convnext_deploy.pipeline.decisions.recipe import cannot_win
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def row(name, ms):  # 8 rounds of 5 calls, 5 % noise of their own
+        rounds = (ms * (1 + 0.05 * rng.standard_normal((8, 5)))).tolist()
+        return {"recipe": name, "p50_ms": ms, "rounds_data": {"ms": rounds, "instance": [0] * 8, "kept": [True] * 8}}
+
+    default, peer, tie, later = row("ours (default)", 10.1), row("peer", 20.0), row("tie", 10.05), row("later", 10.2)
+    settled = row("settled", 10.0)
+    rows = [default, peer, tie, settled, later]
+    assert cannot_win(default, None, rows) is None  # nothing meets every gate yet: judge everything
+    assert cannot_win(default, settled, rows) is None  # a tie declared before the settled one: it may win
+    assert "clearly slower" in cannot_win(peer, settled, rows)
+    assert "declared before it" in cannot_win(later, settled, rows)

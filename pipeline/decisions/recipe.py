@@ -119,13 +119,19 @@ def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, 
     rows, cached = _cached_measure(ctx, built)
     acc_gates = AccuracyGates.of(ctx.gates)
     judged = evidence is not None and acc_gates.any
-    for row in rows:
+    settled = None  # the fastest candidate so far meeting every gate, faster than the reference
+    for row in sorted(rows, key=lambda r: r["p50_ms"]):  # judged fastest first: a large variant's pass takes minutes
         row["meets_speed"] = meets_speed(row, ctx.gates)
-        if judged:
+        why_not = cannot_win(row, settled, rows) if judged and not ctx.emulated else None
+        if why_not:
+            row.update(meets_accuracy=None, score=float("inf"), accuracy_rule="not judged", not_judged=why_not)
+        elif judged:
             a = assess(recipes[row["recipe"]].runner, evidence, acc_gates, str(recipes[row["recipe"]].artifact.files[0]))
             recipes[row["recipe"]].release()
             row.update(a.judged.figures(), meets_accuracy=a.passed, score=a.score, accuracy_rule=a.rule,
                        accuracy_gates=a.gates)
+            if settled is None and a.passed and row["meets_speed"] and row["speedup"] > 1.0:
+                settled = row
         else:
             row.update(meets_accuracy=True, score=0.0)
     if ctx.emulated:
@@ -140,7 +146,7 @@ def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, 
         row["why"] = device_rules.why(row, best) if ctx.emulated else _why(row, best, judged)
         ctx.log(f"recipe {row['recipe']}: p50 {row['p50_ms']:.2f} ms ({row['speedup']:.2f}× {ctx.target.reference})"
                 + (f", control: {row['control_drop_images']} of {row['control_n']:,} images lost, "
-                   f"{row['control_disagreements']} disagree ({row['accuracy_rule']})" if judged else "")
+                   f"{row['control_disagreements']} disagree ({row['accuracy_rule']})" if "control_n" in row else "")
                 + f": {row['why']}")
     prof = cpu_profile()
     choice = {"mode": "auto", "chosen": best["recipe"], "candidates": rows, "cached_measurement": cached,
@@ -157,6 +163,20 @@ def choose(ctx: Context, built: Built, evidence: Evidence | None) -> tuple[str, 
     return best["recipe"], choice
 
 
+def cannot_win(row: dict, settled: dict | None, rows: list[dict]) -> str | None:
+    """Why `row` need not be judged on the control split: a faster candidate (`settled`) meets every gate, and `row`
+    is either clearly slower than it or declared after it, so `pick` can never take `row` (the fastest meeting every
+    gate wins, a tie going to the declared order)."""
+    if settled is None:
+        return None
+    if rows.index(row) > rows.index(settled):
+        return f"not judged: {settled['recipe']!r}, faster and declared before it, meets every gate"
+    vs = ratio_of_rounds(settled["rounds_data"], row["rounds_data"]) if "rounds_data" in row else None
+    if vs is not None and vs.verdict == "slower":  # settled p50 / row p50 < 1 on the whole interval
+        return f"not judged: clearly slower than {settled['recipe']!r}, which meets every gate"
+    return None
+
+
 def _why(row: dict, best: dict, judged: bool) -> str:
     if row is best:
         if row["meets_accuracy"] and row["meets_speed"]:
@@ -168,6 +188,8 @@ def _why(row: dict, best: dict, judged: bool) -> str:
                 else "closest to the accuracy gates; no candidate meets every gate")
     if not row["meets_speed"] and best["meets_speed"]:
         return f"misses the speed gates ({row['speedup']:.2f}× the reference)"
+    if row.get("not_judged"):
+        return row["not_judged"]
     if not row["meets_accuracy"]:
         return "misses the accuracy gates on the control split" if judged else "rejected"
     vs = row.get("vs_fastest") or {}

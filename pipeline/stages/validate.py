@@ -207,6 +207,8 @@ def _compare_recipes(ctx: Context, built: Built, preds: dict, choice: dict | Non
     for name, recipe in built.recipes.items():
         art, t = recipe.artifact, timed[name]
         key = f"alt:{name}" if name in alt else "int8"
+        if key not in preds and "control_n" not in judged.get(name, {}):
+            continue  # neither evaluated nor judged: it could not win (the recipe choice's table says why)
         a = accuracy(preds[key], preds[ref]) if key in preds else _control_figures(judged[name])
         ops = art.metadata.get("ops", {})
         rows.append({"recipe": name, "options": art.metadata.get("quantization", {}), "top1": a["top1"],
