@@ -23,13 +23,18 @@ GIB = 1 << 30
 # test suite, B from `make bench-scale`. Each is an upper fit: the measured stage peaks sit at or under it.
 COEFFICIENTS = {
     "export_child_w": 6.0,  # an export child's own peak, in W: the traced program, the proto, check and inference
-    "build_child_w": 5.0,  # an INT8 build child's: pre-processing, the calibration session, the quantized copy
-    "session_w": 1.3,  # a loaded FP32 session's weights and prepacked copies, in W (an INT8 one: a quarter)
+    "build_child_w": 6.5,  # an INT8 build child's: pre-processing, the calibration session, the quantized copy
+    "session_w": 2.0,  # a loaded FP32 session: its weights and their prepacked copies, in W (an INT8 one: a quarter)
     "activation_factor": 6.0,  # a session's arena over the stage-1 MLP activation of its largest batch
     "export_s_per_gb": 120.0,  # seconds per GB of FP32 weights of one export (tracing, proto, checks)
     "build_s_per_gb": 60.0,  # seconds per GB of one INT8 build's graph passes (besides calibration)
     "calibration_forwards": 2.0,  # an unoptimised calibration session's pass, in FP32 forwards
+    "int8_forward": 0.45,  # an INT8 candidate's pass over the control split, in FP32 forwards
+    "validate_forwards": 0.6,  # each runner's pass over the evaluation split (batched), in FP32 forwards
+    "latency_s": 30.0,  # seconds a latency table's batch size takes at most (its rounds fit the budget)
 }
+MORE_CONTROL_BYTES = 512 << 20  # as pipeline/stages/decide.py: the most extended control images held at once
+EXTENDED_CONTROL = 2000  # the control split drawn at a gate's boundary, at most (room permitting)
 
 
 @dataclass
@@ -128,6 +133,7 @@ class Work:
     precisions: int
     base_rss: int  # the process after prepare
     forward_s: float  # one FP32 forward at the deployment size
+    judged: bool = True  # the decisions judge accuracy on the control split (accuracy gates and a control split)
 
 
 CALIBRATION_BATCH_PIXELS = 1 << 18  # as targets/ort_tools.py: the calibration session's batch, bounded by pixels
@@ -143,20 +149,25 @@ def estimate(w: Work, available: int) -> Plan:
     session = c["session_w"] * W
     int8_session = session / 4
     parent = w.base_rss + torch_models
+    image = 3 * w.calib_size ** 2 * 4
+    # at a gate's boundary the control split is extended (pipeline.decisions.judge), held in memory up to a bound
+    extended = min(max(3 * w.n_control, EXTENDED_CONTROL), MORE_CONTROL_BYTES // image) if w.judged and w.n_control else 0
+    control_bytes = image * (w.n_control + extended)
+    judged = max(w.n_control, extended)  # images every judged runner passes over
     stages = {
         "export": {"peak_bytes": parent + c["export_child_w"] * W,
                    "seconds": (1 + w.smoothing) * (c["export_s_per_gb"] * gb + 64 * f_calib) + w.n_calib * f_calib},
         "build": {"peak_bytes": parent + session + int8_session + c["build_child_w"] * W + act(calib_batch, w.calib_size),
                   "seconds": (1 + w.candidates) * c["build_s_per_gb"] * gb
                   + (1 + w.smoothing) * w.n_calib * c["calibration_forwards"] * f_calib},
-        "decide": {"peak_bytes": parent + 2 * (session + (w.timed_at_once - 1) * int8_session)
+        "decide": {"peak_bytes": parent + 2 * session + (w.timed_at_once - 1) * int8_session + control_bytes
                    + w.timed_at_once * act(1, w.deploy_size),
-                   "seconds": 2 * w.timing_budget_s + w.candidates * w.n_control * f_calib / 2},
+                   "seconds": 2 * w.timing_budget_s + judged * f_calib * (1 + w.candidates * c["int8_forward"])},
         "finish": {"peak_bytes": parent + session + int8_session + c["build_child_w"] * W / 2,
                    "seconds": w.precisions * c["build_s_per_gb"] * gb / 2},
         "validate": {"peak_bytes": parent + 2 * (session + 2 * int8_session) + 2 * act(w.max_batch, w.deploy_size),
-                     "seconds": (w.precisions + w.candidates - 1) * w.n_eval * f_calib
-                     + 2 * (1 + (w.max_batch > 1)) * w.timing_budget_s},
+                     "seconds": (1 + w.precisions + w.candidates) * w.n_eval * f_calib * c["validate_forwards"]
+                     + (1 + (w.max_batch > 1)) * min(c["latency_s"], w.timing_budget_s)},
     }
     from dataclasses import asdict
 

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from convnext_deploy.pipeline.measure.memory import release_free_heap
 from convnext_deploy.targets.base import Runner
 
 DISTURBED = 0.10  # slower than the runner's usual round by this much, with a neighbour in time as slow: disturbed
@@ -230,9 +231,9 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
     times: dict[str, list[list[float]]] = {k: [] for k in runners}
     instance_of: list[int] = []
     t0 = time.monotonic()
-    first = {k: spread.loaders[k]() if r is None else r for k, r in runners.items()}  # None: loaded here, and
-    instance, (timers, call_s) = 0, _warmed(first, x, warmup)  # released with its instance
-    del first
+    first = {k: spread.loaders[k]() if r is None else r for k, r in runners.items()}  # None: loaded here
+    instance, (timers, call_s) = 0, _warmed(first, x, warmup)
+    del first  # released with its instance
     if budget is not None:  # fewer calls for a slow model, so that its minimum measurement fits the seconds
         block, per_instance = fit_budget(call_s, block, per_instance, instances, warmup, budget.seconds)
     while True:
@@ -254,6 +255,7 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
         if instances > 1:
             instance += 1
             timers = None  # the previous instance is released before the next is loaded
+            release_free_heap()
             timers, _ = _warmed({k: spread.loaders[k]() if k in spread.loaders else r for k, r in runners.items()},
                                 x, warmup)
 
@@ -261,12 +263,9 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
 MIN_BLOCK, MIN_ROUNDS = 3, 2  # the fewest timed calls a round and rounds an instance keep: a p50 and a pairing
 
 
-def fit_budget(call_s: float, block: int, per_instance: int, instances: int, warmup: int,
-               seconds: float) -> tuple[int, int]:
-    """(calls per round, rounds per instance) whose minimum measurement fits `seconds`, given one call of every
-    runner in turn takes `call_s`: a large variant's calls are 10-50× a small one's, so the same counts would spend
-    minutes where a small one spends seconds. Calls per round go first (down to MIN_BLOCK), then rounds (down to
-    MIN_ROUNDS per instance); what fits is left as asked."""
+def fit_budget(call_s: float, block: int, per_instance: int, instances: int, warmup: int, seconds: float):
+    """(calls per round, rounds per instance) whose minimum measurement fits `seconds`, one call of every runner
+    taking `call_s`: a large variant's calls are 10-50× a small one's. Calls per round go first, then rounds."""
     def cost(b: int, r: int) -> float:
         return instances * (warmup + r * (b + 1)) * call_s
 
@@ -278,7 +277,7 @@ def fit_budget(call_s: float, block: int, per_instance: int, instances: int, war
 
 
 def _warmed(runners: dict, x: np.ndarray, warmup: int) -> tuple[dict, float]:
-    """(the runners' timers, warm, and the seconds of one call of each, the last warm-up's, summed: 0 without one)."""
+    """(the runners' timers, warm; the seconds of one call of each, summed: 0 without warm-up)."""
     timers = {name: _seconds_of(r) for name, r in runners.items()}
     last = {}
     for name, timer in timers.items():

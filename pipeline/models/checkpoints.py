@@ -225,12 +225,9 @@ _RESOLUTION_IN_NAME = re.compile(r"(?:^|[_.-])(256|288|320|384|448|512)(?:$|[_.-
 
 
 def fine_tuned_resolution(pp: Preprocessing, hf_config: dict, file_path: Path) -> Preprocessing:
-    """A published checkpoint fine-tuned at another resolution says so in its name (the official
-    `convnext_base_22k_1k_384.pth`, timm's `…_in1k_384`) or in its Hugging Face config (`image_size`): it is
-    evaluated and calibrated at that size, resized whole to it (crop 1.0, as the official and timm 384 evaluations
-    do), not centre-cropped at 224."""
+    """A checkpoint fine-tuned at another size names it (official `convnext_base_22k_1k_384.pth`, timm `…_384`, a
+    Hugging Face config's `image_size`): it is read at that size, resized whole (crop 1.0, as their evaluations do)."""
     from dataclasses import replace
-
     size = hf_config.get("image_size")
     if not isinstance(size, int):
         found = _RESOLUTION_IN_NAME.search(file_path.stem if file_path.is_file() else file_path.name)

@@ -11,6 +11,7 @@ import torch
 from convnext_deploy.calibration.batches import iter_batches
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
 from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
+from convnext_deploy.pipeline.measure.memory import release_free_heap
 from convnext_deploy.pipeline.measure.machine import device_label
 from convnext_deploy.pipeline.stages.build import Built, spread
 from convnext_deploy.pipeline.stages.context import Context, runner_entry
@@ -55,7 +56,9 @@ def validate(ctx: Context, built: Built, decision: Decision) -> Validation:
     reference = torch_runner(ctx.ck.model, ctx.cfg.threads)
     preds = _predict(ctx, built, decision, reference)
     acc = _accuracy(ctx, built, preds, reference)
+    release_free_heap()  # the passes' arenas and batches, freed: the latency's fresh loads come next
     latency = _latency(ctx, built, decision)
+    release_free_heap()
     recipes = _compare_recipes(ctx, built, preds, decision.recipe)
     if decision.fallback is not None:
         _fallback_figures(ctx, decision.fallback, preds, latency)
