@@ -157,7 +157,8 @@ def estimate(w: Work, available: int) -> Plan:
     stages = {
         "export": {"peak_bytes": parent + c["export_child_w"] * W,
                    "seconds": (1 + w.smoothing) * (c["export_s_per_gb"] * gb + 64 * f_calib) + w.n_calib * f_calib},
-        "build": {"peak_bytes": parent + session + int8_session + c["build_child_w"] * W + act(calib_batch, w.calib_size),
+        # the sessions are loaded once the builds' children are done (pipeline.stages.build)
+        "build": {"peak_bytes": parent + max(session + int8_session, c["build_child_w"] * W + act(calib_batch, w.calib_size)),
                   "seconds": (1 + w.candidates) * c["build_s_per_gb"] * gb
                   + (1 + w.smoothing) * w.n_calib * c["calibration_forwards"] * f_calib},
         "decide": {"peak_bytes": parent + 2 * session + (w.timed_at_once - 1) * int8_session + control_bytes

@@ -90,11 +90,10 @@ def build(ctx: Context, src: Sources) -> Built:
     if src.int8 is not None:
         artifacts["int8"] = build_one(ctx, src.int8, "int8", ctx.options, validation)
     artifacts = {p: artifacts[p] for p in ctx.precisions}
-    runners = {p: target.load_runner(a, cfg.threads) for p, a in artifacts.items()}
     if src.int8 is None:
-        return Built(artifacts, runners, {})
+        return Built(artifacts, {p: target.load_runner(a, cfg.threads) for p, a in artifacts.items()}, {})
     load = partial(target.load_runner, threads=cfg.threads)
-    recipes = {DEFAULT: Recipe(src.int8, ctx.options, artifacts["int8"], partial(load, artifacts["int8"]), runners["int8"])}
+    others: dict[str, Recipe] = {}
     inputs = [(r.name, src.int8 if r.smoothed else src.plain, r.form, target.make_options(**{**cfg.options, **r.options}))
               for r in target.int8_recipes]
     if src.smoothing is not None:  # smoothing is one candidate among the others: kept where accuracy needs it
@@ -108,7 +107,12 @@ def build(ctx: Context, src: Sources) -> Built:
     for name, source, form, options in inputs:
         source = formed(ctx, source, form)
         art = build_one(ctx, source, "int8", options)
-        recipes[name] = Recipe(source, options, art, partial(load, art))
+        others[name] = Recipe(source, options, art, partial(load, art))
+    # loaded once every build is done: a large variant's FP32 session (its weights twice, prepacked) is not held
+    # beside the screen's and the builds' children
+    runners = {p: target.load_runner(a, cfg.threads) for p, a in artifacts.items()}
+    recipes = {DEFAULT: Recipe(src.int8, ctx.options, artifacts["int8"], partial(load, artifacts["int8"]),
+                               runners["int8"]), **others}
     return Built(artifacts, runners, recipes, screen=screened)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
+from convnext_deploy.pipeline.core.forked import in_child
 from convnext_deploy.pipeline.stages.build import Built
 from convnext_deploy.pipeline.stages.context import Context
 from convnext_deploy.pipeline.stages.prepare import model_info
@@ -29,7 +30,10 @@ def finish(ctx: Context, built: Built) -> Built:
         def make(tmp, art=art) -> None:
             target.finish(art, spec, tmp).save_metadata(tmp)
 
-        directory, cached = cached_dir(f"artifacts/{target.name}", key, make, log=ctx.log)
+        # in a child: rewriting a model's input holds its graph and weights more than once (pipeline.core.forked)
+        directory, cached = cached_dir(f"artifacts/{target.name}", key,
+                                       lambda tmp, make=make: in_child(make, tmp, what=f"{precision} finish"),
+                                       log=ctx.log)
         artifacts[precision] = Artifact.load_metadata(directory)
         ctx.log(f"{target.name} {precision}: {spec.input} input {'cached' if cached else 'written'} ({directory})")
         runners[precision] = target.load_runner(artifacts[precision], ctx.cfg.threads)
