@@ -275,7 +275,8 @@ def test_report_has_memory_intervals_and_the_latency_aware_step(deployed):
     for row in report["latency"]:
         lo, hi = row["p50_ci_ms"]
         assert lo <= row["p50_ms"] <= hi and row["rounds"] >= 2
-        assert row["instances"] == 2 and row["rounds"] + row["disturbed_rounds"] == 6  # spread over its --loads 2
+        # spread over its --loads 2, each load's rounds in full: 3 each, or 2 where the timing budget bounds them
+        assert row["instances"] == 2 and row["rounds"] + row["disturbed_rounds"] in (4, 6)
     int8 = next(r for r in report["latency"] if r["precision"] == "int8" and r["batch"] == 1 and r["role"] == "deployment")
     q = int8["speedup_vs_reference"]
     assert q["ci95"][0] <= q["value"] <= q["ci95"][1]

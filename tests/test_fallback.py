@@ -54,7 +54,7 @@ def test_judge_batches_by_resolution():
     runner = Runner(lambda x: sizes.append(len(x)) or inner(x), "fake", "cpu", "int8", 1)
     judge(runner, CONTROL)
     assert sizes == [100] * (N // 100)  # 2 px images
-    assert inference_batch(224) == 20 and inference_batch(32) == 100 and inference_batch(4096) == 1
+    assert inference_batch(224) == 5 and inference_batch(32) == 100 and inference_batch(4096) == 1
 
 
 def search(errors_after, cfg, plain_errors=30, control=CONTROL):

@@ -32,6 +32,7 @@ COEFFICIENTS = {
     "int8_forward": 0.45,  # an INT8 candidate's pass over the control split, in FP32 forwards
     "validate_forwards": 0.6,  # each runner's pass over the evaluation split (batched), in FP32 forwards
     "latency_s": 30.0,  # seconds a latency table's batch size takes at most (its rounds fit the budget)
+    "stage_mib": 160.0,  # what any heavy stage adds whatever the model: a session's runtime, torch's workspace
 }
 MORE_CONTROL_BYTES = 512 << 20  # as pipeline/stages/decide.py: the most extended control images held at once
 EXTENDED_CONTROL = 2000  # the control split drawn at a gate's boundary, at most (room permitting)
@@ -148,7 +149,7 @@ def estimate(w: Work, available: int) -> Plan:
     act = lambda batch, size: c["activation_factor"] * activation_bytes(w.dims, batch, size)  # noqa: E731
     session = c["session_w"] * W
     int8_session = session / 4
-    parent = w.base_rss + torch_models
+    parent = w.base_rss + torch_models + c["stage_mib"] * (1 << 20)
     image = 3 * w.calib_size ** 2 * 4
     # at a gate's boundary the control split is extended (pipeline.decisions.judge), held in memory up to a bound
     extended = min(max(3 * w.n_control, EXTENDED_CONTROL), MORE_CONTROL_BYTES // image) if w.judged and w.n_control else 0

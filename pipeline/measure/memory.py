@@ -11,6 +11,7 @@ child that ran during it to the process's own peak, an upper bound (the parent w
 from __future__ import annotations
 
 import resource
+from functools import lru_cache
 import sys
 import time
 from contextlib import contextmanager
@@ -65,14 +66,22 @@ def release_free_heap() -> None:
     """Hand the heap's free pages back to the kernel (glibc's malloc_trim). A stage's freed sessions and arenas
     otherwise stay resident in the allocator's arenas, one per thread that used them, and the next stage's peak
     starts on top of them. Elsewhere (musl, macOS) nothing to do."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim from the process's own symbols. Not ctypes.util.find_library: it runs ldconfig in a
+    child process, whose high-water mark the kernel records with the parent's pages it started with, so the
+    process tree would seem to double."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def rss_bytes() -> int | None:
