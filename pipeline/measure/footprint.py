@@ -22,7 +22,8 @@ GIB = 1 << 30
 # Fitted to measured deploys on this project's machines (2 cores; ONNX Runtime, OpenVINO): atto and T from the
 # test suite, B from `make bench-scale`. Each is an upper fit: the measured stage peaks sit at or under it.
 COEFFICIENTS = {
-    "export_child_w": 6.0,  # an export child's own peak, in W: the traced program, the proto, check and inference
+    "export_child_w": 2.5,  # an export child's own growth, in W: the folded copy, the traced program (streamed save)
+    "export_mib": 700.0,  # the export stage's own passes, whatever the model: smoothing statistics, parity checks
     "build_child_w": 6.5,  # an INT8 build child's: pre-processing, the calibration session, the quantized copy
     "session_w": 2.0,  # a loaded FP32 session: its weights and their prepacked copies, in W (an INT8 one: a quarter)
     "activation_factor": 6.0,  # a session's arena over the stage-1 MLP activation of its largest batch
@@ -156,7 +157,7 @@ def estimate(w: Work, available: int) -> Plan:
     control_bytes = image * (w.n_control + extended)
     judged = max(w.n_control, extended)  # images every judged runner passes over
     stages = {
-        "export": {"peak_bytes": parent + c["export_child_w"] * W,
+        "export": {"peak_bytes": parent + c["export_mib"] * (1 << 20) + c["export_child_w"] * W,
                    "seconds": (1 + w.smoothing) * (c["export_s_per_gb"] * gb + 64 * f_calib) + w.n_calib * f_calib},
         # the sessions are loaded once the builds' children are done (pipeline.stages.build)
         "build": {"peak_bytes": parent + max(session + int8_session, c["build_child_w"] * W + act(calib_batch, w.calib_size)),
