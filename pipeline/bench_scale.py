@@ -33,22 +33,22 @@ def goal_bytes(weight_bytes: int) -> int:
     return 3 * GIB + 4 * weight_bytes
 
 
-def _checkpoint(variant: str, work: Path, data: Path) -> Path:
+def _checkpoint(variant: str, work: Path) -> Path:
     """The stand-in checkpoint in the official layout, made once (in a child: its weights leave with it)."""
     from convnext_deploy.pipeline.core.forked import in_child
 
     path = work / f"convnext_{variant}_1k_224.pth"
     if not path.exists():
-        in_child(_write_checkpoint, variant, path, data, what=f"the {variant} stand-in checkpoint")
+        in_child(_write_checkpoint, variant, path, what=f"the {variant} stand-in checkpoint")
     return path
 
 
-def _write_checkpoint(variant: str, path: Path, data: Path) -> None:
-    import numpy as np
+def _write_checkpoint(variant: str, path: Path) -> None:
     import torch
 
     from convnext_deploy.calibration.fashion_mnist import FashionMNIST
     from convnext_deploy.calibration.imagenet import imagenet_1k
+    from convnext_deploy.calibration.preprocess import preprocess
     from convnext_deploy.calibration.user_tree import WNIDS, photo
     from convnext_deploy.pipeline.models.checkpoint_layouts import to_official
     from convnext_deploy.pipeline.models.stand_in import stand_in
@@ -56,14 +56,7 @@ def _write_checkpoint(variant: str, path: Path, data: Path) -> None:
 
     pp, train = get_variant(variant).preprocessing, FashionMNIST("train")
     picked = [i for k in range(10) for i in [j for j in range(20000, 22000) if train.label(j) == k][:10]]
-    mean, std = np.asarray(pp.mean, np.float32), np.asarray(pp.std, np.float32)
-    off = (256 - 224) // 2
-
-    def prep(i: int) -> torch.Tensor:
-        a = np.asarray(photo(train.images[i]), np.float32)[off:off + 224, off:off + 224] / 255
-        return torch.from_numpy(((a - mean) / std).transpose(2, 0, 1).copy())
-
-    x = torch.stack([prep(i) for i in picked])
+    x = torch.stack([torch.from_numpy(preprocess(photo(train.images[i]), pp)) for i in picked])
     y = torch.tensor([train.label(i) for i in picked])
     model = stand_in(variant, x, y, [imagenet_1k().index[w] for w in WNIDS])
     tmp = path.with_suffix(".tmp")
@@ -83,7 +76,7 @@ def _row(variant: str, target: str, work: Path, calib: Path, evals: Path, minute
     v = get_variant(variant)
     row = {"variant": variant, "name": v.long_name, "params": v.params_1k, "gmacs_224": None,
            "goal_mib": round(goal_bytes(4 * v.params_1k) / (1 << 20))}
-    ck = _checkpoint(variant, work, calib.parent)
+    ck = _checkpoint(variant, work)
     base = ["--target", target, "--variant", variant, "--checkpoint", str(ck), *SETTINGS,
             "--calib-data", str(calib), "--eval-data", str(evals)]
     plan_log = work / f"{variant}-{target}-plan.log"

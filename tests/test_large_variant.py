@@ -51,7 +51,7 @@ def test_convnext_b_from_an_official_checkpoint_deploys_within_its_memory_bound(
     from convnext_deploy.pipeline.models.variants import get_variant
 
     evals, calib = write_tree(tmp_path / "data", 1200, 200)
-    ck = _checkpoint("b", tmp_path, tmp_path / "data")
+    ck = _checkpoint("b", tmp_path)
     out = tmp_path / "run"
     p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "b", "--checkpoint", str(ck), "--calib", "100",
                  "--eval", "200", "--calib-data", str(calib), "--eval-data", str(evals), "--out", str(out)],

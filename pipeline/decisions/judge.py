@@ -201,11 +201,12 @@ def assess(runner: Runner, evidence: Evidence, gates: AccuracyGates, key: str | 
     """`key`: the artifact the runner runs (its file), so that an artifact judged once by one decision (the recipe
     choice) is not judged again by the next (the fallback's look at the chosen one): a large variant's pass over
     a thousand control images takes minutes."""
+    if key is None:
+        return _assess(runner, evidence, gates)
     memo = ("assessed", key, repr(gates))
-    if key is not None and memo in evidence._memo:
-        return evidence._memo[memo]
-    evidence._memo[memo] = result = _assess(runner, evidence, gates)
-    return result
+    if memo not in evidence._memo:
+        evidence._memo[memo] = _assess(runner, evidence, gates)
+    return evidence._memo[memo]
 
 
 def _assess(runner: Runner, evidence: Evidence, gates: AccuracyGates) -> Assessment:
