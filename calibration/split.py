@@ -140,6 +140,21 @@ def make_split(calib_source: Source, eval_source: Source, n_calib: int, n_eval: 
     )
 
 
+MORE_CONTROL_BYTES = 512 << 20  # the most extra control images held at once (float, the checkpoint's size)
+MORE_CONTROL_SECONDS = 150.0  # the most the passes over them may take: the reference's and one candidate's
+MORE_CONTROL_AT_LEAST = 2000  # drawn where memory and time allow, and three times the control split at least
+
+
+def more_control_count(n_control: int, image_bytes: int, seconds_per_image: float) -> int:
+    """How many more control images a decision at a gate's boundary draws: three times the control split, at least
+    `MORE_CONTROL_AT_LEAST`, within what memory holds and what the passes over them take at the reference's measured
+    speed, a candidate counted as slow as the reference (ConvNeXt-L at 224 px: 771 more images by memory were eight
+    minutes of judging on a Zen 4; by time, 183)."""
+    by_memory = MORE_CONTROL_BYTES // image_bytes - n_control
+    by_time = int(MORE_CONTROL_SECONDS / (2 * seconds_per_image)) if seconds_per_image > 0 else by_memory
+    return max(0, min(max(3 * n_control, MORE_CONTROL_AT_LEAST), by_memory, by_time))
+
+
 def extend_control(split: Split, eval_source: Source, n: int, seed: int) -> SampleList | None:
     """Up to n more labelled control samples from the evaluation side that are in none of the split's lists (the
     evidence a decision at a gate's boundary asks for); None when none are left."""

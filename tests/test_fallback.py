@@ -139,7 +139,8 @@ def test_a_boundary_draws_more_control_images_and_decides_on_them():
     control = LabelledData(CONTROL.images[:1000], LABELS[:1000])
     draws = []
 
-    def more():
+    def more(seconds_per_image):
+        assert seconds_per_image > 0  # the reference's pass over the control split, timed
         draws.append(1)
         return LabelledData(CONTROL.images[1000:], LABELS[1000:])
 

@@ -54,3 +54,16 @@ def test_empty_calibration_set_is_refused(fmnist_root):
         make_split(FashionMNIST("train"), test, n_calib=0, n_eval=10)
     with pytest.raises(UserError, match="more than"):
         make_split(test, test, n_calib=10_000, n_eval=10)
+
+
+def test_more_control_images_are_bounded_by_memory_and_by_the_reference_speed():
+    """At a gate's boundary: three times the control split, at least 2,000, within 512 MiB of float images and
+    150 s of the reference's and a candidate's passes at the reference's measured speed."""
+    from convnext_deploy.calibration.split import more_control_count
+
+    at_224, at_32 = 3 * 224 * 224 * 4, 3 * 32 * 32 * 4
+    assert more_control_count(120, at_224, 0.0) == (512 << 20) // at_224 - 120 == 771  # memory binds
+    assert more_control_count(120, at_224, 0.41) == 182  # ConvNeXt-L's reference pace on a Zen 4: time binds
+    assert more_control_count(120, at_32, 0.001) == 2000  # atto at 32 px: neither
+    assert more_control_count(1000, at_32, 0.001) == 3000
+    assert more_control_count(120, at_224, 100.0) == 0  # slower than the budget allows a single image

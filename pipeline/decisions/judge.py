@@ -10,6 +10,7 @@ record names.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -91,6 +92,13 @@ def judge(runner: Runner, data: LabelledData, reference: Judged | None = None) -
                   int((ref_right & ~right).sum()), int((~ref_right & right).sum()))
 
 
+def joined(a: Judged, b: Judged) -> Judged:
+    """One runner judged on two disjoint parts of a split, as on their union."""
+    ref = None if a.ref_correct is None else a.ref_correct + b.ref_correct
+    return Judged(np.concatenate([a.preds, b.preds]), a.n + b.n, a.correct + b.correct, ref, a.agree + b.agree,
+                  a.worse + b.worse, a.better + b.better)
+
+
 @dataclass(frozen=True)
 class AccuracyGates:
     max_drop_pp: float | None = None  # the gate file's max_top1_drop_pp
@@ -158,37 +166,46 @@ class Assessment:
 @dataclass
 class Evidence:
     """The control images every accuracy decision of one deploy is taken on, the reference judged on them, and,
-    drawn the first time a decision sits at a boundary, more control images (`more`: None when none are left)."""
+    drawn the first time a decision sits at a boundary, more control images (`more`, given the reference's
+    measured seconds per control image, so that it can bound their passes' time; None when none are left). On the
+    extended split a runner is judged on the extra images only, joined with its judgement on the control split."""
 
     reference: Runner
     control: LabelledData
-    more: Callable[[], LabelledData | None] | None = None
+    more: Callable[[float], LabelledData | None] | None = None
     log: Callable[[str], None] = print
     drawn: dict = field(default_factory=dict)  # the loader's record of what it drew (its sample list)
     _memo: dict = field(default_factory=dict)
 
     def reference_on(self, wide: bool) -> Judged:
-        if wide not in self._memo:
-            data = self.wide() if wide else self.control
-            self._memo[wide] = judge(self.reference, data)
+        if False not in self._memo:
+            t0 = time.perf_counter()
+            self._memo[False] = judge(self.reference, self.control)
+            self._memo["s_per_image"] = (time.perf_counter() - t0) / max(len(self.control.labels), 1)
+        if wide and True not in self._memo:
+            self._memo["extra_judged"] = judge(self.reference, self.extra())
+            self._memo[True] = joined(self._memo[False], self._memo["extra_judged"])
         return self._memo[wide]
 
-    def wide(self) -> LabelledData | None:
-        """The control split with the extra images, loaded once; None when no more images exist."""
-        if "data" not in self._memo:
-            extra = self.more() if self.more is not None else None
-            self._memo["data"] = None if extra is None or not len(extra.labels) else LabelledData(
-                np.concatenate([self.control.images, extra.images]),
-                np.concatenate([self.control.labels, extra.labels]), self.control.ids_sha256)
-            if self._memo["data"] is not None:
+    def reference_on_extra(self) -> Judged:
+        self.reference_on(True)
+        return self._memo["extra_judged"]
+
+    def extra(self) -> LabelledData | None:
+        """The extra control images, drawn and loaded once; None when no more images exist."""
+        if "extra" not in self._memo:
+            self.reference_on(False)  # its pass's speed bounds how many are drawn
+            extra = self.more(self._memo["s_per_image"]) if self.more is not None else None
+            self._memo["extra"] = None if extra is None or not len(extra.labels) else extra
+            if self._memo["extra"] is not None:
                 self.log(f"at a gate's boundary: {len(extra.labels)} more control images drawn "
-                         f"({len(self._memo['data'].labels)} in all) to decide on more evidence")
-        return self._memo["data"]
+                         f"({len(self.control.labels) + len(extra.labels)} in all) to decide on more evidence")
+        return self._memo["extra"]
 
     def describe(self) -> dict:
-        wide = self._memo.get("data")
-        return {"n": len(self.control.labels), "extended_n": None if wide is None else len(wide.labels),
-                "rule": RULE}
+        extra = self._memo.get("extra")
+        return {"n": len(self.control.labels), "extended_n": None if extra is None else len(self.control.labels)
+                + len(extra.labels), "rule": RULE}
 
 
 RULE = ("each accuracy gate is held on its one-sided 95 % bounds in counts of images; where a gate lies within the "
@@ -214,9 +231,9 @@ def _assess(runner: Runner, evidence: Evidence, gates: AccuracyGates) -> Assessm
     states = gate_states(gates, base)
     if not _boundary(states):
         return Assessment(_passes(states), "bounds", base, states)
-    wide = evidence.wide()
-    if wide is not None:
-        j = judge(runner, wide, evidence.reference_on(True))
+    extra = evidence.extra()
+    if extra is not None:
+        j = joined(base, judge(runner, extra, evidence.reference_on_extra()))
         states = gate_states(gates, j)
         if not _boundary(states):
             return Assessment(_passes(states), "bounds on the extended split", j, states, True)

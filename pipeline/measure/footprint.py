@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convnext_deploy.calibration.split import more_control_count
+
 GIB = 1 << 30
 
 # Fitted to measured deploys on this project's machines (2 cores; ONNX Runtime, OpenVINO): atto and T from the
@@ -35,8 +37,6 @@ COEFFICIENTS = {
     "latency_s": 30.0,  # seconds a latency table's batch size takes at most (its rounds fit the budget)
     "stage_mib": 160.0,  # what any heavy stage adds whatever the model: a session's runtime, torch's workspace
 }
-MORE_CONTROL_BYTES = 512 << 20  # as pipeline/stages/decide.py: the most extended control images held at once
-EXTENDED_CONTROL = 2000  # the control split drawn at a gate's boundary, at most (room permitting)
 
 
 @dataclass
@@ -152,10 +152,10 @@ def estimate(w: Work, available: int) -> Plan:
     int8_session = session / 4
     parent = w.base_rss + torch_models + c["stage_mib"] * (1 << 20)
     image = 3 * w.calib_size ** 2 * 4
-    # at a gate's boundary the control split is extended (pipeline.decisions.judge), held in memory up to a bound
-    extended = min(max(3 * w.n_control, EXTENDED_CONTROL), MORE_CONTROL_BYTES // image) if w.judged and w.n_control else 0
-    control_bytes = image * (w.n_control + extended)
-    judged = max(w.n_control, extended)  # images every judged runner passes over
+    # at a gate's boundary more control images are drawn (pipeline.decisions.judge), as many as memory and time allow
+    extended = more_control_count(w.n_control, image, f_calib) if w.judged and w.n_control else 0
+    control_bytes = image * extended  # the control split itself is in base_rss
+    judged = w.n_control + extended  # images every judged runner passes over
     stages = {
         "export": {"peak_bytes": parent + c["export_mib"] * (1 << 20) + c["export_child_w"] * W,
                    "seconds": (1 + w.smoothing) * (c["export_s_per_gb"] * gb + 64 * f_calib) + w.n_calib * f_calib},

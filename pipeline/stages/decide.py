@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, replace
 
 from convnext_deploy.calibration.batches import load_array
-from convnext_deploy.calibration.split import SampleList, extend_control
+from convnext_deploy.calibration.split import SampleList, extend_control, more_control_count
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.decisions import fallback as fb
 from convnext_deploy.pipeline.decisions import mixed, recipe
@@ -22,7 +22,6 @@ from convnext_deploy.pipeline.stages.context import DEFAULT, Context
 from convnext_deploy.pipeline.stages.export import Source
 from convnext_deploy.targets.base import Artifact, LabelledData, Runner
 
-MORE_CONTROL_MIB = 512  # the largest extended control split held in memory (float images)
 # images × H × W the fallback's sensitivity ranking runs on (one pass per quantized layer): 256 images at 32 px as
 # before, 64 at 224 px, where 256 images made ConvNeXt-T's 59 passes take about nine minutes
 SENSITIVITY_PIXELS = 64 * 224 * 224
@@ -45,12 +44,13 @@ def evidence(ctx: Context, built: Built) -> Evidence | None:
     if ctx.control is None or ctx.target.reference not in built.runners:
         return None
     size = ctx.ck.preprocessing.input_size
-    room = MORE_CONTROL_MIB * (1 << 20) // (3 * size * size * 4) - len(ctx.control.labels)
+    image_bytes = 3 * size * size * 4
+    room = more_control_count(len(ctx.control.labels), image_bytes, 0.0)
     drawn: dict = {}
 
-    def more() -> LabelledData | None:
-        extra = extend_control(ctx.split, ctx.eval_src, min(max(3 * len(ctx.control.labels), 2000), room),
-                               ctx.split.seed)
+    def more(seconds_per_image: float) -> LabelledData | None:
+        n = more_control_count(len(ctx.control.labels), image_bytes, seconds_per_image)
+        extra = extend_control(ctx.split, ctx.eval_src, n, ctx.split.seed)
         if extra is None:
             return None
         drawn["samples"] = extra

@@ -106,9 +106,11 @@ def _alternatives_on_evaluation(ctx: Context, choice: dict | None) -> bool:
     """Whether the other INT8 candidates are evaluated on the evaluation split as well: always where that is cheap
     (Fashion-MNIST at 32 px: 9,000 images are 9.2 M pixels); above it, where the recipe choice already judged them
     on the control split, its figures stand in, labelled (ConvNeXt-T at 224 px: seven more passes over 900 images
-    took longer than the whole accuracy stage of the deployed artifact)."""
+    took longer than the whole accuracy stage of the deployed artifact). A candidate the recipe choice did not judge,
+    since it could not win (`recipe.cannot_win`), is settled as well: its row says why, and it is not evaluated."""
     size = ctx.ck.preprocessing.input_size
-    judged = all("control_n" in r for r in (choice or {}).get("candidates", [])) and (choice or {}).get("candidates")
+    judged = (all("control_n" in r or r.get("not_judged") for r in (choice or {}).get("candidates", []))
+              and (choice or {}).get("candidates"))
     return not judged or len(ctx.split.evaluation) * size * size <= ALTERNATIVES_PIXELS
 
 
