@@ -2,6 +2,7 @@
 from dataclasses import replace
 
 import pytest
+import torch
 
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.stages import gates
@@ -61,6 +62,21 @@ def test_export_gives_the_checkpoint_and_the_smoothed_source(staged):
     assert src.smoothing["alpha"] == 0.5 and src.smoothing["outlier_ratio_after"] < src.smoothing["outlier_ratio_before"]
 
 
+def test_the_smoothed_model_shares_the_tensors_smoothing_leaves_alone(staged):
+    """Held beside the checkpoint's model to the end of a deploy: only the norms and the layers they feed are its own."""
+    ctx, src, _, _ = staged
+    own, smoothed = dict(src.plain.model.named_parameters()), dict(src.int8.model.named_parameters())
+    assert own.keys() == smoothed.keys()
+    shared = {k for k in own if smoothed[k] is own[k]}
+    assert "stages.3.blocks.1.mlp.fc2.weight" in shared and "stages.0.blocks.0.conv_dw.weight" in shared
+    for k in ("stages.3.blocks.1.norm.weight", "stages.3.blocks.1.norm.bias", "stages.3.blocks.1.mlp.fc1.weight"):
+        assert k not in shared and not torch.equal(own[k], smoothed[k])  # migrated, in a tensor of its own
+    assert sum(own[k].numel() for k in shared) > 0.4 * sum(p.numel() for p in own.values())
+    x = torch.from_numpy(ctx.calibration.images[:8])
+    with torch.no_grad():  # the same function: the checkpoint's model is untouched by the migration
+        assert torch.allclose(src.plain.model(x), src.int8.model(x), atol=1e-4)
+
+
 def test_build_is_cached_by_everything_it_depends_on(staged):
     ctx, src, built, lines = staged
     assert set(built.artifacts) == {"fp32", "int8"} and set(built.runners) == {"fp32", "int8"}
@@ -102,19 +118,26 @@ def validated(staged):
     if decision.int8 is not None:  # as the deploy does: the decision's artifact replaces the default INT8
         built = replace(built, artifacts={**built.artifacts, "int8": decision.int8},
                         runners={**built.runners, "int8": decision.int8_runner})
-    shipped = finish(ctx, built)
+    shipped = finish(ctx, own(built))
     return ctx, src, shipped, decision, validate(ctx, shipped, decision)
+
+
+def own(built):
+    """`built` with a runners dict of its own: finish lets the given one's sessions go, as the deploy hands it over."""
+    return replace(built, runners=dict(built.runners))
 
 
 def test_finish_ships_image_input_by_default_and_the_tensor_when_asked(staged):
     ctx, _, built, _ = staged
-    shipped = finish(ctx, built)
+    given = own(built)
+    shipped = finish(ctx, given)
+    assert not given.runners  # the sessions of the artifacts as built were let go before the finished ones loaded
     assert set(shipped.artifacts) == set(built.artifacts) and shipped.finished_from == built.artifacts
     for p, art in shipped.artifacts.items():
         assert takes_image(art) and not takes_image(built.artifacts[p])
         assert art.metadata["input"]["layout"] == "NHWC" and shipped.runners[p].feed is not None
         assert shipped.runners[p].run(ctx.control.images[:2]).shape == (2, 10)  # still fed the deploy's batches
-    tensor = finish(replace(ctx, cfg=replace(ctx.cfg, input="tensor")), built)
+    tensor = finish(replace(ctx, cfg=replace(ctx.cfg, input="tensor")), own(built))
     for art in tensor.artifacts.values():
         assert not takes_image(art) and art.metadata["input"]["layout"] == "NCHW"
         assert art.files[0].parent != built.artifacts[art.precision].files[0].parent  # labels written into a copy

@@ -2,7 +2,8 @@
 into what a device runs as it is (targets.image_input): the input the deploy was asked for (`--input image`, the
 default: uint8 NHWC pixels, normalisation inside; `--input tensor`: the float NCHW tensor) and the labels and
 preprocessing rule inside the model file. Validation, gates, report and bundle then measure and ship these files;
-the recipe candidates the decision timed stay as built (they are compared with each other, never shipped)."""
+the recipe candidates the decision timed stay as built (they are compared with each other, never shipped).
+`finish` takes the given Built's sessions over: it lets them go before it loads the finished artifacts'."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -22,7 +23,7 @@ def finish(ctx: Context, built: Built) -> Built:
         return built
     info = model_info(ctx.ck)
     spec = Finish(ctx.cfg.input, tuple(info["class_names"]), info["preprocessing"])
-    artifacts, runners = {}, {}
+    artifacts = {}
     for precision, art in built.artifacts.items():
         key = key_of("finish", target.name, precision, art.sha256(), spec.input, spec.labels, spec.preprocessing,
                      target.describe_environment(), code_digest(target.module))
@@ -36,5 +37,11 @@ def finish(ctx: Context, built: Built) -> Built:
                                        log=ctx.log)
         artifacts[precision] = Artifact.load_metadata(directory)
         ctx.log(f"{target.name} {precision}: {spec.input} input {'cached' if cached else 'written'} ({directory})")
-        runners[precision] = target.load_runner(artifacts[precision], ctx.cfg.threads)
+    # the sessions of the artifacts as built are let go before the finished ones load (the deploy replaces `built`
+    # with what this returns): a large variant's FP32 session holds its weights twice, and the deploy held the
+    # built one beside the finished one (ConvNeXt-XL's finish: 11.2 GiB, process tree)
+    built.runners.clear()
+    for recipe in built.recipes.values():
+        recipe.release()  # reloaded from its artifact if the recipe comparison times it
+    runners = {p: target.load_runner(a, ctx.cfg.threads) for p, a in artifacts.items()}
     return replace(built, artifacts=artifacts, runners=runners, finished_from=dict(built.artifacts))
