@@ -149,7 +149,7 @@ def more_control_count(n_control: int, image_bytes: int, seconds_per_image: floa
     """How many more control images a decision at a gate's boundary draws: three times the control split, at least
     `MORE_CONTROL_AT_LEAST`, within what memory holds and what the passes over them take at the reference's measured
     speed, a candidate counted as slow as the reference (ConvNeXt-L at 224 px: 771 more images by memory were eight
-    minutes of judging on a Zen 4; by time, 183)."""
+    minutes of judging on a Zen 4; by time, 183). `seconds_per_image` 0: not timed yet, memory alone bounds it."""
     by_memory = MORE_CONTROL_BYTES // image_bytes - n_control
     by_time = int(MORE_CONTROL_SECONDS / (2 * seconds_per_image)) if seconds_per_image > 0 else by_memory
     return max(0, min(max(3 * n_control, MORE_CONTROL_AT_LEAST), by_memory, by_time))

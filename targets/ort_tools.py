@@ -153,7 +153,12 @@ def quantize(src: Path, dst: Path, calibration: CalibrationData, float_layers=()
             quantize_static(str(pre), str(dst), None, calibration_cache_path=str(ranges / RANGES), **quantize_kwargs)
     finally:
         pre.unlink(missing_ok=True)
-        pre.with_name(pre.name + ".data").unlink(missing_ok=True)
+        weights_of(pre).unlink(missing_ok=True)
+
+
+def weights_of(pre: Path) -> Path:
+    """The external data file `pre_process` writes a pre-processed graph's weights to, beside it."""
+    return pre.with_name(pre.name + ".data")
 
 
 def pre_process(src: Path, dst: Path) -> None:
@@ -167,12 +172,11 @@ def pre_process(src: Path, dst: Path) -> None:
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
     optimized = dst.with_name(dst.stem + ".optimized.onnx")
-    data = dst.name + ".data"
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(optimized)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as quant_pre_process
     so.add_session_config_entry("session.disable_prepacking", "1")
-    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights_of(dst).name)
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
@@ -199,7 +203,7 @@ def _ranges_key(pre: Path, calibration: CalibrationData, kwargs: dict) -> str:
     import onnxruntime as ort
 
     extra = kwargs.get("extra_options") or {}
-    data = pre.with_name(pre.name + ".data")  # the weights, where pre-processing wrote them apart from the graph
+    data = weights_of(pre)  # where pre-processing wrote them apart from the graph
     return key_of("ort-calibration", ort.__version__, sha256_file(pre), data.exists() and sha256_file(data),
                   hashlib.sha256(calibration.images.tobytes()).hexdigest(), calibration.images.shape,
                   str(kwargs.get("calibrate_method")), kwargs.get("op_types_to_quantize"),

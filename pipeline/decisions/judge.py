@@ -177,24 +177,22 @@ class Evidence:
     drawn: dict = field(default_factory=dict)  # the loader's record of what it drew (its sample list)
     _memo: dict = field(default_factory=dict)
 
-    def reference_on(self, wide: bool) -> Judged:
-        if False not in self._memo:
+    def reference_on_control(self) -> Judged:
+        if "control" not in self._memo:
             t0 = time.perf_counter()
-            self._memo[False] = judge(self.reference, self.control)
+            self._memo["control"] = judge(self.reference, self.control)
             self._memo["s_per_image"] = (time.perf_counter() - t0) / max(len(self.control.labels), 1)
-        if wide and True not in self._memo:
-            self._memo["extra_judged"] = judge(self.reference, self.extra())
-            self._memo[True] = joined(self._memo[False], self._memo["extra_judged"])
-        return self._memo[wide]
+        return self._memo["control"]
 
     def reference_on_extra(self) -> Judged:
-        self.reference_on(True)
+        if "extra_judged" not in self._memo:
+            self._memo["extra_judged"] = judge(self.reference, self.extra())
         return self._memo["extra_judged"]
 
     def extra(self) -> LabelledData | None:
         """The extra control images, drawn and loaded once; None when no more images exist."""
         if "extra" not in self._memo:
-            self.reference_on(False)  # its pass's speed bounds how many are drawn
+            self.reference_on_control()  # its pass's speed bounds how many are drawn
             extra = self.more(self._memo["s_per_image"]) if self.more is not None else None
             self._memo["extra"] = None if extra is None or not len(extra.labels) else extra
             if self._memo["extra"] is not None:
@@ -227,7 +225,7 @@ def assess(runner: Runner, evidence: Evidence, gates: AccuracyGates, key: str | 
 
 
 def _assess(runner: Runner, evidence: Evidence, gates: AccuracyGates) -> Assessment:
-    base = judge(runner, evidence.control, evidence.reference_on(False))
+    base = judge(runner, evidence.control, evidence.reference_on_control())
     states = gate_states(gates, base)
     if not _boundary(states):
         return Assessment(_passes(states), "bounds", base, states)

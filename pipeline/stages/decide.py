@@ -151,7 +151,7 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
     out = {"gates": fcfg.gates.text(), "bound_pp": fcfg.gates.max_drop_pp, "min_agreement": fcfg.gates.min_agreement,
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
                        "ids_sha256": ctx.split.control.ids_sha256},
-           "reference_control_top1": ev.reference_on(False).top1, "plain_control": plain.to_dict(),
+           "reference_control_top1": ev.reference_on_control().top1, "plain_control": plain.to_dict(),
            "plain_control_drop_pp": plain.judged.drop_pp, "plain_control_agreement": plain.judged.agreement,
            "triggered": not plain.passed, "float_layers": [],
            "budget": {"max_float_layers": cfg.fallback_max_layers, "max_minutes": cfg.fallback_max_minutes}}
