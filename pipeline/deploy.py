@@ -13,7 +13,7 @@ from convnext_deploy.pipeline.core.gate_file import EMULATED
 from convnext_deploy.pipeline.measure.memory import stage_peak
 from convnext_deploy.pipeline.ship.bundle import after_deploy
 from convnext_deploy.pipeline.stages import gates
-from convnext_deploy.pipeline.stages.build import Built, build, build_one
+from convnext_deploy.pipeline.stages.build import Built, build, build_one, drop_modules
 from convnext_deploy.pipeline.stages.plan import estimated_vs_measured, plan
 from convnext_deploy.pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide, sensitivity
@@ -50,6 +50,8 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         built = replace(built, artifacts={**built.artifacts, "int8": decision.int8},
                         runners={**built.runners, "int8": decision.int8_runner})
     layers = stage("sensitivity", _sensitivity, ctx, src, built, decision)  # on the INT8 graph as built
+    drop_modules(src, built)
+    decision = replace(decision, int8_runner=None)  # `built` holds it while it is needed: finish replaces it
     built = stage("finish", finish, ctx, built)  # from here on: the artifacts as shipped
     validation = stage("validate", validate, ctx, built, decision)
     device = stage("device", on_device, ctx, built) if ctx.device else None  # numerics only when emulated

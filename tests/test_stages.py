@@ -1,12 +1,16 @@
 """The deploy's stages one by one, in process, on the atto reference (ONNX Runtime): what each returns."""
+import gc
+import weakref
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from convnext_deploy.pipeline.core.errors import UserError
 from convnext_deploy.pipeline.stages import gates
-from convnext_deploy.pipeline.stages.build import build, build_one
+from convnext_deploy.pipeline.stages import validate as validate_stage
+from convnext_deploy.pipeline.stages.build import build, build_one, drop_modules, let_go
 from convnext_deploy.pipeline.stages.context import DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide
 from convnext_deploy.pipeline.stages.export import export
@@ -141,6 +145,44 @@ def test_finish_ships_image_input_by_default_and_the_tensor_when_asked(staged):
     for art in tensor.artifacts.values():
         assert not takes_image(art) and art.metadata["input"]["layout"] == "NCHW"
         assert art.files[0].parent != built.artifacts[art.precision].files[0].parent  # labels written into a copy
+
+
+def test_let_go_lets_the_held_sessions_go_and_loads_one_when_run(staged):
+    """What validation does before timing fresh loads: no session of the runners it was given stays held."""
+    ctx, _, built, _ = staged
+    mine = replace(built, runners={p: ctx.target.load_runner(a, ctx.cfg.threads) for p, a in built.artifacts.items()},
+                   recipes={})
+    x = ctx.control.images[:4]
+    before = {p: r.run(x) for p, r in mine.runners.items()}
+    held = {p: weakref.ref(r) for p, r in mine.runners.items()}
+    described = {p: (r.runtime, r.precision, r.ops) for p, r in mine.runners.items()}
+    let_go(ctx, mine)
+    gc.collect()
+    assert all(ref() is None for ref in held.values())  # nothing else kept them (or their sessions) alive
+    for p, r in mine.runners.items():
+        assert (r.runtime, r.precision, r.ops) == described[p]  # what a runner says of itself stays for the report
+        np.testing.assert_array_equal(r.run(x), before[p])  # and it runs again, on a session loaded when asked
+
+
+def test_drop_modules_lets_the_smoothed_model_go(staged):
+    """After the decisions, the smoothed torch module (its own tensors: half a variant's weights) is held by nothing."""
+    ctx, *_ = staged
+    src = export(ctx)  # a smoothed module of this test's own (the export is cached)
+    built = build(ctx, src)
+    smoothed = weakref.ref(src.int8.model)
+    drop_modules(src, built)
+    gc.collect()
+    assert smoothed() is None and src.plain.model is None and ctx.ck.model is not None
+
+
+def test_other_candidates_are_evaluated_where_their_passes_are_cheap(staged, monkeypatch):
+    ctx, *_ = staged
+    judged = {"candidates": [{"recipe": "a", "control_n": 100}, {"recipe": "b", "not_judged": "cannot win"}]}
+    work = len(ctx.split.evaluation) * validate_stage.model_macs(ctx.ck.model, ctx.ck.preprocessing.input_size)
+    assert validate_stage._alternatives_on_evaluation(ctx, judged)  # atto at 32 px: 1,000 images are cheap
+    monkeypatch.setattr(validate_stage, "ALTERNATIVES_MACS", work - 1)
+    assert not validate_stage._alternatives_on_evaluation(ctx, judged)  # above it, the control figures stand in
+    assert validate_stage._alternatives_on_evaluation(ctx, {"candidates": [{"recipe": "a"}]})  # not judged: evaluated
 
 
 def test_validate_measures_every_precision_on_the_evaluation_split(validated):

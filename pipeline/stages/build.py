@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of, sha256_file
@@ -48,6 +48,40 @@ class Built:
     # precision → the artifact as built, where `artifacts` holds it finished for the device (pipeline.stages.finish)
     finished_from: dict[str, Artifact] = field(default_factory=dict)
     screen: dict | None = None  # the screen of a large variant's candidates (pipeline.decisions.screen), if run
+
+
+def let_go(ctx: Context, built: Built) -> None:
+    """Every held runner of `built` replaced by one that loads its artifact when it is next run: a stage that times
+    fresh loads (the latency harness's spread) would otherwise hold a large variant's sessions twice (ConvNeXt-XL's
+    validation: two FP32 sessions, each its weights twice). What the runners say of themselves stays."""
+    for p, held in list(built.runners.items()):
+        if p in built.artifacts:
+            built.runners[p] = lazy_runner(held, partial(ctx.target.load_runner, built.artifacts[p], ctx.cfg.threads))
+    for recipe in built.recipes.values():
+        recipe.release()
+
+
+def drop_modules(src: Sources, built: Built) -> None:
+    """The torch modules the builds started from, let go once their artifacts stand for them (after the decisions
+    and the sensitivity measurement): the smoothed copy's own tensors, about half a variant's weights, were held to
+    the end of the deploy. The checkpoint's module stays with the context (validation runs it eagerly)."""
+    for source in (src.plain, src.int8, *(r.source for r in built.recipes.values())):
+        if source is not None:
+            source.model = None
+
+
+def lazy_runner(held: Runner, load: Callable[[], Runner]) -> Runner:
+    """`held`'s description without its session: the first call loads one with `load` and keeps it."""
+    box: list[Runner] = []
+
+    def loaded() -> Runner:
+        if not box:
+            box.append(load())
+        return box[0]
+
+    return replace(held, run=lambda x: loaded().run(x),
+                   native=None if held.native is None else (lambda x: loaded().native(x)),
+                   device_ms=None if held.device_ms is None else (lambda x: loaded().device_ms(x)))
 
 
 def _content_digest(source: Source) -> str:

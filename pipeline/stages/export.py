@@ -19,7 +19,7 @@ from convnext_deploy.pipeline.stages.context import Context
 class Source:
     """A model a build starts from: the torch module and, for an ONNX target, its checked export."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None once its artifacts are built and decided on (build.drop_modules)
     onnx_path: Path | None
     key: str = ""  # what its exports are keyed by: the checkpoint's sha256, or the smoothing's key
     form: str = DEFAULT_FORM

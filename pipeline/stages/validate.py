@@ -13,7 +13,8 @@ from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
 from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
 from convnext_deploy.pipeline.measure.memory import release_free_heap
 from convnext_deploy.pipeline.measure.machine import device_label
-from convnext_deploy.pipeline.stages.build import Built, spread
+from convnext_deploy.pipeline.measure.peak import model_macs
+from convnext_deploy.pipeline.stages.build import Built, let_go, spread
 from convnext_deploy.pipeline.stages.context import Context, runner_entry
 from convnext_deploy.pipeline.stages.decide import Decision
 from convnext_deploy.targets.base import Runner, inference_batch
@@ -56,7 +57,8 @@ def validate(ctx: Context, built: Built, decision: Decision) -> Validation:
     reference = torch_runner(ctx.ck.model, ctx.cfg.threads)
     preds = _predict(ctx, built, decision, reference)
     acc = _accuracy(ctx, built, preds, reference)
-    release_free_heap()  # the passes' arenas and batches, freed: the latency's fresh loads come next
+    let_go(ctx, built)  # the latency times fresh loads only, one set at a time: not beside the sessions held till now
+    release_free_heap()  # those sessions, the passes' arenas and batches, freed
     latency = _latency(ctx, built, decision)
     release_free_heap()
     recipes = _compare_recipes(ctx, built, preds, decision.recipe)
@@ -99,19 +101,20 @@ def _predict(ctx: Context, built: Built, decision: Decision, reference: Runner) 
     return preds
 
 
-ALTERNATIVES_PIXELS = 16_000_000  # evaluation images × H × W up to which every other candidate is evaluated too
+ALTERNATIVES_MACS = 1.5e12  # evaluation images × one image's MACs up to which every other candidate is evaluated too
 
 
 def _alternatives_on_evaluation(ctx: Context, choice: dict | None) -> bool:
     """Whether the other INT8 candidates are evaluated on the evaluation split as well: always where that is cheap
-    (Fashion-MNIST at 32 px: 9,000 images are 9.2 M pixels); above it, where the recipe choice already judged them
-    on the control split, its figures stand in, labelled (ConvNeXt-T at 224 px: seven more passes over 900 images
-    took longer than the whole accuracy stage of the deployed artifact). A candidate the recipe choice did not judge,
+    (Fashion-MNIST at 32 px: ConvNeXt-T's 9,000 images are 0.8 T multiply-accumulates); above it, where the recipe
+    choice already judged them on the control split, its figures stand in, labelled (ConvNeXt-T at 224 px: seven more
+    passes over 900 images, 4 T, took longer than the whole accuracy stage of the deployed artifact; ConvNeXt-XL's
+    200 images are 12 T, a minute and a half a candidate on two cores). A candidate the recipe choice did not judge,
     since it could not win (`recipe.cannot_win`), is settled as well: its row says why, and it is not evaluated."""
     size = ctx.ck.preprocessing.input_size
     judged = (all("control_n" in r or r.get("not_judged") for r in (choice or {}).get("candidates", []))
               and (choice or {}).get("candidates"))
-    return not judged or len(ctx.split.evaluation) * size * size <= ALTERNATIVES_PIXELS
+    return not judged or len(ctx.split.evaluation) * model_macs(ctx.ck.model, size) <= ALTERNATIVES_MACS
 
 
 def _accuracy(ctx: Context, built: Built, preds: dict, reference: Runner) -> dict:
@@ -147,8 +150,8 @@ def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
     for size in sorted({cfg.image_size, ctx.ck.preprocessing.input_size}) if timed else ():
         for batch in cfg.batch_sizes:
             runs = cfg.latency_runs if batch == 1 else max(10, cfg.latency_runs // 4)
-            res = measure({k: r for k, (_, r) in timed.items()}, batch=batch, input_size=size, runs=runs,
-                          warmup=5 if batch == 1 else 2, rounds=6, spread=spread(ctx, loads),
+            res = measure({k: None if k in loads else r for k, (_, r) in timed.items()}, batch=batch,
+                          input_size=size, runs=runs, warmup=5 if batch == 1 else 2, rounds=6, spread=spread(ctx, loads),
                           budget=Budget(cfg.timing_budget_s, extend=False))
             ref = res.get(target.reference)
             for k, lat in res.items():
@@ -167,7 +170,7 @@ def _latency(ctx: Context, built: Built, decision: Decision) -> list[dict]:
 def _distance_to_peak(ctx: Context, rows: list[dict]) -> None:
     """Each batch-1 deployment row's effective MAC rate as a fraction of the runtime's peak of the precision it
     executes (pipeline.measure.peak: measured once per CPU, threads and runtime); above the peak, a bad peak."""
-    from convnext_deploy.pipeline.measure.peak import fraction, model_macs, runtime_peak
+    from convnext_deploy.pipeline.measure.peak import fraction, runtime_peak
     from convnext_deploy.reports.cells import rate_vs_peak
 
     peak = runtime_peak(ctx.target, ctx.cfg.threads, ctx.log)
@@ -200,11 +203,9 @@ def _compare_recipes(ctx: Context, built: Built, preds: dict, choice: dict | Non
     if set(timed) != set(built.recipes):
         loads = spread(ctx, {ref: built.artifacts[ref], "int8": built.artifacts["int8"],
                              **{n: r.artifact for n, r in alt.items()}})
-        lat = measure({ref: runners[ref], "int8": runners["int8"], **{n: r.runner for n, r in alt.items()}},
-                      batch=1, input_size=cfg.image_size, runs=cfg.latency_runs, warmup=5, rounds=6, spread=loads,
+        lat = measure(dict.fromkeys(loads.loaders), batch=1, input_size=cfg.image_size, runs=cfg.latency_runs,
+                      warmup=5, rounds=6, spread=loads,
                       budget=Budget(cfg.timing_budget_s, extend=False))
-        for r in alt.values():
-            r.release()
         timed = {name: {"p50_ms": lat[name if name in alt else "int8"].p50_ms, "reference_p50_ms": lat[ref].p50_ms,
                         "measured": "here"} for name in built.recipes}
     rows = []
