@@ -6,6 +6,7 @@ both; ORT's static quantizer writes the Q/DQ graphs of both.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,9 @@ def quantize(src: Path, dst: Path, calibration: CalibrationData, float_layers=()
 
         # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it drops the collected ranges instead of merging them
         def calibrate_and_quantize(tmp: Path) -> None:
-            quantize_static(str(pre), str(dst), reader, calibration_cache_path=str(tmp / RANGES), **quantize_kwargs)
+            with lean_calibration():
+                quantize_static(str(pre), str(dst), reader, calibration_cache_path=str(tmp / RANGES),
+                                **quantize_kwargs)
 
         ranges, cached = cached_dir("calibration-ranges", _ranges_key(pre, calibration, quantize_kwargs),
                                     calibrate_and_quantize, log=lambda _: None)
@@ -186,6 +189,34 @@ def pre_process(src: Path, dst: Path) -> None:
         onnx.save(graph, str(dst))  # beside the data file: the external references stay valid
     finally:
         optimized.unlink(missing_ok=True)
+
+
+@contextmanager
+def lean_calibration():
+    """quantize_static's calibrator, holding a model's weights once where it held them three times: its session
+    does not prepack them (a second copy, for the kernels' speed: a calibration pass is not timed) and runs in the
+    order that frees tensors soonest, and the augmented graph it has saved is let go (the library reads it again
+    only to save it). quantize_static exposes no session options: the calibrator's one session factory is
+    replaced while the block runs, and this fails where the pinned onnxruntime no longer has it."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    library = CalibraterBase.__dict__["create_inference_session"]  # KeyError: the library changed; see above
+
+    def create_inference_session(self) -> None:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the library's
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        self.model = None  # augment_graph saved it to augmented_model_path, which the session reads
+        self.infer_session = ort.InferenceSession(self.augmented_model_path, sess_options=so,
+                                                  providers=self.execution_providers)
+
+    CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        CalibraterBase.create_inference_session = library
 
 
 RANGES = "ranges.json"

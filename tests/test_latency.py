@@ -176,10 +176,14 @@ def test_a_slow_model_takes_fewer_calls_a_round_so_its_minimum_fits_the_budget()
     from convnext_deploy.pipeline.measure.latency import MIN_BLOCK, fit_budget
 
     # 100 runs in 12 rounds over 3 loads of 5 runners at 0.5 s a call each: 9 calls a round would take 5 minutes
-    block, rounds = fit_budget(call_s=5 * 0.5, block=8, per_instance=4, instances=3, warmup=5, seconds=60)
+    block, rounds, loads = fit_budget(call_s=5 * 0.5, block=8, per_instance=4, instances=3, warmup=5, seconds=60)
     assert MIN_BLOCK <= block < 8 and rounds >= 2
-    assert 3 * (5 + rounds * (block + 1)) * 2.5 <= 60 or (block, rounds) == (MIN_BLOCK, 2)
-    assert fit_budget(call_s=0.001, block=8, per_instance=4, instances=3, warmup=5, seconds=60) == (8, 4)  # fits
+    assert loads * (5 + rounds * (block + 1)) * 2.5 <= 60 or (block, rounds, loads) == (MIN_BLOCK, 2, 1)
+    assert fit_budget(call_s=0.001, block=8, per_instance=4, instances=3, warmup=5, seconds=60) == (8, 4, 3)  # fits
+    # ConvNeXt-XL at batch 8 (FP32 and INT8: 7.6 s a call): fewer loads before anything is measured past the budget
+    assert fit_budget(call_s=7.6, block=3, per_instance=2, instances=3, warmup=2, seconds=60) == (MIN_BLOCK, 2, 1)
+    assert fit_budget(call_s=1.0, block=3, per_instance=2, instances=3, warmup=2, seconds=60) == (MIN_BLOCK, 2, 3)
+    assert fit_budget(call_s=2.5, block=3, per_instance=2, instances=3, warmup=2, seconds=60) == (MIN_BLOCK, 2, 2)
 
 
 def test_the_budget_bounds_a_slow_runners_measurement_and_no_rounds_are_added_without_extend():

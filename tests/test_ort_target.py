@@ -1,4 +1,5 @@
 """The ONNX Runtime target on the real atto reference checkpoint and real Fashion-MNIST images."""
+import numpy as np
 import pytest
 
 from convnext_deploy.pipeline.measure.accuracy import accuracy, predict_many
@@ -154,3 +155,41 @@ def test_parallel_sessions_classify_a_stream_like_one_session(setup, tmp_path):
     assert np.allclose(got, ort_cpu.load_runner(art, 2).run(x[:7]), atol=1e-4)
     figures = throughput({"streams": run_many}, x.shape[-1], seconds=0.2)
     assert figures["streams"]["images_per_s"] > 0 and figures["streams"]["rounds"] >= 3
+
+
+def test_the_lean_calibrator_measures_the_librarys_ranges_holding_the_weights_once(setup, tmp_path):
+    """quantize_static's calibrator under `lean_calibration`: a session without prepacked weights and no copy of the
+    augmented graph, the same ranges to float32 rounding (atto: 5e-7 of a range at most, where kernels that do not
+    prepack sum in another order); the library's own session factory is back after the block."""
+    import contextlib
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import CalibraterBase, create_calibrator
+
+    from convnext_deploy.targets.ort_tools import CalibrationReader, lean_calibration, pre_process
+
+    _, d, calib, *_ = setup
+    pre = tmp_path / "pre.onnx"
+    pre_process(d / "model.onnx", pre)
+    name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    library = CalibraterBase.create_inference_session
+
+    def calibrated(lean: bool):
+        with lean_calibration() if lean else contextlib.nullcontext():
+            c = create_calibrator(pre, augmented_model_path=str(tmp_path / f"augmented-{lean}.onnx"),
+                                  calibrate_method=CalibrationMethod.MinMax)
+        c.collect_data(CalibrationReader(calib, name))
+        return c, c.compute_data()
+
+    (lean, lean_ranges), (own, own_ranges) = calibrated(True), calibrated(False)
+    assert CalibraterBase.create_inference_session is library
+    options = lean.infer_session.get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1" and lean.model is None
+    assert own.model is not None
+    with pytest.raises(RuntimeError, match="disable_prepacking"):  # the library's own session: prepacked
+        own.infer_session.get_session_options().get_session_config_entry("session.disable_prepacking")
+    assert set(lean_ranges.data) == set(own_ranges.data) and len(own_ranges.data) > 50
+    for tensor, r in own_ranges.data.items():
+        for a, b in zip(lean_ranges.data[tensor].range_value, r.range_value):  # unpacked kernels sum in their order
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6, err_msg=tensor)

@@ -1,12 +1,11 @@
 """One latency harness for every target: warm-up, timed runs, percentiles and throughput.
 
-A Runner with a device clock (`device_ms`, TensorRT: CUDA events around the engine) is timed by that clock
-instead of the host's; a plain callable or any other Runner by the host's. Runners compared in one call are timed
-in interleaved rounds (A, B, A, B, …), so drift in machine load hits all of them alike and their ratios are honest.
+A Runner with a device clock (`device_ms`, TensorRT: CUDA events around the engine) is timed by that clock, any
+other by the host's. Runners compared in one call are timed in interleaved rounds (A, B, A, B, …), so drift in
+machine load hits all of them alike and their ratios are honest.
 
-Each round times a block of consecutive calls of one runner after one untimed call: a deployed model runs warm,
-call after call, and the untimed call re-warms the caches the other runners of the round evicted (alternating
-runners on every call can make every runner look as slow as the slowest, which a deployed model never sees).
+Each round times a block of consecutive calls of one runner after one untimed call that re-warms the caches the
+other runners evicted (a deployed model runs warm; alternating on every call makes all as slow as the slowest).
 
 What makes two runs of the same comparison disagree, and how it is met:
 - A shared machine (a VM with a co-tenant) has disturbed stretches, seconds to a minute long, that slow every
@@ -19,8 +18,8 @@ What makes two runs of the same comparison disagree, and how it is met:
 - Two freshly loaded instances of the same artifacts can give ratios apart by more than either's interval (a
   compiled model's placement in memory). Given a `Spread`, the rounds are spread over its loads, and intervals
   bootstrap over loads and then over the rounds within each (hierarchical), so they carry that spread as well.
-A ratio's interval pairs the rounds (the same round's machine state hits both). With a time budget, rounds (or
-instances) go on until every ratio's 95 % interval is within `tolerance` of it, or the budget ends: unresolved.
+A ratio's interval pairs the rounds. With a time budget, rounds (or instances) go on until every ratio's 95 % interval
+is within `tolerance` of it, or the budget ends: unresolved. A slow model's minimum measurement fits it (`fit_budget`).
 """
 from __future__ import annotations
 
@@ -222,8 +221,7 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
     """`runners`: name → targets.base.Runner or a plain batch → logits callable. `runs` timed calls per runner in
     `rounds` rounds; a `budget` adds rounds (with `spread`: instances) until every ratio to the first runner is
     resolved. With `spread`, the rounds are spread over its instances (the first is `runners`; a runner given as
-    None is loaded from its loader for the first instance too, so that no instance outlives its rounds). With a budget, the
-    minimum measurement takes fewer calls a round where it would not fit the seconds (`fit_budget`)."""
+    None is loaded from its loader for the first instance too, so that no instance outlives its rounds)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size)).astype(np.float32)
     instances = spread.instances if spread is not None and spread.loaders else 1
     per_instance = -(-rounds // instances)
@@ -235,7 +233,7 @@ def measure(runners: dict, *, batch: int, input_size: int, runs: int = 100, warm
     instance, (timers, call_s) = 0, _warmed(first, x, warmup)
     del first  # released with its instance
     if budget is not None:  # fewer calls for a slow model, so that its minimum measurement fits the seconds
-        block, per_instance = fit_budget(call_s, block, per_instance, instances, warmup, budget.seconds)
+        block, per_instance, instances = fit_budget(call_s, block, per_instance, instances, warmup, budget.seconds)
     while True:
         for name, timer in timers.items():
             if len(timers) > 1:
@@ -264,8 +262,8 @@ MIN_BLOCK, MIN_ROUNDS = 3, 2  # the fewest timed calls a round and rounds an ins
 
 
 def fit_budget(call_s: float, block: int, per_instance: int, instances: int, warmup: int, seconds: float):
-    """(calls per round, rounds per instance) whose minimum measurement fits `seconds`, one call of every runner
-    taking `call_s`: a large variant's calls are 10-50× a small one's. Calls per round go first, then rounds."""
+    """(calls per round, rounds per instance, loads) fitting `seconds`, one call of every runner taking `call_s`, in
+    that order (ConvNeXt-XL at batch 8: three loads' minimum took 4 minutes of a 60 s budget)."""
     def cost(b: int, r: int) -> float:
         return instances * (warmup + r * (b + 1)) * call_s
 
@@ -273,7 +271,9 @@ def fit_budget(call_s: float, block: int, per_instance: int, instances: int, war
         block = max(MIN_BLOCK, int(block * seconds / cost(block, per_instance)))
     while per_instance > MIN_ROUNDS and cost(block, per_instance) > seconds:
         per_instance -= 1
-    return block, per_instance
+    while instances > 1 and cost(block, per_instance) > seconds:
+        instances -= 1
+    return block, per_instance, instances
 
 
 def _warmed(runners: dict, x: np.ndarray, warmup: int) -> tuple[dict, float]:

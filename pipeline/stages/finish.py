@@ -23,6 +23,12 @@ def finish(ctx: Context, built: Built) -> Built:
         return built
     info = model_info(ctx.ck)
     spec = Finish(ctx.cfg.input, tuple(info["class_names"]), info["preprocessing"])
+    # the sessions of the artifacts as built are let go first (the deploy replaces `built` with what this returns):
+    # a large variant's FP32 session holds its weights twice, and was held beside each finish child and then beside
+    # the finished artifacts' sessions (ConvNeXt-XL's finish: 11.2 GiB, process tree; 8.5 GiB with the children only)
+    built.runners.clear()
+    for recipe in built.recipes.values():
+        recipe.release()  # reloaded from its artifact if the recipe comparison times it
     artifacts = {}
     for precision, art in built.artifacts.items():
         key = key_of("finish", target.name, precision, art.sha256(), spec.input, spec.labels, spec.preprocessing,
@@ -37,11 +43,5 @@ def finish(ctx: Context, built: Built) -> Built:
                                        log=ctx.log)
         artifacts[precision] = Artifact.load_metadata(directory)
         ctx.log(f"{target.name} {precision}: {spec.input} input {'cached' if cached else 'written'} ({directory})")
-    # the sessions of the artifacts as built are let go before the finished ones load (the deploy replaces `built`
-    # with what this returns): a large variant's FP32 session holds its weights twice, and the deploy held the
-    # built one beside the finished one (ConvNeXt-XL's finish: 11.2 GiB, process tree)
-    built.runners.clear()
-    for recipe in built.recipes.values():
-        recipe.release()  # reloaded from its artifact if the recipe comparison times it
     runners = {p: target.load_runner(a, ctx.cfg.threads) for p, a in artifacts.items()}
     return replace(built, artifacts=artifacts, runners=runners, finished_from=dict(built.artifacts))
