@@ -26,7 +26,8 @@ GIB = 1 << 30
 COEFFICIENTS = {
     "export_child_w": 2.5,  # an export child's own growth, in W: the folded copy, the traced program (streamed save)
     "export_mib": 700.0,  # the export stage's own passes, whatever the model: smoothing statistics, parity checks
-    "build_child_w": 6.5,  # an INT8 build child's: pre-processing, the calibration session, the quantized copy
+    "build_child_w": 5.0,  # an INT8 build child's: pre-processing, the calibration session, the quantized copy
+    "finish_child_w": 4.0,  # a finish child's: the graph, its input rewritten, saved tensor by tensor
     "session_w": 2.0,  # a loaded FP32 session: its weights and their prepacked copies, in W (an INT8 one: a quarter)
     "activation_factor": 6.0,  # a session's arena over the stage-1 MLP activation of its largest batch
     "export_s_per_gb": 120.0,  # seconds per GB of FP32 weights of one export (tracing, proto, checks)
@@ -151,6 +152,7 @@ def estimate(w: Work, available: int) -> Plan:
     session = c["session_w"] * W
     int8_session = session / 4
     parent = w.base_rss + torch_models + c["stage_mib"] * (1 << 20)
+    shipped = w.base_rss + c["stage_mib"] * (1 << 20)  # from finish on: the smoothed model let go (stages.build)
     image = 3 * w.calib_size ** 2 * 4
     # at a gate's boundary more control images are drawn (pipeline.decisions.judge), as many as memory and time allow
     extended = more_control_count(w.n_control, image, f_calib) if w.judged and w.n_control else 0
@@ -166,9 +168,11 @@ def estimate(w: Work, available: int) -> Plan:
         "decide": {"peak_bytes": parent + 2 * session + (w.timed_at_once - 1) * int8_session + control_bytes
                    + w.timed_at_once * act(1, w.deploy_size),
                    "seconds": 2 * w.timing_budget_s + judged * f_calib * (1 + w.candidates * c["int8_forward"])},
-        "finish": {"peak_bytes": parent + session + int8_session + c["build_child_w"] * W / 2,
+        # the built sessions let go before the children, the finished ones loaded after them
+        "finish": {"peak_bytes": shipped + max(c["finish_child_w"] * W, session + int8_session),
                    "seconds": w.precisions * c["build_s_per_gb"] * gb / 2},
-        "validate": {"peak_bytes": parent + 2 * (session + 2 * int8_session) + 2 * act(w.max_batch, w.deploy_size),
+        # one set of sessions at a time: the accuracy pass's are let go before the latency loads its own
+        "validate": {"peak_bytes": shipped + session + 2 * int8_session + 2 * act(w.max_batch, w.deploy_size),
                      "seconds": (1 + w.precisions + w.candidates) * w.n_eval * f_calib * c["validate_forwards"]
                      + (1 + (w.max_batch > 1)) * min(c["latency_s"], w.timing_budget_s)},
     }
