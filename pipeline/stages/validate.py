@@ -109,7 +109,7 @@ def _alternatives_on_evaluation(ctx: Context, choice: dict | None) -> bool:
     (Fashion-MNIST at 32 px: ConvNeXt-T's 9,000 images are 0.8 T multiply-accumulates); above it, where the recipe
     choice already judged them on the control split, its figures stand in, labelled (ConvNeXt-T at 224 px: seven more
     passes over 900 images, 4 T, took longer than the whole accuracy stage of the deployed artifact; ConvNeXt-XL's
-    200 images are 12 T, a minute and a half a candidate on two cores). A candidate the recipe choice did not judge,
+    200 images are 12 T, 40 s a candidate at its INT8 speed on two cores). A candidate the recipe choice did not judge,
     since it could not win (`recipe.cannot_win`), is settled as well: its row says why, and it is not evaluated."""
     size = ctx.ck.preprocessing.input_size
     judged = (all("control_n" in r or r.get("not_judged") for r in (choice or {}).get("candidates", []))
