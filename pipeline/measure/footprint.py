@@ -151,8 +151,8 @@ def estimate(w: Work, available: int) -> Plan:
     act = lambda batch, size: c["activation_factor"] * activation_bytes(w.dims, batch, size)  # noqa: E731
     session = c["session_w"] * W
     int8_session = session / 4
-    parent = w.base_rss + torch_models + c["stage_mib"] * (1 << 20)
     shipped = w.base_rss + c["stage_mib"] * (1 << 20)  # from finish on: the smoothed model let go (stages.build)
+    parent = shipped + torch_models
     image = 3 * w.calib_size ** 2 * 4
     # at a gate's boundary more control images are drawn (pipeline.decisions.judge), as many as memory and time allow
     extended = more_control_count(w.n_control, image, f_calib) if w.judged and w.n_control else 0
