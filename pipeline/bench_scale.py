@@ -65,9 +65,14 @@ def _write_checkpoint(variant: str, path: Path) -> None:
 
 
 def _deploy(args: list[str], log: Path) -> int:
-    with log.open("w") as out:
-        return subprocess.run([sys.executable, "-m", "convnext_deploy", "deploy", *args], stdout=out,
-                              stderr=subprocess.STDOUT).returncode
+    """The deploy's output, each line with the seconds since it started: where a stage's time went."""
+    t0 = time.monotonic()
+    with log.open("w") as out, subprocess.Popen([sys.executable, "-m", "convnext_deploy", "deploy", *args], text=True,
+                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            out.write(f"[{time.monotonic() - t0:7.1f} s] {line}")
+            out.flush()
+    return proc.returncode
 
 
 def _row(variant: str, target: str, work: Path, calib: Path, evals: Path, minutes_left: float) -> dict:
@@ -81,7 +86,7 @@ def _row(variant: str, target: str, work: Path, calib: Path, evals: Path, minute
             "--calib-data", str(calib), "--eval-data", str(evals)]
     plan_log = work / f"{variant}-{target}-plan.log"
     code = _deploy([*base, "--plan-only"], plan_log)
-    lines = plan_log.read_text().splitlines()
+    lines = [line.split("] ", 1)[1] for line in plan_log.read_text().splitlines()]
     if code != 0:
         row["not_run"] = f"the deploy's estimate: {lines[-1] if lines else 'no output'}"
         return row
@@ -97,7 +102,8 @@ def _row(variant: str, target: str, work: Path, calib: Path, evals: Path, minute
     report_file = out / "report.json"
     if not report_file.exists():
         tail = (work / f"{variant}-{target}.log").read_text().splitlines()[-1:]
-        row["not_run"] = f"the deploy stopped (exit {row['exit_code']}): {tail[0] if tail else 'no output'}"
+        row["not_run"] = (f"the deploy stopped (exit {row['exit_code']}): "
+                          + (tail[0].split("] ", 1)[-1] if tail else "no output"))
         return row
     row.update(_figures(json.loads(report_file.read_text())))
     return row
@@ -118,7 +124,7 @@ def _figures(report: dict) -> dict:
             "int8_p50_ci_ms": int8["p50_ci_ms"], "ratio": speed["value"], "ratio_ci95": speed["ci95"],
             "input_size": int8["input_size"], "gates_passed": report["gates"]["passed"],
             "recipe": (report.get("recipe_choice") or {}).get("chosen"),
-            "screened": bool(report.get("recipe_screen"))}
+            "screened": bool(report.get("recipe_screen")), "decide_steps_s": report.get("decide_steps_s")}
 
 
 def main(argv: list[str] | None = None) -> int:

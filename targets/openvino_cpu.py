@@ -166,15 +166,18 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
     model = core.read_model(str(artifact.files[0]))
     float_precision = artifact.metadata["build"].get("float_precision", "f32")
     config = compile_config(float_precision, threads)
-    compiled_by_shape: dict[tuple, object] = {}
+    current: dict[tuple, object] = {}
 
     def compiled_for(shape: tuple):
-        # A static shape per input size/batch: the CPU plugin's dynamic-shape path is slower.
-        if shape not in compiled_by_shape:
+        # A static shape per input size/batch: the CPU plugin's dynamic-shape path is slower. One compiled at a time:
+        # each holds its own packed weights (ConvNeXt-B FP32: 0.2-0.4 GiB a shape, four shapes held were 2 GiB a
+        # runner), and compiling another takes under a second for B, far less than a pass it serves.
+        if shape not in current:
+            current.clear()
             m = model.clone()
             m.reshape({m.inputs[0]: list(shape)})
-            compiled_by_shape[shape] = core.compile_model(m, "CPU", config)
-        return compiled_by_shape[shape]
+            current[shape] = core.compile_model(m, "CPU", config)
+        return current[shape]
 
     dtype = np.uint8 if takes_image(artifact) else np.float32
 

@@ -106,6 +106,35 @@ def test_ir_holds_quantized_weights_and_runs_int8_kernels(setup):
     assert acc["agreement"] >= 0.98
 
 
+def test_a_runner_holds_one_compiled_model_whatever_shapes_it_runs(setup, monkeypatch):
+    """Each compiled shape holds its own packed weights (ConvNeXt-B FP32: four shapes were 2 GiB a runner): a runner
+    keeps the one it last ran, and a batch's logits do not depend on which shapes ran before."""
+    import gc
+    import weakref
+
+    import numpy as np
+    import openvino as ov
+
+    alive = []
+    compile_model = ov.Core.compile_model
+
+    def recording(self, *args, **kwargs):
+        compiled = compile_model(self, *args, **kwargs)
+        alive.append(weakref.ref(compiled))
+        return compiled
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    runner = ov_cpu.load_runner(_build(setup, "fp32"), 2)
+    *_, x, _ = setup
+    first = runner.run(x[:5])
+    for batch in (4, 1, 5):
+        out = runner.run(x[:batch])
+        gc.collect()
+        assert sum(r() is not None for r in alive) == 1, f"compiled models held after batch {batch}"
+        np.testing.assert_allclose(out, first[:batch], rtol=1e-5, atol=1e-5)
+    assert len(alive) >= 4  # the probe, then one per change of shape
+
+
 def test_profile_from_performance_counters(setup):
     """PERF_COUNT per executed node: integer kernels only in the INT8 IR; compute layers in execution order (at
     small sizes the plugin may fuse some MatMuls into a snippet Subgraph: then fewer than the model's 41, and the

@@ -66,6 +66,27 @@ def test_export_gives_the_checkpoint_and_the_smoothed_source(staged):
     assert src.smoothing["alpha"] == 0.5 and src.smoothing["outlier_ratio_after"] < src.smoothing["outlier_ratio_before"]
 
 
+def test_parity_runs_on_as_many_images_as_the_model_s_cost_allows(staged):
+    """atto at 32 px: the most (32); ConvNeXt-S at 224 px (8.7 G multiply-accumulates an image): 17; never fewer
+    than 4 however large the model."""
+    from types import SimpleNamespace
+
+    from convnext_deploy.pipeline.models.convnext import ConvNeXt
+    from convnext_deploy.pipeline.stages.export import PARITY_IMAGES, PARITY_MACS, parity_images
+
+    ctx, src, _, _ = staged
+    assert len(parity_images(ctx)) == src.export.parity.n == PARITY_IMAGES[1] == 32
+    small = ConvNeXt((3, 3, 27, 3), (96, 192, 384, 768))
+
+    def at(size: int) -> int:
+        return len(parity_images(SimpleNamespace(
+            ck=SimpleNamespace(model=small, preprocessing=SimpleNamespace(input_size=size)),
+            calibration=SimpleNamespace(images=np.zeros((100, 3, 1, 1), np.float32)))))
+
+    assert at(224) == 17 and 17 * 8.68e9 <= PARITY_MACS
+    assert at(1024) == PARITY_IMAGES[0] == 4  # 180 G an image: the floor
+
+
 def test_the_smoothed_model_shares_the_tensors_smoothing_leaves_alone(staged):
     """Held beside the checkpoint's model to the end of a deploy: only the norms and the layers they feed are its own."""
     ctx, src, _, _ = staged

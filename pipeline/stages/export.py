@@ -14,6 +14,11 @@ from convnext_deploy.pipeline.models.graph_forms import DEFAULT_FORM
 from convnext_deploy.pipeline.models.onnx_export import ExportResult, export_cached
 from convnext_deploy.pipeline.stages.context import Context
 
+# images × one image's multiply-accumulates each export's parity check runs (torch and ONNX Runtime on each image):
+# ConvNeXt-T's 32 images at 224 px, XL's 4 (61 G each), where 32 were 3 minutes of XL's export and builds
+PARITY_MACS = 1.5e11
+PARITY_IMAGES = (4, 32)  # the fewest and the most
+
 
 @dataclass
 class Source:
@@ -35,12 +40,12 @@ class Sources:
 
 def export(ctx: Context) -> Sources:
     ck, log = ctx.ck, ctx.log
-    calib_x = ctx.calibration.images
     result = None
     if ctx.target.converter is None:
-        result = export_cached(ck.model, ck.sha256, ck.variant.name, calib_x[:32], form=ctx.target.form)
+        result = export_cached(ck.model, ck.sha256, ck.variant.name, parity_images(ctx), form=ctx.target.form)
         log(f"export ({result.form}): opset {result.opset}, parity max |Δlogit| {result.parity.max_abs_diff:.2e}, "
-            f"agreement {result.parity.top1_agreement:.3f} ({'cached' if result.cached else 'exported'})")
+            f"agreement {result.parity.top1_agreement:.3f} on {result.parity.n} images "
+            f"({'cached' if result.cached else 'exported'})")
     plain = Source(ck.model, result.path if result else None, ck.sha256, ctx.target.form)
     if not ctx.has_int8 or not ctx.cfg.smoothing:
         return Sources(result, plain, plain if ctx.has_int8 else None, None)
@@ -63,7 +68,7 @@ def smooth(ctx: Context, alpha: float) -> tuple[Source, dict]:
         return Source(model, None), info
     key = key_of("smoothed", ck.sha256, alpha, ctx.calibration.manifest_sha256,
                  code_digest("convnext_deploy.pipeline.decisions.outliers"))
-    exported = export_cached(model, key, ck.variant.name, calib_x[:32], form=ctx.target.form)
+    exported = export_cached(model, key, ck.variant.name, parity_images(ctx), form=ctx.target.form)
     return Source(model, exported.path, key, ctx.target.form), info
 
 
@@ -72,7 +77,17 @@ def formed(ctx: Context, source: Source, form: str | None) -> Source:
     (or None) or the target converts from torch."""
     if form is None or form == source.form or source.onnx_path is None:
         return source
-    result = export_cached(source.model, source.key, ctx.ck.variant.name, ctx.calibration.images[:32], form=form)
+    result = export_cached(source.model, source.key, ctx.ck.variant.name, parity_images(ctx), form=form)
     ctx.log(f"export ({form}): parity max |Δlogit| {result.parity.max_abs_diff:.2e} "
             f"({'cached' if result.cached else 'exported'})")
     return Source(source.model, result.path, source.key, form)
+
+
+def parity_images(ctx: Context):
+    """The calibration images each export's parity check runs on: as many as `PARITY_MACS` allow, within
+    `PARITY_IMAGES` (an export error shows on every image; the count bounds a large variant's cost)."""
+    from convnext_deploy.pipeline.measure.peak import model_macs
+
+    lo, hi = PARITY_IMAGES
+    n = max(lo, min(hi, int(PARITY_MACS // model_macs(ctx.ck.model, ctx.ck.preprocessing.input_size))))
+    return ctx.calibration.images[:n]
