@@ -33,11 +33,13 @@ def goal_bytes(weight_bytes: int) -> int:
     return 3 * GIB + 4 * weight_bytes
 
 
-def _checkpoint(variant: str, work: Path) -> Path:
-    """The stand-in checkpoint in the official layout, made once (in a child: its weights leave with it)."""
+def _checkpoint(variant: str, work: Path, size: int = 224) -> Path:
+    """The stand-in checkpoint in the official layout, made once (in a child: its weights leave with it). Its name
+    gives its resolution, as the official fine-tuned ones do (`convnext_base_22k_1k_384.pth`): the deploy reads and
+    calibrates it at that size."""
     from convnext_deploy.pipeline.core.forked import in_child
 
-    path = work / f"convnext_{variant}_1k_224.pth"
+    path = work / f"convnext_{variant}_1k_{size}.pth"
     if not path.exists():
         in_child(_write_checkpoint, variant, path, what=f"the {variant} stand-in checkpoint")
     return path
@@ -51,10 +53,11 @@ def _write_checkpoint(variant: str, path: Path) -> None:
     from convnext_deploy.calibration.preprocess import preprocess
     from convnext_deploy.calibration.user_tree import WNIDS, photo
     from convnext_deploy.pipeline.models.checkpoint_layouts import to_official
+    from convnext_deploy.pipeline.models.checkpoints import fine_tuned_resolution
     from convnext_deploy.pipeline.models.stand_in import stand_in
     from convnext_deploy.pipeline.models.variants import get_variant
 
-    pp, train = get_variant(variant).preprocessing, FashionMNIST("train")
+    pp, train = fine_tuned_resolution(get_variant(variant).preprocessing, {}, path), FashionMNIST("train")
     picked = [i for k in range(10) for i in [j for j in range(20000, 22000) if train.label(j) == k][:10]]
     x = torch.stack([torch.from_numpy(preprocess(photo(train.images[i]), pp)) for i in picked])
     y = torch.tensor([train.label(i) for i in picked])
@@ -62,6 +65,14 @@ def _write_checkpoint(variant: str, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": to_official(model.state_dict())}, tmp)
     os.replace(tmp, path)
+
+
+def _suffix(size: int) -> str:
+    return "" if size == 224 else f"-{size}"
+
+
+def _size_flag(size: int) -> list[str]:
+    return [] if size == 224 else ["--image-size", str(size)]
 
 
 def _deploy(args: list[str], log: Path) -> int:
@@ -75,16 +86,16 @@ def _deploy(args: list[str], log: Path) -> int:
     return proc.returncode
 
 
-def _row(variant: str, target: str, work: Path, calib: Path, evals: Path, minutes_left: float) -> dict:
+def _row(variant: str, target: str, work: Path, data: tuple[Path, Path], minutes_left: float, size: int) -> dict:
     from convnext_deploy.pipeline.models.variants import get_variant
 
-    v = get_variant(variant)
+    v, (calib, evals), name = get_variant(variant), data, f"{variant}-{target}" + _suffix(size)
     row = {"variant": variant, "name": v.long_name, "params": v.params_1k, "gmacs_224": None,
            "goal_mib": round(goal_bytes(4 * v.params_1k) / (1 << 20))}
-    ck = _checkpoint(variant, work)
-    base = ["--target", target, "--variant", variant, "--checkpoint", str(ck), *SETTINGS,
+    ck = _checkpoint(variant, work, size)
+    base = ["--target", target, "--variant", variant, "--checkpoint", str(ck), *SETTINGS, *_size_flag(size),
             "--calib-data", str(calib), "--eval-data", str(evals)]
-    plan_log = work / f"{variant}-{target}-plan.log"
+    plan_log = work / f"{name}-plan.log"
     code = _deploy([*base, "--plan-only"], plan_log)
     lines = [line.split("] ", 1)[1] for line in plan_log.read_text().splitlines()]
     if code != 0:
@@ -95,13 +106,13 @@ def _row(variant: str, target: str, work: Path, calib: Path, evals: Path, minute
         row["not_run"] = (f"its estimate is {row['plan']['seconds'] / 60:.0f} min, more than the {minutes_left:.0f} "
                           "min left to this run (--minutes): run `make bench-scale VARIANTS=" + variant + "`")
         return row
-    out = work / f"run-{variant}-{target}"
+    out = work / f"run-{name}"
     t0 = time.monotonic()
-    row["exit_code"] = _deploy([*base, "--out", str(out)], work / f"{variant}-{target}.log")
+    row["exit_code"] = _deploy([*base, "--out", str(out)], work / f"{name}.log")
     row["wall_s"] = round(time.monotonic() - t0, 1)
     report_file = out / "report.json"
     if not report_file.exists():
-        tail = (work / f"{variant}-{target}.log").read_text().splitlines()[-1:]
+        tail = (work / f"{name}.log").read_text().splitlines()[-1:]
         row["not_run"] = (f"the deploy stopped (exit {row['exit_code']}): "
                           + (tail[0].split("] ", 1)[-1] if tail else "no output"))
         return row
@@ -134,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="onnxruntime")
     ap.add_argument("--minutes", type=float, default=150.0, help="rows whose estimate does not fit what is left of "
                                                                  "this are recorded as not run, with why")
-    ap.add_argument("--out", default=None, help="default: benchmarks/<cpu>-<date>/scale-<target>.json")
+    ap.add_argument("--image-size", type=int, default=224, help="the checkpoints' resolution and the deployment's: "
+                                                                 "a stand-in named for it, `--image-size` passed on")
+    ap.add_argument("--out", default=None, help="default: benchmarks/<cpu>-<date>/scale-<target>[-<size>].json")
     args = ap.parse_args(argv)
     from convnext_deploy.calibration.user_tree import write_tree
     from convnext_deploy.pipeline.measure.bench_rows import versions
@@ -144,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     work = cache_root() / "bench-scale"
     work.mkdir(parents=True, exist_ok=True)
     evals, calib = write_tree(work / "data", 1200, 200)
-    out = Path(args.out or f"benchmarks/{slug(machine)}-{date}/scale-{args.target}.json")
+    size = args.image_size
+    out = Path(args.out or f"benchmarks/{slug(machine)}-{date}/scale-{args.target}{_suffix(size)}.json")
     # a run of some variants replaces their rows in the day's result and keeps the others
     kept = json.loads(out.read_text())["rows"] if out.exists() else []
     t0, rows = time.monotonic(), []
     for variant in args.variants.split(","):
         left = args.minutes - (time.monotonic() - t0) / 60
         print(f"[{variant}] {left:.0f} min left", flush=True)
-        row = _row(variant, args.target, work, calib, evals, left)
+        row = _row(variant, args.target, work, (calib, evals), left, size)
         rows.append(row)
         merged = sorted([r for r in kept if r["variant"] not in {x["variant"] for x in rows}] + rows,
                         key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
@@ -159,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"exit {row['exit_code']}, {row['seconds']:.0f} s, peak {row['peak_mib']:.0f} MiB "
                                  f"(goal {row['goal_mib']} MiB), INT8 {row['ratio']:.2f}× FP32"), flush=True)
         result = {"format": FORMAT, "date": date, "command": "make bench-scale", "target": args.target,
-                  "settings": " ".join(SETTINGS), "machine": machine,
+                  "settings": " ".join([*SETTINGS, *_size_flag(size)]), "image_size": size, "machine": machine,
                   "versions": versions({args.target: get_target(args.target).describe_environment()}), "rows": merged}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")

@@ -52,10 +52,12 @@ def render(results: list[tuple[str, dict]], cpu_text) -> list[str]:
              "the deployment size, batch 1, with 95 % intervals; the ratio is FP32 / INT8 from the deploy's own "
              "interleaved measurement.", ""]
     for path, r in results:
-        lines += [f"### {r['date']} · {cpu_text(r['machine'])} · {r['target']}", "",
+        size = r.get("image_size", 224)
+        lines += [f"### {r['date']} · {cpu_text(r['machine'])} · {r['target']}" + (f" · {size} px" if size != 224 else ""),
+                  "",
                   f"`{path}`: `{r['command']}`, `{r['settings']}`; INT8 path {r['machine']['int8_path']}; "
                   + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), "",
-                  "| variant | parameters | GMACs at 224 | stages: seconds / peak | whole deploy | memory goal | "
+                  f"| variant | parameters | GMACs at {r.get('image_size', 224)} | stages: seconds / peak | whole deploy | memory goal | "
                   "FP32 p50 ms | INT8 p50 ms | FP32 / INT8 | outcome |",
                   "|---|---|---|---|---|---|---|---|---|---|",
                   *[render_row(row) for row in r["rows"]], ""]
