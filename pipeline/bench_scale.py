@@ -121,19 +121,27 @@ def _row(variant: str, target: str, work: Path, data: tuple[Path, Path], minutes
 
 
 def _figures(report: dict) -> dict:
+    """A row's figures from the deploy's report; a target whose latency this machine cannot measure (TensorRT
+    without a GPU, Core ML off macOS) has none, and its row says what it built and how its accuracy was measured."""
     mem = report["memory"]
     lat = [r for r in report["latency"] if r["batch"] == 1 and r["role"] == "deployment"]
-    fp32 = next(r for r in lat if r["precision"] == "fp32")
-    int8 = next(r for r in lat if r["precision"] == "int8")
-    speed = int8["speedup_vs_reference"]
-    return {"gmacs_224": round(int8["mac_rate"]["macs"] / 1e9, 2) if int8.get("mac_rate") else None,
+    fp32 = next((r for r in lat if r["precision"] == "fp32"), None)
+    int8 = next((r for r in lat if r["precision"] == "int8"), None)
+    speed = (int8 or {}).get("speedup_vs_reference") or {}
+    timed = {"fp32_p50_ms": fp32["p50_ms"], "fp32_p50_ci_ms": fp32["p50_ci_ms"], "int8_p50_ms": int8["p50_ms"],
+             "int8_p50_ci_ms": int8["p50_ci_ms"], "ratio": speed["value"], "ratio_ci95": speed["ci95"],
+             "input_size": int8["input_size"]} if fp32 and int8 and speed else {
+        "latency": "not measured here: " + "; ".join(n for n in report.get("notes", []) if "latency" in n.lower())[:300]}
+    acc = report["accuracy"].get("int8") or {}
+    return {"gmacs_224": round(int8["mac_rate"]["macs"] / 1e9, 2) if int8 and int8.get("mac_rate") else None,
             "stages": [{"stage": r["stage"], "seconds": r["seconds"], "peak_mib": r.get("tree_peak_rss_mib",
                                                                                          r["peak_rss_mib"])}
                        for r in mem["stages"]],
-            "peak_mib": mem.get("tree_peak_rss_mib", mem["peak_rss_mib"]), "seconds": mem["seconds"],
-            "fp32_p50_ms": fp32["p50_ms"], "fp32_p50_ci_ms": fp32["p50_ci_ms"], "int8_p50_ms": int8["p50_ms"],
-            "int8_p50_ci_ms": int8["p50_ci_ms"], "ratio": speed["value"], "ratio_ci95": speed["ci95"],
-            "input_size": int8["input_size"], "gates_passed": report["gates"]["passed"],
+            "peak_mib": mem.get("tree_peak_rss_mib", mem["peak_rss_mib"]), "seconds": mem["seconds"], **timed,
+            "artifacts": [{"precision": a["precision"], "files": a["files"], "size_bytes": a["size_bytes"],
+                           "proxy": a.get("proxy")} for a in report["artifacts"]],
+            "int8_accuracy": {k: acc.get(k) for k in ("top1_drop_pp", "agreement", "n", "kind", "proxy")},
+            "gates_passed": report["gates"]["passed"],
             "recipe": (report.get("recipe_choice") or {}).get("chosen"),
             "screened": bool(report.get("recipe_screen")), "decide_steps_s": report.get("decide_steps_s")}
 
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
         print(f"[{variant}] " + (f"not run: {row['not_run']}" if "not_run" in row else
                                  f"exit {row['exit_code']}, {row['seconds']:.0f} s, peak {row['peak_mib']:.0f} MiB "
-                                 f"(goal {row['goal_mib']} MiB), INT8 {row['ratio']:.2f}× FP32"), flush=True)
+                                 f"(goal {row['goal_mib']} MiB), " + (f"INT8 {row['ratio']:.2f}× FP32" if "ratio" in row
+                                                                   else row["latency"])), flush=True)
         result = {"format": FORMAT, "date": date, "command": "make bench-scale", "target": args.target,
                   "settings": " ".join([*SETTINGS, *_size_flag(size)]), "image_size": size, "machine": machine,
                   "versions": versions({args.target: get_target(args.target).describe_environment()}), "rows": merged}

@@ -33,6 +33,13 @@ def render_row(row: dict) -> str:
     if "not_run" in row:
         return head + f" | not run: {row['not_run']} | | {row['goal_mib'] / 1024:.1f} GiB | | | |"
     within = "within" if row["peak_mib"] <= row["goal_mib"] else "**over**"
+    if "ratio" not in row:  # a proxy target: what it built, its accuracy's kind, and why no latency
+        acc = row.get("int8_accuracy") or {}
+        return (head + f" | {_stages(row)} | {row['seconds'] / 60:.1f} min, {row['peak_mib'] / 1024:.1f} GiB | "
+                f"{row['goal_mib'] / 1024:.1f} GiB ({within}) | {row.get('latency', 'not measured here')} | | | "
+                f"exit {row['exit_code']}; built: " + ", ".join(a["precision"] for a in row.get("artifacts", []))
+                + (f"; INT8 accuracy {acc['kind']}" + (f" ({acc['proxy']})" if acc.get("proxy") else "")
+                   if acc.get("kind") else "") + " |")
     return (head + f" | {_stages(row)} | {row['seconds'] / 60:.1f} min, {row['peak_mib'] / 1024:.1f} GiB | "
             f"{row['goal_mib'] / 1024:.1f} GiB ({within}) | {row['fp32_p50_ms']:.1f} {_interval(row['fp32_p50_ci_ms'])} | "
             f"{row['int8_p50_ms']:.1f} {_interval(row['int8_p50_ci_ms'])} | {row['ratio']:.2f}× "

@@ -144,3 +144,27 @@ def test_the_command_writes_the_document_and_check_says_when_it_is_stale(tmp_pat
     assert doc.main(["--root", str(tmp_path)]) == 0 and doc.main(["--root", str(tmp_path), "--check"]) == 0
     write(tmp_path, "testium-2026-02-15", result("2026-02-15"))  # a new result without regeneration
     assert doc.main(["--root", str(tmp_path), "--check"]) == 1
+
+
+def test_a_scale_row_of_a_target_without_latency_here_says_what_it_built_and_why():
+    """TensorRT without a GPU, Core ML off macOS: the deploy reports no latency; its scale row keeps the stages and
+    the memory, names the artifacts built and the INT8 accuracy's kind, and says why there is no latency."""
+    from convnext_deploy.pipeline.bench_scale import _figures
+    from convnext_deploy.reports.scale_table import render_row
+
+    why = "latency not measured for fp32, int8: a proxy runs on this CPU, and its speed says nothing about the target"
+    report = {"memory": {"stages": [{"stage": "build", "seconds": 12.0, "peak_rss_mib": 900.0,
+                                     "tree_peak_rss_mib": 1500.0}], "peak_rss_mib": 900.0,
+                         "tree_peak_rss_mib": 1500.0, "seconds": 12.0},
+              "latency": [], "notes": ["something else", why],
+              "artifacts": [{"precision": "fp32", "files": ["model.onnx"], "size_bytes": 10, "proxy": None},
+                            {"precision": "int8", "files": ["model.plan"], "size_bytes": 5, "proxy": "ORT QDQ"}],
+              "accuracy": {"int8": {"top1_drop_pp": 0.5, "agreement": 0.99, "n": 200, "kind": "proxy",
+                                    "proxy": "ONNX Runtime on the same QDQ graph"}},
+              "gates": {"passed": False}}
+    row = {"variant": "b", "name": "ConvNeXt-B", "params": 88_591_464, "gmacs_224": None, "goal_mib": 4424,
+           "exit_code": 3, **_figures(report)}
+    assert "ratio" not in row and row["latency"] == "not measured here: " + why
+    text = render_row(row)
+    assert "build 12 s / 1.5 GiB" in text and why in text and "built: fp32, int8" in text
+    assert "INT8 accuracy proxy (ONNX Runtime on the same QDQ graph)" in text and "exit 3" in text
