@@ -14,7 +14,7 @@ from convnext_deploy.pipeline.measure.memory import stage_peak
 from convnext_deploy.pipeline.ship.bundle import after_deploy
 from convnext_deploy.pipeline.stages import gates
 from convnext_deploy.pipeline.stages.build import Built, build, build_one, drop_modules
-from convnext_deploy.pipeline.stages.plan import estimated_vs_measured, plan
+from convnext_deploy.pipeline.stages.plan import estimated_vs_measured, plan, started
 from convnext_deploy.pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide, sensitivity
 from convnext_deploy.pipeline.stages.device import on_device
@@ -34,8 +34,12 @@ class DeployResult:
 
 def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
     memory: list[dict] = []  # peak RSS of each stage (pipeline.measure.memory)
+    estimate = None
 
     def stage(name: str, fn, *args):
+        line = started(estimate, name) if estimate is not None else None
+        if line:
+            log(line)
         with stage_peak(name, memory, log):
             return fn(*args)
 

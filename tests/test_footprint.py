@@ -31,6 +31,9 @@ def test_the_plan_of_the_atto_deploy_holds_its_measured_stages(deployed):
     report = json.loads((out / "report.json").read_text())
     plan = report["plan"]
     assert "plan: peak memory ~" in p.stdout and plan["work"]["weight_bytes"] > 0
+    for stage in HEAVY:  # each heavy stage starts by saying its estimate and when the deploy should end
+        line = next(x for x in p.stdout.splitlines() if x.startswith(f"stage {stage}: started"))
+        assert f"~{plan['stages'][stage]['seconds']:.0f} s estimated" in line and "until about" in line
     measured = {r["stage"]: r["tree_peak_rss_mib"] for r in report["memory"]["stages"]}
     _check(plan["stages"], measured, (plan["seconds"], report["memory"]["seconds"]), "atto")
     assert {s: plan["stages"][s].get("measured_peak_mib") for s in HEAVY} == {s: measured[s] for s in HEAVY}

@@ -66,3 +66,16 @@ def estimated_vs_measured(estimate: footprint.Plan, memory: list[dict]) -> dict:
     out["measured_peak_mib"] = max(r["tree_peak_rss_mib"] for r in memory)
     out["measured_seconds"] = round(sum(r["seconds"] for r in memory), 1)
     return out
+
+
+def started(estimate: footprint.Plan, name: str) -> str | None:
+    """The line a heavy stage starts with: its estimated seconds and when the deploy should end, from the plan (on
+    a console the passes over images show their own progress bars besides); None for a stage the plan does not count."""
+    import time
+
+    order = list(estimate.stages)
+    if name not in order:
+        return None
+    left = sum(estimate.stages[s]["seconds"] for s in order[order.index(name):])
+    return (f"stage {name}: started, ~{estimate.stages[name]['seconds']:.0f} s estimated; the deploy ~{left / 60:.0f} "
+            f"min more (until about {time.strftime('%H:%M', time.localtime(time.time() + left))})")
