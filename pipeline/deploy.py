@@ -13,7 +13,7 @@ from convnext_deploy.pipeline.core.gate_file import EMULATED
 from convnext_deploy.pipeline.measure.memory import stage_peak
 from convnext_deploy.pipeline.ship.bundle import after_deploy
 from convnext_deploy.pipeline.stages import gates
-from convnext_deploy.pipeline.stages.build import Built, build, build_one, drop_modules
+from convnext_deploy.pipeline.stages.build import Built, build, build_one, drop_modules, structure_only
 from convnext_deploy.pipeline.stages.plan import estimated_vs_measured, plan, started
 from convnext_deploy.pipeline.stages.context import EXIT_GATE_FAILED, EXIT_NOT_BUILT, EXIT_OK, DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide, sensitivity
@@ -49,6 +49,7 @@ def run_deploy(cfg: DeployConfig, log=print) -> DeployResult:
         return DeployResult({"plan": estimate.to_dict()}, None, EXIT_OK)
     src = stage("export", export, ctx)
     built = stage("build", build, ctx, src)
+    structure_only(ctx, src, built)  # the smoothed module's tensors, not needed by any ONNX rebuild, let go
     decision = stage("decide", decide, ctx, built)
     if decision.int8 is not None:  # the recipe choice or the fallback replaced the default INT8 artifact
         built = replace(built, artifacts={**built.artifacts, "int8": decision.int8},

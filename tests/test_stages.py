@@ -196,6 +196,35 @@ def test_drop_modules_lets_the_smoothed_model_go(staged):
     assert smoothed() is None and src.plain.model is None and ctx.ck.model is not None
 
 
+def test_after_the_builds_an_onnx_target_keeps_the_smoothed_structure_not_its_weights(staged, tmp_path):
+    """The decisions' rebuilds name float layers by the module's structure: with the checkpoint's module standing in
+    for the smoothed one, a rebuild with float layers is the same graph, and the smoothed copy is held by nothing."""
+    from convnext_deploy.pipeline.decisions.mixed import with_float
+    from convnext_deploy.pipeline.models.convnext import weight_layers
+    from convnext_deploy.pipeline.stages.build import structure_only
+    from convnext_deploy.targets.base import BuildRequest
+
+    ctx, *_ = staged
+    src = export(ctx)
+    built = build(ctx, src)
+    smoothed = weakref.ref(src.int8.model)
+    layers = [n for n, _ in weight_layers(ctx.ck.model)][3:5]
+    options = with_float(ctx.options, layers)
+
+    def rebuilt(model, name):
+        (tmp_path / name).mkdir()
+        art = ctx.target.build(BuildRequest("int8", src.int8.onnx_path, model, tmp_path / name, ctx.calibration,
+                                            options=options))
+        assert art.metadata["ops"]["float_conv_matmul_left"] >= len(layers)  # the named layers stayed in float
+        return art.files[0].read_bytes()
+
+    before = rebuilt(src.int8.model, "smoothed")
+    structure_only(ctx, src, built)
+    gc.collect()
+    assert smoothed() is None and src.int8.model is ctx.ck.model and src.int8.onnx_path is not None
+    assert rebuilt(src.int8.model, "structure") == before
+
+
 def test_other_candidates_are_evaluated_where_their_passes_are_cheap(staged, monkeypatch):
     ctx, *_ = staged
     judged = {"candidates": [{"recipe": "a", "control_n": 100}, {"recipe": "b", "not_judged": "cannot win"}]}

@@ -8,18 +8,17 @@ Each round times a block of consecutive calls of one runner after one untimed ca
 other runners evicted (a deployed model runs warm; alternating on every call makes all as slow as the slowest).
 
 What makes two runs of the same comparison disagree, and how it is met:
-- A shared machine (a VM with a co-tenant) has disturbed stretches, seconds to a minute long, that slow every
-  core at once, often with no steal time reported, and slow some runners more than others, so a ratio measured
-  while one lasts is off too. A runner's round more than `DISTURBED` slower than its usual round, next in time to
-  another slow one, ran on a disturbed machine: the round is counted (`disturbed_rounds`) and left out of every
-  figure of every runner, so p50s and their ratios come from the same rounds. One runner slow on its own (a slow
-  load of it) is not a disturbed machine: its neighbours in time ran at their usual speed. A run disturbed from
-  start to end cannot tell: its usual round is the slow one.
+- A shared machine (a VM with a co-tenant) has disturbed stretches, seconds to a minute long, that slow every core
+  at once (often with no steal time reported), some runners more than others, so a ratio measured then is off too.
+  A runner's round more than `DISTURBED` slower than its usual round, next in time to another slow one, ran on a
+  disturbed machine: the round is counted (`disturbed_rounds`) and left out of every figure of every runner, so
+  p50s and their ratios come from the same rounds. One runner slow on its own (a slow load of it) is not a disturbed
+  machine: its neighbours in time ran at their usual speed. A run disturbed from start to end cannot tell.
 - Two freshly loaded instances of the same artifacts can give ratios apart by more than either's interval (a
   compiled model's placement in memory). Given a `Spread`, the rounds are spread over its loads, and intervals
   bootstrap over loads and then over the rounds within each (hierarchical), so they carry that spread as well.
-A ratio's interval pairs the rounds. With a time budget, rounds (or instances) go on until every ratio's 95 % interval
-is within `tolerance` of it, or the budget ends: unresolved. A slow model's minimum measurement fits it (`fit_budget`).
+A ratio's interval pairs the rounds; wider than `tolerance`, it is unresolved. With a time budget, rounds (or instances)
+go on until every ratio is resolved, or the budget ends. A slow model's minimum measurement fits it (`fit_budget`).
 """
 from __future__ import annotations
 
@@ -93,6 +92,7 @@ class Ratio:
     rounds: int
     resolved: bool  # the interval is within the tolerance the measurement aimed for
     instances: int = 1
+    tolerance: float = 0.03
 
     @property
     def verdict(self) -> str:
@@ -104,7 +104,7 @@ class Ratio:
 
     def text(self) -> str:
         return (f"{self.value:.2f}× [{self.low:.2f}, {self.high:.2f}]"
-                + ("" if self.resolved else " (unresolved: the time budget ended first)"))
+                + ("" if self.resolved else f" (unresolved: wider than ±{self.tolerance:.0%})"))
 
     def to_dict(self) -> dict:
         return {"value": self.value, "ci95": [self.low, self.high], "rounds": self.rounds,
@@ -131,11 +131,11 @@ def _paired(a: np.ndarray, b: np.ndarray, tolerance: float, seed: int, instances
     value = float(np.median(a) / np.median(b))
     groups = _groups(instances, len(a))
     if len(a) < 2 or len(a) != len(b):
-        return Ratio(value, value, value, len(a), False, len(groups))
+        return Ratio(value, value, value, len(a), False, len(groups), tolerance)
     idx = _resample(groups, seed)
     boot = _resampled_p50(a, idx) / _resampled_p50(b, idx)
     low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    return Ratio(value, low, high, len(a), (high - low) / 2 <= tolerance * value, len(groups))
+    return Ratio(value, low, high, len(a), (high - low) / 2 <= tolerance * value, len(groups), tolerance)
 
 
 def _groups(instances, n: int) -> list[np.ndarray]:

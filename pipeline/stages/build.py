@@ -70,6 +70,16 @@ def drop_modules(src: Sources, built: Built) -> None:
             source.model = None
 
 
+def structure_only(ctx: Context, src: Sources, built: Built) -> None:
+    """Once every form is exported and built, a smoothed source of an ONNX build keeps only what its later rebuilds
+    (latency-aware, fallback) read of its torch module: the structure that names float layers by network order, which
+    the checkpoint's module has too. The smoothed copy's own tensors (about half a variant's weights: ConvNeXt-XL's
+    0.7 GB) were held through the decisions. A target converting from torch (no ONNX) keeps its weights."""
+    for source in (src.int8, *(r.source for r in built.recipes.values())):
+        if source is not None and source.onnx_path is not None and source.model is not None:
+            source.model = ctx.ck.model
+
+
 def lazy_runner(held: Runner, load: Callable[[], Runner]) -> Runner:
     """`held`'s description without its session: the first call loads one with `load` and keeps it."""
     box: list[Runner] = []
