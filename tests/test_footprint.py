@@ -31,6 +31,7 @@ def test_the_plan_of_the_atto_deploy_holds_its_measured_stages(deployed):
     report = json.loads((out / "report.json").read_text())
     plan = report["plan"]
     assert "plan: peak memory ~" in p.stdout and plan["work"]["weight_bytes"] > 0
+    assert plan["work"]["int8_runner_w"] == 0.25  # the target's own figure, recorded with the plan
     for stage in HEAVY:  # each heavy stage starts by saying its estimate and when the deploy should end
         line = next(x for x in p.stdout.splitlines() if x.startswith(f"stage {stage}: started"))
         assert f"~{plan['stages'][stage]['seconds']:.0f} s estimated" in line and "until about" in line
@@ -77,3 +78,20 @@ def test_the_options_that_fit_are_the_fewest_changes():
         assert footprint.fitting_options(w, between) == ["--no-alternatives"]
     assert footprint.fitting_options(w, 1 << 20) == []  # nothing fits a mebibyte
     assert not footprint.estimate(w, 1 << 20).fits() and full.fits()
+
+
+def test_an_int8_runner_that_holds_float_weights_is_counted_so():
+    """TensorRT without a GPU validates its Q/DQ graph in float on ONNX Runtime: its INT8 runner holds the FP32
+    weights (ConvNeXt-B's validation: 3.5 GiB, 0.9 GiB over an estimate that counted a quarter). The plan takes
+    the target's figure; a row recorded before the field re-estimates with a quarter."""
+    from convnext_deploy.targets import get_target
+
+    w = footprint.Work(weight_bytes=1 << 30, dims=(192, 384, 768, 1536), calib_size=224, deploy_size=224, n_calib=100,
+                       n_eval=200, n_control=20, max_batch=8, candidates=1, timed_at_once=2, smoothing=True, loads=3,
+                       timing_budget_s=60, precisions=2, base_rss=1 << 30, forward_s=0.5)
+    quarter, whole = (footprint.estimate(footprint.Work(**{**footprint.estimate(w, 1).work, "int8_runner_w": f}), 1)
+                      for f in (0.25, 1.0))
+    session = footprint.COEFFICIENTS["session_w"] * w.weight_bytes
+    grew = whole.stages["validate"]["peak_bytes"] - quarter.stages["validate"]["peak_bytes"]
+    assert grew == pytest.approx(2 * 0.75 * session) and w.int8_runner_w == 0.25
+    assert get_target("tensorrt").int8_runner_w == 1.0 and get_target("onnxruntime").int8_runner_w == 0.25

@@ -13,7 +13,7 @@ from convnext_deploy.pipeline.stages import validate as validate_stage
 from convnext_deploy.pipeline.stages.build import build, build_one, drop_modules, let_go
 from convnext_deploy.pipeline.stages.context import DeployConfig
 from convnext_deploy.pipeline.stages.decide import decide
-from convnext_deploy.pipeline.stages.export import export
+from convnext_deploy.pipeline.stages.export import export, formed
 from convnext_deploy.pipeline.stages.finish import finish
 from convnext_deploy.pipeline.stages.prepare import prepare
 from convnext_deploy.pipeline.stages.report import assemble, publish
@@ -223,6 +223,9 @@ def test_after_the_builds_an_onnx_target_keeps_the_smoothed_structure_not_its_we
     gc.collect()
     assert smoothed() is None and src.int8.model is ctx.ck.model and src.int8.onnx_path is not None
     assert rebuilt(src.int8.model, "structure") == before
+    other = "channels_first" if src.int8.form != "channels_first" else "channels_last"
+    with pytest.raises(RuntimeError, match="cannot be exported again"):  # its weights are not the smoothed ones
+        formed(ctx, src.int8, other)
 
 
 def test_other_candidates_are_evaluated_where_their_passes_are_cheap(staged, monkeypatch):

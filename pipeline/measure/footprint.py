@@ -137,6 +137,7 @@ class Work:
     base_rss: int  # the process after prepare
     forward_s: float  # one FP32 forward at the deployment size
     judged: bool = True  # the decisions judge accuracy on the control split (accuracy gates and a control split)
+    int8_runner_w: float = 0.25  # an INT8 runner's weights held here, in W (the target's; rows before it: a quarter)
 
 
 CALIBRATION_BATCH_PIXELS = 1 << 18  # as targets/ort_tools.py: the calibration session's batch, bounded by pixels
@@ -150,7 +151,7 @@ def estimate(w: Work, available: int) -> Plan:
     calib_batch = max(1, min(32, CALIBRATION_BATCH_PIXELS // (w.calib_size ** 2)))
     act = lambda batch, size: c["activation_factor"] * activation_bytes(w.dims, batch, size)  # noqa: E731
     session = c["session_w"] * W
-    int8_session = session / 4
+    int8_session = session * w.int8_runner_w
     shipped = w.base_rss + c["stage_mib"] * (1 << 20)  # from finish on: the smoothed model let go (stages.build)
     parent = shipped + torch_models
     image = 3 * w.calib_size ** 2 * 4

@@ -104,7 +104,7 @@ class Ratio:
 
     def text(self) -> str:
         return (f"{self.value:.2f}× [{self.low:.2f}, {self.high:.2f}]"
-                + ("" if self.resolved else f" (unresolved: wider than ±{self.tolerance:.0%})"))
+                + ("" if self.resolved else f" (unresolved: wider than ±{self.tolerance * 100:g} %)"))
 
     def to_dict(self) -> dict:
         return {"value": self.value, "ci95": [self.low, self.high], "rounds": self.rounds,

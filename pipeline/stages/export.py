@@ -77,6 +77,8 @@ def formed(ctx: Context, source: Source, form: str | None) -> Source:
     (or None) or the target converts from torch."""
     if form is None or form == source.form or source.onnx_path is None:
         return source
+    if source.model is ctx.ck.model and source.key != ctx.ck.sha256:  # pipeline.stages.build.structure_only
+        raise RuntimeError(f"{source.key}: a source whose module stands in for its structure cannot be exported again")
     result = export_cached(source.model, source.key, ctx.ck.variant.name, parity_images(ctx), form=form)
     ctx.log(f"export ({form}): parity max |Δlogit| {result.parity.max_abs_diff:.2e} "
             f"({'cached' if result.cached else 'exported'})")

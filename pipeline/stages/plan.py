@@ -27,7 +27,8 @@ def work_of(ctx: Context, forward_s: float) -> footprint.Work:
         n_control=0 if ctx.control is None else len(ctx.control.labels), max_batch=max(cfg.batch_sizes),
         candidates=candidates, timed_at_once=1 + candidates, smoothing=int8 and cfg.smoothing is not None,
         loads=cfg.loads, timing_budget_s=cfg.timing_budget_s, precisions=len(ctx.precisions),
-        base_rss=rss_bytes() or 0, forward_s=forward_s, judged=ctx.control is not None)
+        base_rss=rss_bytes() or 0, forward_s=forward_s, judged=ctx.control is not None,
+        int8_runner_w=target.int8_runner_w)
 
 
 def available() -> int:
