@@ -103,8 +103,9 @@ def summary_lines(report: dict) -> list[str]:
          f"{d['accuracy_resolution']} px); weights' values do not change the cost" if report["latency"] else
          "- Latency: **not measured** (see the notes)"),
         (f"- Export: ONNX opset {report['export']['opset']}, parity vs torch max |Δlogit| "
-         f"{report['export']['parity']['max_abs_diff']:.2e}, top-1 agreement {pct(report['export']['parity']['top1_agreement'])} on "
-         f"{report['export']['parity']['n']} calibration images" if "opset" in report["export"] else f"- Conversion: {report['export']['converter']} (no ONNX involved)"),
+         f"{report['export']['parity']['max_abs_diff']:.2e}, top-1 agreement "
+         f"{pct(report['export']['parity']['top1_agreement'])} on {report['export']['parity']['n']} calibration images"
+         if "opset" in report["export"] else f"- Conversion: {report['export']['converter']} (no ONNX involved)"),
     ]
     for note in report.get("notes", []):
         lines.append(f"- Note: {note}")

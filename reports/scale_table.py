@@ -64,7 +64,7 @@ def render(results: list[tuple[str, dict]], cpu_text) -> list[str]:
                   "",
                   f"`{path}`: `{r['command']}`, `{r['settings']}`; INT8 path {r['machine']['int8_path']}; "
                   + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), "",
-                  f"| variant | parameters | GMACs at {r.get('image_size', 224)} | stages: seconds / peak | whole deploy | memory goal | "
+                  f"| variant | parameters | GMACs at {size} | stages: seconds / peak | whole deploy | memory goal | "
                   "FP32 p50 ms | INT8 p50 ms | FP32 / INT8 | outcome |",
                   "|---|---|---|---|---|---|---|---|---|---|",
                   *[render_row(row) for row in r["rows"]], ""]
