@@ -64,11 +64,14 @@ bench-full:
 	$(MAKE) --no-print-directory benchmarks
 
 # Every variant T…XL deployed as a user would (official .pth, 1,000 classes, --calib 100 --eval 200), one row each:
-# stage seconds and process-tree peaks against 3 GiB + 4 × the weights, FP32/INT8 p50. VARIANTS=b for one row.
+# stage seconds and process-tree peaks against 3 GiB + 4 × the weights, FP32/INT8 p50. VARIANTS=b for one row;
+# SCALE_SIZE=384: checkpoints fine-tuned at 384 px, deployed at 384 (scale-<target>-384.json).
 VARIANTS ?= t,s,b,l,xl
 SCALE_MINUTES ?= 150
+SCALE_SIZE ?= 224
 bench-scale:
-	$(BIN)/python -m convnext_deploy.pipeline.bench_scale --variants $(VARIANTS) --target $(TARGET) --minutes $(SCALE_MINUTES)
+	$(BIN)/python -m convnext_deploy.pipeline.bench_scale --variants $(VARIANTS) --target $(TARGET) \
+		--minutes $(SCALE_MINUTES) --image-size $(SCALE_SIZE)
 	$(MAKE) --no-print-directory benchmarks
 
 # BENCHMARKS.md from the committed results benchmarks/*/*.json (tests/test_benchmarks_doc.py keeps them equal).
