@@ -28,7 +28,7 @@ COEFFICIENTS = {
     "export_mib": 700.0,  # the export stage's own passes, whatever the model: smoothing statistics, parity checks
     "build_child_w": 5.0,  # an INT8 build child's: pre-processing, the calibration session, the quantized copy
     "finish_child_w": 4.0,  # a finish child's: the graph, its input rewritten, saved tensor by tensor
-    "session_w": 2.0,  # a loaded FP32 session: its weights and their prepacked copies, in W (an INT8 one: a quarter)
+    "session_w": 2.0,  # a loaded FP32 session: its weights and their prepacked copies, in W (INT8: Work.int8_runner_w)
     "activation_factor": 6.0,  # a session's arena over the stage-1 MLP activation of its largest batch
     "export_s_per_gb": 120.0,  # seconds per GB of FP32 weights of one export (tracing, proto, checks)
     "build_s_per_gb": 60.0,  # seconds per GB of one INT8 build's graph passes (besides calibration)
