@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_args(s, deploy=True)
     s.add_argument("--fallback-max-layers", type=int, default=8, help="fallback budget: layers in float (default 8)")
     s.add_argument("--fallback-max-minutes", type=float, default=30.0,
-                   help="fallback budget: minutes of rebuilding (default 30)")
+                   help="fallback budget in minutes, its per-layer ranking included (a third at most; default 30)")
     s.set_defaults(func=_cmd_deploy)
 
     s = sub.add_parser("sensitivity", help="per-layer INT8 sensitivity (SQNR, float-alone gain) of a target's artifact")

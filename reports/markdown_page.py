@@ -107,7 +107,10 @@ def sensitivity_caption(result: dict) -> str:
             f"{result['int8_agreement_with_float'] * 100:.2f}%, logit SQNR {result.get('logit_sqnr_db') or 0:.1f} dB. "
             f"Layer SQNR: each layer's output in the INT8 graph against {result.get('float_reference') or 'the same graph with every layer in float'} "
             "(errors accumulate along the network). Sorted by the logit SQNR gained when only that layer is left in "
-            "float, then by the agreement regained, then by layer SQNR.")
+            "float, then by the agreement regained, then by layer SQNR."
+            + (f" Within its {result['budget_s']:.0f}-second budget {result['probed']} of {len(result['layers'])} layers "
+               "were probed alone, worst SQNR first; the rest follow by SQNR."
+               if result.get("probed", len(result["layers"])) < len(result["layers"]) else ""))
 
 
 def sensitivity_markdown(result: dict) -> str:

@@ -175,8 +175,10 @@ SENS_HEAD = ["rank", "layer", "op", "layer SQNR dB", "float alone: agreement reg
 def sensitivity_rows(result: dict) -> list[list[str]]:
     order = {name: i for i, name in enumerate(result.get("ranking", []))}  # the measuring side's ranking
     ranked = sorted(result["layers"], key=lambda r: order.get(r.get("module", r["layer"]), len(order)))
-    return [[str(i + 1), r.get("module", r["layer"]), r["op"], f"{r['sqnr_db']:.1f}", f"{r['agreement_regained_pp']:+.2f}",
-             f"{r.get('logit_sqnr_gain_db', 0.0):+.2f}"] for i, r in enumerate(ranked)]
+    return [[str(i + 1), r.get("module", r["layer"]), r["op"], f"{r['sqnr_db']:.1f}",
+             *([f"{r['agreement_regained_pp']:+.2f}", f"{r.get('logit_sqnr_gain_db', 0.0):+.2f}"]
+               if "agreement_regained_pp" in r else ["not probed (time budget)", "by SQNR"])]
+            for i, r in enumerate(ranked)]
 
 
 SCREEN_HEAD = ["INT8 candidate", "p50 ms on the slice", "speed-up vs its FP32", "built in full", "why"]

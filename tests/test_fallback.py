@@ -195,3 +195,14 @@ def test_a_zero_drop_gate_is_a_valid_gate():
     ev = Evidence(runner_with_errors(0), control, log=lambda m: None)
     assert assess(runner_with_errors(0), ev, AccuracyGates(0.0, None)).passed
     assert not assess(runner_with_errors(1), ev, AccuracyGates(0.0, None)).passed
+
+
+def test_the_minutes_budget_counts_the_ranking_before_the_search():
+    """`--fallback-max-minutes` bounds the whole fallback: a ranking that spent it leaves no rebuild."""
+    import time
+
+    res, built = search(lambda k: 0, gates(1.0, max_minutes=1.0, started=time.monotonic() - 61))
+    assert not res.met and built == [] and res.stopped == "budget"
+    assert "the ranking included" in res.message
+    res, built = search(lambda k: 0, gates(1.0, max_minutes=1.0, started=time.monotonic()))
+    assert res.met and len(built) == 1

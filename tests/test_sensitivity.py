@@ -122,3 +122,36 @@ def test_probe_memory_is_one_chunk_not_every_image():
     chunk_bytes = 2 * 2 * 200_000 * 4  # both layers' activations of one chunk
     assert result["images"] == 200 and len(result["layers"]) == 2
     assert peak < 6 * chunk_bytes, f"peak {peak / 2**20:.0f} MiB for {chunk_bytes / 2**20:.0f} MiB chunks"
+
+
+def test_a_time_budget_probes_the_worst_layers_first_and_ranks_the_rest_by_sqnr(monkeypatch):
+    """Each layer's own pass is what grows with the variant (a hundred at ConvNeXt-B): under a budget the worst
+    layers by SQNR are probed first, and the rest follow them, by SQNR, in the ranking and the report's table."""
+    import numpy as np
+
+    from convnext_deploy.pipeline.decisions import sensitivity as sens
+    from convnext_deploy.reports.markdown_page import sensitivity_markdown
+    from convnext_deploy.targets.base import LayerProbe
+
+    layers, noise = ["a", "b", "c", "d"], {"a": 0.01, "b": 0.3, "c": 0.1, "d": 0.03}  # worst SQNR: b, c, d, a
+    rng = np.random.default_rng(0)
+    logits, acts = rng.standard_normal((8, 10)), rng.standard_normal((8, 50))
+
+    def run(floated, tapped):
+        shift = sum(0.0 if n in floated else noise[n] for n in layers)
+        yield [logits + shift * np.sin(np.arange(10)), *[acts + (0 if n in floated else noise[n]) for n in tapped]]
+
+    clock = iter(range(100))  # one second a call: the budget check before each pass reads one
+    monkeypatch.setattr(sens.time, "monotonic", lambda: float(next(clock)))
+    res = run_probe(LayerProbe(layers, run, "synthetic", "real"), log=lambda m: None, budget_s=2.5)
+    assert res["probed"] == 2 and res["budget_s"] == 2.5
+    probed = [r["layer"] for r in res["layers"] if "agreement_regained_pp" in r]
+    assert probed == ["b", "c"]  # the two worst by SQNR, in network order
+    ranked = [r["layer"] for r in sorted(res["layers"], key=rank_key)]
+    assert set(ranked[:2]) == {"b", "c"} and ranked[2:] == ["d", "a"]
+    monkeypatch.undo()
+    full = run_probe(LayerProbe(layers, run, "synthetic", "real"), log=lambda m: None)
+    assert full["probed"] == 4 and all("logit_sqnr_gain_db" in r for r in full["layers"])
+    page = sensitivity_markdown({**res, "target": "t", "source": "s", "int8_agreement_with_float": 1.0,
+                                 "ranking": ranked})
+    assert page.count("not probed (time budget)") == 2 and "2 of 4 layers were probed alone" in page

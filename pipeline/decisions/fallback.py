@@ -22,6 +22,7 @@ class FallbackConfig:
     max_float_layers: int = 8
     max_minutes: float = 30.0
     stall_rounds: int = 2  # rebuilds in a row that bring the figures no closer to the gates: the search stops
+    started: float | None = None  # time.monotonic() when the fallback began (its ranking counts); None: at search
 
 
 @dataclass
@@ -44,7 +45,7 @@ def search(build: Callable[[list[str]], tuple[Artifact, Runner]], ranking: list[
            plain: tuple[Artifact, Runner], cfg: FallbackConfig, log=print) -> FallbackResult:
     """`build(layers)`: the INT8 artifact with those checkpoint layers in float, and its runner. `plain`: the
     all-INT8 artifact and its runner, judged on `evidence` against the reference precision."""
-    start = time.monotonic()
+    start = cfg.started if cfg.started is not None else time.monotonic()
     a = assess(plain[1], evidence, cfg.gates)
     rounds = [{"float_layers": 0, **_round(a), "seconds": 0.0}]
     best = (a.score, plain[0], plain[1], [], a)
@@ -53,7 +54,8 @@ def search(build: Callable[[list[str]], tuple[Artifact, Runner]], ranking: list[
     while not a.passed:
         elapsed = (time.monotonic() - start) / 60.0
         stop = ("budget", f"{n} layers in float (budget --fallback-max-layers {cfg.max_float_layers})") if n >= limit \
-            else ("budget", f"{elapsed:.1f} min (budget --fallback-max-minutes {cfg.max_minutes:g})") \
+            else ("budget", f"{elapsed:.1f} min (budget --fallback-max-minutes {cfg.max_minutes:g}, the ranking "
+                            "included)") \
             if elapsed >= cfg.max_minutes else ("no progress", f"{n} layers in float, {stalled} rebuilds in a row "
                                                 "that brought the figures no closer to the gates") \
             if stalled >= cfg.stall_rounds else None

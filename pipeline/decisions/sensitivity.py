@@ -8,10 +8,15 @@ float, and any layer's output tapped); this module measures, for each quantized 
 - the top-1 agreement with the all-float artifact regained when only that layer is in float (pp), and how
   much cleaner the logits get (dB, continuous where agreement is already ~100 %);
 then names the layers as the checkpoint does, ranks them and writes the result.
+
+The per-layer passes are one a layer: at ConvNeXt-B and up they are the fallback's largest cost (a hundred passes of
+B), so they may run under a time budget: the layers go worst SQNR first, and those left when it is spent are ranked
+after the probed ones by their SQNR alone, which the result says.
 """
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +28,8 @@ from convnext_deploy.pipeline.models.convnext import weight_layers
 
 @dataclass
 class SensitivityConfig:
-    n_images: int = 256  # the first images of the calibration split
     threads: int = 2
+    budget_s: float | None = None  # seconds for the whole measurement (None: every layer is probed)
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -44,10 +49,12 @@ def _logits(probe, floated: set) -> np.ndarray:
     return np.concatenate([chunk[0] for chunk in probe.run(floated, [])])
 
 
-def run_probe(probe, log=print) -> dict:
+def run_probe(probe, log=print, budget_s: float | None = None) -> dict:
     """The measurement itself, on the images the probe was made with (targets.base.LayerProbe). The all-float and
     the INT8 artifact run side by side, chunk by chunk; each layer's output is reduced to its two sums
-    (Σ f², Σ (f − q)²) before the next chunk, so memory is one chunk of activations whatever the image count."""
+    (Σ f², Σ (f − q)²) before the next chunk, so memory is one chunk of activations whatever the image count.
+    `budget_s`: no layer's own pass starts after that many seconds (the module's docstring)."""
+    start = time.monotonic()
     layers = probe.layers
     signal, noise = np.zeros(len(layers)), np.zeros(len(layers))
     f_logits, q_logits = [], []
@@ -63,32 +70,41 @@ def run_probe(probe, log=print) -> dict:
     base_agree = float((q_out.argmax(1) == ref_top1).mean())
     base_sqnr = sqnr_db(f_out, q_out)
     weights = probe.details.get("weights") or [""] * len(layers)
-    rows = []
-    for i, layer in enumerate(layers):
-        alone = _logits(probe, {layer})
-        row = {"layer": layer, "op": probe.ops[i] if probe.ops else "", "weight": weights[i],
-               "sqnr_db": _db(signal[i], noise[i]),
-               "agreement_regained_pp": (float((alone.argmax(1) == ref_top1).mean()) - base_agree) * 100.0,
-               "logit_sqnr_gain_db": sqnr_db(f_out, alone) - base_sqnr}
-        if probe.modules:
-            row["module"] = probe.modules[i]
-        rows.append(row)
-        log(f"sensitivity {i + 1}/{len(layers)} {layer}: SQNR {row['sqnr_db']:.1f} dB, float alone "
+    rows = [{"layer": layer, "op": probe.ops[i] if probe.ops else "", "weight": weights[i],
+             "sqnr_db": _db(signal[i], noise[i]), **({"module": probe.modules[i]} if probe.modules else {})}
+            for i, layer in enumerate(layers)]
+    probed = 0
+    for i in sorted(range(len(layers)), key=lambda j: rows[j]["sqnr_db"]):  # worst first: a budget keeps the likeliest
+        if budget_s is not None and time.monotonic() - start >= budget_s:
+            break
+        alone = _logits(probe, {layers[i]})
+        row = rows[i]
+        row.update(agreement_regained_pp=(float((alone.argmax(1) == ref_top1).mean()) - base_agree) * 100.0,
+                   logit_sqnr_gain_db=sqnr_db(f_out, alone) - base_sqnr)
+        probed += 1
+        log(f"sensitivity {probed}/{len(layers)} {layers[i]}: SQNR {row['sqnr_db']:.1f} dB, float alone "
             f"{row['agreement_regained_pp']:+.2f} pp, logits {row['logit_sqnr_gain_db']:+.2f} dB")
+    if probed < len(layers):
+        log(f"sensitivity: {probed} of {len(layers)} layers probed alone within {budget_s:.0f} s; the other "
+            f"{len(layers) - probed} (the cleaner by SQNR) are ranked after them by SQNR")
     extra = {k: v for k, v in probe.details.items() if k != "weights"}
     if probe.check is not None:
         extra.update(probe.check(f_out))
     return {"layers": rows, "images": len(f_out), "int8_agreement": base_agree, "logit_sqnr_db": base_sqnr,
-            "runtime": probe.runtime, "kind": probe.kind, **extra}
+            "runtime": probe.runtime, "kind": probe.kind, "probed": probed, "budget_s": budget_s,
+            "seconds": round(time.monotonic() - start, 1), **extra}
 
 
-def measure(target, reference, int8, images: np.ndarray, model, calibration=None, threads: int = 2,
-            log=print) -> dict:
+def measure(target, reference, int8, images: np.ndarray, model, calibration=None,
+            cfg: SensitivityConfig = SensitivityConfig(), log=print) -> dict:
     """`reference`: the float artifact `int8` was quantized from; `model`: the torch model it was built from
     (outlier-smoothed: not the checkpoint's own weights); `calibration`: what it was calibrated on. The target
     must have a layer probe."""
-    probe = target.layer_probe({"fp32": reference, "int8": int8}, images, threads, model=model, calibration=calibration)
-    result = run_probe(probe, log)
+    start = time.monotonic()
+    probe = target.layer_probe({"fp32": reference, "int8": int8}, images, cfg.threads, model=model,
+                               calibration=calibration)
+    budget = None if cfg.budget_s is None else max(0.0, cfg.budget_s - (time.monotonic() - start))
+    result = run_probe(probe, log, budget)
     names = [n for n, _ in weight_layers(model)]
     rows = result["layers"]
     if len(rows) == len(names) and not all("module" in r for r in rows):  # network order: name as the checkpoint
@@ -103,15 +119,18 @@ def measure(target, reference, int8, images: np.ndarray, model, calibration=None
             "int8_agreement_with_float": result["int8_agreement"], "layers": rows,
             "ranking": [r.get("module", r["layer"]) for r in ranked], "runtime": result["runtime"],
             "kind": result["kind"], "float_reference": result.get("float_reference"),
-            "rebuilt_proxy_max_abs_diff": result.get("rebuilt_proxy_max_abs_diff")}
+            "rebuilt_proxy_max_abs_diff": result.get("rebuilt_proxy_max_abs_diff"), "probed": result["probed"],
+            "budget_s": cfg.budget_s, "seconds": round(time.monotonic() - start, 1)}
 
 
 def rank_key(r: dict):
     """Most sensitive first: how much cleaner the logits get with the layer alone in float (continuous), then the
     top-1 agreement that regains, then the layer's own SQNR. Agreement regained is a count of a handful of images
     on a small slice, too coarse to rank by first: it puts layers that flip one image above the outlier-fed layers
-    that the logit gain finds."""
-    return (-r.get("logit_sqnr_gain_db", 0.0), -r["agreement_regained_pp"], r["sqnr_db"])
+    that the logit gain finds. A layer the budget left unprobed ranks after every probed one, by its SQNR."""
+    if "agreement_regained_pp" not in r:
+        return (1, 0.0, 0.0, r["sqnr_db"])
+    return (0, -r.get("logit_sqnr_gain_db", 0.0), -r["agreement_regained_pp"], r["sqnr_db"])
 
 
 def _stage(module: str) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,19 @@ INT8_TYPES = ("u8", "i8")  # the runtime precisions OpenVINO reports for an inte
 CALLS, BLOCKS = 5, 5  # per block; the median call of the fastest block (a peak, not a typical figure)
 
 
+# model → {size: MACs}: export, decide and validate ask the same deploy's model up to six times (XL: a second each)
+_MACS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_macs(model: torch.nn.Module, size: int) -> int:
     """Multiply-accumulates of one image at `size` px: every Conv2d and Linear (what runs as GEMM or convolution)."""
+    known = _MACS.setdefault(model, {})
+    if size not in known:
+        known[size] = _count_macs(model, size)
+    return known[size]
+
+
+def _count_macs(model: torch.nn.Module, size: int) -> int:
     total = 0
 
     def count(module, inputs, output) -> None:

@@ -25,6 +25,11 @@ from convnext_deploy.targets.base import Artifact, LabelledData, Runner
 # images × H × W the fallback's sensitivity ranking runs on (one pass per quantized layer): 256 images at 32 px as
 # before, 64 at 224 px, where 256 images made ConvNeXt-T's 59 passes take about nine minutes
 SENSITIVITY_PIXELS = 64 * 224 * 224
+# and images × the model's MACs: T's 64 at 224 px; B 18, L and XL the floor of 16, where each of a hundred passes
+# of 64 images held the Core ML fallback on B past ten minutes before its first rebuild
+SENSITIVITY_MACS = 64 * 4.5e9
+# the share of --fallback-max-minutes the ranking may take: the rebuilds need the rest
+RANKING_SHARE = 1 / 3
 
 
 @dataclass
@@ -68,8 +73,9 @@ def control_record(ev: Evidence | None) -> dict | None:
                                                "indices": extra.indices}} if extra else {})}
 
 
-def sensitivity(ctx: Context, src: Source, built: Built, n_images: int) -> dict:
-    """Per-layer sensitivity of the INT8 artifact on the first `n_images` calibration images."""
+def sensitivity(ctx: Context, src: Source, built: Built, n_images: int, budget_s: float | None = None) -> dict:
+    """Per-layer sensitivity of the INT8 artifact on the first `n_images` calibration images, within `budget_s`
+    (pipeline.decisions.sensitivity: the layers left when it is spent are ranked by SQNR alone)."""
     from convnext_deploy.pipeline.decisions import sensitivity as sens
 
     images, _ = load_array(ctx.calib_src, list(ctx.split.calibration.indices)[:n_images], ctx.ck.preprocessing,
@@ -78,7 +84,7 @@ def sensitivity(ctx: Context, src: Source, built: Built, n_images: int) -> dict:
     reference = (Artifact(ctx.target.name, "fp32", [src.onnx_path]) if src.onnx_path is not None
                  else built.artifacts[ctx.target.reference])
     result = sens.measure(ctx.target, reference, built.artifacts["int8"], images, src.model, ctx.calibration,
-                          ctx.cfg.threads, ctx.log)
+                          sens.SensitivityConfig(ctx.cfg.threads, budget_s), ctx.log)
     result["source"] = ctx.calib_src.name
     return result
 
@@ -146,7 +152,8 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
     if not ctx.fallback_on or ev is None:
         return None, None
     target, cfg, log = ctx.target, ctx.cfg, ctx.log
-    fcfg = fb.FallbackConfig(AccuracyGates.of(ctx.gates), cfg.fallback_max_layers, cfg.fallback_max_minutes)
+    fcfg = fb.FallbackConfig(AccuracyGates.of(ctx.gates), cfg.fallback_max_layers, cfg.fallback_max_minutes,
+                             started=time.monotonic())
     plain = assess(chosen.runner, ev, fcfg.gates, str(chosen.artifact.files[0]))
     out = {"gates": fcfg.gates.text(), "bound_pp": fcfg.gates.max_drop_pp, "min_agreement": fcfg.gates.min_agreement,
            "control": {"source": ctx.split.control.source, "n": len(ctx.split.control),
@@ -162,9 +169,8 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
     if target.layer_probe is None:
         raise UserError(f"the INT8 artifact misses the accuracy gates on the control split and {target.name} "
                         "has no per-layer sensitivity to rank layers by; pass --no-fallback")
-    size = ctx.ck.preprocessing.input_size
-    n = cfg.sensitivity or max(32, min(256, SENSITIVITY_PIXELS // (size * size)))
-    out["sensitivity"] = sensitivity(ctx, chosen.source, built, min(n, len(ctx.split.calibration)))
+    out["sensitivity"] = sensitivity(ctx, chosen.source, built, ranking_images(ctx),
+                                     cfg.fallback_max_minutes * 60 * RANKING_SHARE)
 
     def rebuild(layers: list[str]) -> tuple[Artifact, Runner]:
         art = build_one(ctx, chosen.source, "int8", mixed.with_float(chosen.options, layers))  # latency-aware ones stay
@@ -178,6 +184,17 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
     if out["float_layers"] and recipe.speed_gates(ctx.gates) and final[1].timed:
         out["speed_after"] = _speed_after(ctx, built, final)
     return out, (final if out["float_layers"] else None)
+
+
+def ranking_images(ctx: Context) -> int:
+    """How many calibration images the fallback's ranking runs on: `--sensitivity N`, else bounded by pixels
+    and by the model's MACs (SENSITIVITY_PIXELS, SENSITIVITY_MACS)."""
+    from convnext_deploy.pipeline.measure.peak import model_macs
+
+    size = ctx.ck.preprocessing.input_size
+    n = ctx.cfg.sensitivity or max(16, min(256, SENSITIVITY_PIXELS // (size * size),
+                                           int(SENSITIVITY_MACS // model_macs(ctx.ck.model, size))))
+    return min(n, len(ctx.split.calibration))
 
 
 def _speed_after(ctx: Context, built: Built, final: tuple[Artifact, Runner]) -> dict:
