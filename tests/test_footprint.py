@@ -2,6 +2,7 @@
 what deploys measured: the session's atto deploy here, and the committed `make bench-scale` rows (T…XL) re-estimated
 from the inputs each recorded with the coefficients as they are now."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ def test_the_plan_of_the_atto_deploy_holds_its_measured_stages(deployed):
     assert plan["work"]["int8_runner_w"] == 0.25  # the target's own figure, recorded with the plan
     for stage in HEAVY:  # each heavy stage starts by saying its estimate and when the deploy should end
         line = next(x for x in p.stdout.splitlines() if x.startswith(f"stage {stage}: started"))
-        assert f"~{plan['stages'][stage]['seconds']:.0f} s estimated" in line and "until about" in line
+        said = float(re.search(r"~(\d+) s estimated", line).group(1))
+        assert abs(said - plan["stages"][stage]["seconds"]) <= 0.55 and "until about" in line  # the record rounds to 0.1
     measured = {r["stage"]: r["tree_peak_rss_mib"] for r in report["memory"]["stages"]}
     _check(plan["stages"], measured, (plan["seconds"], report["memory"]["seconds"]), "atto")
     assert {s: plan["stages"][s].get("measured_peak_mib") for s in HEAVY} == {s: measured[s] for s in HEAVY}
