@@ -40,7 +40,9 @@ reference:
 
 # The atto reference is the fixture every later stage uses: the repository keeps it (reference/, trained by this
 # project); `reference` only trains it where it is missing.
+# The CPU first: the suite's time, and which INT8 path its numerics took, depend on it.
 test:
+	@lscpu | grep -E '^(Vendor ID|Model name|CPU family|Model|CPU\(s\)):' || true
 	$(CLI) reference --variant atto
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 

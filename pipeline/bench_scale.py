@@ -146,6 +146,22 @@ def _figures(report: dict) -> dict:
             "screened": bool(report.get("recipe_screen")), "decide_steps_s": report.get("decide_steps_s")}
 
 
+def with_unrun(rows: list[dict], target: str, size: int) -> list[dict]:
+    """`rows` in the table's order, with a row saying so for each variant T…XL not run yet at 224 px (the table
+    names every variant; a run of that variant replaces it)."""
+    from convnext_deploy.pipeline.models.variants import get_variant
+
+    have = {r["variant"] for r in rows}
+    for variant in VARIANTS if size == 224 else ():
+        if variant not in have:
+            v = get_variant(variant)
+            rows.append({"variant": variant, "name": v.long_name, "params": v.params_1k, "gmacs_224": None,
+                         "goal_mib": round(goal_bytes(4 * v.params_1k) / (1 << 20)),
+                         "not_run": "not run on this machine yet (time: each row is one deploy, 10 to 40 minutes on "
+                                    f"2 cores): `make bench-scale TARGET={target} VARIANTS={variant}`"})
+    return sorted(rows, key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convnext_deploy.pipeline.bench_scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{variant}] {left:.0f} min left", flush=True)
         row = _row(variant, args.target, work, (calib, evals), left, size)
         rows.append(row)
-        merged = sorted([r for r in kept if r["variant"] not in {x["variant"] for x in rows}] + rows,
-                        key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
+        merged = with_unrun([r for r in kept if r["variant"] not in {x["variant"] for x in rows}] + rows,
+                            args.target, size)
         print(f"[{variant}] " + (f"not run: {row['not_run']}" if "not_run" in row else
                                  f"exit {row['exit_code']}, {row['seconds']:.0f} s, peak {row['peak_mib']:.0f} MiB "
                                  f"(goal {row['goal_mib']} MiB), " + (f"INT8 {row['ratio']:.2f}× FP32" if "ratio" in row

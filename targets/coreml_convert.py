@@ -58,7 +58,8 @@ def package_model(core, info: dict):
 
 
 def calibrate_w8a8(model, calibration: CalibrationData, config: dict):
-    """coremltools' torch-side quantizer used for post-training calibration: observers only, no training."""
+    """coremltools' torch-side quantizer used for post-training calibration: observers only, no training. `model`
+    is changed (the caller's own copy)."""
     import torch
     from coremltools.optimize.torch.quantization import (
         LinearQuantizer,
@@ -75,13 +76,15 @@ def calibrate_w8a8(model, calibration: CalibrationData, config: dict):
         module_name_configs={name: None for name in config.get("float_layers") or []})  # None: left in float
     quantizer = LinearQuantizer(model, qcfg)
     example = torch.from_numpy(calibration.images[:2])
-    prepared = quantizer.prepare(example_inputs=(example,), inplace=False)
+    # in place: every caller passes a copy of its own (fold_layer_scale), and a copy at each step held three
+    # ConvNeXt-B at once
+    prepared = quantizer.prepare(example_inputs=(example,), inplace=True)
     prepared.eval()
     quantizer.step()
     with torch.no_grad():
         for batch in calibration.batches(int(config["calib_batch"])):
             prepared(torch.from_numpy(batch))
-    return quantizer.finalize(inplace=False).eval()
+    return quantizer.finalize(inplace=True).eval()
 
 
 def convert(packaged, example, info: dict, precision: str, config: dict, sizes: tuple[int, ...]):

@@ -222,21 +222,28 @@ def proxy_runner(artifact: Artifact, threads: int) -> Runner:
 # ---------------------------------------------------------------- the per-layer probe (W8A8)
 
 def _floated(q, float_core, paths: set[str]):
-    """A copy of the finalized W8A8 model with the named layers reading their activation before its
-    quantize/dequantize and holding the FP32 weights (the package's float layers would be FP16)."""
+    """The finalized W8A8 model with the named layers reading their activation before its quantize/dequantize
+    and holding the FP32 weights (the package's float layers would be FP16). A graph of its own over `q`'s modules:
+    a deep copy of the whole model for each of a hundred passes held one more ConvNeXt-B at a time."""
     import torch
 
-    m = copy.deepcopy(q)
+    m = torch.fx.GraphModule(q, copy.deepcopy(q.graph))  # new containers, the leaf modules `q`'s own
     for node in list(m.graph.nodes):
         if node.op == "call_module" and node.target in paths:
             dq = node.args[0]
             if getattr(dq, "op", None) == "call_method" and dq.target == "dequantize" \
                     and getattr(dq.args[0], "target", None) is torch.quantize_per_tensor:
                 node.replace_input_with(dq, dq.args[0].args[0])
+            own = float_core.get_submodule(node.target)
             sub = m.get_submodule(node.target)
-            inner = f"{node.target}.linear" if hasattr(sub, "linear") else node.target  # Linear+GELU fused
-            parent, _, leaf = inner.rpartition(".")
-            setattr(m.get_submodule(parent) if parent else m, leaf, copy.deepcopy(float_core.get_submodule(node.target)))
+            if hasattr(sub, "linear"):  # Linear+GELU fused: a copy of that one module, its Linear in float
+                sub = copy.deepcopy(sub)
+                sub.linear = own
+                own = sub
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(m.get_submodule(parent) if parent else m, leaf, own)
+            if q.get_submodule(node.target) is own:  # a container shared with `q` (a module the graph calls whole)
+                raise RuntimeError(f"floating {node.target} would change the W8A8 model itself")
     m.recompile()
     return m
 
@@ -259,9 +266,12 @@ def layer_probe(artifacts: dict, images: np.ndarray, threads: int, model, calibr
     with quiet():
         q = calibrate(fold_layer_scale(model), calibration, art.metadata["build"])
         align_to_package(q, read_program(art.files[0])[0], "int8")
-    saved = proxy_runner(art, threads).run(images[:32])
-    with torch.no_grad(), quiet():
-        rebuilt_diff = float(np.abs(q(torch.from_numpy(images[:32])).numpy() - saved).max())
+    saved = proxy_runner(art, threads).run
+    rebuilt_diff = 0.0
+    for chunk in probe_chunks(images[:32]):  # in chunks: 32 images of ConvNeXt-B's activations at once were a GiB
+        with torch.no_grad(), quiet():
+            rebuilt_diff = max(rebuilt_diff, float(np.abs(q(torch.from_numpy(chunk)).numpy() - saved(chunk)).max()))
+    del saved
     # the quantized conv/linear modules (a fused Linear+GELU holds its reference Linear as `.linear`)
     paths = [n.target for n in q.graph.nodes if n.op == "call_module"
              and any(hasattr(q.get_submodule(n.target), a) for a in ("weight_scale", "linear"))]

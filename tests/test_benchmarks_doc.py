@@ -168,3 +168,22 @@ def test_a_scale_row_of_a_target_without_latency_here_says_what_it_built_and_why
     text = render_row(row)
     assert "build 12 s / 1.5 GiB" in text and why in text and "built: fp32, int8" in text
     assert "INT8 accuracy proxy (ONNX Runtime on the same QDQ graph)" in text and "exit 3" in text
+
+
+def test_a_scale_table_names_every_variant_and_how_to_run_the_ones_missing():
+    """A result with some variants measured keeps a row for each of T…XL; a later run of a variant replaces its
+    row. At another resolution (the 384 px table: B) only what ran is listed."""
+    from convnext_deploy.pipeline.bench_scale import with_unrun
+    from convnext_deploy.reports.scale_table import render_row
+
+    measured = {"variant": "b", "name": "ConvNeXt-B", "params": 88_591_464, "exit_code": 0}
+    rows = with_unrun([measured], "openvino", 224)
+    assert [r["variant"] for r in rows] == ["t", "s", "b", "l", "xl"] and rows[2] is measured
+    xl = rows[4]
+    assert xl["goal_mib"] == round(3 * 1024 + 4 * (4 * 350_196_968) / 2**20)  # 3 GiB + 4 × the FP32 weights and xl["name"] == "ConvNeXt-XL"
+    text = render_row(xl)
+    assert "not run on this machine yet" in text and "`make bench-scale TARGET=openvino VARIANTS=xl`" in text
+    assert "8.2 GiB" in text  # its memory goal, named though not measured
+    again = with_unrun([r for r in rows if r["variant"] != "xl"] + [{**measured, "variant": "xl"}], "openvino", 224)
+    assert len(again) == 5 and "not_run" not in again[4]
+    assert with_unrun([measured], "onnxruntime", 384) == [measured]

@@ -275,8 +275,12 @@ def test_report_has_memory_intervals_and_the_latency_aware_step(deployed):
     for row in report["latency"]:
         lo, hi = row["p50_ci_ms"]
         assert lo <= row["p50_ms"] <= hi and row["rounds"] >= 2
-        # spread over its --loads 2, each load's rounds in full: 3 each, or 2 where the timing budget bounds them
-        assert row["instances"] == 2 and row["rounds"] + row["disturbed_rounds"] in (4, 6)
+        # spread over its --loads 2, each load's rounds in full: 3 each, or 2 where the timing budget bounds them;
+        # where one call is slow enough for the budget to bound the loads too (224 px at batch 8, on a slow CPU or a
+        # busy moment: latency.fit_budget), one load
+        assert (row["instances"], row["rounds"] + row["disturbed_rounds"]) in {(2, 4), (2, 6), (1, 2), (1, 3)}, row
+        if row["input_size"] == 32 and row["batch"] == 1:  # a call of a millisecond: never bounded
+            assert row["instances"] == 2
     int8 = next(r for r in report["latency"] if r["precision"] == "int8" and r["batch"] == 1 and r["role"] == "deployment")
     q = int8["speedup_vs_reference"]
     assert q["ci95"][0] <= q["value"] <= q["ci95"][1]

@@ -2,6 +2,7 @@
 INT8; smoothing restores it; the fallback returns layers to float when a gate is tighter than INT8 can meet,
 and stops at its budget with a clear message; OpenVINO and Core ML sensitivity find the damaged layers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,8 +175,14 @@ def test_coreml_sensitivity_finds_the_outlier_fed_layers(outlier_checkpoint, dat
                                 options=cm.make_options(), model_info=model_info(ck)))
     probe = cm.layer_probe({"int8": art}, d.calib_x[:128], 2, model=ck.model, calibration=calib)
     assert probe.kind == "proxy" and probe.modules == probe.layers and len(probe.layers) == 41
+
+    def int8_logits():
+        return np.concatenate([chunk[0] for chunk in probe.run(set(), [])])
+
+    before = int8_logits()
     res = run_probe(probe, log=lambda m: None)
     assert res["rebuilt_proxy_max_abs_diff"] < 1e-4  # the measured model is the saved proxy
+    assert np.array_equal(int8_logits(), before)  # the passes' float layers share its modules, never change them
     assert res["runtime"] == "Core ML proxy (not executed by Core ML)" and len(res["layers"]) == 41
     fed = {layer for _, _, layer, _ in norm_pairs(ck.model)}
     top = [r["module"] for r in sorted(res["layers"], key=rank_key)[:4]]

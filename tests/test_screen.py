@@ -25,7 +25,8 @@ def test_a_screened_deploy_builds_in_full_only_the_candidates_that_can_win(atto_
     gates = tmp_path / "gates.toml"
     gates.write_text(GATES_ACCURACY_ONLY)
     out = tmp_path / "run"
-    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--screen", "--calib", "64", "--eval", "300",
+    # --calib 300: the smoothed exports (both graph forms) of the session's `deployed`, shared through the cache
+    p = run_cli(["deploy", "--target", "onnxruntime", "--variant", "atto", "--screen", "--calib", "300", "--eval", "300",
                  "--batches", "1", "--gates", str(gates), "--out", str(out)], cli_env, code=0)
     report = json.loads((out / "report.json").read_text())
     screen, choice = report["recipe_screen"], report["recipe_choice"]

@@ -85,7 +85,7 @@ def run_probe(probe, log=print, budget_s: float | None = None) -> dict:
         log(f"sensitivity {probed}/{len(layers)} {layers[i]}: SQNR {row['sqnr_db']:.1f} dB, float alone "
             f"{row['agreement_regained_pp']:+.2f} pp, logits {row['logit_sqnr_gain_db']:+.2f} dB")
     if probed < len(layers):
-        log(f"sensitivity: {probed} of {len(layers)} layers probed alone within {budget_s:.0f} s; the other "
+        log(f"sensitivity: {probed} of {len(layers)} layers probed alone before the time budget ran out; the other "
             f"{len(layers) - probed} (the cleaner by SQNR) are ranked after them by SQNR")
     extra = {k: v for k, v in probe.details.items() if k != "weights"}
     if probe.check is not None:

@@ -7,6 +7,7 @@ accuracy control (OpenVINO: nncf.quantize_with_accuracy_control) that is built t
 the gates is kept. Accuracy is decided in counts of images with more evidence at a boundary (pipeline.decisions.judge)."""
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, replace
 
@@ -17,6 +18,7 @@ from convnext_deploy.pipeline.decisions import fallback as fb
 from convnext_deploy.pipeline.decisions import mixed, recipe
 from convnext_deploy.pipeline.decisions.judge import AccuracyGates, Evidence, assess
 from convnext_deploy.pipeline.measure.latency import measure, ratio
+from convnext_deploy.pipeline.measure.memory import release_free_heap
 from convnext_deploy.pipeline.stages.build import Built, Recipe, build_one, spread
 from convnext_deploy.pipeline.stages.context import DEFAULT, Context
 from convnext_deploy.pipeline.stages.export import Source
@@ -171,6 +173,8 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
                         "has no per-layer sensitivity to rank layers by; pass --no-fallback")
     out["sensitivity"] = sensitivity(ctx, chosen.source, built, ranking_images(ctx),
                                      cfg.fallback_max_minutes * 60 * RANKING_SHARE)
+    gc.collect()  # the probe's models (a torch-side proxy holds copies of the network) go before the rebuilds
+    release_free_heap()
 
     def rebuild(layers: list[str]) -> tuple[Artifact, Runner]:
         art = build_one(ctx, chosen.source, "int8", mixed.with_float(chosen.options, layers))  # latency-aware ones stay
