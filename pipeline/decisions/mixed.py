@@ -19,7 +19,7 @@ from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
 from convnext_deploy.pipeline.measure.machine import cpu_profile
 from convnext_deploy.pipeline.models.convnext import weight_layers
 from convnext_deploy.pipeline.stages.build import Built, Recipe, build_one, spread
-from convnext_deploy.pipeline.stages.context import Context
+from convnext_deploy.pipeline.stages.context import DEFAULT, Context
 
 
 def layer_times(ctx: Context, built: Built, chosen: Recipe) -> dict:
@@ -54,7 +54,9 @@ def mix(ctx: Context, built: Built, chosen: Recipe) -> tuple[dict | None, Recipe
     """(the record for the report, the mixed candidate when it is measurably faster than all-INT8). The record is
     cached per CPU profile, artifacts and code, as the recipe choice is."""
     target, cfg = ctx.target, ctx.cfg
-    if target.profile is None or not chosen.runner.timed or "float_layers" not in vars(chosen.options):
+    # one runtime times all or none (decisions.recipe): the deploy's own INT8 runner says, where asking the chosen
+    # candidate would load it and hold it beside the rebuild below
+    if target.profile is None or not built.runners["int8"].timed or "float_layers" not in vars(chosen.options):
         return None, None
     key = key_of("latency-aware-mixed", cpu_profile(), cfg.threads, cfg.image_size, cfg.latency_runs,
                  code_digest(target.module, "convnext_deploy.pipeline.measure.latency", __name__), chosen.artifact.sha256(),
@@ -83,9 +85,10 @@ def _measure(ctx: Context, built: Built, chosen: Recipe) -> dict:
     if not slower:
         record["why"] = times.get("why") or "INT8 is faster than the reference in every layer"
         return record
+    if chosen is not built.recipes.get(DEFAULT):  # the default's runner is the deploy's own, held anyway
+        chosen.release()  # the harness loads its instances: each held only for its own rounds
     artifact = build_one(ctx, chosen.source, "int8", with_float(chosen.options, slower))
-    runner = target.load_runner(artifact, cfg.threads)
-    lat = measure({"all int8": chosen.runner, "mixed": runner}, batch=1, input_size=cfg.image_size,
+    lat = measure({"all int8": None, "mixed": None}, batch=1, input_size=cfg.image_size,
                   runs=max(20, cfg.latency_runs), warmup=5, rounds=12, budget=Budget(cfg.timing_budget_s),
                   spread=spread(ctx, {"all int8": chosen.artifact, "mixed": artifact}))
     gain = ratio(lat["all int8"], lat["mixed"])
