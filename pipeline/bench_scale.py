@@ -157,8 +157,8 @@ def with_unrun(rows: list[dict], target: str, size: int) -> list[dict]:
             v = get_variant(variant)
             rows.append({"variant": variant, "name": v.long_name, "params": v.params_1k, "gmacs_224": None,
                          "goal_mib": round(goal_bytes(4 * v.params_1k) / (1 << 20)),
-                         "not_run": "not run on this machine yet (time: each row is one deploy, 10 to 40 minutes on "
-                                    f"2 cores): `make bench-scale TARGET={target} VARIANTS={variant}`"})
+                         "not_run": f"not in this result: `make bench-scale TARGET={target} VARIANTS={variant}` "
+                                    "(one deploy, 10 to 40 minutes on 2 cores)", "unrun": True})
     return sorted(rows, key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
 
 
