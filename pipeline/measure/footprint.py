@@ -166,10 +166,8 @@ def estimate(w: Work, available: int) -> Plan:
         "build": {"peak_bytes": parent + max(session + int8_session, c["build_child_w"] * W + act(calib_batch, w.calib_size)),
                   "seconds": (1 + w.candidates) * c["build_s_per_gb"] * gb
                   + (1 + w.smoothing) * w.n_calib * c["calibration_forwards"] * f_calib},
-        # and a rebuild's child (the latency-aware step, the fallback) beside the sessions: OpenVINO S measured 3227 MiB
-        # where the sessions alone came to 2487
         "decide": {"peak_bytes": parent + 2 * session + (w.timed_at_once - 1) * int8_session + control_bytes
-                   + w.timed_at_once * act(1, w.deploy_size) + c["build_child_w"] * W,
+                   + w.timed_at_once * act(1, w.deploy_size),
                    "seconds": 2 * w.timing_budget_s + judged * f_calib * (1 + w.candidates * c["int8_forward"])},
         # the built sessions let go before the children, the finished ones loaded after them
         "finish": {"peak_bytes": shipped + max(c["finish_child_w"] * W, session + int8_session),
