@@ -87,11 +87,8 @@ def _deploy(args: list[str], log: Path) -> int:
 
 
 def _row(variant: str, target: str, work: Path, data: tuple[Path, Path], minutes_left: float, size: int) -> dict:
-    from convnext_deploy.pipeline.models.variants import get_variant
-
-    v, (calib, evals), name = get_variant(variant), data, f"{variant}-{target}" + _suffix(size)
-    row = {"variant": variant, "name": v.long_name, "params": v.params_1k, "gmacs_224": None,
-           "goal_mib": round(goal_bytes(4 * v.params_1k) / (1 << 20))}
+    (calib, evals), name = data, f"{variant}-{target}" + _suffix(size)
+    row = _head(variant)
     ck = _checkpoint(variant, work, size)
     base = ["--target", target, "--variant", variant, "--checkpoint", str(ck), *SETTINGS, *_size_flag(size),
             "--calib-data", str(calib), "--eval-data", str(evals)]
@@ -146,20 +143,24 @@ def _figures(report: dict) -> dict:
             "screened": bool(report.get("recipe_screen")), "decide_steps_s": report.get("decide_steps_s")}
 
 
+def _head(variant: str) -> dict:
+    """What a row says of its variant before anything runs: name, parameters, the memory goal."""
+    from convnext_deploy.pipeline.models.variants import get_variant
+
+    v = get_variant(variant)
+    return {"variant": variant, "name": v.long_name, "params": v.params_1k, "gmacs_224": None,
+            "goal_mib": round(goal_bytes(4 * v.params_1k) / (1 << 20))}
+
+
 def with_unrun(rows: list[dict], target: str, size: int) -> list[dict]:
     """`rows` in the table's order, with a row saying so for each variant T…XL not run yet at 224 px (the table
     names every variant; a run of that variant replaces it)."""
-    from convnext_deploy.pipeline.models.variants import get_variant
-
     have = {r["variant"] for r in rows}
-    for variant in VARIANTS if size == 224 else ():
-        if variant not in have:
-            v = get_variant(variant)
-            rows.append({"variant": variant, "name": v.long_name, "params": v.params_1k, "gmacs_224": None,
-                         "goal_mib": round(goal_bytes(4 * v.params_1k) / (1 << 20)),
-                         "not_run": f"not in this result: `make bench-scale TARGET={target} VARIANTS={variant}` "
-                                    "(one deploy, 10 to 40 minutes on 2 cores)", "unrun": True})
-    return sorted(rows, key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
+    unrun = [{**_head(variant), "not_run": f"not in this result: `make bench-scale TARGET={target} VARIANTS={variant}` "
+                                           "(one deploy, 10 to 40 minutes on 2 cores)", "unrun": True}
+             for variant in (VARIANTS if size == 224 else ()) if variant not in have]
+    return sorted([*rows, *unrun],
+                  key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,7 +180,8 @@ def test_a_scale_table_names_every_variant_and_how_to_run_the_ones_missing():
     rows = with_unrun([measured], "openvino", 224)
     assert [r["variant"] for r in rows] == ["t", "s", "b", "l", "xl"] and rows[2] is measured
     xl = rows[4]
-    assert xl["goal_mib"] == round(3 * 1024 + 4 * (4 * 350_196_968) / 2**20)  # 3 GiB + 4 × the FP32 weights and xl["name"] == "ConvNeXt-XL"
+    assert xl["goal_mib"] == round(3 * 1024 + 4 * (4 * 350_196_968) / 2**20)  # 3 GiB + 4 × the FP32 weights
+    assert xl["name"] == "ConvNeXt-XL"
     text = render_row(xl)
     assert "not in this result" in text and "`make bench-scale TARGET=openvino VARIANTS=xl`" in text
     assert "8.2 GiB" in text  # its memory goal, named though not measured

@@ -26,7 +26,7 @@ from convnext_deploy.pipeline.core.cache import publish_file
 from convnext_deploy.pipeline.models.convnext import weight_layers
 
 
-@dataclass
+@dataclass(frozen=True)  # the default instance of `measure` is shared
 class SensitivityConfig:
     threads: int = 2
     budget_s: float | None = None  # seconds for the whole measurement (None: every layer is probed)
