@@ -242,7 +242,9 @@ class Target:
     layer_probe: Callable[..., LayerProbe] | None = None  # (artifacts, images, threads, model, calibration)
     profile: Callable[[Artifact, int, int], dict] | None = None  # (artifact, threads, size) → where the time goes
     not_built_note: str = "not run on the target runtime"  # shown when only a proxy runs here
-    int8_runner_w: float = 0.25  # what its INT8 runner holds here, in FP32 weight bytes (a Q/DQ proxy in float: 1)
+    # what its FP32 runner holds here, in FP32 weight bytes: the weights and the runtime's prepacked copies
+    fp32_runner_w: float = 2.0
+    int8_runner_w: float = 0.25  # its INT8 runner's, as a share of the FP32 runner's (a Q/DQ proxy in float: 1)
     # the INT8 paths the runtime's own users take (the bench's peers): a build request → label → INT8 artifact
     user_paths: Callable[[BuildRequest], dict] | None = None
     # the runtime's own way to a stream's throughput: (artifact, threads, input size) → run_many(images) → logits

@@ -28,7 +28,6 @@ COEFFICIENTS = {
     "export_mib": 700.0,  # the export stage's own passes, whatever the model: smoothing statistics, parity checks
     "build_child_w": 5.0,  # an INT8 build child's: pre-processing, the calibration session, the quantized copy
     "finish_child_w": 4.0,  # a finish child's: the graph, its input rewritten, saved tensor by tensor
-    "session_w": 2.0,  # a loaded FP32 session: its weights and their prepacked copies, in W (INT8: Work.int8_runner_w)
     "activation_factor": 6.0,  # a session's arena over the stage-1 MLP activation of its largest batch
     "export_s_per_gb": 120.0,  # seconds per GB of FP32 weights of one export (tracing, proto, checks)
     "build_s_per_gb": 60.0,  # seconds per GB of one INT8 build's graph passes (besides calibration)
@@ -137,7 +136,8 @@ class Work:
     base_rss: int  # the process after prepare
     forward_s: float  # one FP32 forward at the deployment size
     judged: bool = True  # the decisions judge accuracy on the control split (accuracy gates and a control split)
-    int8_runner_w: float = 0.25  # an INT8 runner's weights held here, in W (the target's; rows before it: a quarter)
+    fp32_runner_w: float = 2.0  # a loaded FP32 runner: its weights and their prepacked copies, in W (the target's)
+    int8_runner_w: float = 0.25  # an INT8 runner's, as a share of the FP32 runner's (the target's)
 
 
 CALIBRATION_BATCH_PIXELS = 1 << 18  # as targets/ort_tools.py: the calibration session's batch, bounded by pixels
@@ -150,7 +150,7 @@ def estimate(w: Work, available: int) -> Plan:
     torch_models = W * (1 + w.smoothing) - W  # the checkpoint's module is in base_rss already
     calib_batch = max(1, min(32, CALIBRATION_BATCH_PIXELS // (w.calib_size ** 2)))
     act = lambda batch, size: c["activation_factor"] * activation_bytes(w.dims, batch, size)  # noqa: E731
-    session = c["session_w"] * W
+    session = w.fp32_runner_w * W
     int8_session = session * w.int8_runner_w
     shipped = w.base_rss + c["stage_mib"] * (1 << 20)  # from finish on: the smoothed model let go (stages.build)
     parent = shipped + torch_models

@@ -28,7 +28,7 @@ def work_of(ctx: Context, forward_s: float) -> footprint.Work:
         candidates=candidates, timed_at_once=1 + candidates, smoothing=int8 and cfg.smoothing is not None,
         loads=cfg.loads, timing_budget_s=cfg.timing_budget_s, precisions=len(ctx.precisions),
         base_rss=rss_bytes() or 0, forward_s=forward_s, judged=ctx.control is not None,
-        int8_runner_w=target.int8_runner_w)
+        fp32_runner_w=target.fp32_runner_w, int8_runner_w=target.int8_runner_w)
 
 
 def available() -> int:
