@@ -185,6 +185,37 @@ def test_let_go_lets_the_held_sessions_go_and_loads_one_when_run(staged):
         np.testing.assert_array_equal(r.run(x), before[p])  # and it runs again, on a session loaded when asked
 
 
+def test_a_rebuild_in_the_decisions_forks_with_no_session_held(staged, monkeypatch):
+    """The latency-aware step's rebuild runs in a forked child, whose peak adds to what the deploy holds: the
+    reference's session, held by the runners and by the control split's evidence alike, is let go before it (OpenVINO
+    L's decide held FP32 and INT8 sessions beside it: 7.9 GiB), and loaded again when the evidence next runs it."""
+    from convnext_deploy.pipeline.decisions import mixed
+    from convnext_deploy.pipeline.stages.context import DEFAULT
+    from convnext_deploy.pipeline.stages.decide import evidence
+
+    ctx, src, _, _ = staged
+    built = build(ctx, src)  # a Built of this test's own: the module's is shared
+    ev = evidence(ctx, built)
+    x = ctx.control.images[:4]
+    before = ev.reference.run(x)
+    box = next(b for r, b in built.held if r is ev.reference)
+    session = weakref.ref(box[0])
+    layer = mixed.weight_layers(ctx.ck.model)[0][0]
+    monkeypatch.setattr(mixed, "layer_times", lambda *a: {"rows": [{"layer": layer, "int8_pays": False}]})
+    at_fork, real = [], mixed.build_one
+
+    def build_one(*args, **kw):
+        gc.collect()
+        at_fork.append((session() is None, [bool(b) for _, b in built.held]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mixed, "build_one", build_one)
+    record = mixed._measure(ctx, built, built.recipes[DEFAULT])
+    assert at_fork == [(True, [False] * len(built.held))] and record["float_layers"] == [layer]
+    np.testing.assert_array_equal(ev.reference.run(x), before)  # the evidence's reference runs again, loaded anew
+    assert box  # and keeps it for the next
+
+
 def test_drop_modules_lets_the_smoothed_model_go(staged):
     """After the decisions, the smoothed torch module (its own tensors: half a variant's weights) is held by nothing."""
     ctx, *_ = staged

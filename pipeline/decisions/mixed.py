@@ -18,8 +18,8 @@ from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.measure.latency import Budget, measure, ratio
 from convnext_deploy.pipeline.measure.machine import cpu_profile
 from convnext_deploy.pipeline.models.convnext import weight_layers
-from convnext_deploy.pipeline.stages.build import Built, Recipe, build_one, spread
-from convnext_deploy.pipeline.stages.context import DEFAULT, Context
+from convnext_deploy.pipeline.stages.build import Built, Recipe, build_one, let_go, spread
+from convnext_deploy.pipeline.stages.context import Context
 
 
 def layer_times(ctx: Context, built: Built, chosen: Recipe) -> dict:
@@ -85,8 +85,9 @@ def _measure(ctx: Context, built: Built, chosen: Recipe) -> dict:
     if not slower:
         record["why"] = times.get("why") or "INT8 is faster than the reference in every layer"
         return record
-    if chosen is not built.recipes.get(DEFAULT):  # the default's runner is the deploy's own, held anyway
-        chosen.release()  # the harness loads its instances: each held only for its own rounds
+    # the rebuild's forked child adds its peak to what this process holds, and the harness loads its instances, each
+    # for its own rounds: the sessions go first (each loads again when next run)
+    let_go(ctx, built)
     artifact = build_one(ctx, chosen.source, "int8", with_float(chosen.options, slower))
     lat = measure({"all int8": None, "mixed": None}, batch=1, input_size=cfg.image_size,
                   runs=max(20, cfg.latency_runs), warmup=5, rounds=12, budget=Budget(cfg.timing_budget_s),

@@ -48,15 +48,23 @@ class Built:
     # precision → the artifact as built, where `artifacts` holds it finished for the device (pipeline.stages.finish)
     finished_from: dict[str, Artifact] = field(default_factory=dict)
     screen: dict | None = None  # the screen of a large variant's candidates (pipeline.decisions.screen), if run
+    # (runner, its session's box) for each runner `let_go` can empty: every holder of the runner (the evidence's
+    # reference, the default recipe) shares the one session, and its release
+    held: list[tuple[Runner, list]] = field(default_factory=list, repr=False)
 
 
 def let_go(ctx: Context, built: Built) -> None:
-    """Every held runner of `built` replaced by one that loads its artifact when it is next run: a stage that times
-    fresh loads (the latency harness's spread) would otherwise hold a large variant's sessions twice (ConvNeXt-XL's
-    validation: two FP32 sessions, each its weights twice). What the runners say of themselves stays."""
-    for p, held in list(built.runners.items()):
-        if p in built.artifacts:
-            built.runners[p] = lazy_runner(held, partial(ctx.target.load_runner, built.artifacts[p], ctx.cfg.threads))
+    """Every held session of `built` dropped, its runner loading the artifact again when it is next run: a stage
+    that times fresh loads (the latency harness's spread) would otherwise hold a large variant's sessions twice
+    (ConvNeXt-XL's validation: two FP32 sessions, each its weights twice), and a rebuild's forked child would add
+    its own peak to theirs (OpenVINO L's latency-aware rebuild: 7.9 GiB). What the runners say of themselves stays."""
+    for p, runner in list(built.runners.items()):
+        box = next((b for r, b in built.held if r is runner), None)
+        if box is not None:
+            box.clear()
+        elif p in built.artifacts:
+            built.runners[p] = releasable(partial(ctx.target.load_runner, built.artifacts[p], ctx.cfg.threads),
+                                          built.held, runner)
     for recipe in built.recipes.values():
         recipe.release()
 
@@ -80,9 +88,16 @@ def structure_only(ctx: Context, src: Sources, built: Built) -> None:
             source.model = ctx.ck.model
 
 
-def lazy_runner(held: Runner, load: Callable[[], Runner]) -> Runner:
-    """`held`'s description without its session: the first call loads one with `load` and keeps it."""
-    box: list[Runner] = []
+def releasable(load: Callable[[], Runner], held: list, described: Runner | None = None) -> Runner:
+    """A runner whose session lives in a box `let_go` can empty (registered in `held`): loaded now, or, given the
+    runner that `described` it, when first run."""
+    box: list[Runner] = [] if described is not None else [load()]
+    held.append((runner := _boxed(described or box[0], load, box), box))
+    return runner
+
+
+def _boxed(held: Runner, load: Callable[[], Runner], box: list) -> Runner:
+    """`held`'s description over the session in `box`: a call on an empty box loads one with `load` and keeps it."""
 
     def loaded() -> Runner:
         if not box:
@@ -135,7 +150,9 @@ def build(ctx: Context, src: Sources) -> Built:
         artifacts["int8"] = build_one(ctx, src.int8, "int8", ctx.options, validation)
     artifacts = {p: artifacts[p] for p in ctx.precisions}
     if src.int8 is None:
-        return Built(artifacts, {p: target.load_runner(a, cfg.threads) for p, a in artifacts.items()}, {})
+        held: list = []
+        return Built(artifacts, {p: releasable(partial(target.load_runner, a, cfg.threads), held)
+                                 for p, a in artifacts.items()}, {}, held=held)
     load = partial(target.load_runner, threads=cfg.threads)
     others: dict[str, Recipe] = {}
     inputs = [(r.name, src.int8 if r.smoothed else src.plain, r.form, target.make_options(**{**cfg.options, **r.options}))
@@ -154,10 +171,11 @@ def build(ctx: Context, src: Sources) -> Built:
         others[name] = Recipe(source, options, art, partial(load, art))
     # loaded once every build is done: a large variant's FP32 session (its weights twice, prepacked) is not held
     # beside the screen's and the builds' children
-    runners = {p: target.load_runner(a, cfg.threads) for p, a in artifacts.items()}
+    held: list = []
+    runners = {p: releasable(partial(load, a), held) for p, a in artifacts.items()}
     recipes = {DEFAULT: Recipe(src.int8, ctx.options, artifacts["int8"], partial(load, artifacts["int8"]),
                                runners["int8"]), **others}
-    return Built(artifacts, runners, recipes, screen=screened)
+    return Built(artifacts, runners, recipes, screen=screened, held=held)
 
 
 def spread(ctx: Context, artifacts: dict[str, Artifact], instances: int | None = None) -> Spread:

@@ -19,7 +19,7 @@ from convnext_deploy.pipeline.decisions import mixed, recipe
 from convnext_deploy.pipeline.decisions.judge import AccuracyGates, Evidence, assess
 from convnext_deploy.pipeline.measure.latency import measure, ratio
 from convnext_deploy.pipeline.measure.memory import release_free_heap
-from convnext_deploy.pipeline.stages.build import Built, Recipe, build_one, spread
+from convnext_deploy.pipeline.stages.build import Built, Recipe, build_one, let_go, spread
 from convnext_deploy.pipeline.stages.context import DEFAULT, Context
 from convnext_deploy.pipeline.stages.export import Source
 from convnext_deploy.targets.base import Artifact, LabelledData, Runner
@@ -171,6 +171,7 @@ def _fallback(ctx: Context, chosen: Recipe, built: Built, ev: Evidence | None
     if target.layer_probe is None:
         raise UserError(f"the INT8 artifact misses the accuracy gates on the control split and {target.name} "
                         "has no per-layer sensitivity to rank layers by; pass --no-fallback")
+    let_go(ctx, built)  # the ranking's models and the rebuilds' forked children, not beside the held sessions
     out["sensitivity"] = sensitivity(ctx, chosen.source, built, ranking_images(ctx),
                                      cfg.fallback_max_minutes * 60 * RANKING_SHARE)
     gc.collect()  # the probe's models (a torch-side proxy holds copies of the network) go before the rebuilds

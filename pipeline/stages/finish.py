@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from convnext_deploy.pipeline.core.cache import cached_dir, code_digest, key_of
 from convnext_deploy.pipeline.core.forked import in_child
-from convnext_deploy.pipeline.stages.build import Built
+from convnext_deploy.pipeline.stages.build import Built, let_go
 from convnext_deploy.pipeline.stages.context import Context
 from convnext_deploy.pipeline.stages.prepare import model_info
 from convnext_deploy.targets import Finish
@@ -26,9 +26,8 @@ def finish(ctx: Context, built: Built) -> Built:
     # the sessions of the artifacts as built are let go first (the deploy replaces `built` with what this returns):
     # a large variant's FP32 session holds its weights twice, and was held beside each finish child and then beside
     # the finished artifacts' sessions (ConvNeXt-XL's finish: 11.2 GiB, process tree; 8.5 GiB with the children only)
+    let_go(ctx, built)  # the recipes' too: reloaded from their artifacts if the recipe comparison times them
     built.runners.clear()
-    for recipe in built.recipes.values():
-        recipe.release()  # reloaded from its artifact if the recipe comparison times it
     artifacts = {}
     for precision, art in built.artifacts.items():
         key = key_of("finish", target.name, precision, art.sha256(), spec.input, spec.labels, spec.preprocessing,
@@ -44,4 +43,4 @@ def finish(ctx: Context, built: Built) -> Built:
         artifacts[precision] = Artifact.load_metadata(directory)
         ctx.log(f"{target.name} {precision}: {spec.input} input {'cached' if cached else 'written'} ({directory})")
     runners = {p: target.load_runner(a, ctx.cfg.threads) for p, a in artifacts.items()}
-    return replace(built, artifacts=artifacts, runners=runners, finished_from=dict(built.artifacts))
+    return replace(built, artifacts=artifacts, runners=runners, finished_from=dict(built.artifacts), held=[])
