@@ -216,6 +216,27 @@ def test_a_rebuild_in_the_decisions_forks_with_no_session_held(staged, monkeypat
     assert box  # and keeps it for the next
 
 
+def test_the_recipe_timing_loads_its_instances_with_no_session_held(staged, monkeypatch):
+    """The recipe choice times every candidate and the reference on fresh loads, one set at a time: the deploy's
+    held sessions are let go before (OpenVINO L: its FP32 and INT8 sessions beside an instance's set, 7.9 GiB)."""
+    from convnext_deploy.pipeline.decisions import recipe
+
+    ctx, src, _, _ = staged
+    built = build(ctx, src)
+    sessions = [weakref.ref(b[0]) for _, b in built.held]
+    seen, real = [], recipe.measure
+
+    def measure(runners, **kw):
+        gc.collect()
+        seen.append(([s() is None for s in sessions], list(runners.values())))
+        return real(runners, **kw)
+
+    monkeypatch.setattr(recipe, "measure", measure)
+    rows = recipe._measure(ctx, built)
+    assert seen == [([True] * len(sessions), [None] * (1 + len(built.recipes)))]
+    assert [r["recipe"] for r in rows] == list(built.recipes) and all(r["p50_ms"] > 0 for r in rows)
+
+
 def test_drop_modules_lets_the_smoothed_model_go(staged):
     """After the decisions, the smoothed torch module (its own tensors: half a variant's weights) is held by nothing."""
     ctx, *_ = staged
