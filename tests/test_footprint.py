@@ -119,7 +119,7 @@ def test_a_runtime_whose_fp32_runner_holds_more_is_planned_so():
     ort, ov = (footprint.estimate(replace(w, fp32_runner_w=get_target(t).fp32_runner_w), 1).stages
                for t in ("onnxruntime", "openvino"))
     extra = (get_target("openvino").fp32_runner_w - 2.0) * w.weight_bytes
-    # decide: the reference and the chosen INT8 runner and three candidates' (a quarter of an FP32 one each)
+    # decide: two FP32 runners (the reference and a timed instance of it) and three INT8 ones (a quarter of one each)
     assert ov["decide"]["peak_bytes"] - ort["decide"]["peak_bytes"] == pytest.approx(extra * (2 + 3 * 0.25))
     assert ov["validate"]["peak_bytes"] - ort["validate"]["peak_bytes"] == pytest.approx(extra * 1.5)
     assert ov["export"]["peak_bytes"] == ort["export"]["peak_bytes"]
